@@ -8,4 +8,4 @@ PYTHON="${PYTHON:-python3}"
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${DSEXIT_TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[test,s3,mpi]"
+python -m pip install -q -e ".[test,s3]"
