@@ -1,0 +1,14 @@
+"""ELECTRA with token-level early exit. Knows nothing of DeepSpeed, pipelines or data."""
+
+from .config import PRESETS, ElectraExitConfig
+from .discriminator import ElectraDiscriminator, ExitDecision, ExitState
+from .exit_control import ExitController
+from .flops import ComputeLog, FlopReport, LayerWork, count_flops
+from .generator import ElectraGenerator
+from .pretraining import ElectraPreTrainingModel, PreTrainingOutput
+
+__all__ = [
+    "PRESETS", "ElectraExitConfig", "ElectraDiscriminator", "ExitDecision", "ExitState", "ExitController",
+    "ComputeLog", "FlopReport", "LayerWork", "count_flops", "ElectraGenerator", "ElectraPreTrainingModel",
+    "PreTrainingOutput",
+]

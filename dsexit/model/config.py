@@ -1,0 +1,183 @@
+"""The model's configuration: one dataclass, named presets, validation.
+
+`ElectraExitConfig` describes the generator, the discriminator and the early-exit rule.
+Field names follow `transformers.ElectraConfig` where a field exists there, so that a
+Hugging Face config can be derived from it (see `dsexit.model.hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GENERATOR_MODES = ("mlm", "uniform", "unigram")
+EXIT_KV_MODES = ("keep", "drop")
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
+
+
+@dataclass
+class ElectraExitConfig:
+    """ELECTRA (generator + discriminator) with token-level early exit in the discriminator.
+
+    Layers are numbered from 1. Discriminator layers `min_exit_layer .. num_hidden_layers-1`
+    carry an exit head; layer `num_hidden_layers` uses the ordinary discriminator head.
+    """
+
+    # --- vocabulary and special tokens (normally taken from the dataset's index) ---
+    vocab_size: int = 30522
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    # --- discriminator ---
+    embedding_size: int = 128
+    hidden_size: int = 256
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    # --- generator (shares the embeddings; hidden defaults to hidden_size / 4) ---
+    generator: str = "mlm"
+    generator_hidden_size: int | None = None
+    generator_num_hidden_layers: int | None = None
+    generator_num_attention_heads: int | None = None
+    generator_intermediate_size: int | None = None
+
+    # --- pre-training objective ---
+    mask_prob: float = 0.15
+    disc_weight: float = 50.0
+
+    # --- early exit ---
+    exit_enabled: bool = True
+    min_exit_layer: int | None = None
+    exit_threshold: float = 0.9
+    """Confidence |2p-1| at or above which a token exits (tau); the controller's start value."""
+    target_compute: float | None = None
+    """Fraction of token-layers to execute; when set, a controller steers tau toward it."""
+    controller_gain: float = 4.0
+    """Step size of the controller, in logit(tau) per unit of compute-fraction error."""
+    exit_kv: str = "keep"
+    exit_warmup_steps: int = 0
+    aux_weight: float = 1.0
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.generator_hidden_size is None:
+            self.generator_hidden_size = max(1, self.hidden_size // 4)
+        if self.generator_num_hidden_layers is None:
+            self.generator_num_hidden_layers = self.num_hidden_layers
+        if self.generator_num_attention_heads is None:
+            # google-research/electra: one head per 64 hidden units.
+            self.generator_num_attention_heads = max(1, self.generator_hidden_size // 64)
+        if self.generator_intermediate_size is None:
+            self.generator_intermediate_size = 4 * self.generator_hidden_size
+        if self.min_exit_layer is None:
+            self.min_exit_layer = max(1, self.num_hidden_layers // 3)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def fail(name: str, value: Any, expected: str) -> None:
+            raise ValueError(f"model config: {name}={value!r} is invalid; expected {expected}.")
+
+        for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                     "type_vocab_size", "generator_hidden_size", "generator_num_hidden_layers",
+                     "generator_num_attention_heads", "generator_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            fail("hidden_size", self.hidden_size,
+                 f"a multiple of num_attention_heads={self.num_attention_heads}")
+        if self.generator_hidden_size % self.generator_num_attention_heads:
+            fail("generator_hidden_size", self.generator_hidden_size,
+                 f"a multiple of generator_num_attention_heads={self.generator_num_attention_heads}")
+        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
+        if self.generator not in GENERATOR_MODES:
+            fail("generator", self.generator, f"one of {', '.join(GENERATOR_MODES)}")
+        if self.exit_kv not in EXIT_KV_MODES:
+            fail("exit_kv", self.exit_kv, f"one of {', '.join(EXIT_KV_MODES)}")
+        if self.hidden_act not in ACTIVATIONS:
+            fail("hidden_act", self.hidden_act, f"one of {', '.join(ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, getattr(self, name), "a probability in [0, 1)")
+        if not 0.0 < self.mask_prob < 1.0:
+            fail("mask_prob", self.mask_prob, "a fraction in (0, 1)")
+        if not (math.isfinite(self.exit_threshold) and 0.0 < self.exit_threshold <= 1.0):
+            fail("exit_threshold", self.exit_threshold, "a confidence tau in (0, 1]")
+        if self.target_compute is not None and not 0.0 < self.target_compute <= 1.0:
+            fail("target_compute", self.target_compute, "a fraction of token-layers in (0, 1]")
+        if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer < self.num_hidden_layers:
+            fail("min_exit_layer", self.min_exit_layer,
+                 f"a layer number in [1, {self.num_hidden_layers - 1}] "
+                 f"(the model has num_hidden_layers={self.num_hidden_layers})")
+        if self.exit_warmup_steps < 0:
+            fail("exit_warmup_steps", self.exit_warmup_steps, "a non-negative number of steps")
+        if self.aux_weight < 0 or self.disc_weight < 0:
+            fail("aux_weight" if self.aux_weight < 0 else "disc_weight",
+                 min(self.aux_weight, self.disc_weight), "a non-negative weight")
+        if self.controller_gain <= 0:
+            fail("controller_gain", self.controller_gain, "a positive step size")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def exit_layers(self) -> list[int]:
+        """Layer numbers (1-based) that carry an exit head, the final layer excluded."""
+        if not self.exit_enabled:
+            return []
+        return list(range(self.min_exit_layer, self.num_hidden_layers))
+
+    @property
+    def uses_generator_network(self) -> bool:
+        return self.generator == "mlm"
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ElectraExitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown field(s) {', '.join(unknown)}; "
+                             f"expected fields of ElectraExitConfig.")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ElectraExitConfig":
+        if name not in PRESETS:
+            raise ValueError(f"model preset {name!r} is unknown; expected one of {', '.join(PRESETS)}.")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: for tests and smoke runs.
+    "electra-tiny": dict(embedding_size=32, hidden_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, intermediate_size=128, generator_hidden_size=32,
+                         generator_num_hidden_layers=2, max_position_embeddings=128, min_exit_layer=1),
+    # Clark et al. 2020, ELECTRA-Small (generator at hidden/4, as in the paper's best setting).
+    "electra-small": dict(embedding_size=128, hidden_size=256, num_hidden_layers=12,
+                          num_attention_heads=4, intermediate_size=1024, generator_hidden_size=64,
+                          min_exit_layer=4),
+    # ELECTRA-Base: generator hidden 256 (1/3 of 768), as released by google-research/electra.
+    "electra-base": dict(embedding_size=768, hidden_size=768, num_hidden_layers=12,
+                         num_attention_heads=12, intermediate_size=3072, generator_hidden_size=256,
+                         min_exit_layer=4),
+}

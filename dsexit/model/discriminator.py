@@ -1,0 +1,170 @@
+"""The ELECTRA discriminator with token-level early exit.
+
+After each layer that carries an exit head, every still-active token gets a replaced-token
+probability p from that head. A token whose confidence |2p-1| reaches tau exits: its RTD
+logit is the head's, and its hidden state is frozen and carried to the output. Later
+layers compute new states only for active tokens (see `TokenRouting`). Every layer and
+head is called on every forward, with zero rows if need be, so that ZeRO-3's parameter
+gathering sees the same module sequence on every rank.
+
+The forward pass is split into `embed`, `run_layer` and `finish` over an `ExitState`, so
+a pipeline stage can run any contiguous range of layers on the same state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ElectraExitConfig
+from .flops import LayerWork
+from .layers import (ElectraDiscriminatorPredictions, ElectraEmbeddings, ElectraEncoder,
+                     EncoderShape, TokenRouting)
+
+
+@dataclass
+class ExitState:
+    """The discriminator's running state between layers (all tensors [B, T] unless noted)."""
+
+    hidden: torch.Tensor  # [B, T, H]; exited tokens' rows are frozen
+    attention_mask: torch.Tensor  # bool: real (non-padding) positions
+    active: torch.Tensor  # bool: real tokens that have not exited
+    logits: torch.Tensor  # RTD logit of each token that has exited (0 elsewhere until the end)
+    exit_layer: torch.Tensor  # long: layer number a token exited after (0: still active)
+    aux_loss: torch.Tensor  # scalar: sum over exit heads of their mean RTD loss
+    labels: torch.Tensor | None = None  # float: 1 where the token was replaced
+    work: list[LayerWork] = field(default_factory=list)
+
+    @property
+    def dense(self) -> bool:
+        """True while no real token has exited: layers then compute every position, as HF."""
+        return bool(torch.equal(self.active, self.attention_mask))
+
+
+@dataclass
+class ExitDecision:
+    """How tokens leave: a confidence threshold, or a forced per-token exit layer."""
+
+    threshold: float | None = None
+    plan: torch.Tensor | None = None  # long [B, T]: exit after this layer (>= num layers: never)
+
+    def exits(self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.plan is not None:
+            return self.plan.reshape(-1).index_select(0, rows) <= layer_number
+        if self.threshold is None:
+            return torch.zeros_like(head_logits, dtype=torch.bool)
+        # |2 sigmoid(x) - 1| == |tanh(x / 2)|, computed without saturating sigmoid first.
+        confidence = torch.tanh(head_logits.detach().float() / 2).abs()
+        return confidence >= self.threshold
+
+
+class ElectraBody(nn.Module):
+    """HF's `ElectraModel` attribute layout: embeddings, optional projection, encoder."""
+
+    def __init__(self, config: ElectraExitConfig, shape: EncoderShape, embeddings: ElectraEmbeddings | None):
+        super().__init__()
+        if embeddings is not None:
+            self.embeddings = embeddings
+        if config.embedding_size != shape.hidden_size:
+            self.embeddings_project = nn.Linear(config.embedding_size, shape.hidden_size)
+        self.encoder = ElectraEncoder(shape, config)
+
+    def project(self, embedded: torch.Tensor) -> torch.Tensor:
+        return self.embeddings_project(embedded) if hasattr(self, "embeddings_project") else embedded
+
+
+class ElectraDiscriminator(nn.Module):
+    """Parameter names equal `transformers.ElectraForPreTraining`'s, plus `exit_heads.*`."""
+
+    def __init__(self, config: ElectraExitConfig):
+        super().__init__()
+        self.config = config
+        self.electra = ElectraBody(config, EncoderShape.discriminator(config), ElectraEmbeddings(config))
+        self.discriminator_predictions = ElectraDiscriminatorPredictions(config)
+        self.exit_heads = nn.ModuleDict({str(number): ElectraDiscriminatorPredictions(config)
+                                         for number in config.exit_layers})
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+              labels: torch.Tensor | None = None) -> ExitState:
+        hidden = self.electra.project(self.electra.embeddings(input_ids, token_type_ids))
+        real = attention_mask.bool()
+        return ExitState(hidden=hidden, attention_mask=real, active=real.clone(),
+                         logits=hidden.new_zeros(real.shape, dtype=torch.float32),
+                         exit_layer=torch.zeros_like(input_ids), aux_loss=hidden.new_zeros((), dtype=torch.float32),
+                         labels=labels)
+
+    def run_layer(self, layer_number: int, state: ExitState, decision: ExitDecision) -> ExitState:
+        """Run layer `layer_number` (1-based) and its head on the active tokens of `state`."""
+        dense = state.dense
+        if dense:
+            routing = TokenRouting.all_positions(state.attention_mask)
+        else:
+            routing = TokenRouting.active_tokens(state.active, state.attention_mask,
+                                                 drop_exited_keys=self.config.exit_kv == "drop")
+        batch, seq_len = state.active.shape
+        token_layers = int(state.active.sum())
+        state.hidden = self.electra.encoder.layer[layer_number - 1](state.hidden, routing)
+        positions = batch * seq_len
+        work = LayerWork(token_layers=token_layers,
+                         rows=positions if dense else routing.rows,
+                         key_value_rows=positions if dense or not routing.drop_exited_keys else routing.rows,
+                         query_slots=positions if dense else batch * routing.slots,
+                         key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots)
+        if layer_number == self.num_layers:
+            work.head_rows = self._final_head(state, dense)
+        elif str(layer_number) in self.exit_heads:
+            work.head_rows = self._exit_head(layer_number, state, decision)
+        state.work.append(work)
+        return state
+
+    def _exit_head(self, layer_number: int, state: ExitState, decision: ExitDecision) -> int:
+        rows = state.active.reshape(-1).nonzero().squeeze(1)
+        hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, rows)
+        head_logits = self.exit_heads[str(layer_number)](hidden_rows).float()
+        if state.labels is not None:
+            targets = state.labels.reshape(-1).index_select(0, rows)
+            # Deep supervision: the head learns from every token that reaches it.
+            head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
+                         else head_logits.sum())
+            state.aux_loss = state.aux_loss + head_loss
+        exits = decision.exits(layer_number, head_logits, rows)
+        exiting_rows = rows[exits]
+        state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
+        flat_exit_layer = state.exit_layer.reshape(-1).clone()
+        flat_exit_layer[exiting_rows] = layer_number
+        state.exit_layer = flat_exit_layer.view_as(state.exit_layer)
+        flat_active = state.active.reshape(-1).clone()
+        flat_active[exiting_rows] = False
+        state.active = flat_active.view_as(state.active)
+        return int(rows.numel())
+
+    def _final_head(self, state: ExitState, dense: bool) -> int:
+        if dense:
+            # Every position, padding included, exactly as ElectraForPreTraining.
+            state.logits = self.discriminator_predictions(state.hidden).float()
+            rows = state.attention_mask.numel()
+        else:
+            active_rows = state.active.reshape(-1).nonzero().squeeze(1)
+            hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, active_rows)
+            head_logits = self.discriminator_predictions(hidden_rows).float()
+            state.logits = state.logits.reshape(-1).index_put((active_rows,), head_logits).view_as(state.logits)
+            rows = int(active_rows.numel())
+        state.exit_layer = torch.where(state.active, torch.full_like(state.exit_layer, self.num_layers),
+                                       state.exit_layer)
+        state.active = torch.zeros_like(state.active)
+        return rows
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                labels: torch.Tensor | None = None, decision: ExitDecision | None = None) -> ExitState:
+        decision = decision or ExitDecision()
+        state = self.embed(input_ids, attention_mask, token_type_ids, labels)
+        for layer_number in range(1, self.num_layers + 1):
+            state = self.run_layer(layer_number, state, decision)
+        return state

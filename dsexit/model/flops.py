@@ -1,0 +1,119 @@
+"""The one FLOP counter: what a forward pass really executed, against full depth.
+
+The model records, per layer, how many rows entered each matmul (`LayerWork`); this
+module turns those records into token-layers and FLOPs. Nothing here estimates: the
+rows are the shapes the layers were called with (a test checks them with hooks).
+Backward costs twice the forward; `training_flops` reports the sum of both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ElectraExitConfig
+
+
+@dataclass
+class LayerWork:
+    """Rows that entered one encoder layer's matmuls, and the attention's extent."""
+
+    token_layers: int  # real (non-padding) tokens the layer computed a new state for
+    rows: int  # rows into query, attention-output and both feed-forward matmuls
+    key_value_rows: int  # rows into the key and value projections
+    query_slots: int  # query rows inside scaled-dot-product attention (padded layout)
+    key_length: int  # keys each query row is scored against
+    head_rows: int = 0  # rows into the exit or discriminator head after this layer
+
+
+@dataclass
+class ComputeLog:
+    """Everything one forward pass executed; filled in by the model as it runs."""
+
+    batch_size: int = 0
+    seq_len: int = 0
+    real_tokens: int = 0
+    discriminator: list[LayerWork] = field(default_factory=list)
+    generator: list[LayerWork] = field(default_factory=list)
+    generator_head_rows: int = 0  # rows into the generator's vocabulary projection
+
+
+def _linear(rows: int, fan_in: int, fan_out: int) -> int:
+    return 2 * rows * fan_in * fan_out
+
+
+def _layer_flops(work: LayerWork, hidden: int, intermediate: int) -> int:
+    projections = (_linear(work.rows, hidden, hidden) * 2  # query, attention output
+                   + _linear(work.key_value_rows, hidden, hidden) * 2  # key, value
+                   + _linear(work.rows, hidden, intermediate) * 2)  # feed-forward in and out
+    attention = 2 * 2 * work.query_slots * work.key_length * hidden  # scores and weighted sum
+    return projections + attention
+
+
+def _head_flops(rows: int, hidden: int) -> int:
+    return _linear(rows, hidden, hidden) + _linear(rows, hidden, 1)
+
+
+@dataclass
+class FlopReport:
+    token_layers_executed: int
+    token_layers_full: int
+    forward_flops: int
+    forward_flops_full: int
+
+    @property
+    def compute_fraction(self) -> float:
+        """Executed discriminator token-layers / token-layers at full depth (real tokens)."""
+        return self.token_layers_executed / max(1, self.token_layers_full)
+
+    @property
+    def flops_fraction(self) -> float:
+        return self.forward_flops / max(1, self.forward_flops_full)
+
+    @property
+    def training_flops(self) -> int:
+        return 3 * self.forward_flops
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.forward_flops_full / max(1, self.forward_flops)
+
+
+def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
+    """The log the same batch would produce with no token exiting (dense layers)."""
+    positions = log.batch_size * log.seq_len
+    exit_layers = set(config.exit_layers)
+    dense = [LayerWork(token_layers=log.real_tokens, rows=positions, key_value_rows=positions,
+                       query_slots=positions, key_length=log.seq_len,
+                       head_rows=(log.real_tokens if number in exit_layers else
+                                  positions if number == config.num_hidden_layers else 0))
+             for number in range(1, config.num_hidden_layers + 1)]
+    return ComputeLog(log.batch_size, log.seq_len, log.real_tokens, dense, log.generator,
+                      log.generator_head_rows)
+
+
+def _forward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
+    total = 0
+    embedding_rows = log.batch_size * log.seq_len
+    if config.embedding_size != config.hidden_size:
+        total += _linear(embedding_rows, config.embedding_size, config.hidden_size)
+    for work in log.discriminator:
+        total += _layer_flops(work, config.hidden_size, config.intermediate_size)
+        total += _head_flops(work.head_rows, config.hidden_size)
+    if log.generator:
+        if config.embedding_size != config.generator_hidden_size:
+            total += _linear(embedding_rows, config.embedding_size, config.generator_hidden_size)
+        for work in log.generator:
+            total += _layer_flops(work, config.generator_hidden_size, config.generator_intermediate_size)
+        total += _linear(log.generator_head_rows, config.generator_hidden_size, config.embedding_size)
+        total += _linear(log.generator_head_rows, config.embedding_size, config.vocab_size)
+    return total
+
+
+def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:
+    full = full_depth_work(log, config)
+    return FlopReport(
+        token_layers_executed=sum(work.token_layers for work in log.discriminator),
+        token_layers_full=log.real_tokens * config.num_hidden_layers,
+        forward_flops=_forward_flops(log, config),
+        forward_flops_full=_forward_flops(full, config),
+    )

@@ -1,0 +1,58 @@
+"""The ELECTRA generator: a small masked language model over the shared embeddings.
+
+Parameter names equal `transformers.ElectraForMaskedLM`'s except that the embeddings
+live in the discriminator (`discriminator.electra.embeddings.*`) and the vocabulary
+projection's weight is the word-embedding matrix (tied, as in HF), so only its bias is
+stored here. The vocabulary projection runs only on the rows it is asked for: during
+pre-training, the masked positions (15% of tokens) rather than every token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ElectraExitConfig
+from .discriminator import ElectraBody
+from .flops import LayerWork
+from .layers import ElectraEmbeddings, ElectraGeneratorPredictions, EncoderShape, TokenRouting
+
+
+class TiedLMHead(nn.Module):
+    """Vocabulary projection whose weight is the word-embedding matrix; owns only its bias."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, embedding_weight, self.bias)
+
+
+class ElectraGenerator(nn.Module):
+    def __init__(self, config: ElectraExitConfig):
+        super().__init__()
+        self.config = config
+        self.electra = ElectraBody(config, EncoderShape.generator(config), embeddings=None)
+        self.generator_predictions = ElectraGeneratorPredictions(config)
+        self.generator_lm_head = TiedLMHead(config.vocab_size)
+
+    def forward(self, embeddings: ElectraEmbeddings, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor, rows: torch.Tensor | None = None,
+                work: list[LayerWork] | None = None) -> torch.Tensor:
+        """Vocabulary logits for `rows` (flattened b*T+t indices) or, if None, every position."""
+        hidden = self.electra.project(embeddings(input_ids, token_type_ids))
+        routing = TokenRouting.all_positions(attention_mask)
+        batch, seq_len = input_ids.shape
+        for layer in self.electra.encoder.layer:
+            hidden = layer(hidden, routing)
+            if work is not None:
+                positions = batch * seq_len
+                work.append(LayerWork(token_layers=int(attention_mask.sum()), rows=positions,
+                                      key_value_rows=positions, query_slots=positions, key_length=seq_len))
+        hidden = hidden.reshape(batch * seq_len, -1)
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        logits = self.generator_lm_head(self.generator_predictions(hidden), embeddings.word_embeddings.weight)
+        return logits if rows is not None else logits.view(batch, seq_len, -1)

@@ -1,0 +1,149 @@
+"""ELECTRA pre-training: masking, replacement sampling, and the combined loss.
+
+`ElectraPreTrainingModel` owns the generator (or a fixed replacement distribution for
+the `uniform` / `unigram` generator study), the early-exit discriminator, and the loss:
+generator MLM + disc_weight x (RTD + aux_weight x mean exit-head RTD). Randomness
+(masking, sampling) comes from torch's default generator, so a checkpoint that saves
+torch's RNG state resumes the same masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ElectraExitConfig
+from .discriminator import ElectraDiscriminator, ExitDecision, ExitState
+from .flops import ComputeLog, FlopReport, count_flops
+from .generator import ElectraGenerator
+from .layers import init_weights
+
+
+@dataclass
+class PreTrainingOutput:
+    loss: torch.Tensor
+    generator_loss: torch.Tensor
+    discriminator_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    rtd_accuracy: torch.Tensor
+    discriminator_logits: torch.Tensor  # [B, T]
+    rtd_labels: torch.Tensor  # [B, T] float
+    exit_layer: torch.Tensor  # [B, T] long, 0 on padding
+    exit_layer_counts: torch.Tensor  # [num_layers] long: real tokens whose last layer is l+1
+    flops: FlopReport
+    compute_log: ComputeLog
+
+    @property
+    def tokens_executed(self) -> int:
+        return self.flops.token_layers_executed
+
+    @property
+    def tokens_full(self) -> int:
+        return self.flops.token_layers_full
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.flops.compute_fraction
+
+    @property
+    def mean_exit_layer(self) -> float:
+        counts = self.exit_layer_counts.double()
+        layers = torch.arange(1, counts.numel() + 1, dtype=torch.float64)
+        return float((counts * layers).sum() / counts.sum().clamp(min=1))
+
+
+class ElectraPreTrainingModel(nn.Module):
+    def __init__(self, config: ElectraExitConfig):
+        super().__init__()
+        self.config = config
+        self.discriminator = ElectraDiscriminator(config)
+        self.generator = ElectraGenerator(config) if config.uses_generator_network else None
+        special = torch.tensor([config.pad_token_id, config.cls_token_id, config.sep_token_id,
+                                config.mask_token_id])
+        self.register_buffer("special_token_ids", special, persistent=False)
+        # Replacement distribution for the generator-free study (uniform / unigram).
+        probs = torch.ones(config.vocab_size)
+        probs[special] = 0.0
+        self.register_buffer("replacement_probs", probs / probs.sum())
+        self.apply(lambda module: init_weights(module, config.initializer_range))
+
+    @property
+    def embeddings(self):
+        return self.discriminator.electra.embeddings
+
+    def set_unigram_counts(self, counts: torch.Tensor) -> None:
+        """Token frequencies for `generator="unigram"` (specials never drawn)."""
+        if counts.shape != (self.config.vocab_size,):
+            raise ValueError(f"unigram counts have shape {tuple(counts.shape)}; expected "
+                             f"({self.config.vocab_size},), one count per vocabulary entry.")
+        probs = counts.double().clamp(min=0)
+        probs[self.special_token_ids.cpu()] = 0
+        if probs.sum() <= 0:
+            raise ValueError("unigram counts are all zero outside special tokens; expected corpus frequencies.")
+        self.replacement_probs.copy_((probs / probs.sum()).to(self.replacement_probs))
+
+    # ------------------------------------------------------------------ masking and sampling
+    def choose_masked_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Flattened indices of the positions to mask: each real, non-special token w.p. mask_prob."""
+        candidates = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        draws = torch.rand(input_ids.shape, device=input_ids.device)
+        return (candidates & (draws < self.config.mask_prob)).reshape(-1).nonzero().squeeze(1)
+
+    def _sample_replacements(self, logits: torch.Tensor) -> torch.Tensor:
+        # Gumbel-max: one draw from softmax(logits) per row.
+        uniform = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20, max=1.0 - 1e-7)
+        return (logits.detach().float() - torch.log(-torch.log(uniform))).argmax(-1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, exit_threshold: float | None = None,
+                exit_plan: torch.Tensor | None = None, **_: torch.Tensor) -> PreTrainingOutput:
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        log = ComputeLog(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1],
+                         real_tokens=int(attention_mask.sum()))
+        masked_rows = self.choose_masked_positions(input_ids, attention_mask)
+        originals = input_ids.reshape(-1).index_select(0, masked_rows)
+
+        if self.generator is not None:
+            generator_input = input_ids.reshape(-1).index_fill(0, masked_rows, self.config.mask_token_id)
+            generator_logits = self.generator(self.embeddings, generator_input.view_as(input_ids), attention_mask,
+                                              token_type_ids, rows=masked_rows, work=log.generator).float()
+            log.generator_head_rows = int(masked_rows.numel())
+            generator_loss = (F.cross_entropy(generator_logits, originals) if masked_rows.numel()
+                              else generator_logits.sum())
+            replacements = self._sample_replacements(generator_logits)
+        else:
+            generator_loss = torch.zeros((), device=input_ids.device)
+            replacements = torch.multinomial(self.replacement_probs, masked_rows.numel(), replacement=True) \
+                if masked_rows.numel() else originals
+
+        corrupted = input_ids.reshape(-1).index_copy(0, masked_rows, replacements).view_as(input_ids)
+        # A sampled token equal to the original counts as original.
+        rtd_labels = (corrupted != input_ids).float()
+        decision = ExitDecision(threshold=exit_threshold, plan=exit_plan)
+        state = self.discriminator(corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision)
+        log.discriminator = state.work
+        return self._finish(state, rtd_labels, generator_loss, log)
+
+    def _finish(self, state: ExitState, rtd_labels: torch.Tensor, generator_loss: torch.Tensor,
+                log: ComputeLog) -> PreTrainingOutput:
+        real = state.attention_mask
+        logits = state.logits[real]
+        labels = rtd_labels[real]
+        discriminator_loss = F.binary_cross_entropy_with_logits(logits, labels)
+        aux_loss = state.aux_loss / max(1, len(self.discriminator.exit_heads))
+        loss = generator_loss + self.config.disc_weight * (discriminator_loss + self.config.aux_weight * aux_loss)
+        with torch.no_grad():
+            rtd_accuracy = ((logits > 0).float() == labels).float().mean()
+            counts = torch.bincount(state.exit_layer[real], minlength=self.config.num_hidden_layers + 1)[1:]
+        return PreTrainingOutput(
+            loss=loss, generator_loss=generator_loss.detach(), discriminator_loss=discriminator_loss.detach(),
+            aux_loss=aux_loss.detach(), rtd_accuracy=rtd_accuracy, discriminator_logits=state.logits,
+            rtd_labels=rtd_labels, exit_layer=state.exit_layer, exit_layer_counts=counts,
+            flops=count_flops(log, self.config), compute_log=log)

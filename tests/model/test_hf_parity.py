@@ -1,0 +1,67 @@
+"""With exits off, our discriminator and generator equal Hugging Face's ELECTRA."""
+
+import pytest
+import torch
+
+from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+from dsexit.model.hf import to_hf_masked_lm, to_hf_pretraining
+
+from .conftest import VOCAB, make_batch
+
+
+def _models(preset: str, **overrides):
+    torch.manual_seed(1)
+    config = ElectraExitConfig.from_preset(preset, vocab_size=VOCAB, **overrides)
+    model = ElectraPreTrainingModel(config).eval()
+    # Non-trivial biases and LayerNorms, so a mis-mapped parameter cannot hide behind init values.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, to_hf_pretraining(model), to_hf_masked_lm(model)
+
+
+@pytest.mark.parametrize("preset", ["electra-tiny", "electra-small"])
+@pytest.mark.parametrize("padded", [False, True], ids=["random", "padded"])
+def test_discriminator_and_generator_match_hf(preset, padded):
+    model, hf_discriminator, hf_generator = _models(preset)
+    input_ids, attention_mask, token_type_ids = make_batch(4, 48, pad_tail=padded, seed=3)
+    if padded:
+        assert (attention_mask == 0).any()
+    with torch.no_grad():
+        ours = model.discriminator(input_ids, attention_mask, token_type_ids).logits
+        theirs = hf_discriminator(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).logits
+        ours_generator = model.generator(model.embeddings, input_ids, attention_mask, token_type_ids)
+        theirs_generator = hf_generator(input_ids=input_ids, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert ours_generator.shape == theirs_generator.shape
+    assert (ours_generator - theirs_generator).abs().max() <= 1e-5
+
+
+def test_exit_model_without_exits_equals_hf():
+    """Exit heads present and trained, but no token exits: logits still equal HF's."""
+    model, hf_discriminator, _ = _models("electra-tiny", exit_enabled=True, min_exit_layer=1)
+    assert len(model.discriminator.exit_heads) == 3
+    input_ids, attention_mask, token_type_ids = make_batch(3, 40, pad_tail=True, seed=4)
+    labels = torch.zeros(input_ids.shape)
+    with torch.no_grad():
+        state = model.discriminator(input_ids, attention_mask, token_type_ids, labels=labels)
+        theirs = hf_discriminator(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).logits
+    assert (state.logits - theirs).abs().max() <= 1e-5
+    assert state.aux_loss > 0  # the heads were still supervised
+
+
+def test_parameter_names_map_by_prefix_only():
+    model, hf_discriminator, hf_generator = _models("electra-tiny")
+    ours = set(model.state_dict())
+    for name in hf_discriminator.state_dict():
+        assert "discriminator." + name in ours
+    for name in hf_generator.state_dict():
+        if name.startswith("electra.embeddings."):
+            assert "discriminator." + name in ours
+        elif name != "generator_lm_head.weight":
+            assert "generator." + name in ours, name
