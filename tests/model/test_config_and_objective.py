@@ -1,0 +1,93 @@
+"""Configuration errors, masking and the generator study's replacement modes."""
+
+import pytest
+import torch
+
+from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+
+from .conftest import VOCAB, make_batch
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(exit_threshold=0.0), "exit_threshold=0.0"),
+    (dict(exit_threshold=1.5), "exit_threshold=1.5"),
+    (dict(min_exit_layer=4), "min_exit_layer=4"),
+    (dict(min_exit_layer=0), "min_exit_layer=0"),
+    (dict(generator="bert"), "generator='bert'"),
+    (dict(hidden_size=65), "hidden_size=65"),
+    (dict(exit_kv="maybe"), "exit_kv='maybe'"),
+    (dict(target_compute=1.2), "target_compute=1.2"),
+    (dict(mask_token_id=VOCAB), f"mask_token_id={VOCAB}"),
+])
+def test_bad_values_raise_one_clear_error_naming_the_value(overrides, named):
+    with pytest.raises(ValueError) as error:
+        ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, **overrides)
+    message = str(error.value)
+    assert named in message and "expected" in message
+    assert message.count("\n") == 0
+
+
+def test_unknown_preset_and_field_are_rejected():
+    with pytest.raises(ValueError, match="electra-huge"):
+        ElectraExitConfig.from_preset("electra-huge")
+    with pytest.raises(ValueError, match="hiden_size"):
+        ElectraExitConfig.from_preset("electra-tiny", hiden_size=3)
+
+
+def test_presets_have_the_documented_sizes():
+    small = ElectraExitConfig.from_preset("electra-small")
+    assert (small.num_hidden_layers, small.hidden_size, small.embedding_size, small.num_attention_heads,
+            small.intermediate_size, small.generator_hidden_size) == (12, 256, 128, 4, 1024, 64)
+    base = ElectraExitConfig.from_preset("electra-base")
+    assert (base.hidden_size, base.num_hidden_layers) == (768, 12)
+    assert ElectraExitConfig.from_dict(small.to_dict()) == small
+
+
+def test_masking_picks_fifteen_percent_of_real_non_special_tokens(tiny_model):
+    torch.manual_seed(0)
+    input_ids, attention_mask, _ = make_batch(64, 64, pad_tail=True)
+    rows = tiny_model.choose_masked_positions(input_ids, attention_mask)
+    chosen = torch.zeros(input_ids.numel(), dtype=torch.bool)
+    chosen[rows] = True
+    chosen = chosen.view_as(input_ids)
+    assert not chosen[attention_mask == 0].any()
+    assert not chosen[(input_ids == 101) | (input_ids == 102)].any()
+    candidates = (attention_mask.bool() & (input_ids != 101) & (input_ids != 102)).sum()
+    assert abs(float(chosen.sum() / candidates) - 0.15) < 0.02
+
+
+def test_loss_combines_generator_and_weighted_discriminator(tiny_model):
+    input_ids, attention_mask, token_type_ids = make_batch(4, 32)
+    output = tiny_model(input_ids, attention_mask, token_type_ids)
+    expected = output.generator_loss + 50 * (output.discriminator_loss + output.aux_loss)
+    assert torch.allclose(output.loss, expected)
+    # Replaced tokens are labelled 1; a sampled token equal to the original is labelled 0.
+    assert output.rtd_labels.sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["uniform", "unigram"])
+def test_generator_free_modes_draw_replacements_without_a_generator(mode):
+    torch.manual_seed(0)
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, generator=mode)
+    model = ElectraPreTrainingModel(config)
+    assert model.generator is None
+    if mode == "unigram":
+        counts = torch.zeros(VOCAB)
+        counts[[500, 501]] = torch.tensor([3.0, 1.0])
+        counts[101] = 1000.0  # a special token is never drawn, however frequent
+        model.set_unigram_counts(counts)
+    input_ids, attention_mask, token_type_ids = make_batch(32, 64)
+    torch.manual_seed(1)
+    rows = model.choose_masked_positions(input_ids, attention_mask)
+    torch.manual_seed(1)
+    output = model(input_ids, attention_mask, token_type_ids)
+    replaced = output.rtd_labels.reshape(-1).bool()
+    assert output.generator_loss == 0
+    assert replaced.sum() > 0.9 * rows.numel()  # almost every masked token gets a different one
+    if mode == "unigram":
+        # Labels mark replacements; with only ids 500/501 drawable, the share of 500 is ~3/4.
+        drawn = torch.multinomial(model.replacement_probs, 20000, replacement=True)
+        assert set(drawn.unique().tolist()) == {500, 501}
+        assert abs(float((drawn == 500).float().mean()) - 0.75) < 0.02
+    else:
+        assert model.replacement_probs[[0, 101, 102, 103]].sum() == 0

@@ -1,0 +1,165 @@
+"""Early exit: frozen states, gradients, key/value dropping, the controller, compute counting."""
+
+import pytest
+import torch
+
+from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel, ExitController, ExitDecision
+
+from .conftest import VOCAB, make_batch
+
+
+def _discriminator(exit_kv="keep", seed=0):
+    torch.manual_seed(seed)
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_kv=exit_kv,
+                                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ElectraPreTrainingModel(config).discriminator.eval()
+
+
+def _plan(shape, exit_after: int, rows: list[tuple[int, int]], never: int):
+    plan = torch.full(shape, never, dtype=torch.long)
+    for row, column in rows:
+        plan[row, column] = exit_after
+    return plan
+
+
+def test_exited_states_are_frozen_and_others_keep_changing():
+    discriminator = _discriminator()
+    input_ids, attention_mask, token_type_ids = make_batch(2, 16)
+    exited = [(0, 3), (0, 4), (1, 9)]
+    decision = ExitDecision(plan=_plan(input_ids.shape, 1, exited, never=99))
+    state = discriminator.embed(input_ids, attention_mask, token_type_ids)
+    state = discriminator.run_layer(1, state, decision)
+    after_exit = state.hidden.clone()
+    for number in range(2, discriminator.num_layers + 1):
+        state = discriminator.run_layer(number, state, decision)
+    for row, column in exited:
+        assert torch.equal(state.hidden[row, column], after_exit[row, column])
+        assert state.exit_layer[row, column] == 1
+    assert not torch.allclose(state.hidden[0, 5], after_exit[0, 5])
+    assert (state.exit_layer[attention_mask.bool()] >= 1).all()
+
+
+def test_gradients_reach_every_exit_head_and_early_layers(tiny_model):
+    input_ids, attention_mask, token_type_ids = make_batch(4, 32)
+    # Half the tokens leave after layer 1: the final head sees only the other half.
+    plan = torch.where(torch.rand(input_ids.shape) < 0.5, 1, 99)
+    output = tiny_model(input_ids, attention_mask, token_type_ids, exit_plan=plan)
+    output.loss.backward()
+    assert 0.0 < output.compute_fraction < 1.0
+    for name, parameter in tiny_model.named_parameters():
+        assert parameter.grad is not None, name
+        if "exit_heads" in name or ".layer.0." in name or "word_embeddings" in name:
+            assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("exit_kv, changes_expected", [("drop", False), ("keep", True)])
+def test_dropped_exited_tokens_change_no_later_attention(exit_kv, changes_expected):
+    discriminator = _discriminator(exit_kv=exit_kv)
+    input_ids, attention_mask, token_type_ids = make_batch(2, 16)
+    exited = [(0, 2), (0, 7), (1, 5)]
+    decision = ExitDecision(plan=_plan(input_ids.shape, 1, exited, never=99))
+
+    def run_after_layer_one(perturb: bool):
+        torch.manual_seed(5)
+        state = discriminator.embed(input_ids, attention_mask, token_type_ids)
+        state = discriminator.run_layer(1, state, decision)
+        if perturb:
+            hidden = state.hidden.clone()
+            for row, column in exited:
+                hidden[row, column] = 10 * torch.randn(hidden.shape[-1])
+            state.hidden = hidden
+        for number in range(2, discriminator.num_layers + 1):
+            state = discriminator.run_layer(number, state, decision)
+        return state
+
+    with torch.no_grad():
+        plain, perturbed = run_after_layer_one(False), run_after_layer_one(True)
+    active = plain.exit_layer == discriminator.num_layers
+    difference = (plain.hidden[active] - perturbed.hidden[active]).abs().max()
+    if changes_expected:
+        assert difference > 1e-3  # with exit_kv="keep" exited tokens remain keys: the test can fail
+    else:
+        assert difference == 0
+
+
+@pytest.mark.parametrize("target", [0.5, 0.75])
+def test_controller_reaches_target_compute_on_stationary_input(target):
+    torch.manual_seed(0)
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, target_compute=target,
+                                           exit_threshold=0.5, hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0)
+    discriminator = ElectraPreTrainingModel(config).discriminator.eval()
+    with torch.no_grad():  # spread the heads' confidences, as trained heads would have
+        for head in discriminator.exit_heads.values():
+            head.dense_prediction.weight.mul_(300)
+    input_ids, attention_mask, token_type_ids = make_batch(8, 64, seed=2)
+    controller = ExitController(config)
+    fractions = []
+    with torch.no_grad():
+        for step in range(150):
+            state = discriminator(input_ids, attention_mask, token_type_ids,
+                                  decision=ExitDecision(threshold=controller.threshold(step)))
+            fraction = sum(work.token_layers for work in state.work) / (attention_mask.sum() * 4)
+            controller.update(float(fraction), step)
+            fractions.append(float(fraction))
+    settled = sum(fractions[-20:]) / 20
+    assert abs(settled - target) <= 0.05, (settled, fractions[-20:])
+    assert abs(fractions[0] - target) > 0.05  # it started away from the target
+
+
+def test_controller_state_round_trips_and_warmup_disables_exits(tiny_config):
+    tiny_config.exit_warmup_steps = 10
+    tiny_config.target_compute = 0.6
+    controller = ExitController(tiny_config)
+    assert controller.threshold(9) is None and controller.threshold(10) is not None
+    controller.update(0.9, step=5)  # during warmup: no change
+    assert controller.updates == 0
+    controller.update(0.9, step=12)
+    restored = ExitController(tiny_config)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.threshold(20) == controller.threshold(20) < tiny_config.exit_threshold
+
+
+def test_flop_counter_counts_rows_that_enter_the_matmuls(tiny_model):
+    tiny_model.eval()
+    rows_seen: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            rows_seen[name] = rows_seen.get(name, 0) + inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in tiny_model.named_modules()
+               if isinstance(module, torch.nn.Linear)]
+    input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True)
+    plan = torch.where(torch.rand(input_ids.shape) < 0.4, 1, torch.where(torch.rand(input_ids.shape) < 0.5, 2, 99))
+    output = tiny_model(input_ids, attention_mask, token_type_ids, exit_plan=plan)
+    for handle in handles:
+        handle.remove()
+    log = output.compute_log
+    for index, work in enumerate(log.discriminator):
+        prefix = f"discriminator.electra.encoder.layer.{index}."
+        assert rows_seen[prefix + "attention.self.query"] == work.rows
+        assert rows_seen[prefix + "attention.self.key"] == work.key_value_rows
+        assert rows_seen[prefix + "intermediate.dense"] == work.rows
+        assert rows_seen[prefix + "output.dense"] == work.rows
+        head = ("discriminator.discriminator_predictions.dense" if index == 3
+                else f"discriminator.exit_heads.{index + 1}.dense")
+        assert rows_seen[head] == work.head_rows
+    assert rows_seen["generator.generator_predictions.dense"] == log.generator_head_rows
+    real = int(attention_mask.sum())
+    # Layer 1 runs dense (padding included); after the exits only the active real tokens run.
+    assert log.discriminator[0].rows == input_ids.numel()
+    exited_after_one = int(((plan == 1) & attention_mask.bool()).sum())
+    assert log.discriminator[1].rows == real - exited_after_one
+    assert output.flops.token_layers_full == real * 4
+    assert output.flops.forward_flops < output.flops.forward_flops_full
+    assert output.exit_layer_counts.sum() == real
+
+
+def test_threshold_one_means_no_exit_and_zero_means_all_exit_at_first_head(tiny_model):
+    input_ids, attention_mask, token_type_ids = make_batch(2, 16)
+    assert tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=1.0).compute_fraction == 1.0
+    everyone_out = tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=1e-9)
+    assert everyone_out.exit_layer_counts[0] == attention_mask.sum()
+    assert everyone_out.compute_fraction == pytest.approx(0.25)
