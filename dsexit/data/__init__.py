@@ -1,0 +1,40 @@
+"""Data for ELECTRA pre-training: preparation into shards and streaming them back.
+
+What lives where:
+    index.py     index.json, the dataset format (DatasetIndex)
+    storage.py   URLs, retries with backoff, verified downloads, the LRU shard cache
+    sources.py   raw text inputs (files, globs, fsspec URLs, hf: datasets), sentence splitting
+    tokenizer.py tokenizer specs, SentencePiece training, Hugging Face export
+    packing.py   BERT/ELECTRA sample layout ([CLS] A [SEP] B [SEP]) and token type ids
+    writer.py    shards + tokenizer + index.json to any fsspec URL
+    prepare.py   the preparation pipeline (launch/prepare_data.py)
+    order.py     the (seed, epoch) sample order, independent of world size
+    reader.py    StreamingShardReader: per-rank micro-batches, resumable, prefetched
+    default/     the embedded default dataset (see DEFAULT_DATA.md)
+"""
+
+from pathlib import Path
+
+from dsexit.data.index import DatasetFormatError, DatasetIndex, ShardInfo
+from dsexit.data.reader import StreamingShardReader
+from dsexit.data.storage import ShardCorruptError
+from dsexit.data.tokenizer import save_hf_tokenizer
+
+DEFAULT_DATA_URL = str(Path(__file__).resolve().parent / "default")
+"""The dataset shipped inside the package: Moby-Dick and Jane Austen, WordPiece (ELECTRA's vocab), seq_len 128."""
+
+
+def default_data_url() -> str:
+    return DEFAULT_DATA_URL
+
+
+__all__ = [
+    "DEFAULT_DATA_URL",
+    "DatasetFormatError",
+    "DatasetIndex",
+    "ShardCorruptError",
+    "ShardInfo",
+    "StreamingShardReader",
+    "default_data_url",
+    "save_hf_tokenizer",
+]
