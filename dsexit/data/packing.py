@@ -7,9 +7,13 @@ until they reach the target length, a document boundary always closes the
 example (no sample spans two documents), 10% of examples keep everything in
 segment A, 5% use a random shorter target length, and the tail is padded.
 
-One deliberate difference: a sentence longer than `seq_len - 3` tokens is cut
-into pieces of at most that length first, so a long paragraph without sentence
-ends becomes several samples instead of one truncated sample.
+Deliberate differences, both so that no token of the input is lost or reordered:
+- ELECTRA lets the sentences overflow the target and truncates the sample; here a
+  sample is closed before the sentence that would overflow it, and a sentence
+  longer than `seq_len - 3` tokens is cut into pieces of at most that length.
+- ELECTRA can put a later short sentence back into segment A after an earlier one
+  went to B; here A is a prefix of the sentences and B the rest, as in BERT, so
+  both segments are contiguous text.
 
 Token type ids are derived from the ids, never stored (see `token_type_ids`).
 """
@@ -37,13 +41,14 @@ class SequencePacker:
     def add_document(self, sentences: list[list[int]]) -> list[list[int]]:
         """Add one document; returns the rows it completed (each exactly seq_len ids)."""
         rows = []
-        longest = self.seq_len - 3
+        longest = self.seq_len - 3  # room left by [CLS] and two [SEP]
         for sentence in sentences:
             for start in range(0, len(sentence), longest):
-                self._sentences.append(sentence[start : start + longest])
-                self._length += len(self._sentences[-1])
-                if self._length >= self._target_length:
+                piece = sentence[start : start + longest]
+                if self._length and self._length + len(piece) > self._target_length - 3:
                     rows.append(self._make_row())
+                self._sentences.append(piece)
+                self._length += len(piece)
         if self._length:  # a document boundary closes the example
             rows.append(self._make_row())
         return rows
@@ -56,16 +61,14 @@ class SequencePacker:
         first: list[int] = []
         second: list[int] = []
         for sentence in self._sentences:
-            if (
+            if not second and (
                 not first
                 or len(first) + len(sentence) < first_target
-                or (not second and len(first) < first_target and self._rng.random() < 0.5)
+                or (len(first) < first_target and self._rng.random() < 0.5)
             ):
                 first += sentence
             else:
                 second += sentence
-        first = first[: self.seq_len - 2]
-        second = second[: max(0, self.seq_len - len(first) - 3)]
         self._sentences, self._length = [], 0
         self._target_length = self._rng.randint(5, self.seq_len) if self._rng.random() < 0.05 else self.seq_len
 
