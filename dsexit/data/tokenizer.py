@@ -101,21 +101,37 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path: s
     import sentencepiece
 
     prefix = model_path[: -len(".model")] if model_path.endswith(".model") else model_path
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=0.9999,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        max_sentence_length=16384,
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
-        pad_piece="[PAD]", unk_piece="[UNK]",
-        control_symbols=["[CLS]", "[SEP]", "[MASK]"],
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    input_errors: list[Exception] = []
+
+    def guarded_sentences():
+        # SentencePiece swallows exceptions from the iterator into its own error; keep ours.
+        try:
+            yield from sentences
+        except Exception as error:
+            input_errors.append(error)
+
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=guarded_sentences(),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=0.9999,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=16384,
+            pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+            pad_piece="[PAD]", unk_piece="[UNK]",
+            control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        if input_errors:
+            raise input_errors[0] from None
+        raise ValueError(f"SentencePiece training with vocab size {vocab_size} failed: {error}") from None
+    if input_errors:
+        raise input_errors[0]
     if prefix + ".model" != model_path:
         os.replace(prefix + ".model", model_path)
     return model_path
@@ -188,6 +204,7 @@ def save_hf_tokenizer(index_or_url, out_dir: str, storage_options: dict | None =
             tokenizer_object=backend,
             **{f"{name}_token": piece for name, piece in names.items()},
             model_max_length=index.seq_len,
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # ELECTRA takes segment ids
         )
     hf_tokenizer.model_max_length = index.seq_len
     hf_tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,140 @@
+"""launch/prepare_data.py end to end on local files: format, tokenizers, inputs, errors, progress."""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsexit.data import DEFAULT_DATA_URL, DatasetIndex, StreamingShardReader, save_hf_tokenizer
+from dsexit.data.packing import token_type_ids
+from dsexit.data.prepare import prepare_dataset
+
+from .conftest import shared_file
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "launch" / "prepare_data.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from prepare_data import main as prepare_main  # noqa: E402  (the CLI in-process, for fast error cases)
+
+
+@pytest.fixture(scope="module")
+def moby_sample(tmp_path_factory):
+    """The first 300 paragraphs of Moby-Dick as JSON Lines (gzip) and as plain text."""
+    folder = tmp_path_factory.mktemp("text")
+    with gzip.open(shared_file("corpus/moby_dick.jsonl.gz"), "rt") as source:
+        documents = [json.loads(line)["text"] for _, line in zip(range(300), source)]
+    with gzip.open(folder / "moby.jsonl.gz", "wt") as out:
+        out.writelines(json.dumps({"text": d}) + "\n" for d in documents)
+    (folder / "moby.txt").write_text("\n\n".join(documents) + "\n")
+    return folder, documents
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO)
+
+
+def test_wordpiece_dataset_matches_the_electra_tokenizer_and_its_index(moby_sample, tmp_path):
+    folder, documents = moby_sample
+    vocab = shared_file("tokenizer/bert-base-uncased-vocab.txt")
+    out = tmp_path / "ds"
+    result = _run("--input", folder / "*.jsonl.gz", "--out", out, "--tokenizer", f"wordpiece:{vocab}", "--shard-mb", "0.02")
+    assert result.returncode == 0, result.stderr
+    assert "prepare_data: wrote" in result.stderr and "\r" not in result.stderr  # plain lines off a terminal
+
+    index = DatasetIndex.load(str(out))
+    assert (index.seq_len, index.dtype, index.vocab_size) == (128, "uint16", 30522)
+    assert index.special_tokens == {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+    assert len(index.shards) > 3 and (out / "vocab.txt").read_bytes() == vocab.read_bytes()
+    for shard in index.shards:
+        data = (out / shard.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.num_samples * 256
+
+    # The packed tokens are exactly the Hugging Face ELECTRA tokenizer's tokens of the text, in order.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(save_hf_tokenizer(index, str(tmp_path / "hf")))
+    rows = np.concatenate([np.fromfile(out / s.name, dtype="<u2").reshape(-1, 128) for s in index.shards])
+    packed = [int(t) for t in rows.ravel() if t not in (0, 101, 102)]
+    expected = [t for d in documents for t in hf(d, add_special_tokens=False)["input_ids"]]
+    assert packed == expected
+    # Hugging Face's pair encoding has the segment ids the reader derives from the ids.
+    pair = hf("Call me Ishmael.", "Some years ago.")
+    assert pair["token_type_ids"] == token_type_ids(np.array(pair["input_ids"]), 102, 0).tolist()
+    assert 0 < sum(pair["token_type_ids"]) < len(pair["input_ids"]) - 2
+
+
+def test_trained_sentencepiece_exports_a_tokenizer_that_loads_offline(moby_sample, tmp_path):
+    folder, documents = moby_sample
+    index = prepare_dataset([str(folder / "moby.txt")], str(tmp_path / "ds"), "train:800", seq_len=64,
+                            progress_stream=io.StringIO())
+    assert index.tokenizer == {"kind": "sentencepiece", "file": "tokenizer.model"} and index.vocab_size == 800
+    assert index.special_tokens == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(save_hf_tokenizer(str(tmp_path / "ds"), str(tmp_path / "hf")))
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "ds" / "tokenizer.model"))
+    agree = sum(hf(d, add_special_tokens=False)["input_ids"] == spm.encode(d) for d in documents[:200])
+    assert agree >= 198, f"HF export agrees with SentencePiece on only {agree}/200 paragraphs"
+    pair = hf("Call me Ishmael.", "Some years ago.")
+    assert pair["input_ids"][0] == 2 and pair["input_ids"].count(3) == 2 and pair["token_type_ids"][-1] == 1
+    # The same text as plain text and as an hf: saved dataset gives the same samples.
+    import datasets
+
+    datasets.Dataset.from_dict({"text": documents}).save_to_disk(str(tmp_path / "saved"))
+    again = prepare_dataset([f"hf:{tmp_path / 'saved'}"], str(tmp_path / "ds2"), f"spm:{tmp_path / 'ds' / 'tokenizer.model'}",
+                            seq_len=64, progress_stream=io.StringIO())
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in index.shards]
+
+
+def test_memory_url_output_streams_back(moby_sample):
+    folder, _ = moby_sample
+    index = prepare_dataset([str(folder / "moby.jsonl.gz")], "memory://prepared/ds", "train:500", seq_len=32,
+                            shard_mb=0.01, overwrite=True, progress_stream=io.StringIO())
+    with StreamingShardReader("memory://prepared/ds", global_batch_size=8, micro_batch_size=8) as reader:
+        batch = next(reader)
+    assert batch["input_ids"].shape == (8, 32) and int(batch["input_ids"][:, 0].unique()) == index.special_tokens["cls"]
+
+
+def test_existing_dataset_is_kept_unless_overwrite(moby_sample, tmp_path, capsys):
+    folder, _ = moby_sample
+    out = tmp_path / "ds"
+    vocab = Path(DEFAULT_DATA_URL) / "vocab.txt"
+    args = ["--input", str(folder / "moby.txt"), "--out", str(out), "--tokenizer", f"wordpiece:{vocab}", "--seq-len", "32"]
+    assert prepare_main(args) == 0
+    before = (out / "index.json").read_text()
+    capsys.readouterr()
+    assert prepare_main(args + ["--seed", "1"]) == 2
+    refusal = capsys.readouterr().err
+    assert f"A dataset already exists at {out}; pass --overwrite" in refusal
+    assert (out / "index.json").read_text() == before
+    assert prepare_main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert (out / "index.json").read_text() != before
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_match", "'{folder}/*.nothing' matches no file"),
+    ("bad_json", "bad.jsonl line 2 is not valid JSON"),
+    ("no_field", "bad.jsonl line 1 has no string field 'text'"),
+    ("bad_spec", "Unknown tokenizer spec 'bpe:42'"),
+    ("missing_vocab", "Tokenizer file '{folder}/none.txt'"),
+])
+def test_bad_input_gives_one_clear_error_naming_the_value(tmp_path, capsys, case, expected):
+    folder = tmp_path
+    (folder / "ok.txt").write_text("Some text here.\n")
+    (folder / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n' if case == "bad_json" else '{"body": "x"}\n')
+    inputs = {"no_match": f"{folder}/*.nothing", "bad_json": folder / "bad.jsonl", "no_field": folder / "bad.jsonl"}
+    spec = {"bad_spec": "bpe:42", "missing_vocab": f"wordpiece:{folder}/none.txt"}.get(case, "train:100")
+    returncode = prepare_main(["--input", str(inputs.get(case, folder / "ok.txt")), "--out", str(folder / "out"), "--tokenizer", spec])
+    stderr = capsys.readouterr().err
+    assert returncode == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("prepare_data: error:")]
+    assert len(lines) == 1 and expected.format(folder=folder) in lines[0], stderr
