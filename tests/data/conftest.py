@@ -62,7 +62,7 @@ class MotoServer:
 
     @property
     def storage_options(self) -> dict:
-        return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+        return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": self.endpoint}}
 
     def start(self) -> None:
         executable = shutil.which("moto_server")
