@@ -69,7 +69,8 @@ class TextTokenizer:
     def wordpiece(cls, vocab_path: str) -> "TextTokenizer":
         from transformers import ElectraTokenizerFast
 
-        hf_tokenizer = ElectraTokenizerFast(vocab=vocab_path, do_lower_case=vocab_is_lowercase(vocab_path))
+        # Positional: the argument is vocab_file in transformers 4.x and vocab in 5.x.
+        hf_tokenizer = ElectraTokenizerFast(vocab_path, do_lower_case=vocab_is_lowercase(vocab_path))
         vocab = hf_tokenizer.get_vocab()
         names = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
         missing = [piece for piece in names.values() if piece not in vocab]
@@ -197,7 +198,7 @@ def save_hf_tokenizer(index_or_url, out_dir: str, storage_options: dict | None =
     fs, path = open_url_fs(index.tokenizer_url, storage_options)
     fs.get_file(path, local_file)
     if index.tokenizer["kind"] == "wordpiece":
-        hf_tokenizer = ElectraTokenizerFast(vocab=local_file, do_lower_case=vocab_is_lowercase(local_file))
+        hf_tokenizer = ElectraTokenizerFast(local_file, do_lower_case=vocab_is_lowercase(local_file))
     else:
         backend, names = _sentencepiece_backend(local_file, index.special_tokens)
         hf_tokenizer = PreTrainedTokenizerFast(
