@@ -1,0 +1,147 @@
+"""Command line -> `TrainConfig`: preset, then an optional saved config file, then flags.
+
+Each flag names the config field it sets (`FLAG_FIELDS`), so `--help`, the resolved
+config and the saved config speak the same names. Exit settings and other model
+fields become `model.overrides`. Launchers' own arguments (`--local_rank`) are accepted
+and ignored: ranks are discovered in `dsexit.train.distributed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Sequence
+
+from dsexit.train.config import (PRECISIONS, PROGRESS_MODES, TRAIN_PRESETS, ConfigError, TrainConfig,
+                                 preset_config)
+
+# flag destination -> (section, field)
+FLAG_FIELDS = {
+    "run_dir": ("job", "run_dir"), "seed": ("job", "seed"),
+    "model": ("model", "preset"),
+    "data": ("data", "url"), "data_cache_dir": ("data", "cache_dir"),
+    "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"),
+    "weight_decay": ("optim", "weight_decay"), "grad_clip": ("optim", "grad_clip"),
+    "global_batch_size": ("training", "global_batch_size"), "micro_batch_size": ("training", "micro_batch_size"),
+    "precision": ("training", "precision"), "max_steps": ("training", "max_steps"),
+    "max_tokens": ("training", "max_tokens"), "max_minutes": ("training", "max_minutes"),
+    "deepspeed": ("parallelism", "deepspeed_config"), "pipeline_stages": ("parallelism", "pipeline_stages"),
+    "checkpoint_dir": ("checkpoint", "dir"), "save_interval": ("checkpoint", "interval"),
+    "keep_last": ("checkpoint", "keep_last"), "resume": ("checkpoint", "resume"),
+    "export_hf": ("checkpoint", "export_hf"),
+    "log_interval": ("metrics", "log_interval"), "progress": ("metrics", "progress"),
+    "tensorboard": ("metrics", "tensorboard"), "csv": ("metrics", "csv"),
+}
+# flag destination -> ElectraExitConfig field
+MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "target_compute", "exit_kv",
+               "exit_warmup_steps", "aux_weight", "generator", "mask_prob", "disc_weight")
+
+
+_NONE = "none"  # a flag value that sets a model field to None (argparse's None means "not given")
+
+
+def _optional_float(text: str) -> float | str:
+    return _NONE if text.lower() == _NONE else float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py", description="Pre-train ELECTRA with token-level early exit on DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+    add = parser.add_argument
+    add("--preset", default="smoke", choices=sorted(TRAIN_PRESETS), help="training preset the defaults come from")
+    add("--config", metavar="JSON", help="a saved config.json to start from (flags still override it)")
+    add("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    job = parser.add_argument_group("job")
+    job.add_argument("--run-dir", help="directory for logs, metrics, config and checkpoints")
+    job.add_argument("--seed", type=int)
+
+    model = parser.add_argument_group("model and early exit")
+    model.add_argument("--model", help="model preset: electra-tiny, electra-small, electra-base")
+    model.add_argument("--exit", dest="exit_enabled", action=argparse.BooleanOptionalAction,
+                       help="enable token-level early exit")
+    model.add_argument("--min-exit-layer", type=int)
+    model.add_argument("--exit-threshold", type=float, help="fixed confidence tau (the controller's start value)")
+    model.add_argument("--target-compute", type=_optional_float,
+                       help="fraction of token-layers to execute (steers tau); 'none' for a fixed tau")
+    model.add_argument("--exit-kv", choices=("keep", "drop"))
+    model.add_argument("--exit-warmup-steps", type=int)
+    model.add_argument("--aux-weight", type=float)
+    model.add_argument("--generator", choices=("mlm", "uniform", "unigram"))
+    model.add_argument("--mask-prob", type=float)
+    model.add_argument("--disc-weight", type=float)
+    model.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="any other ElectraExitConfig field (JSON value), repeatable")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="URL", help="dataset URL (default: the embedded corpus)")
+    data.add_argument("--data-cache-dir")
+
+    training = parser.add_argument_group("optimization")
+    training.add_argument("--lr", type=float)
+    training.add_argument("--warmup-steps", type=int)
+    training.add_argument("--weight-decay", type=float)
+    training.add_argument("--grad-clip", type=float)
+    training.add_argument("--global-batch-size", type=int)
+    training.add_argument("--micro-batch-size", type=int)
+    training.add_argument("--precision", choices=PRECISIONS)
+    training.add_argument("--max-steps", type=int)
+    training.add_argument("--max-tokens", type=int)
+    training.add_argument("--max-minutes", type=float)
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_configs/zero{1,2,3}.json)")
+    parallel.add_argument("--pipeline-stages", type=int)
+    parallel.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint-dir", metavar="PATH_OR_URL")
+    ckpt.add_argument("--save-interval", type=int)
+    ckpt.add_argument("--keep-last", type=int)
+    ckpt.add_argument("--resume", metavar="auto|none|PATH")
+    ckpt.add_argument("--export-hf", action=argparse.BooleanOptionalAction)
+
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--log-interval", type=int)
+    metrics.add_argument("--progress", choices=PROGRESS_MODES)
+    metrics.add_argument("--tensorboard", action=argparse.BooleanOptionalAction)
+    metrics.add_argument("--csv", action=argparse.BooleanOptionalAction)
+    return parser
+
+
+def _parse_model_set(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--model-set {item!r} is invalid; expected FIELD=VALUE.")
+        try:
+            overrides[name] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name] = text
+    return overrides
+
+
+def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """The validated config for a command line; raises ConfigError naming the bad value."""
+    args = build_parser().parse_args(argv)
+    if args.config:
+        with open(args.config) as handle:
+            saved = json.load(handle)
+        config = TrainConfig.from_dict(saved.get("train", saved))
+    else:
+        config = preset_config(args.preset)
+    for dest, (section, name) in FLAG_FIELDS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            setattr(getattr(config, section), name, value)
+    overrides = dict(config.model.overrides)
+    for name in MODEL_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = None if value == _NONE else value
+    overrides.update(_parse_model_set(args.model_set))
+    config.model.overrides = overrides
+    config.validate()
+    return config, args

@@ -1,0 +1,263 @@
+"""The trainer's configuration: one dataclass per section, training presets, validation.
+
+`TrainConfig` is the single source of truth for a run. It is built from a preset
+(`TRAIN_PRESETS`) plus command-line overrides (`dsexit.train.cli`), validated here before
+any process group exists, printed once by rank 0 and saved with every checkpoint.
+The DeepSpeed JSON is resolved against it in `dsexit.train.ds_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsexit.model import ElectraExitConfig
+from dsexit.model.config import PRESETS as MODEL_PRESETS
+
+RESUME_KEYWORDS = ("auto", "none")
+PRECISIONS = ("auto", "bf16", "fp32")
+PROGRESS_MODES = ("auto", "bar", "lines")
+
+
+class ConfigError(ValueError):
+    """A value the user chose is invalid; raised before any work starts."""
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{name}={value!r} is invalid; expected {expected}.")
+
+
+@dataclass
+class JobConfig:
+    """Where the run lives and how it is seeded."""
+
+    run_dir: str = "runs/electra"
+    """Local directory for logs, metrics, the resolved config and (by default) checkpoints."""
+    seed: int = 1234
+    """Seeds parameter init, the data order and the masking RNG (offset by rank)."""
+    preset: str = "smoke"
+    """Name of the training preset the defaults came from (see TRAIN_PRESETS)."""
+
+
+@dataclass
+class ModelSection:
+    """Which model: an `ElectraExitConfig` preset plus field overrides (exit settings included)."""
+
+    preset: str = "electra-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """`ElectraExitConfig` fields to override, e.g. {"target_compute": 0.6}. Vocabulary and
+    special-token ids always come from the dataset index."""
+
+    def build(self, dataset_fields: dict[str, Any]) -> ElectraExitConfig:
+        """The model config for a dataset; raises ConfigError naming a bad field."""
+        try:
+            return ElectraExitConfig.from_preset(self.preset, **{**self.overrides, **dataset_fields})
+        except (ValueError, TypeError) as error:
+            raise ConfigError(str(error)) from None
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from."""
+
+    url: str = ""
+    """Dataset URL (local path or fsspec URL); empty means the corpus embedded in the package."""
+    shuffle_window: int = 16
+    prefetch: int = 8
+    cache_dir: str | None = None
+    """Local shard cache for remote datasets; default: RUN_DIR/shard-cache."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (filled into the DeepSpeed config's "auto" fields)."""
+
+    lr: float = 1e-3
+    warmup_steps: int | None = None
+    """Linear warmup from 0 to lr, then linear decay to 0 at the schedule's last step.
+    None: 10% of the schedule (at least 2 steps)."""
+    weight_decay: float = 0.01
+    """Applied to weights only; biases and LayerNorm parameters get none (as in ELECTRA)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, precision and when to stop."""
+
+    global_batch_size: int = 32
+    """Samples per optimizer step over all data-parallel ranks (= micro x grad_accum x dp)."""
+    micro_batch_size: int = 16
+    """Samples per forward pass on one rank."""
+    precision: str = "auto"
+    """bf16 where the hardware runs it natively (CUDA with bf16, or a CPU with AMX/AVX512-BF16), else fp32."""
+    max_steps: int | None = 300
+    """Optimizer steps; also the length of the LR schedule. None: derived from max_tokens."""
+    max_tokens: int | None = None
+    """Stop after this many training tokens (global_batch_size x seq_len per step)."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much wall clock; the LR schedule is unaffected."""
+
+
+@dataclass
+class ParallelismConfig:
+    """How the work is split."""
+
+    deepspeed_config: str = "ds_configs/zero2.json"
+    pipeline_stages: int = 1
+    """>1 selects pipeline parallelism (ZeRO 0/1 only; not available yet)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint location, cadence, retention and resume."""
+
+    dir: str = ""
+    """Local path or fsspec URL; empty: RUN_DIR/checkpoints. A URL is mirrored from a local
+    staging copy in RUN_DIR/checkpoints."""
+    interval: int = 100
+    """Save every this many optimizer steps (and always at the end or on preemption)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """'auto' (newest complete checkpoint, if any), 'none', or a path to a checkpoint tag."""
+    export_hf: bool = True
+    """Write a Hugging Face export of the final checkpoint to RUN_DIR/hf."""
+
+
+@dataclass
+class MetricsConfig:
+    """What rank 0 reports, and where."""
+
+    log_interval: int = 10
+    progress: str = "auto"
+    """'bar' on a terminal, 'lines' (plain key=value lines) otherwise; 'auto' picks."""
+    tensorboard: bool = True
+    csv: bool = True
+
+
+@dataclass
+class TrainConfig:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        sections = {}
+        for section in dataclasses.fields(cls):
+            section_type = section.default_factory().__class__
+            given = dict(values.get(section.name, {}))
+            known = {f.name for f in dataclasses.fields(section_type)}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ConfigError(f"config section {section.name!r} has unknown field(s) {', '.join(unknown)}.")
+            sections[section.name] = section_type(**given)
+        return cls(**sections)
+
+    def validate(self) -> None:
+        """Checks that need no dataset and no process group."""
+        job, training, optim, ckpt = self.job, self.training, self.optim, self.checkpoint
+        if self.model.preset not in MODEL_PRESETS:
+            _fail("model", self.model.preset, f"one of {', '.join(MODEL_PRESETS)}")
+        for name, value in (("global_batch_size", training.global_batch_size),
+                            ("micro_batch_size", training.micro_batch_size),
+                            ("log_interval", self.metrics.log_interval),
+                            ("save_interval", ckpt.interval), ("keep_last", ckpt.keep_last),
+                            ("pipeline_stages", self.parallelism.pipeline_stages)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "a positive integer")
+        if training.global_batch_size % training.micro_batch_size:
+            _fail("global_batch_size", training.global_batch_size,
+                  f"a multiple of micro_batch_size={training.micro_batch_size}")
+        if training.max_steps is None and training.max_tokens is None:
+            _fail("max_steps", None, "a number of steps, or max_tokens to derive it from")
+        for name, value in (("max_steps", training.max_steps), ("max_tokens", training.max_tokens)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                _fail(name, value, "a positive integer")
+        if training.max_minutes is not None and not (math.isfinite(training.max_minutes) and training.max_minutes > 0):
+            _fail("max_minutes", training.max_minutes, "a positive number of minutes")
+        if training.precision not in PRECISIONS:
+            _fail("precision", training.precision, f"one of {', '.join(PRECISIONS)}")
+        if not (math.isfinite(optim.lr) and optim.lr > 0):
+            _fail("lr", optim.lr, "a positive learning rate")
+        if optim.warmup_steps is not None and optim.warmup_steps < 2:
+            _fail("warmup_steps", optim.warmup_steps, "at least 2 steps (DeepSpeed's WarmupDecayLR takes its log)")
+        if optim.weight_decay < 0 or optim.grad_clip < 0:
+            name, value = ("weight_decay", optim.weight_decay) if optim.weight_decay < 0 else ("grad_clip", optim.grad_clip)
+            _fail(name, value, "a non-negative number")
+        if self.metrics.progress not in PROGRESS_MODES:
+            _fail("progress", self.metrics.progress, f"one of {', '.join(PROGRESS_MODES)}")
+        if not job.run_dir:
+            _fail("run_dir", job.run_dir, "a directory path")
+        if not ckpt.resume:
+            _fail("resume", ckpt.resume, "'auto', 'none' or a checkpoint path")
+        if self.data.shuffle_window < 1 or self.data.prefetch < 0:
+            _fail("shuffle_window" if self.data.shuffle_window < 1 else "prefetch",
+                  self.data.shuffle_window if self.data.shuffle_window < 1 else self.data.prefetch,
+                  "a positive window / a non-negative prefetch depth")
+        # Model overrides are checked against the model config now, with placeholder
+        # vocabulary fields; the dataset's real ones are applied when it is opened.
+        self.model.build({})
+
+    def schedule_steps(self, seq_len: int) -> int:
+        """Optimizer steps the run (and its LR schedule) lasts."""
+        steps = [s for s in (self.training.max_steps,
+                             self._steps_for_tokens(seq_len)) if s is not None]
+        return min(steps)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return self.optim.warmup_steps if self.optim.warmup_steps is not None else max(2, total_steps // 10)
+
+    def _steps_for_tokens(self, seq_len: int) -> int | None:
+        if self.training.max_tokens is None:
+            return None
+        return max(1, math.ceil(self.training.max_tokens / (self.training.global_batch_size * seq_len)))
+
+
+TRAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The default: minutes on a 2-core CPU, on the embedded corpus; loss visibly falls and
+    # exits begin after warmup. Everything a real run does (checkpoints, export) happens.
+    "smoke": {
+        "model": {"preset": "electra-tiny", "overrides": {"exit_warmup_steps": 100, "target_compute": 0.7}},
+        "optim": {"lr": 2e-3},
+        "training": {"global_batch_size": 32, "micro_batch_size": 16, "max_steps": 300},
+        "checkpoint": {"interval": 100, "keep_last": 2},
+        "metrics": {"log_interval": 10},
+    },
+    # Clark et al. 2020, ELECTRA-Small: batch 128, lr 5e-4, 10k warmup, 1M steps, seq 128.
+    "small": {
+        "model": {"preset": "electra-small", "overrides": {"exit_warmup_steps": 10000, "target_compute": 0.6}},
+        "optim": {"lr": 5e-4, "warmup_steps": 10000},
+        "training": {"global_batch_size": 128, "micro_batch_size": 128, "max_steps": 1_000_000},
+        "checkpoint": {"interval": 5000, "keep_last": 3},
+        "metrics": {"log_interval": 100},
+    },
+    # ELECTRA-Base: batch 256, lr 2e-4, 10k warmup, 766k steps.
+    "base": {
+        "model": {"preset": "electra-base", "overrides": {"exit_warmup_steps": 10000, "target_compute": 0.6}},
+        "optim": {"lr": 2e-4, "warmup_steps": 10000},
+        "training": {"global_batch_size": 256, "micro_batch_size": 32, "max_steps": 766_000},
+        "checkpoint": {"interval": 5000, "keep_last": 3},
+        "metrics": {"log_interval": 100},
+    },
+}
+
+
+def preset_config(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        _fail("preset", name, f"one of {', '.join(TRAIN_PRESETS)}")
+    values = {section: dict(fields) for section, fields in TRAIN_PRESETS[name].items()}
+    values.setdefault("job", {})["preset"] = name
+    return TrainConfig.from_dict(values)

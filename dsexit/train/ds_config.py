@@ -1,0 +1,178 @@
+"""The DeepSpeed JSON: loading, the supported parallelism matrix, resolving "auto" fields.
+
+The JSON files in `ds_configs/` own what is DeepSpeed's business (ZeRO stage, bucket
+sizes, optimizer type and betas). Fields the trainer owns are written "auto" there and
+filled from `TrainConfig` here: batch sizes, learning rate and schedule, weight decay,
+gradient clipping, precision, monitor paths. A concrete value where the trainer has its
+own is allowed only if the two agree, so there is one source of truth and one clear
+error otherwise. Everything here runs before any process group exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+from dsexit.train.config import ConfigError, TrainConfig
+
+AUTO = "auto"
+PIPELINE_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2
+SUPPORTED_COMBINATIONS = ("data parallel with ZeRO 0, 1, 2 or 3 (ds_configs/zero1.json, zero2.json, zero3.json); "
+                          "pipeline parallel (--pipeline-stages N) with ZeRO 0 or 1 (ds_configs/pipeline.json)")
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config {path!r} does not exist; expected a JSON file such as ds_configs/zero2.json.")
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path!r} must hold a JSON object.")
+    return config
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_parallelism(ds_config: dict[str, Any], pipeline_stages: int, path: str) -> None:
+    """Reject unsupported (pipeline, ZeRO) combinations with one message naming the supported ones."""
+    stage = zero_stage(ds_config)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path} sets zero_optimization.stage={stage}; expected 0, 1, 2 or 3.")
+    is_pipeline_config = "pipeline" in ds_config
+    if pipeline_stages > 1 and stage not in PIPELINE_ZERO_STAGES:
+        raise ConfigError(f"--pipeline-stages {pipeline_stages} with ZeRO stage {stage} ({path}) is not supported; "
+                          f"supported combinations: {SUPPORTED_COMBINATIONS}.")
+    if is_pipeline_config and pipeline_stages == 1:
+        raise ConfigError(f"{path} is a pipeline config; pass --pipeline-stages N with N >= 2, "
+                          f"or use ds_configs/zero1.json, zero2.json or zero3.json for data parallelism.")
+    if pipeline_stages > 1:
+        raise ConfigError(f"--pipeline-stages {pipeline_stages} asks for pipeline parallelism, which this trainer "
+                          f"does not provide yet; run data parallel with ds_configs/zero1.json, zero2.json or zero3.json.")
+
+
+def bf16_supported() -> bool:
+    """Native bf16: a CUDA device that has it, or a CPU with AMX-BF16 / AVX512-BF16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _fill(section: dict[str, Any], key: str, value: Any, where: str, source: str) -> None:
+    """Set an "auto" (or absent) field; a concrete one must agree with the trainer's value."""
+    given = section.get(key, AUTO)
+    if given == AUTO:
+        section[key] = value
+    elif given != value and not (isinstance(given, (int, float)) and isinstance(value, (int, float))
+                                 and abs(given - value) <= 1e-12 * max(abs(given), abs(value))):
+        raise ConfigError(f"the DeepSpeed config sets {where}.{key}={given!r} but the trainer has {source}={value!r}; "
+                          f"set it to \"auto\" in the JSON or make the two agree.")
+
+
+def resolve_precision(ds_config: dict[str, Any], requested: str) -> str:
+    if ds_config.get("fp16", {}).get("enabled") in (True, AUTO):
+        raise ConfigError("the DeepSpeed config enables fp16; this trainer runs bf16 or fp32 (use \"bf16\": "
+                          "{\"enabled\": \"auto\"}).")
+    bf16 = ds_config.setdefault("bf16", {"enabled": AUTO})
+    if requested == AUTO:
+        requested = "bf16" if (bf16_supported() if bf16.get("enabled", AUTO) == AUTO else bf16["enabled"]) else "fp32"
+    if requested == "bf16" and not bf16_supported():
+        raise ConfigError("precision='bf16' was requested but this hardware has no native bf16 "
+                          "(no CUDA bf16, no amx_bf16/avx512_bf16 CPU flag); use --precision fp32 or auto.")
+    _fill(bf16, "enabled", requested == "bf16", "bf16", "precision")
+    return requested
+
+
+def resolve_batch(ds_config: dict[str, Any], config: TrainConfig, dp_size: int) -> int:
+    """Fill the three batch fields; returns gradient accumulation steps."""
+    training = config.training
+    per_step = training.micro_batch_size * dp_size
+    if training.global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size={training.global_batch_size} is not a multiple of micro_batch_size="
+                          f"{training.micro_batch_size} x data-parallel size {dp_size}; train_batch_size must equal "
+                          f"micro_batch_size x gradient_accumulation_steps x data-parallel size.")
+    grad_accum = training.global_batch_size // per_step
+    _fill(ds_config, "train_batch_size", training.global_batch_size, "<top level>", "global_batch_size")
+    _fill(ds_config, "train_micro_batch_size_per_gpu", training.micro_batch_size, "<top level>", "micro_batch_size")
+    _fill(ds_config, "gradient_accumulation_steps", grad_accum, "<top level>",
+          f"global_batch_size / (micro_batch_size x dp {dp_size})")
+    return grad_accum
+
+
+def resolve_schedule(ds_config: dict[str, Any], config: TrainConfig, total_steps: int) -> None:
+    optim, warmup_steps = config.optim, config.warmup_steps(total_steps)
+    if warmup_steps >= total_steps:
+        raise ConfigError(f"warmup_steps={warmup_steps} is invalid; expected fewer than the schedule's "
+                          f"{total_steps} steps (max_steps / max_tokens).")
+    optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", optim.lr, "optimizer.params", "lr")
+    _fill(params, "weight_decay", optim.weight_decay, "optimizer.params", "weight_decay")
+    _fill(ds_config, "gradient_clipping", optim.grad_clip, "<top level>", "grad_clip")
+    scheduler = ds_config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
+    if scheduler.get("type") != "WarmupDecayLR":
+        raise ConfigError(f"the DeepSpeed config's scheduler.type={scheduler.get('type')!r} is unsupported; "
+                          f"expected \"WarmupDecayLR\" (linear warmup, then linear decay).")
+    sched = scheduler.setdefault("params", {})
+    _fill(sched, "warmup_min_lr", 0.0, "scheduler.params", "warmup_min_lr")
+    _fill(sched, "warmup_max_lr", optim.lr, "scheduler.params", "lr")
+    _fill(sched, "warmup_num_steps", warmup_steps, "scheduler.params", "warmup_steps")
+    _fill(sched, "total_num_steps", total_steps, "scheduler.params", "schedule steps")
+    _fill(sched, "warmup_type", "linear", "scheduler.params", "warmup_type")
+
+
+def resolve_monitors(ds_config: dict[str, Any], config: TrainConfig, monitor_dir: str) -> None:
+    wanted = {"tensorboard": config.metrics.tensorboard, "csv_monitor": config.metrics.csv}
+    if wanted["tensorboard"]:
+        try:
+            import tensorboard  # noqa: F401  (DeepSpeed's monitor needs it)
+        except ImportError:
+            wanted["tensorboard"] = False
+    for name, enabled in wanted.items():
+        section = ds_config.setdefault(name, {"enabled": AUTO})
+        if section.get("enabled", AUTO) == AUTO:
+            section["enabled"] = enabled
+        _fill(section, "output_path", os.path.join(monitor_dir, ""), name, "RUN_DIR/monitor")
+        _fill(section, "job_name", name.replace("_monitor", ""), name, "job name")
+
+
+def _find_auto(node: Any, path: str = "") -> list[str]:
+    if node == AUTO:
+        return [path or "<root>"]
+    if isinstance(node, dict):
+        return [hit for key, value in node.items() for hit in _find_auto(value, f"{path}.{key}" if path else key)]
+    return []
+
+
+def resolve_ds_config(raw: dict[str, Any], config: TrainConfig, *, dp_size: int, total_steps: int,
+                      monitor_dir: str) -> dict[str, Any]:
+    """The DeepSpeed config with every "auto" filled; raises ConfigError on any conflict.
+
+    The caller has run `check_parallelism` on `raw`."""
+    ds_config = copy.deepcopy(raw)
+    resolve_precision(ds_config, config.training.precision)
+    resolve_batch(ds_config, config, dp_size)
+    resolve_schedule(ds_config, config, total_steps)
+    resolve_monitors(ds_config, config, monitor_dir)
+    ds_config.setdefault("steps_per_print", 10**9)  # the trainer reports progress itself
+    left = _find_auto(ds_config)
+    if left:
+        raise ConfigError(f"the DeepSpeed config has \"auto\" at {', '.join(left)}, which the trainer does not fill; "
+                          f"give concrete values there.")
+    return ds_config

@@ -1,0 +1,74 @@
+"""Checkpoint -> the trained model, and -> a Hugging Face directory.
+
+`load_trained_model` rebuilds `ElectraPreTrainingModel` with fp32 weights from any
+checkpoint (ZeRO shards consolidated by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`).
+`export_hf` writes what `from_pretrained` loads:
+
+    OUT/                      ElectraForPreTraining (the discriminator; exit heads are
+                              not part of HF ELECTRA) + the dataset's tokenizer
+    OUT/generator/            ElectraForMaskedLM + tokenizer (generator="mlm" only)
+    OUT/dsexit_model_config.json   the full model config (exit settings included)
+    OUT/dsexit_export.json    which checkpoint and step this came from
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+from dsexit.model.hf import to_hf_masked_lm, to_hf_pretraining
+from dsexit.train.checkpoint import CheckpointRef, open_checkpoint
+
+log = logging.getLogger("dsexit")
+
+
+def data_url_of(ref: CheckpointRef) -> str:
+    from dsexit.data import DEFAULT_DATA_URL
+
+    return ref.meta.get("data_url") or DEFAULT_DATA_URL
+
+
+def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    if int(ref.meta.get("zero_stage", 0)) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(ref.root, tag=ref.tag)
+    states = torch.load(os.path.join(ref.path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return {name: tensor.float() for name, tensor in states["module"].items()}
+
+
+def load_trained_model(checkpoint: str | CheckpointRef) -> ElectraPreTrainingModel:
+    """The model of a checkpoint (a tag directory or a checkpoints root), fp32, in eval mode."""
+    ref = checkpoint if isinstance(checkpoint, CheckpointRef) else open_checkpoint(checkpoint)
+    model = ElectraPreTrainingModel(ElectraExitConfig.from_dict(ref.meta["model_config"]))
+    state = fp32_state_dict(ref)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    persistent_buffers = {name for name, _ in model.named_buffers()}
+    missing = [name for name in missing if name not in persistent_buffers]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ref.path} does not fit the model: missing {missing}, unexpected {unexpected}.")
+    return model.float().eval()
+
+
+def export_hf(checkpoint: str | CheckpointRef, out_dir: str, *, with_generator: bool = True) -> str:
+    from dsexit.data import save_hf_tokenizer
+
+    ref = checkpoint if isinstance(checkpoint, CheckpointRef) else open_checkpoint(checkpoint)
+    model = load_trained_model(ref)
+    os.makedirs(out_dir, exist_ok=True)
+    to_hf_pretraining(model).save_pretrained(out_dir)
+    save_hf_tokenizer(data_url_of(ref), out_dir)
+    if with_generator and model.generator is not None:
+        generator_dir = os.path.join(out_dir, "generator")
+        to_hf_masked_lm(model).save_pretrained(generator_dir)
+        save_hf_tokenizer(data_url_of(ref), generator_dir)
+    with open(os.path.join(out_dir, "dsexit_model_config.json"), "w") as handle:
+        json.dump(model.config.to_dict(), handle, indent=1)
+    with open(os.path.join(out_dir, "dsexit_export.json"), "w") as handle:
+        json.dump({"checkpoint": os.path.abspath(ref.path), "step": ref.step}, handle, indent=1)
+    log.info("exported %s (step %d) to %s", ref.tag, ref.step, out_dir)
+    return out_dir

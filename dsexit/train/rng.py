@@ -1,0 +1,40 @@
+"""RNG state: capture and restore every generator a training step draws from.
+
+Masking, replacement sampling and dropout use torch's default generator; numpy and
+`random` are captured too so that any component drawing from them resumes exactly.
+Each rank has its own stream (seed offset by rank); checkpoints keep all ranks' states.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s stream; `step` > 0 gives a fresh stream after a world-size change."""
+    return seed + 1_000_003 * (rank + 1) + 7_919 * step
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,189 @@
+"""The `Trainer`: one run, read top to bottom as its table of contents.
+
+    build      checkpoint choice -> model + DeepSpeed engine -> data reader -> exit controller
+               -> restore state -> metrics
+    train      steps until the schedule ends, the time limit passes, or a signal arrives;
+               checkpoints every `save_interval`; a final checkpoint and a Hugging Face export
+    step       grad_accum micro-batches through the engine with the controller's tau, then
+               one all-reduce of the step's statistics (and stop votes), then the controller update
+
+Everything a checkpoint must carry to resume exactly (data position, exit controller,
+every rank's RNG state, counters, the resolved config) is gathered in `client_state()`
+and restored in `restore()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dsexit.data import StreamingShardReader
+from dsexit.model import ExitController
+from dsexit.train.checkpoint import CheckpointManager, CheckpointRef
+from dsexit.train.engine import build_engine, build_model
+from dsexit.train.export import export_hf
+from dsexit.train.metrics import MetricsLogger
+from dsexit.train.preemption import PreemptionHandler
+from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
+from dsexit.train.rng import capture_rng_state, rank_seed, restore_rng_state, seed_everything
+from dsexit.train.step_stats import StepStats, StepSummary
+from dsexit.train.universal import convert_to_universal, needs_universal
+
+log = logging.getLogger("dsexit")
+
+STATE_KEY = "dsexit"
+
+
+class Trainer:
+    def __init__(self, run: ResolvedRun):
+        # --- core configs
+        self.run = run
+        self.config = run.config
+        self.world = run.world
+        # --- runtime utilities
+        self.preemption = PreemptionHandler().install()
+        self.checkpoints = CheckpointManager(run.checkpoint_location, os.path.join(run.run_dir, "checkpoints"),
+                                             self.config.checkpoint.keep_last, self.world)
+        self.started_at = time.monotonic()
+        # --- progress counters (restored from a checkpoint)
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        # --- swappable components
+        resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)
+        self.latest_checkpoint: CheckpointRef | None = None
+        load_dir = self._prepare_load(resume_from)
+        self.engine = build_engine(build_model(run.model_config, self.config.job.seed), run.ds_config)
+        self.device = torch.device(self.engine.device)
+        self.data = StreamingShardReader(
+            run.data_url, global_batch_size=self.config.training.global_batch_size,
+            micro_batch_size=self.config.training.micro_batch_size, dp_rank=self.world.rank, dp_size=run.dp_size,
+            seed=self.config.job.seed, shuffle_window=self.config.data.shuffle_window,
+            prefetch=self.config.data.prefetch, index=run.dataset,
+            cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"))
+        self.exit_controller = ExitController(run.model_config)
+        seed_everything(rank_seed(self.config.job.seed, self.world.rank))
+        if resume_from is not None:
+            self.restore(resume_from, load_dir)
+        self.metrics = MetricsLogger(run.run_dir, self.world, total_steps=run.total_steps, start_step=self.step,
+                                     log_interval=self.config.metrics.log_interval,
+                                     progress=self.config.metrics.progress, monitor=self.engine.monitor)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _prepare_load(self, ref: CheckpointRef | None) -> str | None:
+        """Where the engine loads `ref` from; switches to the universal format at another dp size."""
+        if ref is None:
+            return None
+        if needs_universal(ref, self.run.dp_size, self.run.zero_stage):
+            self.run.ds_config["checkpoint"] = {**self.run.ds_config.get("checkpoint", {}), "load_universal": True}
+            return convert_to_universal(ref, self.world)
+        return ref.root
+
+    def client_state(self) -> dict[str, Any]:
+        rng_states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(rng_states, capture_rng_state())
+        return {STATE_KEY: {
+            "step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+            "data": self.data.state_dict(), "exit_controller": self.exit_controller.state_dict(),
+            "rng": rng_states, "world_size": self.world.world_size, "config": self.run.to_dict(),
+        }}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"dp_size": self.run.dp_size, "world_size": self.world.world_size, "zero_stage": self.run.zero_stage,
+                "precision": self.run.precision, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                "data_url": self.config.data.url, "model_config": self.run.model_config.to_dict(),
+                "config": self.run.to_dict(), "saved_at": time.time()}
+
+    def save_checkpoint(self) -> CheckpointRef:
+        started = time.monotonic()
+        ref = self.checkpoints.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
+        self.latest_checkpoint = ref
+        log.info("saved checkpoint %s in %.1fs", ref.path, time.monotonic() - started)
+        return ref
+
+    def restore(self, ref: CheckpointRef, load_dir: str) -> None:
+        path, client = self.engine.load_checkpoint(load_dir, ref.tag)
+        if path is None or not client or STATE_KEY not in client:
+            raise RuntimeError(f"could not load checkpoint {ref.path} (no trainer state in it).")
+        state = client[STATE_KEY]
+        self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        self.latest_checkpoint = ref
+        self.data.load_state_dict(state["data"])
+        self.exit_controller.load_state_dict(state["exit_controller"])
+        if len(state["rng"]) == self.world.world_size:
+            restore_rng_state(state["rng"][self.world.rank])
+        else:  # another world size: streams cannot continue; start fresh, reproducible ones
+            seed_everything(rank_seed(self.config.job.seed, self.world.rank, self.step))
+        log.info("resumed from %s at step %d (%d samples seen; saved at world size %d, now %d)",
+                 ref.path, self.step, self.samples_seen, state["world_size"], self.world.world_size)
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> str:
+        """Train to the end of the schedule (or a stop request); returns why it stopped."""
+        if self.world.is_main:
+            with open(os.path.join(self.run.run_dir, CONFIG_FILE), "w") as handle:
+                handle.write(self.run.to_json())
+        reason = "finished" if self.step >= self.run.total_steps else None
+        while reason is None:
+            summary = self.train_step()
+            if self.step % self.config.checkpoint.interval == 0:
+                self.save_checkpoint()
+            reason = self.stop_reason(summary)
+        self.metrics.close()
+        log.info("stopping at step %d: %s", self.step, reason)
+        if self.latest_checkpoint is None or self.latest_checkpoint.step != self.step:
+            self.save_checkpoint()
+        if reason != "preempted" and self.config.checkpoint.export_hf and self.world.is_main:
+            export_hf(self.latest_checkpoint, os.path.join(self.run.run_dir, "hf"))
+        dist.barrier()
+        self.data.close()
+        self.preemption.uninstall()
+        return reason
+
+    def stop_reason(self, summary: StepSummary) -> str | None:
+        if summary.stop_preempted:
+            return "preempted"
+        if self.step >= self.run.total_steps:
+            return "finished"
+        if summary.stop_time_limit:
+            return "time limit"
+        return None
+
+    def _time_limit_reached(self) -> bool:
+        limit = self.config.training.max_minutes
+        return limit is not None and self.world.is_main and time.monotonic() - self.started_at >= 60 * limit
+
+    def train_step(self) -> StepSummary:
+        step_started = time.perf_counter()
+        exit_threshold = self.exit_controller.threshold(self.step)
+        stats = StepStats(self.run.model_config.num_hidden_layers)
+        data_wait = 0.0
+        for _ in range(self.run.grad_accum):
+            fetch_started = time.perf_counter()
+            batch = next(self.data)
+            data_wait += time.perf_counter() - fetch_started
+            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+            output = self.engine(**batch, exit_threshold=exit_threshold)
+            self.engine.backward(output.loss)
+            lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+            self.engine.step()
+            stats.add(output, batch)
+        summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
+                               device=self.device)
+        self.exit_controller.update(summary.compute_fraction, self.step)
+        self.step += 1
+        self.samples_seen += self.config.training.global_batch_size
+        self.tokens_seen += summary.real_tokens
+        self.metrics.record(self.step, summary, exit_threshold=exit_threshold, lr=lr,
+                            seconds=time.perf_counter() - step_started, data_wait_seconds=data_wait,
+                            samples_seen=self.samples_seen, tokens_seen=self.tokens_seen)
+        if summary.stop_preempted and self.world.is_main:
+            log.warning("preemption requested (%s): saving a checkpoint at step %d, then exiting",
+                        self.preemption.signal_name or "signal on another rank", self.step)
+        return summary
+
