@@ -138,3 +138,21 @@ def test_bad_input_gives_one_clear_error_naming_the_value(tmp_path, capsys, case
     assert returncode == 2
     lines = [line for line in stderr.splitlines() if line.startswith("prepare_data: error:")]
     assert len(lines) == 1 and expected.format(folder=folder) in lines[0], stderr
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    from dsexit.data.prepare import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        progress = Progress(4, stream, interval_s=3600)
+        progress.update(1, 10, 20, 0)
+        progress.update(4, 40, 80, 1, final=True)
+    assert terminal.getvalue().startswith("\r[#####") and "\r[####################] 4/4 inputs" in terminal.getvalue()
+    assert pipe.getvalue() == pipe.getvalue().replace("\r", "")
+    assert pipe.getvalue().splitlines() == [pipe.getvalue().splitlines()[0]]  # interval not reached: only the final line
+    assert pipe.getvalue().startswith("prepare_data: 4/4 inputs 40 docs 80 samples 1 shards")
