@@ -38,6 +38,15 @@ class ExitState:
     labels: torch.Tensor | None = None  # float: 1 where the token was replaced
     work: list[LayerWork] = field(default_factory=list)
 
+    @classmethod
+    def start(cls, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> "ExitState":
+        """The state entering layer 1: every real token active, nothing exited yet."""
+        real = attention_mask.bool()
+        return cls(hidden=hidden, attention_mask=real, active=real.clone(),
+                   logits=hidden.new_zeros(real.shape, dtype=torch.float32),
+                   exit_layer=torch.zeros(real.shape, dtype=torch.long, device=hidden.device),
+                   aux_loss=hidden.new_zeros((), dtype=torch.float32), labels=labels)
+
     @property
     def dense(self) -> bool:
         """True while no real token has exited: layers then compute every position, as HF."""
@@ -94,72 +103,18 @@ class ElectraDiscriminator(nn.Module):
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
               labels: torch.Tensor | None = None) -> ExitState:
         hidden = self.electra.project(self.electra.embeddings(input_ids, token_type_ids))
-        real = attention_mask.bool()
-        return ExitState(hidden=hidden, attention_mask=real, active=real.clone(),
-                         logits=hidden.new_zeros(real.shape, dtype=torch.float32),
-                         exit_layer=torch.zeros_like(input_ids), aux_loss=hidden.new_zeros((), dtype=torch.float32),
-                         labels=labels)
+        return ExitState.start(hidden, attention_mask, labels)
+
+    def head_for(self, layer_number: int) -> nn.Module | None:
+        """The head read after layer `layer_number`: an exit head, the final head, or none."""
+        if layer_number == self.num_layers:
+            return self.discriminator_predictions
+        return self.exit_heads[str(layer_number)] if str(layer_number) in self.exit_heads else None
 
     def run_layer(self, layer_number: int, state: ExitState, decision: ExitDecision) -> ExitState:
         """Run layer `layer_number` (1-based) and its head on the active tokens of `state`."""
-        dense = state.dense
-        if dense:
-            routing = TokenRouting.all_positions(state.attention_mask)
-        else:
-            routing = TokenRouting.active_tokens(state.active, state.attention_mask,
-                                                 drop_exited_keys=self.config.exit_kv == "drop")
-        batch, seq_len = state.active.shape
-        token_layers = int(state.active.sum())
-        state.hidden = self.electra.encoder.layer[layer_number - 1](state.hidden, routing)
-        positions = batch * seq_len
-        work = LayerWork(token_layers=token_layers,
-                         rows=positions if dense else routing.rows,
-                         key_value_rows=positions if dense or not routing.drop_exited_keys else routing.rows,
-                         query_slots=positions if dense else batch * routing.slots,
-                         key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots)
-        if layer_number == self.num_layers:
-            work.head_rows = self._final_head(state, dense)
-        elif str(layer_number) in self.exit_heads:
-            work.head_rows = self._exit_head(layer_number, state, decision)
-        state.work.append(work)
-        return state
-
-    def _exit_head(self, layer_number: int, state: ExitState, decision: ExitDecision) -> int:
-        rows = state.active.reshape(-1).nonzero().squeeze(1)
-        hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, rows)
-        head_logits = self.exit_heads[str(layer_number)](hidden_rows).float()
-        if state.labels is not None:
-            targets = state.labels.reshape(-1).index_select(0, rows)
-            # Deep supervision: the head learns from every token that reaches it.
-            head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
-                         else head_logits.sum())
-            state.aux_loss = state.aux_loss + head_loss
-        exits = decision.exits(layer_number, head_logits, rows)
-        exiting_rows = rows[exits]
-        state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
-        flat_exit_layer = state.exit_layer.reshape(-1).clone()
-        flat_exit_layer[exiting_rows] = layer_number
-        state.exit_layer = flat_exit_layer.view_as(state.exit_layer)
-        flat_active = state.active.reshape(-1).clone()
-        flat_active[exiting_rows] = False
-        state.active = flat_active.view_as(state.active)
-        return int(rows.numel())
-
-    def _final_head(self, state: ExitState, dense: bool) -> int:
-        if dense:
-            # Every position, padding included, exactly as ElectraForPreTraining.
-            state.logits = self.discriminator_predictions(state.hidden).float()
-            rows = state.attention_mask.numel()
-        else:
-            active_rows = state.active.reshape(-1).nonzero().squeeze(1)
-            hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, active_rows)
-            head_logits = self.discriminator_predictions(hidden_rows).float()
-            state.logits = state.logits.reshape(-1).index_put((active_rows,), head_logits).view_as(state.logits)
-            rows = int(active_rows.numel())
-        state.exit_layer = torch.where(state.active, torch.full_like(state.exit_layer, self.num_layers),
-                                       state.exit_layer)
-        state.active = torch.zeros_like(state.active)
-        return rows
+        return run_exit_layer(self.electra.encoder.layer[layer_number - 1], self.head_for(layer_number),
+                              layer_number, self.config, state, decision)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 labels: torch.Tensor | None = None, decision: ExitDecision | None = None) -> ExitState:
@@ -168,3 +123,72 @@ class ElectraDiscriminator(nn.Module):
         for layer_number in range(1, self.num_layers + 1):
             state = self.run_layer(layer_number, state, decision)
         return state
+
+
+def run_exit_layer(layer: nn.Module, head: nn.Module | None, layer_number: int, config: ElectraExitConfig,
+                   state: ExitState, decision: ExitDecision) -> ExitState:
+    """One discriminator layer and its head on the active tokens of `state`.
+
+    A free function so that a pipeline stage holding only some layers can run them.
+    """
+    dense = state.dense
+    if dense:
+        routing = TokenRouting.all_positions(state.attention_mask)
+    else:
+        routing = TokenRouting.active_tokens(state.active, state.attention_mask,
+                                             drop_exited_keys=config.exit_kv == "drop")
+    batch, seq_len = state.active.shape
+    token_layers = int(state.active.sum())
+    state.hidden = layer(state.hidden, routing)
+    positions = batch * seq_len
+    work = LayerWork(token_layers=token_layers,
+                     rows=positions if dense else routing.rows,
+                     key_value_rows=positions if dense or not routing.drop_exited_keys else routing.rows,
+                     query_slots=positions if dense else batch * routing.slots,
+                     key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots)
+    if layer_number == config.num_hidden_layers:
+        work.head_rows = _final_head(head, state, dense, config.num_hidden_layers)
+    elif head is not None:
+        work.head_rows = _exit_head(head, layer_number, state, decision)
+    state.work.append(work)
+    return state
+
+
+def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: ExitDecision) -> int:
+    rows = state.active.reshape(-1).nonzero().squeeze(1)
+    hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, rows)
+    head_logits = head(hidden_rows).float()
+    if state.labels is not None:
+        targets = state.labels.reshape(-1).index_select(0, rows)
+        # Deep supervision: the head learns from every token that reaches it.
+        head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
+                     else head_logits.sum())
+        state.aux_loss = state.aux_loss + head_loss
+    exits = decision.exits(layer_number, head_logits, rows)
+    exiting_rows = rows[exits]
+    state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
+    flat_exit_layer = state.exit_layer.reshape(-1).clone()
+    flat_exit_layer[exiting_rows] = layer_number
+    state.exit_layer = flat_exit_layer.view_as(state.exit_layer)
+    flat_active = state.active.reshape(-1).clone()
+    flat_active[exiting_rows] = False
+    state.active = flat_active.view_as(state.active)
+    return int(rows.numel())
+
+
+def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int) -> int:
+    if dense:
+        # Every position, padding included, exactly as ElectraForPreTraining. `where` rather
+        # than replacement keeps the incoming logits in the graph (a pipeline stage must
+        # return a gradient for every float tensor it received).
+        state.logits = torch.where(state.exit_layer == 0, head(state.hidden).float(), state.logits)
+        rows = state.attention_mask.numel()
+    else:
+        active_rows = state.active.reshape(-1).nonzero().squeeze(1)
+        hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, active_rows)
+        head_logits = head(hidden_rows).float()
+        state.logits = state.logits.reshape(-1).index_put((active_rows,), head_logits).view_as(state.logits)
+        rows = int(active_rows.numel())
+    state.exit_layer = torch.where(state.active, torch.full_like(state.exit_layer, num_layers), state.exit_layer)
+    state.active = torch.zeros_like(state.active)
+    return rows

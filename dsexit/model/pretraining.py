@@ -55,19 +55,66 @@ class PreTrainingOutput:
         return float((counts * layers).sum() / counts.sum().clamp(min=1))
 
 
-class ElectraPreTrainingModel(nn.Module):
+class CorruptionMixin:
+    """Masking, the generator's MLM loss and replacement sampling.
+
+    Shared by `ElectraPreTrainingModel` and the pipeline's first stage; needs the
+    attributes `config`, `generator` (or None), `embeddings`, `special_token_ids` and
+    `replacement_probs`.
+    """
+
+    def choose_masked_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Flattened indices of the positions to mask: each real, non-special token w.p. mask_prob."""
+        candidates = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        draws = torch.rand(input_ids.shape, device=input_ids.device)
+        return (candidates & (draws < self.config.mask_prob)).reshape(-1).nonzero().squeeze(1)
+
+    @staticmethod
+    def _sample_from_logits(logits: torch.Tensor) -> torch.Tensor:
+        # Gumbel-max: one draw from softmax(logits) per row.
+        uniform = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20, max=1.0 - 1e-7)
+        return (logits.detach().float() - torch.log(-torch.log(uniform))).argmax(-1)
+
+    def corrupt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                log: ComputeLog | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(corrupted ids, RTD labels as float, generator MLM loss) for one batch."""
+        masked_rows = self.choose_masked_positions(input_ids, attention_mask)
+        originals = input_ids.reshape(-1).index_select(0, masked_rows)
+        if self.generator is not None:
+            generator_input = input_ids.reshape(-1).index_fill(0, masked_rows, self.config.mask_token_id)
+            generator_logits = self.generator(self.embeddings, generator_input.view_as(input_ids), attention_mask,
+                                              token_type_ids, rows=masked_rows,
+                                              work=log.generator if log is not None else None).float()
+            if log is not None:
+                log.generator_head_rows = int(masked_rows.numel())
+            generator_loss = (F.cross_entropy(generator_logits, originals) if masked_rows.numel()
+                              else generator_logits.sum())
+            replacements = self._sample_from_logits(generator_logits)
+        else:
+            generator_loss = torch.zeros((), device=input_ids.device)
+            replacements = (torch.multinomial(self.replacement_probs, masked_rows.numel(), replacement=True)
+                            if masked_rows.numel() else originals)
+        corrupted = input_ids.reshape(-1).index_copy(0, masked_rows, replacements).view_as(input_ids)
+        # A sampled token equal to the original counts as original.
+        return corrupted, (corrupted != input_ids).float(), generator_loss
+
+
+def register_replacement_buffers(module: nn.Module, config: ElectraExitConfig) -> None:
+    special = torch.tensor([config.pad_token_id, config.cls_token_id, config.sep_token_id, config.mask_token_id])
+    module.register_buffer("special_token_ids", special, persistent=False)
+    # Replacement distribution for the generator-free study (uniform / unigram).
+    probs = torch.ones(config.vocab_size)
+    probs[special] = 0.0
+    module.register_buffer("replacement_probs", probs / probs.sum())
+
+
+class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
     def __init__(self, config: ElectraExitConfig):
         super().__init__()
         self.config = config
         self.discriminator = ElectraDiscriminator(config)
         self.generator = ElectraGenerator(config) if config.uses_generator_network else None
-        special = torch.tensor([config.pad_token_id, config.cls_token_id, config.sep_token_id,
-                                config.mask_token_id])
-        self.register_buffer("special_token_ids", special, persistent=False)
-        # Replacement distribution for the generator-free study (uniform / unigram).
-        probs = torch.ones(config.vocab_size)
-        probs[special] = 0.0
-        self.register_buffer("replacement_probs", probs / probs.sum())
+        register_replacement_buffers(self, config)
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
     @property
@@ -85,18 +132,6 @@ class ElectraPreTrainingModel(nn.Module):
             raise ValueError("unigram counts are all zero outside special tokens; expected corpus frequencies.")
         self.replacement_probs.copy_((probs / probs.sum()).to(self.replacement_probs))
 
-    # ------------------------------------------------------------------ masking and sampling
-    def choose_masked_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Flattened indices of the positions to mask: each real, non-special token w.p. mask_prob."""
-        candidates = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
-        draws = torch.rand(input_ids.shape, device=input_ids.device)
-        return (candidates & (draws < self.config.mask_prob)).reshape(-1).nonzero().squeeze(1)
-
-    def _sample_replacements(self, logits: torch.Tensor) -> torch.Tensor:
-        # Gumbel-max: one draw from softmax(logits) per row.
-        uniform = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20, max=1.0 - 1e-7)
-        return (logits.detach().float() - torch.log(-torch.log(uniform))).argmax(-1)
-
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, exit_threshold: float | None = None,
@@ -107,25 +142,7 @@ class ElectraPreTrainingModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         log = ComputeLog(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1],
                          real_tokens=int(attention_mask.sum()))
-        masked_rows = self.choose_masked_positions(input_ids, attention_mask)
-        originals = input_ids.reshape(-1).index_select(0, masked_rows)
-
-        if self.generator is not None:
-            generator_input = input_ids.reshape(-1).index_fill(0, masked_rows, self.config.mask_token_id)
-            generator_logits = self.generator(self.embeddings, generator_input.view_as(input_ids), attention_mask,
-                                              token_type_ids, rows=masked_rows, work=log.generator).float()
-            log.generator_head_rows = int(masked_rows.numel())
-            generator_loss = (F.cross_entropy(generator_logits, originals) if masked_rows.numel()
-                              else generator_logits.sum())
-            replacements = self._sample_replacements(generator_logits)
-        else:
-            generator_loss = torch.zeros((), device=input_ids.device)
-            replacements = torch.multinomial(self.replacement_probs, masked_rows.numel(), replacement=True) \
-                if masked_rows.numel() else originals
-
-        corrupted = input_ids.reshape(-1).index_copy(0, masked_rows, replacements).view_as(input_ids)
-        # A sampled token equal to the original counts as original.
-        rtd_labels = (corrupted != input_ids).float()
+        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids, log)
         decision = ExitDecision(threshold=exit_threshold, plan=exit_plan)
         state = self.discriminator(corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision)
         log.discriminator = state.work
