@@ -130,14 +130,22 @@ class CheckpointManager:
             local = newest_complete(self.root)
         return local
 
-    def _newest_remote(self) -> tuple[int, str | None]:
+    def _remote_complete(self) -> dict[str, int]:
+        """{tag: step} of the complete checkpoints on the mirror."""
         if self.remote is None:
-            return -1, None
-        best = (-1, None)
+            return {}
+        complete = {}
         for tag in self.remote.tags():
             if _TAG.match(tag) and (text := self.remote.read_text(f"{tag}/{MARKER}")) is not None:
-                best = max(best, (int(json.loads(text)["step"]), tag), key=lambda item: item[0])
-        return best
+                complete[tag] = int(json.loads(text)["step"])
+        return complete
+
+    def _newest_remote(self) -> tuple[int, str | None]:
+        complete = self._remote_complete()
+        if not complete:
+            return -1, None
+        tag = max(complete, key=complete.get)
+        return complete[tag], tag
 
     # ------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> CheckpointRef:
@@ -164,16 +172,21 @@ class CheckpointManager:
         return CheckpointRef(self.root, tag, meta)
 
     def prune(self) -> None:
-        """Delete all but the newest `keep_last` complete checkpoints, and incomplete older ones."""
-        complete = complete_checkpoints(self.root)
-        if not complete:
+        """Keep the newest `keep_last` complete checkpoints (here and on the mirror); delete older
+        ones, complete or not. Anything newer than the newest complete one is left alone."""
+        remote = self._remote_complete()
+        steps = sorted({ref.step for ref in complete_checkpoints(self.root)} | set(remote.values()))
+        if not steps:
             return
-        keep = {ref.tag for ref in complete[-self.keep_last:]}
-        newest_step = complete[-1].step
-        for name in os.listdir(self.root):
+        keep, newest = set(steps[-self.keep_last:]), steps[-1]
+
+        def doomed(name: str) -> bool:
             match = _TAG.match(name)
-            if match and name not in keep and int(match.group(1)) < newest_step:
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-                shutil.rmtree(os.path.join(self.root, UNIVERSAL_DIR, name), ignore_errors=True)
-                if self.remote:
-                    self.remote.delete(name)
+            return bool(match) and int(match.group(1)) not in keep and int(match.group(1)) < newest
+
+        for name in filter(doomed, os.listdir(self.root)):
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.root, UNIVERSAL_DIR, name), ignore_errors=True)
+        if self.remote:
+            for name in filter(doomed, self.remote.tags()):
+                self.remote.delete(name)

@@ -170,7 +170,7 @@ class Trainer:
             batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
             output = self.engine(**batch, exit_threshold=exit_threshold)
             self.engine.backward(output.loss)
-            lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+            lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
             self.engine.step()
             stats.add(output, batch)
         summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
