@@ -24,8 +24,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any
+
+import torch.distributed as dist
 
 from dsexit.train.distributed import WorldInfo, barrier
 from dsexit.train.store import RemoteMirror, is_remote, local_path
@@ -120,15 +123,40 @@ class CheckpointManager:
             return None
         if resume != "auto":
             return open_checkpoint(resume)
-        local = newest_complete(self.root)
-        remote_step, remote_tag = self._newest_remote()
-        if remote_tag is not None and (local is None or remote_step > local.step):
-            if self.world.is_main:
+        local = None
+        if self.world.is_main:  # rank 0 chooses; nodes with their own disks may hold other steps
+            local = newest_complete(self.root)
+            remote_step, remote_tag = self._newest_remote()
+            if remote_tag is not None and (local is None or remote_step > local.step):
                 log.info("downloading checkpoint %s from %s", remote_tag, self.remote.url)
                 self.remote.download(remote_tag, self.root)
-            barrier()
-            local = newest_complete(self.root)
-        return local
+                local = newest_complete(self.root)
+        return self._on_every_node(local)
+
+    def _on_every_node(self, chosen: CheckpointRef | None) -> CheckpointRef | None:
+        """Rank 0's choice, present on every node. A node with its own disk fetches it from the
+        mirror (after rank 0, so a shared disk is written once); without a mirror every node
+        must share the checkpoint directory. Every rank raises if any node still lacks it."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return chosen
+        choice = [chosen.tag if chosen else None]
+        dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
+        if tag is None:
+            return None
+        tag_dir = os.path.join(self.root, tag)
+        if self.remote and self.world.local_rank == 0 and read_marker(tag_dir) is None:
+            log.warning("downloading checkpoint %s from %s to this node", tag, self.remote.url)
+            self.remote.download(tag, self.root)
+        barrier()
+        held: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(held, (socket.gethostname(), read_marker(tag_dir) is not None))
+        lacking = sorted({host for host, has in held if not has})
+        if lacking:
+            raise FileNotFoundError(
+                f"checkpoint {tag} chosen by rank 0 is missing from {self.root} on host(s) {', '.join(lacking)}; "
+                f"a multi-node run needs --checkpoint-dir on a filesystem every node shares, or a URL (s3://...).")
+        return CheckpointRef(self.root, tag, read_marker(tag_dir))
 
     def _remote_complete(self) -> dict[str, int]:
         """{tag: step} of the complete checkpoints on the mirror."""
@@ -169,9 +197,11 @@ class CheckpointManager:
                 self.remote.put_text(LATEST, tag)
             self.prune()
         barrier()
+        if self.remote and self.world.local_rank == 0 and not self.world.is_main:
+            self.prune(on_mirror=False)  # this node's staging copies (a node without rank 0 has no markers)
         return CheckpointRef(self.root, tag, meta)
 
-    def prune(self) -> None:
+    def prune(self, on_mirror: bool = True) -> None:
         """Keep the newest `keep_last` complete checkpoints (here and on the mirror); delete older
         ones, complete or not. Anything newer than the newest complete one is left alone."""
         remote = self._remote_complete()
@@ -187,6 +217,6 @@ class CheckpointManager:
         for name in filter(doomed, os.listdir(self.root)):
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             shutil.rmtree(os.path.join(self.root, UNIVERSAL_DIR, name), ignore_errors=True)
-        if self.remote:
+        if self.remote and on_mirror:
             for name in filter(doomed, self.remote.tags()):
                 self.remote.delete(name)

@@ -109,6 +109,9 @@ class ParallelismConfig:
     deepspeed_config: str = "ds_configs/zero2.json"
     pipeline_stages: int = 1
     """>1 selects pipeline parallelism (ZeRO 0/1 only; not available yet)."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective may wait for its peers before the run fails with an error naming
+    them (a lost node, a cut network); also bounds the start-up rendezvous."""
 
 
 @dataclass
@@ -188,6 +191,8 @@ class TrainConfig:
                 _fail(name, value, "a positive integer")
         if training.max_minutes is not None and not (math.isfinite(training.max_minutes) and training.max_minutes > 0):
             _fail("max_minutes", training.max_minutes, "a positive number of minutes")
+        if not (math.isfinite(self.parallelism.dist_timeout_s) and self.parallelism.dist_timeout_s > 0):
+            _fail("dist_timeout_s", self.parallelism.dist_timeout_s, "a positive number of seconds")
         if training.precision not in PRECISIONS:
             _fail("precision", training.precision, f"one of {', '.join(PRECISIONS)}")
         if not (math.isfinite(optim.lr) and optim.lr > 0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -103,17 +104,87 @@ def configure_threads(world: WorldInfo) -> int:
         threads = max(1, cores // max(1, world.local_world_size))
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for subprocesses (JIT builds, conversions)
     torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        torch.set_flush_denormal(True)  # subnormal floats can slow CPU kernels by orders of magnitude
     return threads
 
 
-def init_process_group(world: WorldInfo) -> None:
-    """Create the default process group (backend chosen by DeepSpeed's accelerator)."""
+def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:
+    """Create the default process group (backend chosen by DeepSpeed's accelerator); a collective
+    that waits longer than `timeout_s` for a peer fails instead of hanging. Then record where
+    every rank runs, so that such a failure can name the lost node (`describe_peer_failure`)."""
+    import datetime
+
     import deepspeed
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(world.local_rank)
-    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    _ROSTER.clear()
+    _ROSTER["timeout_s"] = timeout_s
+    places: list = [None] * world.world_size
+    dist.all_gather_object(places, (socket.gethostname(), _own_address(), os.environ.get("CROSS_RANK")))
+    _ROSTER["places"] = places
+
+
+_ROSTER: dict = {}  # filled by init_process_group: {"timeout_s", "places": [(host, address, node) per rank]}
+_PEER_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:\d+")
+_PEER_FAILURE_HINTS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
+                       "broken pipe", "connection refused", "socket", "gloo", "nccl")
+
+
+def _own_address() -> str:
+    """The address this host reaches MASTER_ADDR from (the one its peers talk to)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))))
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
+
+
+def _nodes() -> dict[str, dict]:
+    """node label -> {"address", "host", "ranks"} from the roster; the launcher's node rank
+    (CROSS_RANK) when it set one, else the order in which hosts first appear."""
+    nodes: dict[str, dict] = {}
+    for rank, (host, address, node_rank) in enumerate(_ROSTER.get("places", [])):
+        key = (host, address)
+        label = next((name for name, node in nodes.items() if (node["host"], node["address"]) == key), None)
+        if label is None:
+            label = f"node {node_rank if node_rank is not None else len(nodes)}"
+            nodes[label] = {"host": host, "address": address, "ranks": []}
+        nodes[label]["ranks"].append(rank)
+    return nodes
+
+
+def describe_peer_failure(error: BaseException, world: WorldInfo) -> str | None:
+    """One sentence naming the node(s) a failed collective lost, or None when `error` does not
+    look like a communication failure. A closed connection names its peer's address; a
+    timeout does not, so then every other node is named as a suspect."""
+    text = str(error)
+    if not _ROSTER or not any(hint in text.lower() for hint in _PEER_FAILURE_HINTS):
+        return None
+    nodes = _nodes()
+    mine = next((label for label, node in nodes.items() if world.rank in node["ranks"]), "this node")
+
+    def describe(label: str) -> str:
+        node = nodes[label]
+        return f"{label} ({node['address']}, host {node['host']}, rank(s) {','.join(map(str, node['ranks']))})"
+
+    first_line = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+    match = _PEER_ADDRESS.search(text)
+    lost = [label for label, node in nodes.items() if match and node["address"] == match.group(1)]
+    if lost:
+        what = f"lost peer {describe(lost[0])}: the connection to it closed"
+    else:
+        others = [describe(label) for label in nodes if label != mine] or ["another rank on this node"]
+        what = (f"a collective got no answer within {_ROSTER['timeout_s']:g} s (--dist-timeout); "
+                f"lost peer among {'; '.join(others)}")
+    return (f"rank {world.rank} on {mine}: {what} ({first_line}). The job cannot continue; restart every "
+            f"node with --resume auto to continue from the last complete checkpoint.")
 
 
 def barrier() -> None:
