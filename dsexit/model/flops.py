@@ -91,14 +91,18 @@ def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
                       log.generator_head_rows)
 
 
-def _forward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
+def discriminator_layer_flops(work: LayerWork, config: ElectraExitConfig) -> int:
+    """Forward FLOPs of one discriminator layer and the head after it."""
+    return _layer_flops(work, config.hidden_size, config.intermediate_size) + _head_flops(work.head_rows,
+                                                                                       config.hidden_size)
+
+
+def embedding_and_generator_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
+    """Forward FLOPs before the first discriminator layer: projections and the generator."""
     total = 0
     embedding_rows = log.batch_size * log.seq_len
     if config.embedding_size != config.hidden_size:
         total += _linear(embedding_rows, config.embedding_size, config.hidden_size)
-    for work in log.discriminator:
-        total += _layer_flops(work, config.hidden_size, config.intermediate_size)
-        total += _head_flops(work.head_rows, config.hidden_size)
     if log.generator:
         if config.embedding_size != config.generator_hidden_size:
             total += _linear(embedding_rows, config.embedding_size, config.generator_hidden_size)
@@ -107,6 +111,11 @@ def _forward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
         total += _linear(log.generator_head_rows, config.generator_hidden_size, config.embedding_size)
         total += _linear(log.generator_head_rows, config.embedding_size, config.vocab_size)
     return total
+
+
+def _forward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
+    return embedding_and_generator_flops(log, config) + sum(
+        discriminator_layer_flops(work, config) for work in log.discriminator)
 
 
 def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:
