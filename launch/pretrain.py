@@ -12,12 +12,15 @@ checkpoints and a Hugging Face export in runs/electra. `--help` lists every flag
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+EXIT_PEER_LOST = 3  # a collective lost a peer (node loss); resume with --resume auto
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsexit.train.distributed import (configure_threads, destroy_process_group, discover_world,
-                                          init_process_group, select_accelerator)
+    from dsexit.train.distributed import (configure_threads, describe_peer_failure, destroy_process_group,
+                                          discover_world, init_process_group, select_accelerator)
 
     select_accelerator()  # before DeepSpeed is imported anywhere
     from dsexit.train.cli import parse_config
@@ -42,10 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(world, run.run_dir)
     log = logging.getLogger("dsexit")
     log.info("resolved config:\n%s", run.to_json())
-    init_process_group(world)
+    init_process_group(world, config.parallelism.dist_timeout_s)
     from dsexit.train.trainer import Trainer
 
-    reason = Trainer(run).train()
+    try:
+        reason = Trainer(run).train()
+    except RuntimeError as error:  # torch.distributed.DistBackendError is one
+        lost = describe_peer_failure(error, world)
+        if lost is None:
+            raise
+        log.error("%s", lost)
+        for handler in log.handlers:
+            handler.flush()
+        # The process group is broken: a normal exit could block in its teardown (or in the
+        # data prefetch threads), and a bounded exit is the point of reporting this.
+        os._exit(EXIT_PEER_LOST)
     log.info("done (%s); run directory: %s", reason, run.run_dir)
     destroy_process_group()
     return 0

@@ -121,8 +121,14 @@ def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:
 
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(world.local_rank)
-    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed's data-parallel groups come from new_group() without a timeout, which takes
+    # torch's module default (30 min), not the world group's: make that default ours too.
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timeout)
     _ROSTER.clear()
     _ROSTER["timeout_s"] = timeout_s
     places: list = [None] * world.world_size
