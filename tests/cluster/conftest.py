@@ -1,0 +1,147 @@
+"""Fixtures for the multi-node tests: two hosts (network namespaces), an S3 server on node 0
+holding the data and the checkpoints, and helpers that launch real trainer processes.
+
+Every run is electra-tiny on the embedded corpus (uploaded to the S3 server), global batch 8,
+a few steps: seconds of compute, so most of a test's time is process start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.hosts import Node, TwoHosts, wait_for_http
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "dsexit-cluster"
+GLOBAL_BATCH = 8
+# What every cluster test trains: small, fast, one log line and one metrics record per step.
+TINY_RUN = ["--model", "electra-tiny", "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "4",
+            "--log-interval", "1", "--progress", "lines", "--no-export-hf", "--no-tensorboard", "--no-csv"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node_env(node: Node, **extra: str) -> dict[str, str]:
+    """Environment of a node's launcher: CPU DeepSpeed, one thread per rank, gloo on the node's interface."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "GLOO_SOCKET_IFNAME": node.interface, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env.update(extra)
+    return env
+
+
+def wait_all(processes: list[subprocess.Popen], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    return codes
+
+
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_text(path: Path, text: str, seconds: float, processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in read_log(path):
+            return
+        if any(process.poll() is not None for process in processes):
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} did not appear in {path} within {seconds:.0f} s:\n{read_log(path)[-4000:]}")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def reference_digests(steps: int, seed: int = 1234) -> list[str]:
+    """metrics.jsonl's per-step `samples_digest` for steps 1..steps, computed from the data reader's
+    deterministic order on one process (no training): the samples an uninterrupted run must see."""
+    import hashlib
+    import tempfile
+
+    from dsexit.data import DEFAULT_DATA_URL, StreamingShardReader
+    from dsexit.train.step_stats import sample_fingerprints
+
+    digests = []
+    with tempfile.TemporaryDirectory() as cache, StreamingShardReader(
+            DEFAULT_DATA_URL, global_batch_size=GLOBAL_BATCH, micro_batch_size=GLOBAL_BATCH, seed=seed,
+            prefetch=0, cache_dir=cache) as reader:
+        for _ in range(steps):
+            fingerprints = sample_fingerprints(next(reader)["input_ids"])
+            step = hashlib.blake2b(fingerprints.sort().values.numpy().tobytes(), digest_size=8).hexdigest()
+            digests.append(hashlib.blake2b(step.encode(), digest_size=8).hexdigest())  # a 1-step interval
+    return digests
+
+
+class S3Server:
+    """moto's S3 server on node 0, with the embedded corpus uploaded to s3://BUCKET/data."""
+
+    def __init__(self, node: Node, port: int, log_dir: Path):
+        self.node = node
+        self.endpoint = f"http://{node.address}:{port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        executable = VENV_BIN / "moto_server"
+        if not executable.exists():
+            raise RuntimeError("moto_server is not installed: scripts/setup.sh installs the test extras")
+        self.process = node.start([str(executable), "-H", node.address, "-p", str(port)], log_dir / "moto.log",
+                                  env={**os.environ, **self.env})
+        wait_for_http(self.endpoint + "/moto-api/", self.process, node)
+        self.python("import runpy, sys\n"
+                    "sys.argv = ['seed_s3.py', f's3://{BUCKET}/data']\n"
+                    f"runpy.run_path({str(REPO / 'docker' / 'seed_s3.py')!r}, run_name='__main__')")
+
+    def python(self, code: str) -> str:
+        """Run Python on node 0 (where the server is reachable) with S3 credentials; returns stdout."""
+        result = subprocess.run(self.node.prefix + [sys.executable, "-c", f"BUCKET = {BUCKET!r}\n{code}"],
+                                env={**os.environ, **self.env}, capture_output=True, text=True, timeout=120)
+        if result.returncode:
+            raise RuntimeError(f"S3 helper failed:\n{result.stderr}")
+        return result.stdout
+
+
+@pytest.fixture(scope="session")
+def two_hosts(request):
+    hosts = TwoHosts(f"dsx{os.getpid() % 100000}")
+    print(f"\n{hosts.describe()}")
+    request.addfinalizer(hosts.close)
+    return hosts
+
+
+@pytest.fixture(scope="session")
+def s3(two_hosts, tmp_path_factory):
+    port = 9000 if two_hosts.mode == "netns" else free_port()
+    return S3Server(two_hosts.nodes[0], port, tmp_path_factory.mktemp("s3"))
+
+
+def entrypoint_command(*args: str) -> list[str]:
+    return [str(REPO / "docker" / "entrypoint.sh"), *args]
+
+
+def launch_node(node: Node, hosts: TwoHosts, s3: S3Server, master_port: int, log_path: Path, run_dir: Path,
+                *args: str) -> subprocess.Popen:
+    """docker/entrypoint.sh on `node`: one DeepSpeed launcher, one rank, data and checkpoints on S3."""
+    env = node_env(node, **s3.env, NNODES="2", NODE_RANK=str(node.rank), MASTER_ADDR=hosts.nodes[0].address,
+                   MASTER_PORT=str(master_port), NPROC_PER_NODE="1")
+    command = entrypoint_command("--run-dir", str(run_dir), "--data", f"s3://{BUCKET}/data", *TINY_RUN, *args)
+    return node.start(command, log_path, env, cwd=str(REPO))
