@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ENV, PRETRAIN, REPO
+from .helpers import ENV, PRETRAIN, REPO
 from dsexit.train.cli import parse_config
 from dsexit.train.config import ConfigError
 from dsexit.train.distributed import WorldInfo
@@ -61,7 +61,7 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
     (["--model", "electra-huge"], "model='electra-huge'"),
     (["--model-set", "no_such_field=1"], "no_such_field"),
     (["--max-steps", "0"], "max_steps=0"),
-    (["--warmup-steps", "400"], "warmup_steps=400"),
+    (["--warmup-steps", "2000"], "warmup_steps=2000"),
     (["--lr", "-1"], "lr=-1.0"),
     (["--data", "/nonexistent/dataset"], "/nonexistent/dataset"),
     (["--deepspeed", "ds_configs/zero9.json"], "zero9.json"),

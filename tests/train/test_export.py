@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from conftest import ENV, REPO
+from .helpers import ENV, REPO
 
 
 def _probe(tokenizer):

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 
-from conftest import TINY, finish, launch, start, wait_for_step
+from .helpers import TINY, finish, launch, start, wait_for_step
 
 MARKER = "dsexit_checkpoint.json"
 

@@ -12,7 +12,7 @@ import os
 import signal
 import uuid
 
-from conftest import TINY, finish, launch, start, wait_for_step
+from .helpers import TINY, finish, launch, start, wait_for_step
 
 STEPS = [*TINY, "--max-steps", "9", "--save-interval", "3", "--keep-last", "2"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import ZERO2_ARGS, launch
+from .helpers import ZERO2_ARGS, launch
 
 
 def _relative_error(a: float, b: float) -> float:
