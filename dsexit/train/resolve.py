@@ -15,10 +15,12 @@ from typing import Any
 
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.model import ElectraExitConfig
-from dsexit.train.config import ConfigError, TrainConfig
+from dsexit.train.checkpoint import open_checkpoint
+from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import check_parallelism, load_ds_config, resolve_ds_config, zero_stage
 from dsexit.train.redact import redact
+from dsexit.train.store import is_remote
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILE = "config.json"
@@ -94,6 +96,18 @@ def dataset_model_fields(dataset: DatasetIndex, model_config: ElectraExitConfig 
     return fields
 
 
+def _check_resume(resume: str) -> None:
+    if resume in RESUME_KEYWORDS:
+        return
+    if is_remote(resume):
+        raise ConfigError(f"resume={resume!r} is invalid; a checkpoint in object storage is resumed with "
+                          f"--checkpoint-dir URL --resume auto (it is downloaded to RUN_DIR/checkpoints).")
+    try:
+        open_checkpoint(resume)
+    except FileNotFoundError as error:
+        raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
+
+
 def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     provisional = config.model.build(dataset_model_fields(dataset))
@@ -108,6 +122,7 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
     total_steps = config.schedule_steps(dataset.seq_len)
     ds_config = resolve_ds_config(raw_ds_config, config, dp_size=dp_size,
                                   total_steps=total_steps, monitor_dir=os.path.join(config.job.run_dir, "monitor"))
+    _check_resume(config.checkpoint.resume)
     if dataset.num_samples < config.training.global_batch_size:
         raise ConfigError(f"global_batch_size={config.training.global_batch_size} is invalid; the dataset "
                           f"{dataset.url} holds only {dataset.num_samples} samples.")

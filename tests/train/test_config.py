@@ -65,6 +65,8 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
     (["--lr", "-1"], "lr=-1.0"),
     (["--data", "/nonexistent/dataset"], "/nonexistent/dataset"),
     (["--deepspeed", "ds_configs/zero9.json"], "zero9.json"),
+    (["--resume", "/nonexistent/checkpoints"], "resume='/nonexistent/checkpoints'"),
+    (["--resume", "s3://bucket/run/global_step10"], "--checkpoint-dir URL --resume auto"),
 ])
 def test_bad_values_raise_one_error_naming_them(argv, names, tmp_path):
     with pytest.raises(ConfigError, match=names.replace("(", r"\(").replace("[", r"\[")):
