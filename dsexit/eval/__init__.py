@@ -1,0 +1,16 @@
+"""Downstream evaluation of pre-trained discriminators.
+
+What lives where:
+    tasks.py      task directories (train/dev/test JSON Lines), label checks
+    model_dir.py  `--model`: an HF ELECTRA export, or a dsexit checkpoint exported by the trainer's code
+    finetune.py   ElectraForSequenceClassification fine-tuning, median over seeds
+    metrics.py    accuracy, F1, MCC (no sklearn)
+"""
+
+from dsexit.eval.finetune import FinetuneConfig, finetune
+from dsexit.eval.metrics import classification_metrics, median_metrics
+from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
+from dsexit.eval.tasks import Task, TaskError, load_task
+
+__all__ = ["FinetuneConfig", "ModelDirError", "Task", "TaskError", "classification_metrics", "finetune",
+           "load_task", "median_metrics", "resolve_model_dir"]

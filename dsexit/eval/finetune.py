@@ -1,0 +1,243 @@
+"""Fine-tune `transformers.ElectraForSequenceClassification` on a task, median over seeds.
+
+The protocol follows ELECTRA's GLUE evaluation (Clark et al. 2020): full depth (no early
+exit; exit heads are not part of the export), AdamW with linear warmup (10%) and linear
+decay, weight decay 0.01 except biases and LayerNorm, dropout as in the model config,
+several seeds, and the median over seeds of each metric. Dev selects nothing by default
+(`select="final"`: the metrics after the last epoch); `select="best-dev"` reports each
+seed's epoch with the best dev accuracy (its test metrics then come from that epoch).
+
+    result = finetune(model_dir, load_task(task_dir), FinetuneConfig(seeds=3))
+    result["median"]["test"]["accuracy"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsexit.eval.metrics import classification_metrics, median_metrics
+from dsexit.eval.tasks import SPLITS, Task
+
+log = logging.getLogger("dsexit.eval")
+
+SELECT_MODES = ("final", "best-dev")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float = 1e-4
+    """Peak learning rate (ELECTRA-Small used 3e-4 on GLUE, Base 1e-4)."""
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_seq_len: int = 128
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    seeds: int = 3
+    first_seed: int = 1
+    select: str = "final"
+    """'final' (dev picks nothing) or 'best-dev' (each seed's best-dev epoch)."""
+    precision: str = "auto"
+    """bf16 autocast where the hardware runs bf16 natively (AMX/AVX512-BF16 CPU, CUDA), else fp32."""
+    max_train_examples: int | None = None
+    """Train on the first N train examples only (quick runs); dev and test are always complete."""
+    max_eval_examples: int | None = None
+    """Evaluate on the first N dev/test examples only (tests and quick smoke runs)."""
+    progress: str = "auto"
+    """'bar' on a terminal, 'lines' (one line per epoch) otherwise, 'none' for silence."""
+
+    def validate(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid; expected {expected}.")
+
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_len", "seeds"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "a positive integer")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", "a positive learning rate")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            fail("warmup_fraction", "a fraction in [0, 1)")
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, "a positive number of examples")
+        if self.select not in SELECT_MODES:
+            fail("select", f"one of {', '.join(SELECT_MODES)}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"one of {', '.join(PRECISIONS)}")
+        if self.precision == "bf16" and not _bf16_native():
+            fail("precision", "'auto' or 'fp32' (this hardware has no native bf16)")
+
+
+def _bf16_native() -> bool:
+    from dsexit.train.ds_config import bf16_supported
+
+    return bf16_supported()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class EncodedSplit:
+    """Token ids of one split, unpadded; batches are padded to their longest member."""
+
+    def __init__(self, tokenizer, task: Task, split: str, max_seq_len: int, limit: int | None):
+        examples = task.splits[split][:limit] if limit else task.splits[split]
+        texts_a = [example.text_a for example in examples]
+        texts_b = [example.text_b for example in examples] if any(e.text_b is not None for e in examples) else None
+        encoded = tokenizer(texts_a, texts_b, truncation=True, max_length=max_seq_len, return_token_type_ids=True)
+        self.input_ids: list[list[int]] = encoded["input_ids"]
+        self.token_type_ids: list[list[int]] = encoded["token_type_ids"]
+        self.labels = [task.class_index(example.label) for example in examples]
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        width = max(len(self.input_ids[i]) for i in indices)
+        input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(indices), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            length = len(self.input_ids[i])
+            input_ids[row, :length] = torch.tensor(self.input_ids[i])
+            token_type_ids[row, :length] = torch.tensor(self.token_type_ids[i])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids.to(device), "token_type_ids": token_type_ids.to(device),
+                "attention_mask": attention_mask.to(device),
+                "labels": torch.tensor([self.labels[i] for i in indices], device=device)}
+
+
+def encode_task(model_dir: str, task: Task, config: FinetuneConfig) -> dict[str, EncodedSplit]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    max_positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    if config.max_seq_len > max_positions:
+        raise ValueError(f"max_seq_len={config.max_seq_len} is invalid; expected at most the model's "
+                         f"max_position_embeddings={max_positions}.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limits = {"train": config.max_train_examples, "dev": config.max_eval_examples, "test": config.max_eval_examples}
+    return {split: EncodedSplit(tokenizer, task, split, config.max_seq_len, limits[split]) for split in SPLITS}
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def evaluate(model, split: EncodedSplit, num_labels: int, batch_size: int, use_bf16: bool) -> dict[str, float]:
+    device = next(model.parameters()).device
+    model.eval()
+    predictions: list[int] = []
+    with torch.no_grad(), _autocast(device, use_bf16):
+        for start in range(0, len(split), batch_size):
+            batch = split.batch(list(range(start, min(start + batch_size, len(split)))), device)
+            batch.pop("labels")
+            predictions += model(**batch).logits.float().argmax(-1).tolist()
+    return classification_metrics(split.labels, predictions, num_labels)
+
+
+def _optimizer(model, config: FinetuneConfig, total_steps: int):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, eps=1e-6)
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+
+def finetune_seed(model_dir: str, task: Task, data: dict[str, EncodedSplit], config: FinetuneConfig,
+                  seed: int) -> dict[str, Any]:
+    """One fine-tuning run; returns per-epoch history and the selected epoch's metrics."""
+    from transformers import ElectraForSequenceClassification
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = _device()
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and _bf16_native())
+    model = ElectraForSequenceClassification.from_pretrained(model_dir, num_labels=task.num_labels).to(device)
+    train = data["train"]
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    optimizer, schedule = _optimizer(model, config, steps_per_epoch * config.epochs)
+    order_rng = torch.Generator().manual_seed(seed)
+    bar = _progress_bar(config, steps_per_epoch * config.epochs, f"seed {seed}")
+    history, started = [], time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=order_rng).tolist()
+        loss_sum = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = train.batch(order[start:start + config.batch_size], device)
+            with _autocast(device, use_bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+        record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch}
+        for split in ("dev", "test"):
+            record[split] = evaluate(model, data[split], task.num_labels, config.eval_batch_size, use_bf16)
+        history.append(record)
+        if config.progress != "none":
+            log.info("seed=%d epoch=%d/%d train_loss=%.4f dev_acc=%.4f test_acc=%.4f", seed, epoch, config.epochs,
+                     record["train_loss"], record["dev"]["accuracy"], record["test"]["accuracy"])
+    if bar is not None:
+        bar.close()
+    chosen = history[-1] if config.select == "final" else max(history, key=lambda r: r["dev"]["accuracy"])
+    return {"seed": seed, "selected_epoch": chosen["epoch"], "dev": chosen["dev"], "test": chosen["test"],
+            "epochs": history, "seconds": time.perf_counter() - started, "bf16": use_bf16}
+
+
+def _progress_bar(config: FinetuneConfig, total: int, description: str):
+    if config.progress == "bar" or (config.progress == "auto" and sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, leave=False)
+    return None
+
+
+def finetune(model_dir: str, task: Task, config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune with `config.seeds` seeds; per-seed results and their median."""
+    from transformers.utils import logging as hf_logging
+
+    config.validate()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()
+    data = encode_task(model_dir, task, config)
+    runs = []
+    for seed in range(config.first_seed, config.first_seed + config.seeds):
+        runs.append(finetune_seed(model_dir, task, data, config, seed))
+    median = median_metrics([{split: run[split] for split in ("dev", "test")} for run in runs])
+    return {
+        "model_dir": model_dir, "task": task.directory, "num_labels": task.num_labels, "labels": task.labels,
+        "examples": {split: len(data[split]) for split in SPLITS},
+        "config": dataclasses.asdict(config),
+        "protocol": (f"median over {config.seeds} seeds of each metric; per seed the "
+                     + ("metrics after the last epoch (dev selects nothing)" if config.select == "final"
+                        else "epoch with the best dev accuracy")),
+        "per_seed": runs, "median": median,
+    }

@@ -1,0 +1,100 @@
+"""Fine-tune a pre-trained ELECTRA discriminator on a classification task; median over seeds.
+
+    python launch/finetune.py --model runs/electra/hf --task ../shared/data/downstream/rt_sentiment
+    python launch/finetune.py --model runs/electra/checkpoints --task DIR --seeds 5 --select best-dev --out r.json
+
+--model is a Hugging Face export (launch/export_hf.py) or a dsexit checkpoint (a tag
+directory or a checkpoints root; it is exported first with the trainer's export code).
+--task holds train/dev/test .jsonl with `text` (or `text_a`/`text_b`) and an integer `label`.
+Prints per-seed and median dev/test accuracy, F1 and MCC; --out writes them as JSON.
+Runs as one process; under a multi-process launcher only rank 0 works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dsexit.eval.finetune import PRECISIONS, SELECT_MODES, FinetuneConfig
+
+    defaults = FinetuneConfig()
+    parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--model", required=True, help="HF ELECTRA export directory or dsexit checkpoint directory")
+    add("--task", required=True, help="directory with train/dev/test .jsonl")
+    add("--seeds", type=int, default=defaults.seeds, help="fine-tuning runs (seeds first-seed, first-seed+1, ...)")
+    add("--first-seed", type=int, default=defaults.first_seed)
+    add("--lr", type=float, default=defaults.lr)
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--max-seq-len", type=int, default=defaults.max_seq_len)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+    add("--select", choices=SELECT_MODES, default=defaults.select,
+        help="per seed: metrics after the last epoch, or the best-dev epoch's")
+    add("--precision", choices=PRECISIONS, default=defaults.precision, help="bf16 autocast where native ('auto')")
+    add("--max-train-examples", type=int, help="use only the first N train examples (quick runs)")
+    add("--max-eval-examples", type=int, help="use only the first N dev/test examples (smoke runs)")
+    add("--progress", choices=("auto", "bar", "lines", "none"), default=defaults.progress)
+    add("--export-dir", help="where a checkpoint given as --model is exported (default: a temporary directory)")
+    add("--out", help="write per-seed and median metrics to this JSON file")
+    return parser
+
+
+def print_summary(result: dict) -> None:
+    rows = [(f"seed {run['seed']}", run) for run in result["per_seed"]] + [("median", result["median"])]
+    print(f"{'':>8} | {'dev acc':>7} {'dev F1':>7} {'dev MCC':>7} | {'test acc':>8} {'test F1':>7} {'test MCC':>8}")
+    for name, metrics in rows:
+        dev, test = metrics["dev"], metrics["test"]
+        print(f"{name:>8} | {dev['accuracy']:7.4f} {dev['f1']:7.4f} {dev['mcc']:7.4f} | "
+              f"{test['accuracy']:8.4f} {test['f1']:7.4f} {test['mcc']:8.4f}")
+    print(f"({result['protocol']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one process does the work; other ranks of a launcher have nothing to do
+    from dsexit.eval.finetune import FinetuneConfig, finetune
+    from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
+    from dsexit.eval.tasks import TaskError, load_task
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [finetune] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("dsexit").setLevel(logging.INFO)
+    config = FinetuneConfig(
+        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+        weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction, seeds=args.seeds,
+        first_seed=args.first_seed, select=args.select, precision=args.precision,
+        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples, progress=args.progress)
+    temporary_export = None
+    try:
+        config.validate()
+        task = load_task(args.task)  # every user error surfaces before any training
+        model_dir, kind = resolve_model_dir(args.model, args.export_dir)
+        if kind == "checkpoint" and args.export_dir is None:
+            temporary_export = model_dir
+        result = finetune(model_dir, task, config)
+    except (TaskError, ModelDirError, ValueError, FileNotFoundError) as error:
+        print(f"finetune.py: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if temporary_export:
+            shutil.rmtree(temporary_export, ignore_errors=True)
+    result["model"] = args.model
+    print_summary(result)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
