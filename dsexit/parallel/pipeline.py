@@ -123,15 +123,39 @@ class DiscriminatorLayerPipe(nn.Module):
         return pack(state, losses, exit_plan, token_layers)
 
 
+@dataclass
+class MicroBatchResult:
+    """What the last stage measured on one micro-batch (the fields the trainer's step statistics read)."""
+
+    loss: torch.Tensor
+    generator_loss: float
+    discriminator_loss: float
+    rtd_accuracy: float
+    tokens_executed: int
+    tokens_full: int
+    exit_layer_counts: torch.Tensor
+
+
+LAST_STAGE_RESULTS: list[MicroBatchResult] = []
+"""Filled by the loss function on the last stage; the trainer drains it after `train_batch`."""
+
+
 def pipeline_loss(config: ElectraExitConfig):
     """The last stage's loss: generator + disc_weight x (RTD + aux_weight x mean exit-head RTD)."""
     num_exit_heads = max(1, len(config.exit_layers))
 
     def loss_fn(outputs, _labels):
-        state, losses, _plan, _token_layers = unpack(outputs)
+        state, losses, _plan, token_layers = unpack(outputs)
         real = state.attention_mask
-        rtd = F.binary_cross_entropy_with_logits(state.logits[real], state.labels[real])
+        logits, labels = state.logits[real], state.labels[real]
+        rtd = F.binary_cross_entropy_with_logits(logits, labels)
         loss = losses[0] + config.disc_weight * (rtd + config.aux_weight * losses[1] / num_exit_heads)
+        with torch.no_grad():
+            LAST_STAGE_RESULTS.append(MicroBatchResult(
+                loss=loss.detach(), generator_loss=float(losses[0]), discriminator_loss=float(rtd),
+                rtd_accuracy=float(((logits > 0).float() == labels).float().mean()),
+                tokens_executed=int(token_layers.sum()), tokens_full=int(real.sum()) * config.num_hidden_layers,
+                exit_layer_counts=torch.bincount(state.exit_layer[real], minlength=config.num_hidden_layers + 1)[1:]))
         # The hidden states reach the loss only through active tokens; when none is left,
         # this keeps them in the graph so DeepSpeed can send their (zero) gradient back.
         return loss + 0.0 * state.hidden.sum()
