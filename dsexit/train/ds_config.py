@@ -52,9 +52,6 @@ def check_parallelism(ds_config: dict[str, Any], pipeline_stages: int, path: str
     if is_pipeline_config and pipeline_stages == 1:
         raise ConfigError(f"{path} is a pipeline config; pass --pipeline-stages N with N >= 2, "
                           f"or use ds_configs/zero1.json, zero2.json or zero3.json for data parallelism.")
-    if pipeline_stages > 1:
-        raise ConfigError(f"--pipeline-stages {pipeline_stages} asks for pipeline parallelism, which this trainer "
-                          f"does not provide yet; run data parallel with ds_configs/zero1.json, zero2.json or zero3.json.")
 
 
 def bf16_supported() -> bool:

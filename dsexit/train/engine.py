@@ -30,11 +30,20 @@ def build_model(model_config: ElectraExitConfig, seed: int) -> ElectraPreTrainin
     return ElectraPreTrainingModel(model_config)
 
 
-def build_engine(model: nn.Module, ds_config: dict[str, Any]):
-    """`deepspeed.initialize` with our parameter groups; returns the engine."""
+def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipeline_stages: int = 1):
+    """`deepspeed.initialize` with our parameter groups; returns the engine.
+
+    With `pipeline_stages > 1` the model becomes a `PipelineModule` (each process keeps
+    its stage's layers) and the engine a `PipelineEngine`.
+    """
     import deepspeed
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    if pipeline_stages > 1:
+        from dsexit.parallel.pipeline import build_pipeline_module
+
+        model = build_pipeline_module(model.config, pipeline_stages, model=model)
 
     # DeepSpeed copies this module attribute into every checkpoint's model states.
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})

@@ -32,7 +32,22 @@ def data_url_of(ref: CheckpointRef) -> str:
     return ref.meta.get("data_url") or DEFAULT_DATA_URL
 
 
+def _pipeline_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint keeps one file per pipeline layer; map them back to model names."""
+    from dsexit.parallel.pipeline import pipeline_state_dict_to_model
+
+    layer_states = {}
+    for name in sorted(os.listdir(ref.path)):
+        if name.startswith("layer_") and name.endswith("-model_states.pt"):
+            index = int(name[len("layer_"):].split("-")[0])
+            layer_states[index] = torch.load(os.path.join(ref.path, name), map_location="cpu", weights_only=False)
+    config = ElectraExitConfig.from_dict(ref.meta["model_config"])
+    return {name: tensor.float() for name, tensor in pipeline_state_dict_to_model(layer_states, config).items()}
+
+
 def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    if int(ref.meta.get("pipeline_stages", 1)) > 1:
+        return _pipeline_state_dict(ref)
     if int(ref.meta.get("zero_stage", 0)) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

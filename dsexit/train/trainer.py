@@ -58,11 +58,14 @@ class Trainer:
         resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)
         self.latest_checkpoint: CheckpointRef | None = None
         load_dir = self._prepare_load(resume_from)
-        self.engine = build_engine(build_model(run.model_config, self.config.job.seed), run.ds_config)
+        self.pipeline_stages = self.config.parallelism.pipeline_stages
+        self.engine = build_engine(self._build_model(), run.ds_config, self.pipeline_stages)
         self.device = torch.device(self.engine.device)
+        # Data is sharded by data-parallel rank: in a pipeline, the stages of one replica read alike.
+        dp_rank = self.engine.grid.get_data_parallel_rank() if self.pipeline_stages > 1 else self.world.rank
         self.data = StreamingShardReader(
             run.data_url, global_batch_size=self.config.training.global_batch_size,
-            micro_batch_size=self.config.training.micro_batch_size, dp_rank=self.world.rank, dp_size=run.dp_size,
+            micro_batch_size=self.config.training.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp_size,
             seed=self.config.job.seed, shuffle_window=self.config.data.shuffle_window,
             prefetch=self.config.data.prefetch, index=run.dataset,
             cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"))
@@ -73,6 +76,16 @@ class Trainer:
         self.metrics = MetricsLogger(run.run_dir, self.world, total_steps=run.total_steps, start_step=self.step,
                                      log_interval=self.config.metrics.log_interval,
                                      progress=self.config.metrics.progress, monitor=self.engine.monitor)
+
+    def _build_model(self):
+        model = build_model(self.run.model_config, self.config.job.seed)
+        if self.run.model_config.generator == "unigram":
+            from dsexit.data.stats import token_counts
+
+            counts = token_counts(self.run.dataset, cache_dir=self.config.data.cache_dir
+                                  or os.path.join(self.run.run_dir, "shard-cache"))
+            model.set_unigram_counts(torch.from_numpy(counts))
+        return model
 
     # ------------------------------------------------------------------ checkpoints
     def _prepare_load(self, ref: CheckpointRef | None) -> str | None:
@@ -95,6 +108,7 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"dp_size": self.run.dp_size, "world_size": self.world.world_size, "zero_stage": self.run.zero_stage,
+                "pipeline_stages": self.pipeline_stages,
                 "precision": self.run.precision, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                 "data_url": self.config.data.url, "model_config": self.run.model_config.to_dict(),
                 "config": self.run.to_dict(), "saved_at": time.time()}
@@ -158,10 +172,8 @@ class Trainer:
         limit = self.config.training.max_minutes
         return limit is not None and self.world.is_main and time.monotonic() - self.started_at >= 60 * limit
 
-    def train_step(self) -> StepSummary:
-        step_started = time.perf_counter()
-        exit_threshold = self.exit_controller.threshold(self.step)
-        stats = StepStats(self.run.model_config.num_hidden_layers)
+    def _data_parallel_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
+        """grad_accum micro-batches through the engine; returns (seconds waiting for data, lr)."""
         data_wait = 0.0
         for _ in range(self.run.grad_accum):
             fetch_started = time.perf_counter()
@@ -173,6 +185,44 @@ class Trainer:
             lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
             self.engine.step()
             stats.add(output, batch)
+        return data_wait, lr
+
+    def _pipeline_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
+        """One `train_batch` through the pipeline; the last stage's measurements go into `stats`.
+
+        Every stage draws the same micro-batches from its reader (the first feeds them in,
+        the last takes its dummy labels, the others only keep their data position in step).
+        """
+        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, set_exit_threshold
+
+        set_exit_threshold(exit_threshold)
+        LAST_STAGE_RESULTS.clear()
+        batches, data_wait = [], 0.0
+        for _ in range(self.run.grad_accum):
+            fetch_started = time.perf_counter()
+            batches.append(next(self.data))
+            data_wait += time.perf_counter() - fetch_started
+        never = self.run.model_config.num_hidden_layers + 1
+        feed = iter([((batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                       torch.full_like(batch["input_ids"], never)), torch.zeros(1)) for batch in batches])
+        lr = self.engine.optimizer.param_groups[0]["lr"]
+        self.engine.train_batch(data_iter=feed)
+        last_stage = self.engine.is_last_stage()
+        for index, batch in enumerate(batches):
+            if last_stage:
+                stats.add(LAST_STAGE_RESULTS[index], batch)
+            else:  # same-size fingerprints on every rank; measurements come from the last stage only
+                stats.fingerprints.append(torch.zeros(batch["input_ids"].shape[0], dtype=torch.int64))
+        return data_wait, lr
+
+    def train_step(self) -> StepSummary:
+        step_started = time.perf_counter()
+        exit_threshold = self.exit_controller.threshold(self.step)
+        stats = StepStats(self.run.model_config.num_hidden_layers)
+        if self.pipeline_stages > 1:
+            data_wait, lr = self._pipeline_batch(exit_threshold, stats)
+        else:
+            data_wait, lr = self._data_parallel_batch(exit_threshold, stats)
         summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
                                device=self.device)
         self.exit_controller.update(summary.compute_fraction, self.step)
