@@ -74,6 +74,7 @@ class _Interval:
     seconds: float = 0.0
     data_wait_seconds: float = 0.0
     digest: str = ""
+    stage_counters: list[list[int]] | None = None
 
 
 class MetricsLogger:
@@ -109,6 +110,10 @@ class MetricsLogger:
         interval.seconds += seconds
         interval.data_wait_seconds += data_wait_seconds
         interval.digest = hashlib.blake2b((interval.digest + summary.samples_digest).encode(), digest_size=8).hexdigest()
+        if summary.stage_counters is not None:
+            previous = interval.stage_counters or [[0, 0, 0] for _ in summary.stage_counters]
+            interval.stage_counters = [[a + b for a, b in zip(mine, theirs)]
+                                       for mine, theirs in zip(previous, summary.stage_counters)]
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_interval == 0 or step >= self.total_steps:
@@ -124,10 +129,18 @@ class MetricsLogger:
             exit_layer_counts=counts, tokens_per_s=interval.real_tokens / max(interval.seconds, 1e-9),
             data_wait_pct=100.0 * interval.data_wait_seconds / max(interval.seconds, 1e-9),
             samples_digest=interval.digest, samples_seen=samples_seen, tokens_seen=tokens_seen, time=time.time())
+        if interval.stage_counters is not None:
+            record["pipeline_stages"] = [
+                {"stage": stage, "micro_batches": micro_batches, "skipped_micro_batches": skipped,
+                 "token_layers": token_layers}
+                for stage, (micro_batches, skipped, token_layers) in enumerate(interval.stage_counters)]
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         line = " ".join([f"step={step}/{self.total_steps}"] + [
             f"{short}={'none' if record[key] is None else fmt.format(record[key])}" for key, short, fmt in _LINE_KEYS])
+        if interval.stage_counters is not None:
+            line += " skipped=" + ",".join(f"{skipped}/{micro_batches}"
+                                           for micro_batches, skipped, _ in interval.stage_counters)
         if self.bar is not None:
             self.bar.set_postfix_str(line.split(" ", 1)[1], refresh=True)
             for handler in log.handlers:  # the bar owns the terminal; the file still gets every line

@@ -42,6 +42,7 @@ class StepSummary:
     samples_digest: str
     stop_preempted: bool
     stop_time_limit: bool
+    stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
 
 
 class StepStats:

@@ -193,10 +193,11 @@ class Trainer:
         Every stage draws the same micro-batches from its reader (the first feeds them in,
         the last takes its dummy labels, the others only keep their data position in step).
         """
-        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, set_exit_threshold
+        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, STAGE_COUNTERS, set_exit_threshold
 
         set_exit_threshold(exit_threshold)
         LAST_STAGE_RESULTS.clear()
+        STAGE_COUNTERS.reset()
         batches, data_wait = [], 0.0
         for _ in range(self.run.grad_accum):
             fetch_started = time.perf_counter()
@@ -207,6 +208,7 @@ class Trainer:
                        torch.full_like(batch["input_ids"], never)), torch.zeros(1)) for batch in batches])
         lr = self.engine.optimizer.param_groups[0]["lr"]
         self.engine.train_batch(data_iter=feed)
+        self._stage_counters = self._gather_stage_counters(STAGE_COUNTERS)
         last_stage = self.engine.is_last_stage()
         for index, batch in enumerate(batches):
             if last_stage:
@@ -214,6 +216,17 @@ class Trainer:
             else:  # same-size fingerprints on every rank; measurements come from the last stage only
                 stats.fingerprints.append(torch.zeros(batch["input_ids"].shape[0], dtype=torch.int64))
         return data_wait, lr
+
+    def _gather_stage_counters(self, counters) -> list[list[int]]:
+        """Per stage [micro-batches, skipped micro-batches, token-layers], summed over replicas."""
+        mine = torch.tensor([self.engine.stage_id, counters.micro_batches, counters.skipped_micro_batches,
+                             counters.token_layers], dtype=torch.int64, device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        per_stage = [[0, 0, 0] for _ in range(self.pipeline_stages)]
+        for stage, *values in (row.cpu().tolist() for row in everyone):
+            per_stage[stage] = [a + b for a, b in zip(per_stage[stage], values)]
+        return per_stage
 
     def train_step(self) -> StepSummary:
         step_started = time.perf_counter()
@@ -225,6 +238,8 @@ class Trainer:
             data_wait, lr = self._data_parallel_batch(exit_threshold, stats)
         summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
                                device=self.device)
+        if self.pipeline_stages > 1:
+            summary.stage_counters = self._stage_counters
         self.exit_controller.update(summary.compute_fraction, self.step)
         self.step += 1
         self.samples_seen += self.config.training.global_batch_size

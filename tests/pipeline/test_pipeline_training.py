@@ -37,6 +37,12 @@ def test_two_stage_training_reduces_the_loss(pipeline_runs):
     first = sum(metrics[step]["loss"] for step in (1, 2, 3)) / 3
     last = sum(metrics[step]["loss"] for step in (10, 11, 12)) / 3
     assert last < 0.9 * first, (first, last)
+    for step, record in metrics.items():  # per-stage counters are logged with every step
+        stages = record["pipeline_stages"]
+        assert [stage["stage"] for stage in stages] == [0, 1]
+        assert all(stage["micro_batches"] == 4 and 0 <= stage["skipped_micro_batches"] <= 4 for stage in stages)
+        assert stages[0]["token_layers"] > 0 and stages[0]["skipped_micro_batches"] == 0
+    assert "skipped=0/4," in straight.output
     marker = json.loads((straight.checkpoints / "global_step12" / "dsexit_checkpoint.json").read_text())
     assert marker["pipeline_stages"] == 2 and marker["zero_stage"] == 1
 
