@@ -217,6 +217,9 @@ class CheckpointManager:
         for name in filter(doomed, os.listdir(self.root)):
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             shutil.rmtree(os.path.join(self.root, UNIVERSAL_DIR, name), ignore_errors=True)
+        universal = os.path.join(self.root, UNIVERSAL_DIR)
+        if os.path.isdir(universal) and not any(_TAG.match(name) for name in os.listdir(universal)):
+            shutil.rmtree(universal, ignore_errors=True)  # only DeepSpeed's latest_universal was left
         if self.remote and on_mirror:
             for name in filter(doomed, self.remote.tags()):
                 self.remote.delete(name)
