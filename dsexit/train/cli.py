@@ -26,6 +26,7 @@ FLAG_FIELDS = {
     "precision": ("training", "precision"), "max_steps": ("training", "max_steps"),
     "max_tokens": ("training", "max_tokens"), "max_minutes": ("training", "max_minutes"),
     "deepspeed": ("parallelism", "deepspeed_config"), "pipeline_stages": ("parallelism", "pipeline_stages"),
+    "pipeline_partition": ("parallelism", "pipeline_partition"),
     "dist_timeout": ("parallelism", "dist_timeout_s"),
     "checkpoint_dir": ("checkpoint", "dir"), "save_interval": ("checkpoint", "interval"),
     "keep_last": ("checkpoint", "keep_last"), "resume": ("checkpoint", "resume"),
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_configs/zero{1,2,3}.json)")
     parallel.add_argument("--pipeline-stages", type=int)
+    parallel.add_argument("--pipeline-partition", help='layer split across stages: "parameters", "uniform" '
+                          'or "type:REGEX" (default: balance discriminator layers)')
     parallel.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                           help="how long a collective waits for a lost peer before the run fails")
     parallel.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

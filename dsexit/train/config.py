@@ -108,7 +108,10 @@ class ParallelismConfig:
 
     deepspeed_config: str = "ds_configs/zero2.json"
     pipeline_stages: int = 1
-    """>1 selects pipeline parallelism (ZeRO 0/1 only; not available yet)."""
+    """>1 selects pipeline parallelism (ZeRO 0/1 only, ds_configs/pipeline.json)."""
+    pipeline_partition: str = "type:DiscriminatorLayerPipe"
+    """How DeepSpeed splits layers across stages: "parameters", "uniform", or "type:REGEX"
+    (the default balances discriminator layers; stage 1 also holds embeddings and generator)."""
     dist_timeout_s: float = 1800.0
     """Seconds a collective may wait for its peers before the run fails with an error naming
     them (a lost node, a cut network); also bounds the start-up rendezvous."""
@@ -181,6 +184,9 @@ class TrainConfig:
                             ("pipeline_stages", self.parallelism.pipeline_stages)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "a positive integer")
+        partition = self.parallelism.pipeline_partition
+        if partition not in ("parameters", "uniform") and not (partition.startswith("type:") and len(partition) > 5):
+            _fail("pipeline_partition", partition, '"parameters", "uniform" or "type:REGEX"')
         if training.global_batch_size % training.micro_batch_size:
             _fail("global_batch_size", training.global_batch_size,
                   f"a multiple of micro_batch_size={training.micro_batch_size}")

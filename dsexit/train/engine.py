@@ -30,7 +30,8 @@ def build_model(model_config: ElectraExitConfig, seed: int) -> ElectraPreTrainin
     return ElectraPreTrainingModel(model_config)
 
 
-def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipeline_stages: int = 1):
+def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipeline_stages: int = 1,
+                 pipeline_partition: str = "type:DiscriminatorLayerPipe"):
     """`deepspeed.initialize` with our parameter groups; returns the engine.
 
     With `pipeline_stages > 1` the model becomes a `PipelineModule` (each process keeps
@@ -43,7 +44,7 @@ def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipe
     if pipeline_stages > 1:
         from dsexit.parallel.pipeline import build_pipeline_module
 
-        model = build_pipeline_module(model.config, pipeline_stages, model=model)
+        model = build_pipeline_module(model.config, pipeline_stages, partition_method=pipeline_partition, model=model)
 
     # DeepSpeed copies this module attribute into every checkpoint's model states.
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})

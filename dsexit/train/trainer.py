@@ -59,7 +59,8 @@ class Trainer:
         self.latest_checkpoint: CheckpointRef | None = None
         load_dir = self._prepare_load(resume_from)
         self.pipeline_stages = self.config.parallelism.pipeline_stages
-        self.engine = build_engine(self._build_model(), run.ds_config, self.pipeline_stages)
+        self.engine = build_engine(self._build_model(), run.ds_config, self.pipeline_stages,
+                                   self.config.parallelism.pipeline_partition)
         self.device = torch.device(self.engine.device)
         # Data is sharded by data-parallel rank: in a pipeline, the stages of one replica read alike.
         dp_rank = self.engine.grid.get_data_parallel_rank() if self.pipeline_stages > 1 else self.world.rank

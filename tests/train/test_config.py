@@ -124,3 +124,12 @@ def test_pipeline_with_zero3_fails_before_any_process_group(tmp_path):
     assert len(errors) == 1 and "ZeRO stage 3" in errors[0] and "pipeline parallel" in errors[0]
     assert "resolved config" not in result.stdout + result.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_pipeline_partition_is_checked_and_reaches_the_config():
+    from dsexit.train.cli import parse_config
+
+    config, _ = parse_config(["--pipeline-partition", "parameters"])
+    assert config.parallelism.pipeline_partition == "parameters"
+    with pytest.raises(ConfigError, match="pipeline_partition='by-size'"):
+        parse_config(["--pipeline-partition", "by-size"])
