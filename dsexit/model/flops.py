@@ -118,6 +118,12 @@ def _forward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
         discriminator_layer_flops(work, config) for work in log.discriminator)
 
 
+def mean_exit_layer(exit_layer_counts) -> float:
+    """Mean (1-based) exit layer from per-layer counts of tokens whose last layer it was."""
+    counts = [float(count) for count in exit_layer_counts]
+    return sum(layer * count for layer, count in enumerate(counts, start=1)) / max(1.0, sum(counts))
+
+
 def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:
     full = full_depth_work(log, config)
     return FlopReport(

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ElectraExitConfig
 from .discriminator import ElectraDiscriminator, ExitDecision, ExitState
-from .flops import ComputeLog, FlopReport, count_flops
+from .flops import ComputeLog, FlopReport, count_flops, mean_exit_layer
 from .generator import ElectraGenerator
 from .layers import init_weights
 
@@ -50,9 +50,7 @@ class PreTrainingOutput:
 
     @property
     def mean_exit_layer(self) -> float:
-        counts = self.exit_layer_counts.double()
-        layers = torch.arange(1, counts.numel() + 1, dtype=torch.float64)
-        return float((counts * layers).sum() / counts.sum().clamp(min=1))
+        return mean_exit_layer(self.exit_layer_counts.tolist())
 
 
 class CorruptionMixin:

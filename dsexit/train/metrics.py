@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from dsexit.model.flops import mean_exit_layer
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.step_stats import StepSummary
 
@@ -125,7 +126,7 @@ class MetricsLogger:
         record = {name: total / interval.steps for name, total in interval.sums.items()}
         record.update(
             step=step, steps=interval.steps, exit_threshold=exit_threshold, lr=lr,
-            mean_exit_layer=sum((layer + 1) * count for layer, count in enumerate(counts)) / max(1, sum(counts)),
+            mean_exit_layer=mean_exit_layer(counts),
             exit_layer_counts=counts, tokens_per_s=interval.real_tokens / max(interval.seconds, 1e-9),
             data_wait_pct=100.0 * interval.data_wait_seconds / max(interval.seconds, 1e-9),
             samples_digest=interval.digest, samples_seen=samples_seen, tokens_seen=tokens_seen, time=time.time())

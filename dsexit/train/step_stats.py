@@ -36,7 +36,6 @@ class StepSummary:
     loss: float
     rtd_accuracy: float
     compute_fraction: float
-    mean_exit_layer: float
     exit_layer_counts: list[int]
     real_tokens: int
     samples_digest: str
@@ -80,7 +79,6 @@ class StepStats:
             vector, fingerprints = vector.cpu(), torch.cat(gathered).cpu()
         totals = dict(zip(_SCALARS, vector[:len(_SCALARS)].tolist()))
         counts = vector[len(_SCALARS):]
-        layers = torch.arange(1, counts.numel() + 1, dtype=torch.float64)
         micro_batches = max(totals["micro_batches"], 1.0)
         digest = hashlib.blake2b(fingerprints.sort().values.numpy().tobytes(), digest_size=8).hexdigest()
         return StepSummary(
@@ -89,7 +87,6 @@ class StepStats:
             loss=totals["loss"] / micro_batches,
             rtd_accuracy=totals["rtd_accuracy"] / micro_batches,
             compute_fraction=totals["tokens_executed"] / max(totals["tokens_full"], 1.0),
-            mean_exit_layer=float((counts * layers).sum() / counts.sum().clamp(min=1)),
             exit_layer_counts=[int(count) for count in counts.tolist()],
             real_tokens=int(totals["real_tokens"]),
             samples_digest=digest,
