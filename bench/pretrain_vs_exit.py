@@ -47,7 +47,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "results"
-PRETRAIN_SHARE = 0.45
 
 
 @dataclass
@@ -66,35 +65,43 @@ ARMS = [
 
 # A 6-layer, 128-wide discriminator (generator 32 wide, 2 layers): small enough for minutes on
 # a CPU, yet the discriminator is most of a step's FLOPs, as in ELECTRA-Small, so that early
-# exit can show in the wall clock (in electra-tiny the generator's 30522-way softmax dominates).
+# exit can show in the wall clock.
 QUICK_MODEL = dict(embedding_size=64, hidden_size=128, num_hidden_layers=6, num_attention_heads=2,
                    intermediate_size=512, generator_hidden_size=32, generator_num_hidden_layers=2,
                    generator_num_attention_heads=1, min_exit_layer=2, max_position_embeddings=128)
 
 SCALES = {
-    # 2-core CPU, whole benchmark in --budget-minutes (60): arms concurrent, fine-tuning on a
-    # 2000-example slice of the task (2 epochs, seq 64), checkpoints at half and end of each run.
-    "quick": dict(train_preset="smoke", model="electra-tiny", model_set=QUICK_MODEL, lr=1e-3, max_steps=20000,
-                  warmup_steps=50, exit_warmup_steps=50, save_interval=25, log_interval=10, concurrent=True,
-                  threads=1, fractions=(0.5, 1.0),
-                  finetune=dict(lr=1e-3, epochs=2, batch_size=32, max_seq_len=64, max_train_examples=2000)),
-    # ELECTRA-Small (Clark et al. 2020) on one GPU, arms one after another; GLUE-like fine-tuning
-    # on the full train split.
-    "full": dict(train_preset="small", model="electra-small", model_set={}, lr=None, max_steps=1_000_000,
-                 warmup_steps=10000, exit_warmup_steps=10000, save_interval=20000, log_interval=100,
-                 concurrent=False, threads=None, fractions=(0.25, 0.5, 0.75, 1.0),
+    # 2-core CPU, whole benchmark in --budget-minutes (60): an 8192-piece SentencePiece trained on
+    # the corpus and 64-token samples (a 30522-entry vocabulary costs the small model most of its
+    # steps); arms concurrent, one thread each; fine-tuning on a 3000-example slice of the task
+    # (4 epochs, seq 64), two jobs at a time; checkpoints at half and end of each run.
+    "quick": dict(tokenizer="train:8192", seq_len=64, train_preset="smoke", model="electra-tiny",
+                  model_set=QUICK_MODEL, lr=1e-3, global_batch=32, micro_batch=32, max_steps=100000,
+                  warmup_steps=50, exit_warmup_steps=100, save_interval=250, log_interval=20, concurrent=True,
+                  threads=1, fractions=(0.5, 1.0), pretrain_share=0.58, finetune_workers=2,
+                  finetune=dict(lr=3e-4, epochs=4, batch_size=32, max_seq_len=64, max_train_examples=3000)),
+    # ELECTRA-Small (Clark et al. 2020) on one GPU, BERT's WordPiece vocabulary and 128-token
+    # samples, arms one after another; GLUE-like fine-tuning on the full train split.
+    "full": dict(tokenizer="wordpiece", seq_len=128, train_preset="small", model="electra-small", model_set={},
+                 lr=None, global_batch=None, micro_batch=None, max_steps=1_000_000, warmup_steps=10000,
+                 exit_warmup_steps=10000, save_interval=20000, log_interval=100, concurrent=False, threads=None,
+                 fractions=(0.25, 0.5, 0.75, 1.0), pretrain_share=0.45, finetune_workers=1,
                  finetune=dict(lr=3e-4, epochs=3, batch_size=32, max_seq_len=128, max_train_examples=None)),
 }
 
 
 # ---------------------------------------------------------------------------------- data
-def prepare_corpus(corpus: Path, cache: Path, vocab: Path) -> Path:
+def prepare_corpus(corpus: Path, cache: Path, tokenizer: str, seq_len: int) -> Path:
     if (cache / "index.json").exists():
         return cache
     print(f"preparing {corpus} -> {cache} (once)", flush=True)
     subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--input", str(corpus / "*.jsonl.gz"),
-                    "--out", str(cache), "--tokenizer", f"wordpiece:{vocab}", "--seq-len", "128"], check=True)
+                    "--out", str(cache), "--tokenizer", tokenizer, "--seq-len", str(seq_len)], check=True)
     return cache
+
+
+def tokenizer_spec(scale: dict, vocab: Path) -> str:
+    return f"wordpiece:{vocab}" if scale["tokenizer"] == "wordpiece" else scale["tokenizer"]
 
 
 # ---------------------------------------------------------------------------------- pre-training
@@ -123,6 +130,8 @@ def trainer_command(arm: Arm, run_dir: Path, scale: dict, data: Path, minutes: f
             "--log-interval", str(scale["log_interval"]), "--no-export-hf", "--no-tensorboard", "--no-csv",
             "--progress", "lines", "--resume", "none", *arm.flags,
             *(["--lr", str(scale["lr"])] if scale["lr"] else []),
+            *(["--global-batch-size", str(scale["global_batch"])] if scale["global_batch"] else []),
+            *(["--micro-batch-size", str(scale["micro_batch"])] if scale["micro_batch"] else []),
             *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")]]
 
 
@@ -232,12 +241,22 @@ def scratch_export(summary: dict, out_dir: Path, seed: int) -> str:
     return str(out_dir)
 
 
-def finetune_dir(model_dir: str, task, config) -> dict:
-    from dsexit.eval import finetune
+def finetune_models(model_dirs: list[str], task, config, workers: int) -> list[dict]:
+    """Every (model, seed) fine-tuning job over `workers` processes; one median summary per model."""
+    from dsexit.eval import finetune_many
 
-    result = finetune(model_dir, task, config)
-    return {"median": result["median"], "per_seed": [{k: run[k] for k in ("seed", "dev", "test", "seconds")}
-                                                     for run in result["per_seed"]]}
+    total, done = len(model_dirs) * config.seeds, []
+    started = time.time()
+
+    def report(model_dir: str, run: dict) -> None:
+        done.append(model_dir)
+        print(f"  fine-tuned {len(done)}/{total}: {Path(model_dir).parent.name}/{Path(model_dir).name} seed {run['seed']} "
+              f"dev {run['dev']['accuracy']:.4f} test {run['test']['accuracy']:.4f} "
+              f"({(time.time() - started) / 60:.1f} min)", flush=True)
+
+    results = finetune_many(model_dirs, task, config, workers=workers, on_done=report)
+    return [{"median": result["median"], "per_seed": [{k: run[k] for k in ("seed", "dev", "test", "seconds")}
+                                                      for run in result["per_seed"]]} for result in results]
 
 
 # ---------------------------------------------------------------------------------- report
@@ -363,8 +382,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-train-examples", type=int, help="override the scale's fine-tuning train slice")
     parser.add_argument("--corpus", type=Path, default=SHARED / "corpus")
     parser.add_argument("--vocab", type=Path, default=SHARED / "tokenizer" / "bert-base-uncased-vocab.txt")
-    parser.add_argument("--data-cache", type=Path, default=REPO / "runs" / "bench_data" / "corpus-wp128",
-                        help="prepared dataset (made from --corpus once if absent)")
+    parser.add_argument("--data-cache", type=Path,
+                        help="prepared dataset, made from --corpus once if absent (default: runs/bench_data/corpus-SCALE)")
     parser.add_argument("--task", type=Path, default=SHARED / "downstream" / "rt_sentiment")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench_pretrain_vs_exit")
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrain_vs_exit.json")
@@ -380,7 +399,7 @@ def main(argv=None) -> int:
     started = time.time()
     scale = SCALES[args.scale]
     arms = [arm for arm in ARMS if arm.name in args.arms]
-    share = PRETRAIN_SHARE * args.budget_minutes
+    share = scale["pretrain_share"] * args.budget_minutes
     minutes = args.pretrain_minutes or (share if scale["concurrent"] else share / len(arms))
     from dsexit.eval import FinetuneConfig, load_task
 
@@ -390,7 +409,8 @@ def main(argv=None) -> int:
         finetune_options["max_train_examples"] = args.max_train_examples
     finetune_config = FinetuneConfig(seeds=args.seeds, progress="none", **finetune_options)
     finetune_config.validate()
-    data = prepare_corpus(args.corpus, args.data_cache, args.vocab)
+    data_cache = args.data_cache or REPO / "runs" / "bench_data" / f"corpus-{args.scale}"
+    data = prepare_corpus(args.corpus, data_cache, tokenizer_spec(scale, args.vocab), scale["seq_len"])
 
     runs = pretrain(arms, args.work_dir, scale, data, minutes, args.seed)
     from dsexit.train.distributed import select_accelerator
@@ -407,15 +427,20 @@ def main(argv=None) -> int:
                "concurrent_arms": scale["concurrent"], "task": str(args.task), "task_name": task.name,
                "finetune": finetune_config.__dict__, "machine": machine_description(), "arms": []}
     summaries = [summarize_run(run, scale["exit_warmup_steps"]) for run in runs]
-    print("fine-tuning the randomly initialised model (t=0)", flush=True)
-    results["scratch"] = finetune_dir(scratch_export(summaries[0], args.work_dir / "scratch-hf", args.seed),
-                                      task, finetune_config)
+    model_dirs = [scratch_export(summaries[0], args.work_dir / "scratch-hf", args.seed)]
     for summary in summaries:
         summary["evaluated"] = pick_checkpoints(summary["checkpoints"], tuple(args.fractions or scale["fractions"]))
         for checkpoint in summary["evaluated"]:
-            export_dir = Path(summary["run_dir"]) / f"hf-step{checkpoint['step']}"
-            export_hf(checkpoint["path"], str(export_dir), with_generator=False)
-            checkpoint["finetune"] = finetune_dir(str(export_dir), task, finetune_config)
+            checkpoint["hf_dir"] = str(Path(summary["run_dir"]) / f"hf-step{checkpoint['step']}")
+            export_hf(checkpoint["path"], checkpoint["hf_dir"], with_generator=False)
+            model_dirs.append(checkpoint["hf_dir"])
+    print(f"fine-tuning {len(model_dirs)} models (the untrained one at t=0 first) x {args.seeds} seeds "
+          f"on {scale['finetune_workers']} worker(s)", flush=True)
+    finetuned = dict(zip(model_dirs, finetune_models(model_dirs, task, finetune_config, scale["finetune_workers"])))
+    results["scratch"] = finetuned[model_dirs[0]]
+    for summary in summaries:
+        for checkpoint in summary["evaluated"]:
+            checkpoint["finetune"] = finetuned[checkpoint["hf_dir"]]
             print(f"[{summary['arm']}] step {checkpoint['step']} ({checkpoint['seconds'] / 60:.1f} min): "
                   f"dev {checkpoint['finetune']['median']['dev']['accuracy']:.4f} "
                   f"test {checkpoint['finetune']['median']['test']['accuracy']:.4f}", flush=True)

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-train-examples", type=int, help="use only the first N train examples (quick runs)")
     add("--max-eval-examples", type=int, help="use only the first N dev/test examples (smoke runs)")
     add("--progress", choices=("auto", "bar", "lines", "none"), default=defaults.progress)
+    add("--workers", type=int, default=1,
+        help="seeds run in this many processes at once, sharing the threads (several seeds on a many-core CPU)")
     add("--export-dir", help="where a checkpoint given as --model is exported (default: a temporary directory)")
     add("--out", help="write per-seed and median metrics to this JSON file")
     return parser
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, kind = resolve_model_dir(args.model, args.export_dir)
         if kind == "checkpoint" and args.export_dir is None:
             temporary_export = model_dir
-        result = finetune(model_dir, task, config)
+        result = finetune(model_dir, task, config, workers=args.workers)
     except (TaskError, ModelDirError, ValueError, FileNotFoundError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2

@@ -7,10 +7,10 @@ What lives where:
     metrics.py    accuracy, F1, MCC (no sklearn)
 """
 
-from dsexit.eval.finetune import FinetuneConfig, finetune
+from dsexit.eval.finetune import FinetuneConfig, finetune, finetune_many
 from dsexit.eval.metrics import classification_metrics, median_metrics
 from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
 from dsexit.eval.tasks import Task, TaskError, load_task
 
-__all__ = ["FinetuneConfig", "ModelDirError", "Task", "TaskError", "classification_metrics", "finetune",
+__all__ = ["FinetuneConfig", "ModelDirError", "Task", "TaskError", "classification_metrics", "finetune", "finetune_many",
            "load_task", "median_metrics", "resolve_model_dir"]

@@ -17,9 +17,12 @@ import contextlib
 import dataclasses
 import logging
 import math
+import multiprocessing
 import random
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +61,10 @@ class FinetuneConfig:
     progress: str = "auto"
     """'bar' on a terminal, 'lines' (one line per epoch) otherwise, 'none' for silence."""
 
+    def example_limit(self, split: str) -> int | None:
+        """How many examples of a split are used (None: all)."""
+        return self.max_train_examples if split == "train" else self.max_eval_examples
+
     def validate(self) -> None:
         def fail(name: str, expected: str) -> None:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid; expected {expected}.")
@@ -94,7 +101,7 @@ class EncodedSplit:
     """Token ids of one split, unpadded; batches are padded to their longest member."""
 
     def __init__(self, tokenizer, task: Task, split: str, max_seq_len: int, limit: int | None):
-        examples = task.splits[split][:limit] if limit else task.splits[split]
+        examples = task.splits[split][:limit]
         texts_a = [example.text_a for example in examples]
         texts_b = [example.text_b for example in examples] if any(e.text_b is not None for e in examples) else None
         encoded = tokenizer(texts_a, texts_b, truncation=True, max_length=max_seq_len, return_token_type_ids=True)
@@ -129,8 +136,8 @@ def encode_task(model_dir: str, task: Task, config: FinetuneConfig) -> dict[str,
         raise ValueError(f"max_seq_len={config.max_seq_len} is invalid; expected at most the model's "
                          f"max_position_embeddings={max_positions}.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    limits = {"train": config.max_train_examples, "dev": config.max_eval_examples, "test": config.max_eval_examples}
-    return {split: EncodedSplit(tokenizer, task, split, config.max_seq_len, limits[split]) for split in SPLITS}
+    return {split: EncodedSplit(tokenizer, task, split, config.max_seq_len, config.example_limit(split))
+            for split in SPLITS}
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -220,21 +227,60 @@ def _progress_bar(config: FinetuneConfig, total: int, description: str):
     return None
 
 
-def finetune(model_dir: str, task: Task, config: FinetuneConfig) -> dict[str, Any]:
+def finetune(model_dir: str, task: Task, config: FinetuneConfig, workers: int = 1) -> dict[str, Any]:
     """Fine-tune with `config.seeds` seeds; per-seed results and their median."""
+    return finetune_many([model_dir], task, config, workers)[0]
+
+
+def finetune_many(model_dirs: list[str], task: Task, config: FinetuneConfig, workers: int = 1,
+                  on_done: Callable[[str, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Fine-tune every model with every seed; one result per model, as `finetune` returns it.
+
+    Each (model, seed) pair is one job. With `workers` > 1 the jobs run in that many
+    spawned processes that share the machine's threads, so that a CPU with fewer cores
+    than jobs stays busy (a seed alone rarely uses several cores well at these sizes).
+    `on_done(model_dir, seed_result)` is called as each job finishes.
+    """
+    config.validate()
+    if workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid; expected a positive number of processes.")
+    jobs = [(model_dir, seed) for model_dir in model_dirs
+            for seed in range(config.first_seed, config.first_seed + config.seeds)]
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    if workers == 1:
+        for model_dir, seed in jobs:
+            runs[model_dir, seed] = _finetune_job(model_dir, task, config, seed)
+            if on_done:
+                on_done(model_dir, runs[model_dir, seed])
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(_finetune_job, model_dir, task, config, seed, threads): (model_dir, seed)
+                       for model_dir, seed in jobs}
+            for future in as_completed(pending):
+                runs[pending[future]] = future.result()
+                if on_done:
+                    on_done(pending[future][0], runs[pending[future]])
+    return [_summary(model_dir, task, config, [runs[model_dir, seed] for dir_, seed in jobs if dir_ == model_dir])
+            for model_dir in model_dirs]
+
+
+def _finetune_job(model_dir: str, task: Task, config: FinetuneConfig, seed: int,
+                  threads: int | None = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
-    config.validate()
+    if threads:
+        torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     hf_logging.disable_progress_bar()
-    data = encode_task(model_dir, task, config)
-    runs = []
-    for seed in range(config.first_seed, config.first_seed + config.seeds):
-        runs.append(finetune_seed(model_dir, task, data, config, seed))
+    return finetune_seed(model_dir, task, encode_task(model_dir, task, config), config, seed)
+
+
+def _summary(model_dir: str, task: Task, config: FinetuneConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     median = median_metrics([{split: run[split] for split in ("dev", "test")} for run in runs])
     return {
         "model_dir": model_dir, "task": task.directory, "num_labels": task.num_labels, "labels": task.labels,
-        "examples": {split: len(data[split]) for split in SPLITS},
+        "examples": {split: len(task.splits[split][:config.example_limit(split)]) for split in SPLITS},
         "config": dataclasses.asdict(config),
         "protocol": (f"median over {config.seeds} seeds of each metric; per seed the "
                      + ("metrics after the last epoch (dev selects nothing)" if config.select == "final"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GENERATOR_MODES = ("mlm", "uniform", "unigram")
+HEAD_BIAS_INITS = ("prior", "zero")
 EXIT_KV_MODES = ("keep", "drop")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 
@@ -45,6 +46,11 @@ class ElectraExitConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    head_bias_init: str = "prior"
+    """Output bias of the RTD heads at initialisation: "prior" = the log-odds of the masking
+    rate, "zero" = Hugging Face's. With a zero bias, Adam's bounded steps make it cheaper for a
+    small discriminator to encode the replacement rate as one constant hidden state than in the
+    bias; its top layers then collapse (every token gets the same state) and stay there."""
 
     # --- generator (shares the embeddings; hidden defaults to hidden_size / 4) ---
     generator: str = "mlm"
@@ -110,6 +116,8 @@ class ElectraExitConfig:
                 fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
         if self.generator not in GENERATOR_MODES:
             fail("generator", self.generator, f"one of {', '.join(GENERATOR_MODES)}")
+        if self.head_bias_init not in HEAD_BIAS_INITS:
+            fail("head_bias_init", self.head_bias_init, f"one of {', '.join(HEAD_BIAS_INITS)}")
         if self.exit_kv not in EXIT_KV_MODES:
             fail("exit_kv", self.exit_kv, f"one of {', '.join(EXIT_KV_MODES)}")
         if self.hidden_act not in ACTIVATIONS:

@@ -13,6 +13,8 @@ a pipeline stage can run any contiguous range of layers on the same state.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +101,13 @@ class ElectraDiscriminator(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    @torch.no_grad()
+    def init_head_bias_at_prior(self) -> None:
+        """Start every RTD head at the replacement rate's log-odds (see `head_bias_init`)."""
+        prior_logit = math.log(self.config.mask_prob / (1.0 - self.config.mask_prob))
+        for head in (self.discriminator_predictions, *self.exit_heads.values()):
+            head.dense_prediction.bias.fill_(prior_logit)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
               labels: torch.Tensor | None = None) -> ExitState:

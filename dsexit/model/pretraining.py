@@ -114,6 +114,8 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         self.generator = ElectraGenerator(config) if config.uses_generator_network else None
         register_replacement_buffers(self, config)
         self.apply(lambda module: init_weights(module, config.initializer_range))
+        if config.head_bias_init == "prior":
+            self.discriminator.init_head_bias_at_prior()
 
     @property
     def embeddings(self):

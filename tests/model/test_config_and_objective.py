@@ -1,5 +1,7 @@
 """Configuration errors, masking and the generator study's replacement modes."""
 
+import math
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from .conftest import VOCAB, make_batch
     (dict(exit_kv="maybe"), "exit_kv='maybe'"),
     (dict(target_compute=1.2), "target_compute=1.2"),
     (dict(mask_token_id=VOCAB), f"mask_token_id={VOCAB}"),
+    (dict(head_bias_init="random"), "head_bias_init='random'"),
 ])
 def test_bad_values_raise_one_clear_error_naming_the_value(overrides, named):
     with pytest.raises(ValueError) as error:
@@ -91,3 +94,24 @@ def test_generator_free_modes_draw_replacements_without_a_generator(mode):
         assert abs(float((drawn == 500).float().mean()) - 0.75) < 0.02
     else:
         assert model.replacement_probs[[0, 101, 102, 103]].sum() == 0
+
+
+@pytest.mark.parametrize("head_bias_init", ["prior", "zero"])
+def test_rtd_heads_start_at_the_replacement_prior_or_at_zero(head_bias_init):
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, mask_prob=0.2,
+                                           head_bias_init=head_bias_init)
+    model = ElectraPreTrainingModel(config)
+    heads = [model.discriminator.discriminator_predictions, *model.discriminator.exit_heads.values()]
+    assert len(heads) == config.num_hidden_layers - config.min_exit_layer + 1
+    expected = math.log(0.2 / 0.8) if head_bias_init == "prior" else 0.0
+    for head in heads:
+        assert head.dense_prediction.bias.item() == pytest.approx(expected, abs=1e-6)
+    # Only the output bias moves: the hidden layer of each head keeps HF's zero bias.
+    assert all(head.dense.bias.detach().abs().max().item() == 0.0 for head in heads)
+    # An untrained discriminator then predicts about the replacement rate on average.
+    model.eval()
+    input_ids, attention_mask, token_type_ids = make_batch(batch_size=4, seq_len=24)
+    with torch.no_grad():
+        probability = torch.sigmoid(model.discriminator(input_ids, attention_mask, token_type_ids).logits)
+    assert float(probability[attention_mask.bool()].mean()) == pytest.approx(0.2 if head_bias_init == "prior" else 0.5,
+                                                                            abs=0.08)
