@@ -376,6 +376,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wall clock for the whole benchmark; 45%% goes to pre-training")
     parser.add_argument("--pretrain-minutes", type=float, help="per-arm pre-training budget (overrides the split)")
     parser.add_argument("--arms", nargs="+", default=[arm.name for arm in ARMS], choices=[arm.name for arm in ARMS])
+    parser.add_argument("--generator", choices=("mlm", "uniform", "unigram"), default="mlm",
+                        help="replacement generator of the baseline and early-exit arms (the uniform arm is always "
+                             "uniform); uniform learns from the first step, where an MLM generator's ELECTRA first "
+                             "spends thousands of steps at the replaced-token prior")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per checkpoint")
     parser.add_argument("--fractions", type=float, nargs="+",
                         help="checkpoints to fine-tune, as fractions of each arm's pre-train time (default: the scale's)")
@@ -391,6 +395,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if "baseline" not in args.arms:
         parser.error("--arms must include baseline (every comparison is against it)")
+    if args.generator == "uniform" and "uniform" in args.arms:
+        parser.error("--generator uniform makes the uniform arm a copy of the baseline; "
+                     "leave it out: --arms baseline exit-0.75 exit-0.50")
     return args
 
 
@@ -398,7 +405,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     scale = SCALES[args.scale]
-    arms = [arm for arm in ARMS if arm.name in args.arms]
+    arms = [arm if arm.name == "uniform" else Arm(arm.name, [*arm.flags, "--generator", args.generator], arm.early_exit)
+            for arm in ARMS if arm.name in args.arms]
     share = scale["pretrain_share"] * args.budget_minutes
     minutes = args.pretrain_minutes or (share if scale["concurrent"] else share / len(arms))
     from dsexit.eval import FinetuneConfig, load_task
@@ -423,7 +431,7 @@ def main(argv=None) -> int:
     if scale["threads"]:  # on a shared CPU, more threads than free cores only spin
         torch.set_num_threads(scale["threads"])
 
-    results = {"scale": args.scale, "budget_minutes": args.budget_minutes, "pretrain_minutes_per_arm": minutes,
+    results = {"scale": args.scale, "generator": args.generator, "budget_minutes": args.budget_minutes, "pretrain_minutes_per_arm": minutes,
                "concurrent_arms": scale["concurrent"], "task": str(args.task), "task_name": task.name,
                "finetune": finetune_config.__dict__, "machine": machine_description(), "arms": []}
     summaries = [summarize_run(run, scale["exit_warmup_steps"]) for run in runs]
@@ -454,7 +462,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(results, indent=1, default=str))
     table = format_table(results)
     print()
-    print(f"pretrain_vs_exit: scale={args.scale}, {minutes:.1f} min pre-training per arm"
+    print(f"pretrain_vs_exit: scale={args.scale}, generator={args.generator}, {minutes:.1f} min pre-training per arm"
           f"{' (arms concurrent)' if scale['concurrent'] else ''}, {task.name} median of {args.seeds} seeds, "
           f"whole benchmark {results['benchmark_minutes']:.1f} min on {results['machine']}")
     print(table)

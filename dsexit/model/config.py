@@ -48,9 +48,9 @@ class ElectraExitConfig:
     initializer_range: float = 0.02
     head_bias_init: str = "prior"
     """Output bias of the RTD heads at initialisation: "prior" = the log-odds of the masking
-    rate, "zero" = Hugging Face's. With a zero bias, Adam's bounded steps make it cheaper for a
-    small discriminator to encode the replacement rate as one constant hidden state than in the
-    bias; its top layers then collapse (every token gets the same state) and stay there."""
+    rate, "zero" = Hugging Face's. The replacement rate is the first thing the heads learn; with
+    a zero bias and Adam's bounded steps, a small discriminator learns it through its hidden
+    states instead, and its top layers end up giving every token one constant state."""
 
     # --- generator (shares the embeddings; hidden defaults to hidden_size / 4) ---
     generator: str = "mlm"
