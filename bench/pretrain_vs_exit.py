@@ -23,12 +23,13 @@ Pre-train time of a checkpoint = its completion time minus the start of the trai
 (the run's config.json is written just before step 1): wall clock, checkpoint saves
 included. CPU seconds of each trainer process are sampled from /proc as well.
 
-    python bench/pretrain_vs_exit.py --scale quick --budget-minutes 60   # 2-core CPU: whole benchmark ~60 min
+    python bench/pretrain_vs_exit.py --scale quick --budget-minutes 60   # 2-core CPU: measured 57 min
     python bench/pretrain_vs_exit.py --scale full --budget-minutes 1440  # GPU: electra-small, arms one after another
 
 `--scale quick` runs the four arms at once (one thread each) so that the background load
-of a shared machine hits all arms alike; `--scale full` runs them one after another.
-About 45% of the budget goes to pre-training, the rest to fine-tuning.
+of a shared machine hits all arms alike, gives them 58% of the budget, and fine-tunes two
+jobs at a time; `--scale full` runs the arms one after another with 45% of the budget.
+Fine-tuning jobs (every model x seed) go through `dsexit.eval.finetune_many`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ ARMS = [
 # exit can show in the wall clock.
 QUICK_MODEL = dict(embedding_size=64, hidden_size=128, num_hidden_layers=6, num_attention_heads=2,
                    intermediate_size=512, generator_hidden_size=32, generator_num_hidden_layers=2,
-                   generator_num_attention_heads=1, min_exit_layer=2, max_position_embeddings=128)
+                   generator_num_attention_heads=1, min_exit_layer=2, max_position_embeddings=128,
+                   head_bias_init="prior")
 
 SCALES = {
     # 2-core CPU, whole benchmark in --budget-minutes (60): an 8192-piece SentencePiece trained on
