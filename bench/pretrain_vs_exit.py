@@ -433,7 +433,8 @@ def main(argv=None) -> int:
     if scale["threads"]:  # on a shared CPU, more threads than free cores only spin
         torch.set_num_threads(scale["threads"])
 
-    results = {"scale": args.scale, "generator": args.generator, "budget_minutes": args.budget_minutes, "pretrain_minutes_per_arm": minutes,
+    results = {"scale": args.scale, "generator": args.generator, "budget_minutes": args.budget_minutes,
+               "pretrain_minutes_per_arm": minutes,
                "concurrent_arms": scale["concurrent"], "task": str(args.task), "task_name": task.name,
                "finetune": finetune_config.__dict__, "machine": machine_description(), "arms": []}
     summaries = [summarize_run(run, scale["exit_warmup_steps"]) for run in runs]

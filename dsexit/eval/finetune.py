@@ -244,36 +244,42 @@ def finetune_many(model_dirs: list[str], task: Task, config: FinetuneConfig, wor
     config.validate()
     if workers < 1:
         raise ValueError(f"workers={workers!r} is invalid; expected a positive number of processes.")
-    jobs = [(model_dir, seed) for model_dir in model_dirs
-            for seed in range(config.first_seed, config.first_seed + config.seeds)]
+    seeds = range(config.first_seed, config.first_seed + config.seeds)
     runs: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def record(model_dir: str, run: dict[str, Any]) -> None:
+        runs[model_dir, run["seed"]] = run
+        if on_done:
+            on_done(model_dir, run)
+
     if workers == 1:
-        for model_dir, seed in jobs:
-            runs[model_dir, seed] = _finetune_job(model_dir, task, config, seed)
-            if on_done:
-                on_done(model_dir, runs[model_dir, seed])
+        _quiet_transformers()
+        for model_dir in model_dirs:
+            data = encode_task(model_dir, task, config)  # once per model, shared by its seeds
+            for seed in seeds:
+                record(model_dir, finetune_seed(model_dir, task, data, config, seed))
     else:
         threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(_finetune_job, model_dir, task, config, seed, threads): (model_dir, seed)
-                       for model_dir, seed in jobs}
+            pending = {pool.submit(_finetune_job, model_dir, task, config, seed, threads): model_dir
+                       for model_dir in model_dirs for seed in seeds}
             for future in as_completed(pending):
-                runs[pending[future]] = future.result()
-                if on_done:
-                    on_done(pending[future][0], runs[pending[future]])
-    return [_summary(model_dir, task, config, [runs[model_dir, seed] for dir_, seed in jobs if dir_ == model_dir])
-            for model_dir in model_dirs]
+                record(pending[future], future.result())
+    return [_summary(model_dir, task, config, [runs[model_dir, seed] for seed in seeds]) for model_dir in model_dirs]
 
 
-def _finetune_job(model_dir: str, task: Task, config: FinetuneConfig, seed: int,
-                  threads: int | None = None) -> dict[str, Any]:
+def _finetune_job(model_dir: str, task: Task, config: FinetuneConfig, seed: int, threads: int) -> dict[str, Any]:
+    """One (model, seed) job in a worker process."""
+    torch.set_num_threads(threads)
+    _quiet_transformers()
+    return finetune_seed(model_dir, task, encode_task(model_dir, task, config), config, seed)
+
+
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
-    if threads:
-        torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     hf_logging.disable_progress_bar()
-    return finetune_seed(model_dir, task, encode_task(model_dir, task, config), config, seed)
 
 
 def _summary(model_dir: str, task: Task, config: FinetuneConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:

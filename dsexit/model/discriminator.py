@@ -14,7 +14,6 @@ a pipeline stage can run any contiguous range of layers on the same state.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import torch
