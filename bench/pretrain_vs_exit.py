@@ -1,48 +1,49 @@
-"""Does early exit buy downstream quality per unit of pre-training wall clock?
+"""Does early exit keep held-out quality for less pre-training wall clock?
 
-Four arms pre-train with the same wall-clock budget through the real trainer
-(`launch/pretrain.py`, one process each, `--max-minutes`, periodic checkpoints):
+Arms pre-train for the same wall clock through the real trainer (`launch/pretrain.py`, one
+process each, `--max-minutes`, learning-rate schedule over the budget), with several
+pre-training seeds per arm:
 
-    baseline    no exit, generator mlm
-    exit-0.75   early exit, controller target_compute 0.75
-    exit-0.50   early exit, controller target_compute 0.5
-    uniform     no exit, generator uniform (the generator study)
+    baseline        no exit
+    exit-0.75       early exit, controller target_compute 0.75, exit_criterion prior_margin
+    exit-0.50       early exit, target 0.5, prior_margin
+    exit-0.50-conf  early exit, target 0.5, exit_criterion confidence (|2p-1|, the earlier rule)
+    generator-free  no exit, uniform replacements (only where the other arms use an MLM generator)
 
-Then checkpoints part-way through and at the end of each arm's run (plus a randomly initialised
-model, the common starting point at t=0) are exported with the trainer's export code and
-fine-tuned on a downstream task (`dsexit.eval.finetune`, median over seeds). It prints one
-table and, for each early-exit arm, the pre-train wall clock it needed to reach the
-baseline's final dev accuracy (linear interpolation between its checkpoints); plots and a
-JSON land in bench/results/. The last line is
+Quality is the trainer's held-out evaluation (`dsexit.train.heldout`): RTD loss on validation
+samples the run never trained on, under fixed uniform corruption (independent of each arm's
+generator), at full depth, against training minutes (held-out evaluation time excluded).
+For each exit arm and seed: the training minutes it needed to reach the baseline's final
+held-out loss (mean over baseline seeds), interpolated between evaluations; the held-out loss
+at equal time; the spread over seeds. An arm that never reaches the target within its budget
+is reported with its gap, and its time is extrapolated from the slope of its last third of
+evaluations (a number, marked as extrapolated; slope <= 0 counts as twice the budget).
 
-    RESULT pretrain_vs_exit time_saved_pct=<best exit arm> acc_delta=<its test acc - baseline's, equal time>
+Precondition, printed as its own line: the baseline's first seed against an untrained model of
+the same shape, downstream (`dsexit.eval`: ELECTRA fine-tuning recipe and a frozen-feature linear
+probe, median of 5 seeds each). Where pre-training does not beat the untrained model downstream,
+the downstream comparison of arms is not resolvable at this scale and the held-out metric is
+the one that measures the claim.
 
-time_saved_pct is nan when no early-exit arm reached the baseline's dev accuracy.
+    python bench/pretrain_vs_exit.py --scale quick    # 2-core CPU, generator-free arms, ~75 min
+    python bench/pretrain_vs_exit.py --scale device   # one H200-class GPU, ELECTRA-Small, < 6 min
+    python bench/pretrain_vs_exit.py --scale device --dry-run   # the device path on a CPU, tiny
 
-Pre-train time of a checkpoint = its completion time minus the start of the training loop
-(the run's config.json is written just before step 1): wall clock, checkpoint saves
-included. CPU seconds of each trainer process are sampled from /proc as well.
+The last line is
 
-    python bench/pretrain_vs_exit.py --scale quick --budget-minutes 60   # 2-core CPU: measured 57 min
-    python bench/pretrain_vs_exit.py --scale full --budget-minutes 1440  # GPU: electra-small, arms one after another
-
-`--scale quick` runs the four arms at once (one thread each) so that the background load
-of a shared machine hits all arms alike, gives them 58% of the budget, and fine-tunes two
-jobs at a time; `--scale full` runs the arms one after another with 45% of the budget.
-Fine-tuning jobs (every model x seed) go through `dsexit.eval.finetune_many`.
+    RESULT pretrain_vs_exit time_saved_pct=<best exit arm> heldout_rtd_delta=<its loss - baseline's> seeds=<N>
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,46 +60,57 @@ class Arm:
 
 ARMS = [
     Arm("baseline", ["--no-exit"], False),
-    Arm("exit-0.75", ["--exit", "--target-compute", "0.75"], True),
-    Arm("exit-0.50", ["--exit", "--target-compute", "0.5"], True),
-    Arm("uniform", ["--no-exit", "--generator", "uniform"], False),
+    Arm("exit-0.75", ["--exit", "--target-compute", "0.75", "--exit-criterion", "prior_margin"], True),
+    Arm("exit-0.50", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin"], True),
+    Arm("exit-0.50-conf", ["--exit", "--target-compute", "0.5", "--exit-criterion", "confidence"], True),
+    Arm("generator-free", ["--no-exit", "--generator", "uniform"], False),
 ]
 
-# A 6-layer, 128-wide discriminator (generator 32 wide, 2 layers): small enough for minutes on
-# a CPU, yet the discriminator is most of a step's FLOPs, as in ELECTRA-Small, so that early
-# exit can show in the wall clock.
+# A 6-layer, 128-wide discriminator (generator 32 wide, 2 layers): minutes on a CPU core, yet the
+# discriminator is most of a step's FLOPs, as in ELECTRA-Small, so early exit can show in time.
 QUICK_MODEL = dict(embedding_size=64, hidden_size=128, num_hidden_layers=6, num_attention_heads=2,
                    intermediate_size=512, generator_hidden_size=32, generator_num_hidden_layers=2,
                    generator_num_attention_heads=1, min_exit_layer=2, max_position_embeddings=128,
                    head_bias_init="prior")
 
 SCALES = {
-    # 2-core CPU, whole benchmark in --budget-minutes (60): an 8192-piece SentencePiece trained on
-    # the corpus and 64-token samples (a 30522-entry vocabulary costs the small model most of its
-    # steps); arms concurrent, one thread each; fine-tuning on a 3000-example slice of the task
-    # (4 epochs, seq 64), two jobs at a time; checkpoints at half and end of each run.
-    "quick": dict(tokenizer="train:8192", seq_len=64, train_preset="smoke", model="electra-tiny",
-                  model_set=QUICK_MODEL, lr=1e-3, global_batch=32, micro_batch=32, max_steps=100000,
-                  warmup_steps=50, exit_warmup_steps=100, save_interval=250, log_interval=20, concurrent=True,
-                  threads=1, fractions=(0.5, 1.0), pretrain_share=0.58, finetune_workers=2,
-                  finetune=dict(lr=3e-4, epochs=4, batch_size=32, max_seq_len=64, max_train_examples=3000)),
-    # ELECTRA-Small (Clark et al. 2020) on one GPU, BERT's WordPiece vocabulary and 128-token
-    # samples, arms one after another; GLUE-like fine-tuning on the full train split.
-    "full": dict(tokenizer="wordpiece", seq_len=128, train_preset="small", model="electra-small", model_set={},
-                 lr=None, global_batch=None, micro_batch=None, max_steps=1_000_000, warmup_steps=10000,
-                 exit_warmup_steps=10000, save_interval=20000, log_interval=100, concurrent=False, threads=None,
-                 fractions=(0.25, 0.5, 0.75, 1.0), pretrain_share=0.45, finetune_workers=1,
-                 finetune=dict(lr=3e-4, epochs=3, batch_size=32, max_seq_len=128, max_train_examples=None)),
+    # 2-core CPU: an 8192-piece SentencePiece trained on the corpus, 64-token samples; two runs at
+    # a time, one thread each; generator-free replacement for every arm (an MLM generator's
+    # discriminator stays at the replaced-token prior for the whole budget here: bench/plateau.py).
+    "quick": dict(tokenizer="train:8192", seq_len=64, corpus_files=None, model="electra-tiny", model_set=QUICK_MODEL,
+                  generator="uniform", lr=1e-3, global_batch=32, micro_batch=32, warmup_steps=100,
+                  exit_warmup_steps=100, eval_interval=100, eval_samples=256, minutes=7.0, concurrency=2, threads=1,
+                  seeds=2, arms=("baseline", "exit-0.75", "exit-0.50", "exit-0.50-conf"),
+                  finetune=dict(epochs=3, batch_size=32, max_seq_len=64, max_train_examples=2000),
+                  finetune_seeds=5, finetune_workers=2),
+    # One H200-class GPU, whole comparison < 6 minutes: ELECTRA-Small shapes, BERT's WordPiece
+    # vocabulary, 128-token samples from part of the shared corpus; arms one after another with an
+    # MLM generator, plus the generator-free arm; full rt_sentiment fine-tuning.
+    "device": dict(tokenizer="wordpiece", seq_len=128,
+                   corpus_files=("brown", "janeausten", "moby_dick", "sword_engWEB2015eb", "fortunes"),
+                   model="electra-small", model_set={}, generator="mlm", lr=1e-3, global_batch=128, micro_batch=128,
+                   warmup_steps=200, exit_warmup_steps=200, eval_interval=100, eval_samples=1024, minutes=0.8,
+                   concurrency=1, threads=None, seeds=1,
+                   arms=("baseline", "exit-0.75", "exit-0.50", "generator-free"),
+                   finetune=dict(epochs=2, batch_size=32, max_seq_len=128, max_train_examples=None),
+                   finetune_seeds=5, finetune_workers=1),
 }
+DRY_RUN = dict(model_set=dict(max_position_embeddings=128), corpus_files=("moby_dick",), minutes=0.12,
+               global_batch=8, micro_batch=8, warmup_steps=5, exit_warmup_steps=5, eval_interval=10, eval_samples=16,
+               threads=1, finetune=dict(epochs=1, batch_size=16, max_seq_len=32, max_train_examples=64,
+                                        max_eval_examples=64),
+               finetune_seeds=2, model="electra-tiny", tokenizer="train:1024", seq_len=32)
 
 
 # ---------------------------------------------------------------------------------- data
-def prepare_corpus(corpus: Path, cache: Path, tokenizer: str, seq_len: int) -> Path:
-    if (cache / "index.json").exists():
+def prepare_corpus(corpus: Path, files, cache: Path, tokenizer: str, seq_len: int) -> Path:
+    """The dataset, prepared once into `cache` (with its held-out validation split)."""
+    if (cache / "index.json").exists() and json.loads((cache / "index.json").read_text()).get("validation"):
         return cache
-    print(f"preparing {corpus} -> {cache} (once)", flush=True)
-    subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--input", str(corpus / "*.jsonl.gz"),
-                    "--out", str(cache), "--tokenizer", tokenizer, "--seq-len", str(seq_len)], check=True)
+    inputs = [str(corpus / f"{name}.jsonl.gz") for name in files] if files else [str(corpus / "*.jsonl.gz")]
+    print(f"preparing {len(inputs)} input(s) from {corpus} -> {cache} (once)", flush=True)
+    subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--input", *inputs, "--out", str(cache),
+                    "--tokenizer", tokenizer, "--seq-len", str(seq_len), "--overwrite"], check=True)
     return cache
 
 
@@ -108,375 +120,258 @@ def tokenizer_spec(scale: dict, vocab: Path) -> str:
 
 # ---------------------------------------------------------------------------------- pre-training
 @dataclass
-class ArmRun:
+class Run:
     arm: Arm
+    seed: int
     run_dir: Path
-    process: subprocess.Popen | None = None
-    cpu_samples: list[tuple[float, float]] = field(default_factory=list)  # (wall time, CPU seconds)
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def trainer_command(arm: Arm, run_dir: Path, scale: dict, data: Path, minutes: float, seed: int) -> list[str]:
-    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--preset", scale["train_preset"],
-            "--model", scale["model"], "--data", str(data), "--run-dir", str(run_dir), "--seed", str(seed),
-            "--max-minutes", f"{minutes:.3f}", "--max-steps", str(scale["max_steps"]),
+def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[str]:
+    flags = list(run.arm.flags)
+    if "--generator" not in flags:
+        flags += ["--generator", generator]
+    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--preset", "smoke", "--model", scale["model"],
+            "--data", str(data), "--run-dir", str(run.run_dir), "--seed", str(run.seed),
+            "--max-minutes", f"{scale['minutes']:.3f}", "--max-steps", "1000000",
             "--warmup-steps", str(scale["warmup_steps"]), "--exit-warmup-steps", str(scale["exit_warmup_steps"]),
-            "--save-interval", str(scale["save_interval"]), "--keep-last", "1000000",
-            "--log-interval", str(scale["log_interval"]), "--no-export-hf", "--no-tensorboard", "--no-csv",
-            "--progress", "lines", "--resume", "none", *arm.flags,
-            *(["--lr", str(scale["lr"])] if scale["lr"] else []),
-            *(["--global-batch-size", str(scale["global_batch"])] if scale["global_batch"] else []),
-            *(["--micro-batch-size", str(scale["micro_batch"])] if scale["micro_batch"] else []),
-            *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")]]
+            "--save-interval", "1000000", "--keep-last", "1", "--eval-interval", str(scale["eval_interval"]),
+            "--eval-samples", str(scale["eval_samples"]), "--log-interval", "50", "--no-export-hf",
+            "--no-tensorboard", "--no-csv", "--progress", "lines", "--resume", "none", "--lr", str(scale["lr"]),
+            "--global-batch-size", str(scale["global_batch"]), "--micro-batch-size", str(scale["micro_batch"]),
+            *flags, *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")]]
 
 
-def pretrain(arms: list[Arm], work: Path, scale: dict, data: Path, minutes: float, seed: int) -> list[ArmRun]:
-    runs = [ArmRun(arm, work / arm.name) for arm in arms]
-    groups = [runs] if scale["concurrent"] else [[run] for run in runs]
+def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> None:
+    """Every run through the trainer, `concurrency` at a time; fails naming the run that failed."""
     env = dict(os.environ)
     if scale["threads"]:
         env["OMP_NUM_THREADS"] = str(scale["threads"])
-    for group in groups:
-        for run in group:
+    pending, active = list(runs), []
+    total, done = len(runs), 0
+    while pending or active:
+        while pending and len(active) < scale["concurrency"]:
+            run = pending.pop(0)
             run.run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run.run_dir / "stdout.log", "w")
-            run.process = subprocess.Popen(trainer_command(run.arm, run.run_dir, scale, data, minutes, seed),
-                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            print(f"[{run.arm.name}] pre-training {minutes:.1f} min (pid {run.process.pid}, log {run.run_dir}/stdout.log)",
+            process = subprocess.Popen(trainer_command(run, scale, data, generator), stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            active.append((run, process, time.time()))
+            print(f"[{run.arm.name} seed {run.seed}] pre-training {scale['minutes']:.2f} min (log {run.run_dir}/stdout.log)",
                   flush=True)
-        started = time.time()
-        while any(run.process.poll() is None for run in group):
-            for run in group:
-                if run.process.poll() is None and (cpu := _cpu_seconds(run.process.pid)) is not None:
-                    run.cpu_samples.append((time.time(), cpu))
-            time.sleep(2.0)
-            if time.time() - started > 60 * minutes + 600:
-                for run in group:
-                    if run.process.poll() is None:
-                        run.process.terminate()
-        for run in group:
-            if run.process.returncode != 0:
-                raise SystemExit(f"pretrain_vs_exit: the {run.arm.name} trainer failed (exit {run.process.returncode}); "
-                                 f"see {run.run_dir}/stdout.log")
-            print(f"[{run.arm.name}] pre-training done", flush=True)
-    return runs
+        time.sleep(1.0)
+        for entry in list(active):
+            run, process, started = entry
+            if process.poll() is None:
+                if time.time() - started > 60 * scale["minutes"] + 900:
+                    process.terminate()
+                continue
+            active.remove(entry)
+            if process.returncode != 0:
+                for _, other, _ in active:
+                    other.terminate()
+                raise SystemExit(f"pretrain_vs_exit: the {run.arm.name} seed {run.seed} trainer failed "
+                                 f"(exit {process.returncode}); see {run.run_dir}/stdout.log")
+            done += 1
+            print(f"[{run.arm.name} seed {run.seed}] done ({done}/{total})", flush=True)
 
 
 # ---------------------------------------------------------------------------------- measurements
-def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    points = sorted(points)
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
-    return points[-1][1]
-
-
-def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """First time the piecewise-linear curve (time, accuracy) reaches target; None if never."""
+def time_to_reach_loss(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First time the piecewise-linear curve (minutes, loss) falls to `target`; None if never."""
     curve = sorted(curve)
-    if curve[0][1] >= target:
+    if curve[0][1] <= target:
         return curve[0][0]
-    for (t0, a0), (t1, a1) in zip(curve, curve[1:]):
-        if a1 >= target:
-            return t0 + (t1 - t0) * (target - a0) / max(a1 - a0, 1e-12)
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t0 + (t1 - t0) * (l0 - target) / max(l0 - l1, 1e-12)
     return None
 
 
-def summarize_run(run: ArmRun, exit_warmup_steps: int) -> dict:
-    from dsexit.train.checkpoint import complete_checkpoints
+def extrapolated_time(curve: list[tuple[float, float]], target: float) -> float:
+    """Minutes to `target` continuing the slope of the last third of the curve (never reached)."""
+    curve = sorted(curve)
+    tail = curve[-max(2, len(curve) // 3):]
+    (t0, l0), (t1, l1) = tail[0], tail[-1]
+    end = curve[-1][0]
+    slope = (l0 - l1) / max(t1 - t0, 1e-12)  # loss fallen per minute
+    if slope <= 0:
+        return 2 * end
+    return min(2 * end, end + (l1 - target) / slope)
+
+
+def summarize_run(run: Run) -> dict:
     from dsexit.train.metrics import read_metrics
 
-    start = os.path.getmtime(run.run_dir / "config.json")  # written just before the first step
-    records = read_metrics(str(run.run_dir))
-    after_warmup = [r for r in records if r["step"] - r["steps"] >= exit_warmup_steps] or records[-1:]
-    steps = sum(r["steps"] for r in after_warmup)
-    histogram = [sum(column) for column in zip(*(r["exit_layer_counts"] for r in after_warmup))]
-    checkpoints = [{"step": ref.step, "path": ref.path, "tokens_seen": ref.meta["tokens_seen"],
-                    "seconds": ref.meta["saved_at"] - start,
-                    "cpu_seconds": _interpolate(run.cpu_samples, ref.meta["saved_at"]) if run.cpu_samples else None}
-                   for ref in complete_checkpoints(str(run.run_dir / "checkpoints"))]
+    evals = read_metrics(str(run.run_dir), "eval")
+    train = read_metrics(str(run.run_dir))
+    if not evals:
+        raise SystemExit(f"pretrain_vs_exit: {run.run_dir} has no held-out evaluation records")
+    warm = [record for record in train if record["step"] - record["steps"] >= 0 and record.get("exit_threshold")]
+    steps = sum(record["steps"] for record in warm)
+    histogram = [sum(column) for column in zip(*(record["exit_layer_counts"] for record in (warm or train[-1:])))]
+    final = evals[-1]
     return {
-        "arm": run.arm.name, "early_exit": run.arm.early_exit, "run_dir": str(run.run_dir),
-        "compute_fraction": sum(r["compute_fraction"] * r["steps"] for r in after_warmup) / max(steps, 1),
-        "rtd_accuracy": records[-1]["rtd_accuracy"], "final_step": records[-1]["step"],
+        "arm": run.arm.name, "seed": run.seed, "early_exit": run.arm.early_exit, "run_dir": str(run.run_dir),
+        "final_step": final["step"], "train_minutes": final["train_minutes"],
+        "final": {key: final[key] for key in final if key.startswith(("eval_", "rtd_", "unigram"))},
+        "compute_fraction": (sum(record["compute_fraction"] * record["steps"] for record in warm) / steps
+                             if steps else 1.0),
+        "tokens_seen": train[-1]["tokens_seen"] if train else 0,
         "exit_layer_histogram": histogram,
-        "curve": [{"seconds": r["time"] - start, "step": r["step"], "loss": r["loss"],
-                   "discriminator_loss": r["discriminator_loss"], "generator_loss": r["generator_loss"]}
-                  for r in records],
-        "checkpoints": checkpoints,
+        "curve": [{"minutes": record["train_minutes"], "step": record["step"],
+                   "rtd_loss_uniform": record["eval_rtd_loss_uniform"], "auc_uniform": record["eval_rtd_auc_uniform"],
+                   "rtd_loss_generator": record["eval_rtd_loss_generator"], "mlm_loss": record["eval_mlm_loss"],
+                   "compute_fraction": record["eval_compute_fraction"]} for record in evals],
     }
 
 
-def pick_checkpoints(checkpoints: list[dict], fractions: tuple[float, ...]) -> list[dict]:
-    final = checkpoints[-1]["seconds"]
-    picked = []
-    for fraction in fractions:
-        nearest = min(checkpoints, key=lambda c: abs(c["seconds"] - fraction * final))
-        if nearest not in picked:
-            picked.append(nearest)
-    return picked
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
 
 
-def scratch_export(summary: dict, out_dir: Path, seed: int) -> str:
-    """A randomly initialised discriminator of the same shape: every arm's point at t=0."""
+def compare(summaries: list[dict]) -> dict:
+    """Per arm: final held-out loss, time to the baseline's final loss (per seed), delta at equal time."""
+    by_arm: dict[str, list[dict]] = {}
+    for summary in summaries:
+        by_arm.setdefault(summary["arm"], []).append(summary)
+    baseline = by_arm["baseline"]
+    target = statistics.fmean(run["final"]["eval_rtd_loss_uniform"] for run in baseline)
+    base_minutes = statistics.fmean(run["train_minutes"] for run in baseline)
+    arms = {}
+    for name, runs in by_arm.items():
+        reach, reached = [], []
+        for run in runs:
+            curve = [(point["minutes"], point["rtd_loss_uniform"]) for point in run["curve"]]
+            minutes = time_to_reach_loss(curve, target)
+            reached.append(minutes is not None)
+            reach.append(minutes if minutes is not None else extrapolated_time(curve, target))
+        finals = [run["final"]["eval_rtd_loss_uniform"] for run in runs]
+        arms[name] = {
+            "early_exit": runs[0]["early_exit"], "seeds": len(runs),
+            "heldout_rtd_loss": _spread(finals),
+            "heldout_rtd_delta": statistics.fmean(finals) - target,
+            "minutes_to_target": _spread(reach), "reached_all": all(reached), "reached": reached,
+            "time_saved_pct": 100.0 * (1.0 - statistics.fmean(reach) / base_minutes),
+            "time_saved_pct_per_seed": [100.0 * (1.0 - minutes / base_minutes) for minutes in reach],
+            "compute_fraction": statistics.fmean(run["compute_fraction"] for run in runs),
+            "steps": _spread([float(run["final_step"]) for run in runs]),
+            "auc_uniform": _spread([run["final"]["eval_rtd_auc_uniform"] for run in runs]),
+        }
+    exit_arms = [name for name, arm in arms.items() if arm["early_exit"]]
+    best = max(exit_arms, key=lambda name: arms[name]["time_saved_pct"]) if exit_arms else None
+    return {"target_rtd_loss": target, "baseline_minutes": base_minutes, "arms": arms, "best_exit_arm": best,
+            "rtd_prior_entropy": baseline[0]["final"]["rtd_prior_entropy"]}
+
+
+# ---------------------------------------------------------------------------------- precondition
+def scratch_export(run_dir: Path, out_dir: Path, seed: int) -> str:
+    """A randomly initialised discriminator of the run's shape: the untrained reference."""
     import torch
 
     from dsexit.data import save_hf_tokenizer
     from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
     from dsexit.model.hf import to_hf_pretraining
-    from dsexit.train.checkpoint import open_checkpoint
 
-    ref = open_checkpoint(summary["checkpoints"][-1]["path"])
+    resolved = json.loads((run_dir / "config.json").read_text())
     torch.manual_seed(seed)
-    model = ElectraPreTrainingModel(ElectraExitConfig.from_dict(ref.meta["model_config"]))
+    model = ElectraPreTrainingModel(ElectraExitConfig.from_dict(resolved["model"]))
     to_hf_pretraining(model).save_pretrained(out_dir)
-    save_hf_tokenizer(ref.meta["data_url"], str(out_dir))
+    save_hf_tokenizer(resolved["derived"]["data_url"], str(out_dir))
     return str(out_dir)
 
 
-def finetune_models(model_dirs: list[str], task, config, workers: int) -> list[dict]:
-    """Every (model, seed) fine-tuning job over `workers` processes; one median summary per model."""
-    from dsexit.eval import finetune_many
+def precondition(baseline: Path, work: Path, task, scale: dict, seed: int) -> dict:
+    """Untrained vs the baseline's final checkpoint, fine-tuned (ELECTRA's recipe) and probed."""
+    from dsexit.eval import FinetuneConfig, finetune_many
+    from dsexit.train.checkpoint import complete_checkpoints
+    from dsexit.train.export import export_hf
 
-    total, done = len(model_dirs) * config.seeds, []
-    started = time.time()
-
-    def report(model_dir: str, run: dict) -> None:
-        done.append(model_dir)
-        print(f"  fine-tuned {len(done)}/{total}: {Path(model_dir).parent.name}/{Path(model_dir).name} seed {run['seed']} "
-              f"dev {run['dev']['accuracy']:.4f} test {run['test']['accuracy']:.4f} "
-              f"({(time.time() - started) / 60:.1f} min)", flush=True)
-
-    results = finetune_many(model_dirs, task, config, workers=workers, on_done=report)
-    return [{"median": result["median"], "per_seed": [{k: run[k] for k in ("seed", "dev", "test", "seconds")}
-                                                      for run in result["per_seed"]]} for result in results]
+    untrained = scratch_export(baseline, work / "untrained-hf", seed)
+    trained = str(baseline / "hf-final")
+    export_hf(complete_checkpoints(str(baseline / "checkpoints"))[-1].path, trained, with_generator=False)
+    verdict = {}
+    for mode in ("finetune", "probe"):
+        config = FinetuneConfig(mode=mode, seeds=scale["finetune_seeds"], progress="none", **scale["finetune"])
+        config.validate()
+        started = time.time()
+        untrained_result, trained_result = finetune_many([untrained, trained], task, config,
+                                                         workers=scale["finetune_workers"])
+        medians = {name: result["median"] for name, result in (("untrained", untrained_result),
+                                                                 ("pretrained", trained_result))}
+        verdict[mode] = {**medians, "beats": medians["pretrained"]["dev"]["accuracy"] > medians["untrained"]["dev"]["accuracy"],
+                         "seeds": config.seeds, "minutes": (time.time() - started) / 60,
+                         "per_seed_dev": {"untrained": [r["dev"]["accuracy"] for r in untrained_result["per_seed"]],
+                                          "pretrained": [r["dev"]["accuracy"] for r in trained_result["per_seed"]]}}
+        print(f"  {mode}: untrained dev {medians['untrained']['dev']['accuracy']:.4f} test "
+              f"{medians['untrained']['test']['accuracy']:.4f} | pre-trained dev "
+              f"{medians['pretrained']['dev']['accuracy']:.4f} test {medians['pretrained']['test']['accuracy']:.4f} "
+              f"({verdict[mode]['minutes']:.1f} min)", flush=True)
+    return verdict
 
 
 # ---------------------------------------------------------------------------------- report
-def plot(results: dict, out_prefix: Path) -> list[str]:
+def plot(summaries: list[dict], comparison: dict, out_prefix: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = results["arms"]
+    colors = {}
     paths = []
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm in arms:
-        minutes = [p["seconds"] / 60 for p in arm["curve"]]
-        axes[0].plot(minutes, [p["loss"] for p in arm["curve"]], label=arm["arm"])
-        axes[1].plot(minutes, [p["discriminator_loss"] for p in arm["curve"]], label=arm["arm"])
-    axes[0].set(xlabel="pre-train wall clock (min)", ylabel="training loss (exit arms add 50 x exit-head RTD)", title="total loss")
-    axes[1].set(xlabel="pre-train wall clock (min)", ylabel="RTD loss", title="discriminator loss")
-    axes[0].legend()
-    paths.append(_save(figure, out_prefix.with_name(out_prefix.name + "_loss.png")))
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for summary in summaries:
+        color = colors.setdefault(summary["arm"], f"C{len(colors)}")
+        minutes = [point["minutes"] for point in summary["curve"]]
+        label = summary["arm"] if summary["seed"] == min(s["seed"] for s in summaries if s["arm"] == summary["arm"]) else None
+        loss_axis.plot(minutes, [point["rtd_loss_uniform"] for point in summary["curve"]], color=color, label=label,
+                       alpha=0.8)
+        auc_axis.plot(minutes, [point["auc_uniform"] for point in summary["curve"]], color=color, label=label, alpha=0.8)
+    loss_axis.axhline(comparison["rtd_prior_entropy"], color="gray", linestyle="--", label="replaced-token prior")
+    loss_axis.axhline(comparison["target_rtd_loss"], color="black", linestyle=":", label="baseline's final (target)")
+    loss_axis.set(xlabel="training minutes (held-out evaluation excluded)", ylabel="held-out RTD loss (uniform corruption)",
+                  title="held-out quality vs pre-training time")
+    auc_axis.set(xlabel="training minutes", ylabel="held-out RTD ROC-AUC", title="held-out ROC-AUC")
+    loss_axis.legend(fontsize=8)
+    paths.append(_save(figure, out_prefix.with_name(out_prefix.name + "_heldout.png")))
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for arm in arms:
-        points = [(0.0, results["scratch"]["median"]["test"]["accuracy"])] + [
-            (c["seconds"] / 60, c["finetune"]["median"]["test"]["accuracy"]) for c in arm["evaluated"]]
-        axis.plot(*zip(*points), marker="o", label=arm["arm"])
-    axis.set(xlabel="pre-train wall clock (min)", ylabel="downstream test accuracy (median of seeds)",
-             title=f"{results['task_name']} accuracy vs pre-train time")
-    axis.legend()
-    paths.append(_save(figure, out_prefix.with_name(out_prefix.name + "_accuracy.png")))
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    width = 0.8 / len(arms)
-    for index, arm in enumerate(arms):
-        counts = arm["exit_layer_histogram"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    arm_names = list(colors)
+    width = 0.8 / len(arm_names)
+    for index, name in enumerate(arm_names):
+        counts = [sum(column) for column in zip(*(s["exit_layer_histogram"] for s in summaries if s["arm"] == name))]
         total = max(sum(counts), 1)
-        axis.bar([layer + 1 + (index - len(arms) / 2 + 0.5) * width for layer in range(len(counts))],
-                 [count / total for count in counts], width=width, label=arm["arm"])
-    axis.set(xlabel="last layer a token ran through", ylabel="fraction of tokens (after exit warmup)",
+        axis.bar([layer + 1 + (index - len(arm_names) / 2 + 0.5) * width for layer in range(len(counts))],
+                 [count / total for count in counts], width=width, label=name, color=colors[name])
+    axis.set(xlabel="last layer a token ran through", ylabel="fraction of exitable tokens (after exit warmup)",
              title="exit-layer histogram")
-    axis.legend()
+    axis.legend(fontsize=8)
     paths.append(_save(figure, out_prefix.with_name(out_prefix.name + "_exit_layers.png")))
     return paths
 
 
 def _save(figure, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
     return str(path)
 
 
-def format_table(results: dict) -> str:
-    header = (f"{'arm':<10} {'compute':>7} {'tokens':>10} {'steps':>6} {'pretrain':>9} {'CPU':>7} {'RTD acc':>7} "
-              f"{'dev acc':>7} {'test acc':>8} {'to base dev':>11}")
+def format_table(comparison: dict) -> str:
+    header = (f"{'arm':<15} {'seeds':>5} {'compute':>7} {'steps':>13} {'held-out RTD':>21} {'AUC':>6} "
+              f"{'min to target':>19} {'time saved':>17}")
     lines = [header, "-" * len(header)]
-    scratch = results["scratch"]["median"]
-    lines.append(f"{'scratch':<10} {'-':>7} {0:>10} {0:>6} {'0.0 min':>9} {'-':>7} {'-':>7} "
-                 f"{scratch['dev']['accuracy']:7.4f} {scratch['test']['accuracy']:8.4f} {'-':>11}")
-    for arm in results["arms"]:
-        final = arm["evaluated"][-1]
-        cpu = f"{final['cpu_seconds'] / 60:.1f}m" if final.get("cpu_seconds") is not None else "-"
-        reach = arm.get("minutes_to_baseline_dev")
-        if arm["arm"] == "baseline":
-            reach_text = "-"
-        elif not results.get("baseline_beats_scratch", True):
-            reach_text = "undefined"
-        else:
-            reach_text = "not reached" if reach is None else f"{reach:.1f} min"
+    for name, arm in comparison["arms"].items():
+        loss, reach, steps = arm["heldout_rtd_loss"], arm["minutes_to_target"], arm["steps"]
+        saved = arm["time_saved_pct_per_seed"]
+        marker = "" if arm["reached_all"] else "*"
         lines.append(
-            f"{arm['arm']:<10} {arm['compute_fraction']:7.3f} {final['tokens_seen']:>10} {final['step']:>6} "
-            f"{final['seconds'] / 60:6.1f} min {cpu:>7} {arm['rtd_accuracy']:7.4f} "
-            f"{final['finetune']['median']['dev']['accuracy']:7.4f} {final['finetune']['median']['test']['accuracy']:8.4f} "
-            f"{reach_text:>11}")
+            f"{name:<15} {arm['seeds']:>5} {arm['compute_fraction']:7.3f} {steps['mean']:6.0f} "
+            f"({steps['min']:.0f}-{steps['max']:.0f}) {loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) "
+            f"{arm['auc_uniform']['mean']:6.4f} {reach['mean']:5.2f}{marker:1} ({reach['min']:.2f}-{reach['max']:.2f}) "
+            f"{arm['time_saved_pct']:+6.1f}% ({min(saved):+.0f}..{max(saved):+.0f})")
     return "\n".join(lines)
-
-
-def compare(results: dict) -> tuple[float, float, str | None]:
-    """Fill each arm's time to the baseline's dev accuracy; (time_saved_pct, acc_delta, best arm)."""
-    arms = {arm["arm"]: arm for arm in results["arms"]}
-    baseline = arms["baseline"]
-    base_final = baseline["evaluated"][-1]
-    target = base_final["finetune"]["median"]["dev"]["accuracy"]
-    base_seconds, base_test = base_final["seconds"], base_final["finetune"]["median"]["test"]["accuracy"]
-    scratch = results["scratch"]["median"]
-    # Reaching an accuracy the untrained model already has says nothing about pre-training.
-    pretraining_helped = target > scratch["dev"]["accuracy"]
-    results["baseline_beats_scratch"] = pretraining_helped
-    best = None
-    for arm in results["arms"]:
-        dev_curve = [(0.0, scratch["dev"]["accuracy"])] + [
-            (c["seconds"], c["finetune"]["median"]["dev"]["accuracy"]) for c in arm["evaluated"]]
-        test_curve = [(0.0, scratch["test"]["accuracy"])] + [
-            (c["seconds"], c["finetune"]["median"]["test"]["accuracy"]) for c in arm["evaluated"]]
-        reach = time_to_reach(dev_curve, target) if pretraining_helped else None
-        arm["minutes_to_baseline_dev"] = None if reach is None else reach / 60
-        arm["time_saved_pct"] = None if reach is None else 100.0 * (1.0 - reach / base_seconds)
-        arm["test_acc_delta_at_baseline_time"] = _interpolate(test_curve, base_seconds) - base_test
-        if not arm["early_exit"]:
-            continue
-        key = (arm["time_saved_pct"] is not None, arm["time_saved_pct"] or 0.0, arm["test_acc_delta_at_baseline_time"])
-        if best is None or key > best[0]:
-            best = (key, arm)
-    results["baseline_dev_target"] = target
-    if best is None:
-        return math.nan, math.nan, None
-    arm = best[1]
-    saved = arm["time_saved_pct"] if arm["time_saved_pct"] is not None else math.nan
-    return saved, arm["test_acc_delta_at_baseline_time"], arm["arm"]
-
-
-# ---------------------------------------------------------------------------------- main
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="quick")
-    parser.add_argument("--budget-minutes", type=float, default=60.0,
-                        help="wall clock for the whole benchmark; 45%% goes to pre-training")
-    parser.add_argument("--pretrain-minutes", type=float, help="per-arm pre-training budget (overrides the split)")
-    parser.add_argument("--arms", nargs="+", default=[arm.name for arm in ARMS], choices=[arm.name for arm in ARMS])
-    parser.add_argument("--generator", choices=("mlm", "uniform", "unigram"), default="mlm",
-                        help="replacement generator of the baseline and early-exit arms (the uniform arm is always "
-                             "uniform); uniform learns from the first step, where an MLM generator's ELECTRA first "
-                             "spends thousands of steps at the replaced-token prior")
-    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per checkpoint")
-    parser.add_argument("--fractions", type=float, nargs="+",
-                        help="checkpoints to fine-tune, as fractions of each arm's pre-train time (default: the scale's)")
-    parser.add_argument("--max-train-examples", type=int, help="override the scale's fine-tuning train slice")
-    parser.add_argument("--corpus", type=Path, default=SHARED / "corpus")
-    parser.add_argument("--vocab", type=Path, default=SHARED / "tokenizer" / "bert-base-uncased-vocab.txt")
-    parser.add_argument("--data-cache", type=Path,
-                        help="prepared dataset, made from --corpus once if absent (default: runs/bench_data/corpus-SCALE)")
-    parser.add_argument("--task", type=Path, default=SHARED / "downstream" / "rt_sentiment")
-    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench_pretrain_vs_exit")
-    parser.add_argument("--out", type=Path, default=RESULTS / "pretrain_vs_exit.json")
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    if "baseline" not in args.arms:
-        parser.error("--arms must include baseline (every comparison is against it)")
-    if args.generator == "uniform" and "uniform" in args.arms:
-        parser.error("--generator uniform makes the uniform arm a copy of the baseline; "
-                     "leave it out: --arms baseline exit-0.75 exit-0.50")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.time()
-    scale = SCALES[args.scale]
-    arms = [arm if arm.name == "uniform" else Arm(arm.name, [*arm.flags, "--generator", args.generator], arm.early_exit)
-            for arm in ARMS if arm.name in args.arms]
-    share = scale["pretrain_share"] * args.budget_minutes
-    minutes = args.pretrain_minutes or (share if scale["concurrent"] else share / len(arms))
-    from dsexit.eval import FinetuneConfig, load_task
-
-    task = load_task(str(args.task))  # a bad task fails before hours of pre-training
-    finetune_options = dict(scale["finetune"])
-    if args.max_train_examples:
-        finetune_options["max_train_examples"] = args.max_train_examples
-    finetune_config = FinetuneConfig(seeds=args.seeds, progress="none", **finetune_options)
-    finetune_config.validate()
-    data_cache = args.data_cache or REPO / "runs" / "bench_data" / f"corpus-{args.scale}"
-    data = prepare_corpus(args.corpus, data_cache, tokenizer_spec(scale, args.vocab), scale["seq_len"])
-
-    runs = pretrain(arms, args.work_dir, scale, data, minutes, args.seed)
-    from dsexit.train.distributed import select_accelerator
-
-    select_accelerator()
-    import torch
-
-    from dsexit.train.export import export_hf
-
-    if scale["threads"]:  # on a shared CPU, more threads than free cores only spin
-        torch.set_num_threads(scale["threads"])
-
-    results = {"scale": args.scale, "generator": args.generator, "budget_minutes": args.budget_minutes,
-               "pretrain_minutes_per_arm": minutes,
-               "concurrent_arms": scale["concurrent"], "task": str(args.task), "task_name": task.name,
-               "finetune": finetune_config.__dict__, "machine": machine_description(), "arms": []}
-    summaries = [summarize_run(run, scale["exit_warmup_steps"]) for run in runs]
-    model_dirs = [scratch_export(summaries[0], args.work_dir / "scratch-hf", args.seed)]
-    for summary in summaries:
-        summary["evaluated"] = pick_checkpoints(summary["checkpoints"], tuple(args.fractions or scale["fractions"]))
-        for checkpoint in summary["evaluated"]:
-            checkpoint["hf_dir"] = str(Path(summary["run_dir"]) / f"hf-step{checkpoint['step']}")
-            export_hf(checkpoint["path"], checkpoint["hf_dir"], with_generator=False)
-            model_dirs.append(checkpoint["hf_dir"])
-    print(f"fine-tuning {len(model_dirs)} models (the untrained one at t=0 first) x {args.seeds} seeds "
-          f"on {scale['finetune_workers']} worker(s)", flush=True)
-    finetuned = dict(zip(model_dirs, finetune_models(model_dirs, task, finetune_config, scale["finetune_workers"])))
-    results["scratch"] = finetuned[model_dirs[0]]
-    for summary in summaries:
-        for checkpoint in summary["evaluated"]:
-            checkpoint["finetune"] = finetuned[checkpoint["hf_dir"]]
-            print(f"[{summary['arm']}] step {checkpoint['step']} ({checkpoint['seconds'] / 60:.1f} min): "
-                  f"dev {checkpoint['finetune']['median']['dev']['accuracy']:.4f} "
-                  f"test {checkpoint['finetune']['median']['test']['accuracy']:.4f}", flush=True)
-        results["arms"].append(summary)
-
-    time_saved, acc_delta, best_arm = compare(results)
-    results.update(time_saved_pct=time_saved, acc_delta=acc_delta, best_exit_arm=best_arm,
-                   benchmark_minutes=(time.time() - started) / 60)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    results["plots"] = plot(results, args.out.with_suffix(""))
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    table = format_table(results)
-    print()
-    print(f"pretrain_vs_exit: scale={args.scale}, generator={args.generator}, {minutes:.1f} min pre-training per arm"
-          f"{' (arms concurrent)' if scale['concurrent'] else ''}, {task.name} median of {args.seeds} seeds, "
-          f"whole benchmark {results['benchmark_minutes']:.1f} min on {results['machine']}")
-    print(table)
-    print(f"baseline final dev accuracy (target): {results['baseline_dev_target']:.4f}; 'to base dev' = pre-train "
-          f"wall clock to reach it (interpolated); compute = executed token-layers / full, after exit warmup")
-    if not results["baseline_beats_scratch"]:
-        print("the baseline's dev accuracy does not beat the untrained model's: time to reach it is undefined (nan)")
-    reached = any(arm.get("time_saved_pct") is not None for arm in results["arms"] if arm["early_exit"])
-    print(f"best early-exit arm: {best_arm}{'' if reached else ' (none reached the target: chosen by acc_delta)'}; plots: {', '.join(results['plots'])}; json: {args.out}")
-    print(f"RESULT pretrain_vs_exit time_saved_pct={time_saved:.1f} acc_delta={acc_delta:+.4f}")
-    return 0
 
 
 def machine_description() -> str:
@@ -493,6 +388,116 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{model}, {len(os.sched_getaffinity(0))} cores (shared)"
+
+
+# ---------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="quick")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the scale's whole path with a tiny model, seconds per run (checks it on a CPU)")
+    parser.add_argument("--minutes", type=float, help="training minutes per run (default: the scale's)")
+    parser.add_argument("--seeds", type=int, help="pre-training seeds per arm (default: the scale's)")
+    parser.add_argument("--arms", nargs="+", choices=[arm.name for arm in ARMS], help="default: the scale's")
+    parser.add_argument("--generator", choices=("mlm", "uniform", "unigram"),
+                        help="replacements of the baseline and exit arms (default: the scale's)")
+    parser.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="extra model field for every arm (e.g. a recipe from bench/plateau.py)")
+    parser.add_argument("--no-precondition", action="store_true", help="skip the downstream precondition")
+    parser.add_argument("--corpus", type=Path, default=SHARED / "corpus")
+    parser.add_argument("--vocab", type=Path, default=SHARED / "tokenizer" / "bert-base-uncased-vocab.txt")
+    parser.add_argument("--task", type=Path, default=SHARED / "downstream" / "rt_sentiment")
+    parser.add_argument("--data-cache", type=Path, help="prepared dataset (default: runs/bench_data/SCALE-heldout)")
+    parser.add_argument("--work-dir", type=Path, help="default: runs/bench_pretrain_vs_exit/SCALE")
+    parser.add_argument("--out", type=Path, help="default: bench/results/pretrain_vs_exit[_SCALE].json")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    return args
+
+
+def resolve_scale(args: argparse.Namespace) -> dict:
+    scale = {**SCALES[args.scale], **(DRY_RUN if args.dry_run else {})}
+    scale["model_set"] = dict(scale["model_set"])
+    for item in args.model_set:
+        name, _, value = item.partition("=")
+        scale["model_set"][name] = value
+    for name in ("minutes", "seeds", "arms", "generator"):
+        if getattr(args, name) is not None:
+            scale[name] = getattr(args, name)
+    if "baseline" not in scale["arms"]:
+        raise SystemExit("pretrain_vs_exit: --arms must include baseline (every comparison is against it)")
+    return scale
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    scale = resolve_scale(args)
+    tag = args.scale + ("-dry-run" if args.dry_run else "")
+    out = args.out or RESULTS / ("pretrain_vs_exit.json" if args.scale == "quick" and not args.dry_run
+                                 else f"pretrain_vs_exit_{tag}.json")
+    work = args.work_dir or REPO / "runs" / "bench_pretrain_vs_exit" / tag
+    from dsexit.eval import load_task
+
+    task = load_task(str(args.task))  # a bad task fails before any pre-training
+    data = prepare_corpus(args.corpus, scale["corpus_files"], args.data_cache or REPO / "runs" / "bench_data" / (
+        f"{tag}-heldout"), tokenizer_spec(scale, args.vocab), scale["seq_len"])
+    arms = [arm for arm in ARMS if arm.name in scale["arms"]]
+    runs = [Run(arm, args.seed + offset, work / f"{arm.name}-seed{args.seed + offset}")
+            for offset in range(scale["seeds"]) for arm in arms]
+    print(f"pretrain_vs_exit: {len(arms)} arms x {scale['seeds']} seeds, {scale['minutes']:.2f} training minutes each, "
+          f"{scale['concurrency']} at a time, generator {scale['generator']}", flush=True)
+    pretrain_all(runs, scale, data, scale["generator"])
+    summaries = [summarize_run(run) for run in runs]
+    comparison = compare(summaries)
+    results = {"scale": args.scale, "dry_run": args.dry_run, "generator": scale["generator"],
+               "minutes_per_run": scale["minutes"], "concurrency": scale["concurrency"],
+               "model_set": scale["model_set"], "machine": machine_description(), "runs": summaries, **comparison}
+    if not args.no_precondition:
+        from dsexit.train.distributed import select_accelerator
+
+        select_accelerator()
+        print("precondition: untrained vs pre-trained (baseline, first seed), downstream "
+              f"{task.name}, median of {scale['finetune_seeds']} seeds", flush=True)
+        results["precondition"] = precondition(Path(summaries[0]["run_dir"]), work, task, scale, args.seed)
+    results["benchmark_minutes"] = (time.time() - started) / 60
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["plots"] = plot(summaries, comparison, out.with_suffix(""))
+    out.write_text(json.dumps(results, indent=1, default=str))
+    report(results, out)
+    return 0
+
+
+def report(results: dict, out: Path) -> None:
+    print()
+    print(f"pretrain_vs_exit: scale={results['scale']}{' (dry run)' if results['dry_run'] else ''}, "
+          f"generator={results['generator']}, {results['minutes_per_run']:.2f} training minutes per run, "
+          f"{results['concurrency']} run(s) at a time, whole benchmark {results['benchmark_minutes']:.1f} min on "
+          f"{results['machine']}")
+    print(format_table(results))
+    print(f"target = baseline's final held-out RTD loss {results['target_rtd_loss']:.4f} (mean over seeds; "
+          f"replaced-token prior {results['rtd_prior_entropy']:.4f}); min to target = training minutes to reach it "
+          f"(* = not reached by every seed: extrapolated); compute = executed / full token-layers of exitable tokens")
+    for name, arm in results["arms"].items():
+        if arm["early_exit"] and not arm["reached_all"]:
+            print(f"{name}: did not reach the target in {sum(not r for r in arm['reached'])} of {arm['seeds']} seeds; "
+                  f"gap at equal time {arm['heldout_rtd_delta']:+.4f}")
+    verdict = results.get("precondition")
+    if verdict:
+        parts = [f"{mode}: pre-trained dev {v['pretrained']['dev']['accuracy']:.4f} vs untrained "
+                 f"{v['untrained']['dev']['accuracy']:.4f} ({'beats' if v['beats'] else 'does not beat'})"
+                 for mode, v in verdict.items()]
+        beats = all(v["beats"] for v in verdict.values())
+        print(f"PRECONDITION pretraining_beats_untrained={'yes' if beats else 'no'} " + "; ".join(parts))
+        if not beats:
+            print("downstream cannot resolve the arms at this budget: the held-out RTD loss above is the measure")
+    print(f"plots: {', '.join(results['plots'])}; json: {out}")
+    best = results["best_exit_arm"]
+    arm = results["arms"][best]
+    seeds = min(a["seeds"] for a in results["arms"].values())
+    print(f"RESULT pretrain_vs_exit time_saved_pct={arm['time_saved_pct']:.1f} "
+          f"heldout_rtd_delta={arm['heldout_rtd_delta']:+.4f} seeds={seeds} best_arm={best}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""Fine-tune a pre-trained ELECTRA discriminator on a classification task; median over seeds.
+"""Fine-tune a pre-trained ELECTRA discriminator on a classification task, or probe it; median over seeds.
 
     python launch/finetune.py --model runs/electra/hf --task ../shared/data/downstream/rt_sentiment
     python launch/finetune.py --model runs/electra/checkpoints --task DIR --seeds 5 --select best-dev --out r.json
+    python launch/finetune.py --model runs/electra/hf --task DIR --mode probe
+
+The defaults are ELECTRA-Small's published fine-tuning recipe (lr 3e-4, layer-wise
+learning-rate decay 0.8, warmup 10%, weight decay 0.01, 3 epochs, 10 for RTE/STS).
+--mode probe fits a linear classifier on frozen final-layer [CLS] features instead.
 
 --model is a Hugging Face export (launch/export_hf.py) or a dsexit checkpoint (a tag
 directory or a checkpoints root; it is exported first with the trainer's export code).
@@ -19,9 +24,16 @@ import os
 import shutil
 import sys
 
+TASK_DEFAULT = "task default"
+
+
+def epoch_count(text: str) -> int | None:
+    """--epochs: a number, or 'task default' (None: ELECTRA's epochs for the task)."""
+    return None if text == TASK_DEFAULT else int(text)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from dsexit.eval.finetune import PRECISIONS, SELECT_MODES, FinetuneConfig
+    from dsexit.eval.finetune import MODES, PRECISIONS, SELECT_MODES, FinetuneConfig
 
     defaults = FinetuneConfig()
     parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.splitlines()[0],
@@ -31,8 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", required=True, help="directory with train/dev/test .jsonl")
     add("--seeds", type=int, default=defaults.seeds, help="fine-tuning runs (seeds first-seed, first-seed+1, ...)")
     add("--first-seed", type=int, default=defaults.first_seed)
+    add("--mode", choices=MODES, default=defaults.mode,
+        help="fine-tune the whole model, or fit a linear probe on frozen final-layer [CLS] features")
     add("--lr", type=float, default=defaults.lr)
-    add("--epochs", type=int, default=defaults.epochs)
+    add("--layerwise-lr-decay", type=float, default=defaults.layerwise_lr_decay,
+        help="ELECTRA's rule: the head gets --lr, each encoder layer down one factor less; 1.0 disables")
+    add("--epochs", type=epoch_count, default=TASK_DEFAULT,
+        help="passes over the train split; by default ELECTRA's per task: 10 for RTE/STS, else 3")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--max-seq-len", type=int, default=defaults.max_seq_len)
     add("--weight-decay", type=float, default=defaults.weight_decay)
@@ -40,8 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--select", choices=SELECT_MODES, default=defaults.select,
         help="per seed: metrics after the last epoch, or the best-dev epoch's")
     add("--precision", choices=PRECISIONS, default=defaults.precision, help="bf16 autocast where native ('auto')")
-    add("--max-train-examples", type=int, help="use only the first N train examples (quick runs)")
-    add("--max-eval-examples", type=int, help="use only the first N dev/test examples (smoke runs)")
+    add("--max-train-examples", type=int, help="train on N examples, a stratified subsample (quick runs)")
+    add("--max-eval-examples", type=int, help="evaluate on N dev/test examples, a stratified subsample (smoke runs)")
+    add("--subsample-seed", type=int, default=defaults.subsample_seed,
+        help="draws the subsamples; the same for every fine-tuning seed")
+    add("--probe-l2", type=float, default=defaults.probe_l2, help="--mode probe: L2 penalty on the weights")
+    add("--probe-max-iterations", type=int, default=defaults.probe_max_iterations,
+        help="--mode probe: L-BFGS iterations at most")
     add("--progress", choices=("auto", "bar", "lines", "none"), default=defaults.progress)
     add("--workers", type=int, default=1,
         help="seeds run in this many processes at once, sharing the threads (several seeds on a many-core CPU)")
@@ -71,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [finetune] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("dsexit").setLevel(logging.INFO)
     config = FinetuneConfig(
-        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-        weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction, seeds=args.seeds,
-        first_seed=args.first_seed, select=args.select, precision=args.precision,
-        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples, progress=args.progress)
+        mode=args.mode, lr=args.lr, layerwise_lr_decay=args.layerwise_lr_decay, epochs=args.epochs,
+        batch_size=args.batch_size, max_seq_len=args.max_seq_len, weight_decay=args.weight_decay,
+        warmup_fraction=args.warmup_fraction, seeds=args.seeds, first_seed=args.first_seed, select=args.select,
+        precision=args.precision, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples, subsample_seed=args.subsample_seed, probe_l2=args.probe_l2,
+        probe_max_iterations=args.probe_max_iterations, progress=args.progress)
     temporary_export = None
     try:
         config.validate()

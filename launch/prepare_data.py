@@ -2,7 +2,7 @@
 
 Example:
     python launch/prepare_data.py --input 'corpus/*.jsonl.gz' --out s3://bucket/electra-128 \
-        --tokenizer train:30522 --seq-len 128
+        --tokenizer train:30522 --seq-len 128 --validation-fraction 0.02
 See dsexit/data/prepare.py for the pipeline and dsexit/data/index.py for the format.
 """
 
@@ -23,7 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--shard-mb", type=float, default=64)
     parser.add_argument("--text-field", default="text", help="JSON Lines / datasets column holding the text")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the packer's random segment choices")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the packer's random segment choices and of the validation split")
+    parser.add_argument("--validation-fraction", type=float, default=0.02,
+                        help="share of documents held out, whole, into validation shards, in [0, 0.5); 0 disables")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--storage-options", type=json.loads, default=None,
                         help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
         prepare_dataset(
             args.input, args.out, args.tokenizer, seq_len=args.seq_len, shard_mb=args.shard_mb,
             overwrite=args.overwrite, text_field=args.text_field, seed=args.seed, storage_options=args.storage_options,
+            validation_fraction=args.validation_fraction,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"prepare_data: error: {error}", file=sys.stderr)

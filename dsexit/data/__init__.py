@@ -9,14 +9,15 @@ What lives where:
     writer.py    shards + tokenizer + index.json to any fsspec URL
     prepare.py   the preparation pipeline (launch/prepare_data.py)
     order.py     the (seed, epoch) sample order, independent of world size
-    reader.py    StreamingShardReader: per-rank micro-batches, resumable, prefetched
+    reader.py    StreamingShardReader: per-rank micro-batches, resumable, prefetched;
+                 read_validation_samples: the held-out split, never streamed for training
     default/     the embedded default dataset (see DEFAULT_DATA.md)
 """
 
 from pathlib import Path
 
 from dsexit.data.index import DatasetFormatError, DatasetIndex, ShardInfo
-from dsexit.data.reader import StreamingShardReader
+from dsexit.data.reader import StreamingShardReader, read_validation_samples
 from dsexit.data.storage import ShardCorruptError
 from dsexit.data.tokenizer import save_hf_tokenizer
 
@@ -36,5 +37,6 @@ __all__ = [
     "ShardInfo",
     "StreamingShardReader",
     "default_data_url",
+    "read_validation_samples",
     "save_hf_tokenizer",
 ]

@@ -7,7 +7,12 @@ goes through `DatasetIndex` so the format is defined in one place.
 Layout of a dataset at URL:
     URL/index.json           this index
     URL/shard-00000.bin      raw little-endian rows of `dtype`, shape [num_samples, seq_len]
+    URL/validation-00000.bin held-out rows in the same layout (optional; never trained on)
     URL/<tokenizer file>     vocab.txt (WordPiece) or tokenizer.model (SentencePiece)
+
+The held-out split sits under its own key, `"validation": {"shards": [...]}`, so
+`shards`, `num_samples` and `fingerprint` describe the training data alone and an
+index written before the split existed (no key) loads with no validation shards.
 
 Token type ids are not stored: they are derived from the ids (0 up to and
 including the first [SEP], 1 after it up to the last real token, 0 on padding),
@@ -45,6 +50,10 @@ def shard_name(shard_number: int) -> str:
     return f"shard-{shard_number:05d}.bin"
 
 
+def validation_shard_name(shard_number: int) -> str:
+    return f"validation-{shard_number:05d}.bin"
+
+
 @dataclass
 class ShardInfo:
     name: str
@@ -61,7 +70,8 @@ class DatasetIndex:
     vocab_size: int
     special_tokens: dict[str, int]
     tokenizer: dict[str, str]  # {"kind": wordpiece|sentencepiece, "file": name next to the shards}
-    shards: list[ShardInfo] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)  # training data only
+    validation_shards: list[ShardInfo] = field(default_factory=list)  # the held-out split; empty if none
     url: str = ""  # where it was loaded from; not serialized
     format_version: int = FORMAT_VERSION
 
@@ -73,6 +83,10 @@ class DatasetIndex:
     @property
     def num_tokens(self) -> int:
         return sum(shard.num_tokens for shard in self.shards)
+
+    @property
+    def num_validation_samples(self) -> int:
+        return sum(shard.num_samples for shard in self.validation_shards)
 
     @property
     def row_bytes(self) -> int:
@@ -111,9 +125,16 @@ class DatasetIndex:
     def to_json(self) -> str:
         body = asdict(self)
         body.pop("url")
+        validation_shards = body.pop("validation_shards")
         body["format"] = FORMAT_NAME
         body["num_samples"] = self.num_samples
         body["num_tokens"] = self.num_tokens
+        if validation_shards:  # absent rather than empty, so a dataset without a split reads as before
+            body["validation"] = {
+                "shards": validation_shards,
+                "num_samples": self.num_validation_samples,
+                "num_tokens": sum(shard.num_tokens for shard in self.validation_shards),
+            }
         return json.dumps(body, indent=1)
 
     @classmethod
@@ -130,6 +151,9 @@ class DatasetIndex:
                 f"{where} has format_version {body.get('format_version')!r}; this reader understands {FORMAT_VERSION}."
             )
         try:
+            validation = body.get("validation", {})
+            if not isinstance(validation, dict):
+                raise TypeError(f"validation is {type(validation).__name__}, expected an object with \"shards\"")
             index = cls(
                 seq_len=int(body["seq_len"]),
                 dtype=str(body["dtype"]),
@@ -137,6 +161,7 @@ class DatasetIndex:
                 special_tokens={name: int(body["special_tokens"][name]) for name in SPECIAL_TOKEN_NAMES},
                 tokenizer={"kind": str(body["tokenizer"]["kind"]), "file": str(body["tokenizer"]["file"])},
                 shards=[ShardInfo(**shard) for shard in body["shards"]],
+                validation_shards=[ShardInfo(**shard) for shard in validation.get("shards", [])],
                 url=url,
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -158,12 +183,15 @@ class DatasetIndex:
                 raise DatasetFormatError(f"{where} has special token {name}={token_id} outside vocab_size {self.vocab_size}.")
         if not self.shards:
             raise DatasetFormatError(f"{where} lists no shards.")
-        for shard in self.shards:
+        for shard in self.shards + self.validation_shards:
             if shard.num_bytes != shard.num_samples * self.row_bytes:
                 raise DatasetFormatError(
                     f"{where}: shard {shard.name} has {shard.num_bytes} bytes, expected "
                     f"{shard.num_samples} samples x {self.row_bytes} bytes."
                 )
+        shared = {shard.name for shard in self.shards} & {shard.name for shard in self.validation_shards}
+        if shared:
+            raise DatasetFormatError(f"{where} lists {sorted(shared)} as both training and validation shards.")
 
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None, retries: int = 3) -> "DatasetIndex":

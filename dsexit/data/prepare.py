@@ -4,10 +4,16 @@ This module owns the order of work: validate every argument before any work,
 train or load the tokenizer, stream documents through sentence splitting, batch
 encoding and the BERT/ELECTRA packer into the shard writer, and report progress
 (a bar on a terminal, plain log lines otherwise).
+
+It also owns the held-out split: each document goes, whole, to training or to
+validation by a draw from (seed, document number) alone (`is_validation_document`),
+and each side has its own packer, so no sample mixes the two and the split does
+not depend on batching, input sizes or the tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from typing import Iterator
@@ -19,6 +25,23 @@ from dsexit.data.tokenizer import load_tokenizer, parse_tokenizer_spec
 from dsexit.data.writer import ShardWriter, claim_output
 
 _DOCUMENTS_PER_BATCH = 2000
+MAX_VALIDATION_FRACTION = 0.5
+
+
+def _uniform_draw(seed: int, key: str) -> float:
+    """A number in [0, 1) fixed by (seed, key): a hash, so it needs no state carried between documents."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def is_validation_document(seed: int, document_number: int, validation_fraction: float) -> bool:
+    """Whether document `document_number` (counted from 0 across all inputs, in order) is held out."""
+    return _uniform_draw(seed, f"validation-split:{document_number}") < validation_fraction
+
+
+def _validation_packer_seed(seed: int) -> int:
+    """The validation packer's seed: its own stream, so holding documents out leaves training packing alone."""
+    return int(_uniform_draw(seed, "validation-packer") * 2**63)
 
 
 class Progress:
@@ -77,13 +100,22 @@ def prepare_dataset(
     seed: int = 0,
     storage_options: dict | None = None,
     progress_stream=None,
+    validation_fraction: float = 0.02,
 ) -> DatasetIndex:
-    """Tokenize, pack and shard the inputs into a dataset at out_url; returns its index."""
+    """Tokenize, pack and shard the inputs into a dataset at out_url; returns its index.
+
+    About `validation_fraction` of the documents (0 = none) are held out whole
+    into validation shards (`DatasetIndex.validation_shards`), never trained on.
+    If the draw holds out no document but there are at least two, the last
+    document is held out, so a small corpus still gets a validation split.
+    """
     parse_tokenizer_spec(tokenizer_spec)
     if seq_len < 8:
         raise ValueError(f"--seq-len must be at least 8, got {seq_len}.")
     if shard_mb <= 0:
         raise ValueError(f"--shard-mb must be positive, got {shard_mb}.")
+    if not 0 <= validation_fraction < MAX_VALIDATION_FRACTION:
+        raise ValueError(f"--validation-fraction must be in [0, {MAX_VALIDATION_FRACTION}), got {validation_fraction}.")
     sources = resolve_inputs(inputs, text_field, storage_options)
     claim_output(out_url, overwrite, storage_options)
     progress = Progress(len(sources), progress_stream)
@@ -96,18 +128,42 @@ def prepare_dataset(
 
     special = tokenizer.special_tokens
     packer = SequencePacker(seq_len, special["cls"], special["sep"], special["pad"], seed=seed)
+    validation_packer = SequencePacker(seq_len, special["cls"], special["sep"], special["pad"], seed=_validation_packer_seed(seed))
     writer = ShardWriter(out_url, tokenizer, seq_len, int(shard_mb * (1 << 20)), storage_options)
-    documents = samples = 0
+    documents = samples = validation_documents = 0
+    # The latest training document waits here, unpacked, until the next one arrives: if the draw
+    # holds out nothing, it is the one moved to validation, and training order is kept either way.
+    held_back: list[list[int]] | None = None
     for source_number, batch in _document_batches(sources):
         split = [split_sentences(document) for document in batch]
         encoded = iter(tokenizer.encode_batch([sentence for sentences in split for sentence in sentences]))
         for sentences in split:
-            rows = packer.add_document([next(encoded) for _ in sentences])
+            document = [next(encoded) for _ in sentences]
+            if is_validation_document(seed, documents, validation_fraction):
+                writer.add_validation_rows(validation_packer.add_document(document))
+                validation_documents += 1
+            elif document:  # an empty document packs to nothing; holding it back would hold out nothing
+                if held_back is not None:
+                    rows = packer.add_document(held_back)
+                    writer.add_rows(rows)
+                    samples += len(rows)
+                held_back = document
+            documents += 1
+        progress.update(source_number, documents, samples, len(writer.index.shards))
+    if held_back is not None:
+        if validation_fraction > 0 and validation_documents == 0 and documents >= 2:
+            progress.message(f"no document was drawn for validation at fraction {validation_fraction} "
+                             f"of {documents} documents; holding out the last document instead")
+            writer.add_validation_rows(validation_packer.add_document(held_back))
+            validation_documents += 1
+        else:
+            rows = packer.add_document(held_back)
             writer.add_rows(rows)
             samples += len(rows)
-        documents += len(batch)
-        progress.update(source_number, documents, samples, len(writer.index.shards))
     index = writer.finish()
     progress.update(len(sources), documents, samples, len(index.shards), final=True)
     progress.message(f"wrote {index.num_samples} samples, {index.num_tokens} tokens, {len(index.shards)} shards to {out_url}")
+    if index.validation_shards:
+        progress.message(f"held out {validation_documents} of {documents} documents for validation: "
+                         f"{index.num_validation_samples} samples, {len(index.validation_shards)} shards")
     return index

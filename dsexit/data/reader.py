@@ -6,6 +6,10 @@ This module owns the schedule (global step s takes epoch positions
 global batch of an epoch is dropped), the reader's state (epoch, global samples
 consumed by the trainer), the background prefetch thread, and turning rows into
 tensors. Sample order comes from `order.py`, bytes from `storage.py`.
+
+It also owns the one read of the held-out split, `read_validation_samples`: the
+validation rows in file order, through the same cache, retries and sha256 checks.
+The streaming reader only ever sees `index.shards`, the training shards.
 """
 
 from __future__ import annotations
@@ -19,15 +23,58 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from dsexit.data.index import DatasetIndex
+from dsexit.data.index import DatasetFormatError, DatasetIndex, ShardInfo
 from dsexit.data.order import EpochOrder
 from dsexit.data.packing import token_type_ids
-from dsexit.data.storage import RetryPolicy, ShardCache
+from dsexit.data.storage import DEFAULT_CACHE_MAX_BYTES, RetryPolicy, ShardCache
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _OPEN_SHARDS = 64  # memory maps kept open; reopening is cheap, this only bounds file handles
+
+
+def open_shard(cache: ShardCache, index: DatasetIndex, shard: ShardInfo) -> np.ndarray:
+    """The shard's rows, [num_samples, seq_len], memory-mapped from its verified copy in the cache."""
+    path = cache.get(index.shard_url(shard), shard.sha256, shard.num_bytes)
+    return np.memmap(path, dtype=np.dtype(index.dtype).newbyteorder("<"), mode="r").reshape(-1, index.seq_len)
+
+
+def read_validation_samples(
+    index: DatasetIndex | str,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+    *,
+    storage_options: dict | None = None,
+    retries: int = 6,
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+) -> np.ndarray:
+    """The first `max_samples` (default all) held-out rows in file order: int64 [N, seq_len].
+
+    `index` is a loaded DatasetIndex or a dataset URL. Raises DatasetFormatError
+    if the dataset has no validation split, ShardCorruptError if a shard's bytes
+    do not match index.json.
+    """
+    if isinstance(index, str):
+        index = DatasetIndex.load(index, storage_options, retries=retries)
+    if not index.validation_shards:
+        raise DatasetFormatError(
+            f"The dataset at {index.url or '(unsaved)'} has no validation split; prepare it again with "
+            f"launch/prepare_data.py --validation-fraction F (e.g. 0.02) to hold out documents for validation."
+        )
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}.")
+    wanted = index.num_validation_samples if max_samples is None else min(max_samples, index.num_validation_samples)
+    cache = ShardCache(cache_dir, cache_max_bytes, RetryPolicy(retries), storage_options)
+    rows = np.empty((wanted, index.seq_len), dtype=np.int64)
+    filled = 0
+    for shard in index.validation_shards:
+        if filled == wanted:
+            break
+        take = min(shard.num_samples, wanted - filled)
+        rows[filled : filled + take] = open_shard(cache, index, shard)[:take]
+        filled += take
+    return rows
 
 
 class StreamingShardReader:
@@ -45,7 +92,7 @@ class StreamingShardReader:
         shuffle_window: int = 16,
         prefetch: int = 8,
         cache_dir: str | None = None,
-        cache_max_bytes: int = 8 << 30,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
         storage_options: dict | None = None,
         retries: int = 6,
         retry_base_delay_s: float = 0.5,
@@ -194,9 +241,7 @@ class StreamingShardReader:
         if shard_number in self._open_shards:
             self._open_shards.move_to_end(shard_number)
             return self._open_shards[shard_number]
-        shard = self.index.shards[shard_number]
-        path = self.cache.get(self.index.shard_url(shard), shard.sha256, shard.num_bytes)
-        array = np.memmap(path, dtype=np.dtype(self.index.dtype).newbyteorder("<"), mode="r").reshape(-1, self.index.seq_len)
+        array = open_shard(self.cache, self.index, self.index.shards[shard_number])
         self._open_shards[shard_number] = array
         if len(self._open_shards) > _OPEN_SHARDS:
             self._open_shards.popitem(last=False)

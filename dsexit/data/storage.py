@@ -22,6 +22,7 @@ import fsspec
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 8 << 20
+DEFAULT_CACHE_MAX_BYTES = 8 << 30  # the on-disk shard cache's bound unless a caller sets one
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:

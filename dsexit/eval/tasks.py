@@ -4,12 +4,16 @@ One JSON object a line: `text` (single sentence) or `text_a` + `text_b` (sentenc
 and an integer `label`. The label set is the train split's; class indices are the sorted
 train labels, so labels need not be 0..K-1. Every user error raises `TaskError` with one
 sentence naming the file, the line and what was expected.
+
+`stratified_subset` draws a seeded, label-stratified subsample of a split, so that a
+file sorted by label still yields every class in its proportion.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 
 SPLITS = ("train", "dev", "test")
@@ -41,6 +45,28 @@ class Task:
 
     def class_index(self, label: int) -> int:
         return self.labels.index(label)
+
+
+def stratified_subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """`limit` examples drawn per label in proportion to the label's count, chosen by `seed`; file order kept.
+
+    Shares are rounded by largest remainder, so the subset holds exactly `limit` examples
+    (all of them where `limit` is None or not smaller than the split).
+    """
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    positions_by_label: dict[int, list[int]] = {}
+    for position, example in enumerate(examples):
+        positions_by_label.setdefault(example.label, []).append(position)
+    labels = sorted(positions_by_label)
+    exact_shares = {label: limit * len(positions_by_label[label]) / len(examples) for label in labels}
+    shares = {label: int(exact_shares[label]) for label in labels}
+    by_remainder = sorted(labels, key=lambda label: shares[label] - exact_shares[label])
+    for label in by_remainder[:limit - sum(shares.values())]:
+        shares[label] += 1
+    rng = random.Random(seed)
+    chosen = [position for label in labels for position in rng.sample(positions_by_label[label], shares[label])]
+    return [examples[position] for position in sorted(chosen)]
 
 
 def split_path(directory: str, split: str) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 GENERATOR_MODES = ("mlm", "uniform", "unigram")
 HEAD_BIAS_INITS = ("prior", "zero")
 EXIT_KV_MODES = ("keep", "drop")
+EXIT_CRITERIA = ("prior_margin", "confidence")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 
 
@@ -63,19 +64,43 @@ class ElectraExitConfig:
     # --- pre-training objective ---
     mask_prob: float = 0.15
     disc_weight: float = 50.0
+    generator_temperature: float = 1.0
+    """Replacements are drawn from softmax(generator logits / T); T > 1 flattens them (harder
+    to tell from the context alone while the generator is still at the unigram plateau)."""
+    replacement_mix: float = 0.0
+    """Share of masked positions whose replacement is drawn from the fixed `replacement_probs`
+    (uniform over the vocabulary, specials excluded) instead of the generator, at step 0."""
+    replacement_mix_steps: int = 0
+    """Steps over which `replacement_mix` falls linearly to 0 (0: it stays constant)."""
 
     # --- early exit ---
     exit_enabled: bool = True
     min_exit_layer: int | None = None
     exit_threshold: float = 0.9
-    """Confidence |2p-1| at or above which a token exits (tau); the controller's start value."""
+    """Confidence at or above which a token exits (tau); the controller's start value."""
+    exit_criterion: str = "prior_margin"
+    """How a head's logit x becomes a confidence in [0, 1):
+    "prior_margin": |tanh((x - prior_logit) / 2)|, the distance of the head's log-odds from
+        the replacement prior's (logit of mask_prob). A head that predicts the base rate for
+        every token (what an untrained or collapsed head does) has confidence 0 and lets
+        nothing exit, however low tau goes.
+    "confidence": |2p - 1| = |tanh(x / 2)|, the distance from p = 0.5. A head at the ~15%
+        prior already reaches 0.70 on every token."""
+    exit_special_tokens: bool = False
+    """Let [CLS] and [SEP] exit. By default they never do: their RTD label is always 0, so heads
+    grow confident on them at once, and [CLS] is the state fine-tuning reads; pinned, the last
+    layers always compute the sequence summary. Pinned tokens are not counted in the compute
+    fraction (neither executed nor full), which measures only tokens that can exit."""
     target_compute: float | None = None
     """Fraction of token-layers to execute; when set, a controller steers tau toward it."""
     controller_gain: float = 4.0
     """Step size of the controller, in logit(tau) per unit of compute-fraction error."""
     exit_kv: str = "keep"
     exit_warmup_steps: int = 0
-    aux_weight: float = 1.0
+    aux_weight: float = 0.5
+    """Share a of the discriminator term taken by the exit heads (deep supervision):
+    disc_weight x ((1 - a) x final RTD + a x mean exit-head RTD). The two shares add up to 1,
+    so the generator's share of the loss is the same with and without exits."""
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +144,8 @@ class ElectraExitConfig:
             fail("generator", self.generator, f"one of {', '.join(GENERATOR_MODES)}")
         if self.head_bias_init not in HEAD_BIAS_INITS:
             fail("head_bias_init", self.head_bias_init, f"one of {', '.join(HEAD_BIAS_INITS)}")
+        if self.exit_criterion not in EXIT_CRITERIA:
+            fail("exit_criterion", self.exit_criterion, f"one of {', '.join(EXIT_CRITERIA)}")
         if self.exit_kv not in EXIT_KV_MODES:
             fail("exit_kv", self.exit_kv, f"one of {', '.join(EXIT_KV_MODES)}")
         if self.hidden_act not in ACTIVATIONS:
@@ -128,6 +155,12 @@ class ElectraExitConfig:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
         if not 0.0 < self.mask_prob < 1.0:
             fail("mask_prob", self.mask_prob, "a fraction in (0, 1)")
+        if not (math.isfinite(self.generator_temperature) and self.generator_temperature > 0):
+            fail("generator_temperature", self.generator_temperature, "a positive sampling temperature")
+        if not 0.0 <= self.replacement_mix <= 1.0:
+            fail("replacement_mix", self.replacement_mix, "a share of masked positions in [0, 1]")
+        if self.replacement_mix_steps < 0:
+            fail("replacement_mix_steps", self.replacement_mix_steps, "a non-negative number of steps")
         if not (math.isfinite(self.exit_threshold) and 0.0 < self.exit_threshold <= 1.0):
             fail("exit_threshold", self.exit_threshold, "a confidence tau in (0, 1]")
         if self.target_compute is not None and not 0.0 < self.target_compute <= 1.0:
@@ -138,9 +171,10 @@ class ElectraExitConfig:
                  f"(the model has num_hidden_layers={self.num_hidden_layers})")
         if self.exit_warmup_steps < 0:
             fail("exit_warmup_steps", self.exit_warmup_steps, "a non-negative number of steps")
-        if self.aux_weight < 0 or self.disc_weight < 0:
-            fail("aux_weight" if self.aux_weight < 0 else "disc_weight",
-                 min(self.aux_weight, self.disc_weight), "a non-negative weight")
+        if not 0.0 <= self.aux_weight < 1.0:
+            fail("aux_weight", self.aux_weight, "the exit heads' share of the discriminator loss, in [0, 1)")
+        if self.disc_weight < 0:
+            fail("disc_weight", self.disc_weight, "a non-negative weight")
         if self.controller_gain <= 0:
             fail("controller_gain", self.controller_gain, "a positive step size")
 
@@ -151,6 +185,22 @@ class ElectraExitConfig:
         if not self.exit_enabled:
             return []
         return list(range(self.min_exit_layer, self.num_hidden_layers))
+
+    def replacement_mix_at(self, step: int) -> float:
+        """Share of masked positions replaced from the fixed distribution at optimizer step `step`."""
+        if self.replacement_mix_steps == 0:
+            return self.replacement_mix
+        return self.replacement_mix * max(0.0, 1.0 - step / self.replacement_mix_steps)
+
+    @property
+    def prior_logit(self) -> float:
+        """Log-odds of the replacement prior (the masking rate): where `prior_margin` is zero."""
+        return math.log(self.mask_prob / (1.0 - self.mask_prob))
+
+    @property
+    def pinned_token_ids(self) -> tuple[int, ...]:
+        """Tokens that never exit under a threshold (none when `exit_special_tokens`)."""
+        return () if self.exit_special_tokens else (self.cls_token_id, self.sep_token_id)
 
     @property
     def uses_generator_network(self) -> bool:

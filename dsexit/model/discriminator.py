@@ -1,8 +1,9 @@
 """The ELECTRA discriminator with token-level early exit.
 
 After each layer that carries an exit head, every still-active token gets a replaced-token
-probability p from that head. A token whose confidence |2p-1| reaches tau exits: its RTD
-logit is the head's, and its hidden state is frozen and carried to the output. Later
+logit from that head. A token whose confidence (`ExitDecision`) reaches tau exits: its RTD
+logit is the head's, and its hidden state is frozen and carried to the output. Pinned
+tokens ([CLS], [SEP] by default) never exit under a threshold and run every layer. Later
 layers compute new states only for active tokens (see `TokenRouting`). Every layer and
 head is called on every forward, with zero rows if need be, so that ZeRO-3's parameter
 gathering sees the same module sequence on every rank.
@@ -36,17 +37,20 @@ class ExitState:
     logits: torch.Tensor  # RTD logit of each token that has exited (0 elsewhere until the end)
     exit_layer: torch.Tensor  # long: layer number a token exited after (0: still active)
     aux_loss: torch.Tensor  # scalar: sum over exit heads of their mean RTD loss
+    exitable: torch.Tensor  # bool: real tokens a threshold may let exit (pinned specials excluded)
     labels: torch.Tensor | None = None  # float: 1 where the token was replaced
     work: list[LayerWork] = field(default_factory=list)
 
     @classmethod
-    def start(cls, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> "ExitState":
+    def start(cls, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+              exitable: torch.Tensor | None = None) -> "ExitState":
         """The state entering layer 1: every real token active, nothing exited yet."""
         real = attention_mask.bool()
         return cls(hidden=hidden, attention_mask=real, active=real.clone(),
                    logits=hidden.new_zeros(real.shape, dtype=torch.float32),
                    exit_layer=torch.zeros(real.shape, dtype=torch.long, device=hidden.device),
-                   aux_loss=hidden.new_zeros((), dtype=torch.float32), labels=labels)
+                   aux_loss=hidden.new_zeros((), dtype=torch.float32),
+                   exitable=real.clone() if exitable is None else exitable.bool() & real, labels=labels)
 
     @property
     def dense(self) -> bool:
@@ -54,21 +58,49 @@ class ExitState:
         return bool(torch.equal(self.active, self.attention_mask))
 
 
+def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    config: ElectraExitConfig) -> torch.Tensor:
+    """Real tokens that a threshold may let exit: all but the pinned specials."""
+    real = attention_mask.bool()
+    pinned = config.pinned_token_ids
+    if not pinned:
+        return real
+    return real & ~torch.isin(input_ids, torch.tensor(pinned, device=input_ids.device))
+
+
+def exit_confidence(head_logits: torch.Tensor, criterion: str, prior_logit: float) -> torch.Tensor:
+    """A head's confidence in [0, 1) per token (see `ElectraExitConfig.exit_criterion`)."""
+    centre = prior_logit if criterion == "prior_margin" else 0.0
+    # |tanh((x - c) / 2)| == |2 sigmoid(x - c) - 1|, without saturating sigmoid first.
+    return torch.tanh((head_logits.detach().float() - centre) / 2).abs()
+
+
 @dataclass
 class ExitDecision:
-    """How tokens leave: a confidence threshold, or a forced per-token exit layer."""
+    """How tokens leave: a confidence threshold, or a forced per-token exit layer.
+
+    A forced plan is absolute (pinned tokens follow it too: benchmarks use it to fix the
+    work); a threshold applies to exitable tokens only.
+    """
 
     threshold: float | None = None
     plan: torch.Tensor | None = None  # long [B, T]: exit after this layer (>= num layers: never)
+    criterion: str = "confidence"  # `for_config` takes the model's criterion and prior
+    prior_logit: float = 0.0
 
-    def exits(self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def for_config(cls, config: ElectraExitConfig, threshold: float | None = None,
+                   plan: torch.Tensor | None = None) -> "ExitDecision":
+        return cls(threshold=threshold, plan=plan, criterion=config.exit_criterion, prior_logit=config.prior_logit)
+
+    def exits(self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor,
+              exitable: torch.Tensor) -> torch.Tensor:
         if self.plan is not None:
             return self.plan.reshape(-1).index_select(0, rows) <= layer_number
         if self.threshold is None:
             return torch.zeros_like(head_logits, dtype=torch.bool)
-        # |2 sigmoid(x) - 1| == |tanh(x / 2)|, computed without saturating sigmoid first.
-        confidence = torch.tanh(head_logits.detach().float() / 2).abs()
-        return confidence >= self.threshold
+        confident = exit_confidence(head_logits, self.criterion, self.prior_logit) >= self.threshold
+        return confident & exitable.reshape(-1).index_select(0, rows)
 
 
 class ElectraBody(nn.Module):
@@ -109,9 +141,13 @@ class ElectraDiscriminator(nn.Module):
             head.dense_prediction.bias.fill_(prior_logit)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-              labels: torch.Tensor | None = None) -> ExitState:
+              labels: torch.Tensor | None = None, exitable: torch.Tensor | None = None) -> ExitState:
+        """`exitable` defaults to the non-pinned real tokens of `input_ids`; pre-training passes the
+        mask of the uncorrupted ids (a generator may sample a special token as a replacement)."""
         hidden = self.electra.project(self.electra.embeddings(input_ids, token_type_ids))
-        return ExitState.start(hidden, attention_mask, labels)
+        if exitable is None:
+            exitable = exitable_tokens(input_ids, attention_mask, self.config)
+        return ExitState.start(hidden, attention_mask, labels, exitable)
 
     def head_for(self, layer_number: int) -> nn.Module | None:
         """The head read after layer `layer_number`: an exit head, the final head, or none."""
@@ -125,9 +161,10 @@ class ElectraDiscriminator(nn.Module):
                               layer_number, self.config, state, decision)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                labels: torch.Tensor | None = None, decision: ExitDecision | None = None) -> ExitState:
-        decision = decision or ExitDecision()
-        state = self.embed(input_ids, attention_mask, token_type_ids, labels)
+                labels: torch.Tensor | None = None, decision: ExitDecision | None = None,
+                exitable: torch.Tensor | None = None) -> ExitState:
+        decision = decision or ExitDecision.for_config(self.config)
+        state = self.embed(input_ids, attention_mask, token_type_ids, labels, exitable)
         for layer_number in range(1, self.num_layers + 1):
             state = self.run_layer(layer_number, state, decision)
         return state
@@ -146,7 +183,7 @@ def run_exit_layer(layer: nn.Module, head: nn.Module | None, layer_number: int, 
         routing = TokenRouting.active_tokens(state.active, state.attention_mask,
                                              drop_exited_keys=config.exit_kv == "drop")
     batch, seq_len = state.active.shape
-    token_layers = int(state.active.sum())
+    token_layers = int((state.active & state.exitable).sum())
     state.hidden = layer(state.hidden, routing)
     positions = batch * seq_len
     work = LayerWork(token_layers=token_layers,
@@ -172,7 +209,7 @@ def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: E
         head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
                      else head_logits.sum())
         state.aux_loss = state.aux_loss + head_loss
-    exits = decision.exits(layer_number, head_logits, rows)
+    exits = decision.exits(layer_number, head_logits, rows, state.exitable)
     exiting_rows = rows[exits]
     state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
     flat_exit_layer = state.exit_layer.reshape(-1).clone()

@@ -17,7 +17,7 @@ from .config import ElectraExitConfig
 class LayerWork:
     """Rows that entered one encoder layer's matmuls, and the attention's extent."""
 
-    token_layers: int  # real (non-padding) tokens the layer computed a new state for
+    token_layers: int  # exitable tokens the layer computed a new state for (pinned specials not counted)
     rows: int  # rows into query, attention-output and both feed-forward matmuls
     key_value_rows: int  # rows into the key and value projections
     query_slots: int  # query rows inside scaled-dot-product attention (padded layout)
@@ -32,6 +32,7 @@ class ComputeLog:
     batch_size: int = 0
     seq_len: int = 0
     real_tokens: int = 0
+    exitable_tokens: int = 0  # real tokens a threshold may let exit (the compute fraction's unit)
     discriminator: list[LayerWork] = field(default_factory=list)
     generator: list[LayerWork] = field(default_factory=list)
     generator_head_rows: int = 0  # rows into the generator's vocabulary projection
@@ -62,7 +63,8 @@ class FlopReport:
 
     @property
     def compute_fraction(self) -> float:
-        """Executed discriminator token-layers / token-layers at full depth (real tokens)."""
+        """Executed discriminator token-layers / token-layers at full depth, over exitable tokens
+        (real tokens but the pinned specials, which always run every layer)."""
         return self.token_layers_executed / max(1, self.token_layers_full)
 
     @property
@@ -82,12 +84,12 @@ def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
     """The log the same batch would produce with no token exiting (dense layers)."""
     positions = log.batch_size * log.seq_len
     exit_layers = set(config.exit_layers)
-    dense = [LayerWork(token_layers=log.real_tokens, rows=positions, key_value_rows=positions,
+    dense = [LayerWork(token_layers=log.exitable_tokens, rows=positions, key_value_rows=positions,
                        query_slots=positions, key_length=log.seq_len,
                        head_rows=(log.real_tokens if number in exit_layers else
                                   positions if number == config.num_hidden_layers else 0))
              for number in range(1, config.num_hidden_layers + 1)]
-    return ComputeLog(log.batch_size, log.seq_len, log.real_tokens, dense, log.generator,
+    return ComputeLog(log.batch_size, log.seq_len, log.real_tokens, log.exitable_tokens, dense, log.generator,
                       log.generator_head_rows)
 
 
@@ -128,7 +130,7 @@ def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:
     full = full_depth_work(log, config)
     return FlopReport(
         token_layers_executed=sum(work.token_layers for work in log.discriminator),
-        token_layers_full=log.real_tokens * config.num_hidden_layers,
+        token_layers_full=log.exitable_tokens * config.num_hidden_layers,
         forward_flops=_forward_flops(log, config),
         forward_flops_full=_forward_flops(full, config),
     )

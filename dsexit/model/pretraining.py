@@ -2,7 +2,8 @@
 
 `ElectraPreTrainingModel` owns the generator (or a fixed replacement distribution for
 the `uniform` / `unigram` generator study), the early-exit discriminator, and the loss:
-generator MLM + disc_weight x (RTD + aux_weight x mean exit-head RTD). Randomness
+generator MLM + disc_weight x ((1 - a) x RTD + a x mean exit-head RTD), a = aux_weight when
+the model has exit heads, 0 without (`objective_loss`). Randomness
 (masking, sampling) comes from torch's default generator, so a checkpoint that saves
 torch's RNG state resumes the same masks.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ElectraExitConfig
-from .discriminator import ElectraDiscriminator, ExitDecision, ExitState
+from .discriminator import ElectraDiscriminator, ExitDecision, ExitState, exitable_tokens
 from .flops import ComputeLog, FlopReport, count_flops, mean_exit_layer
 from .generator import ElectraGenerator
 from .layers import init_weights
@@ -68,14 +69,27 @@ class CorruptionMixin:
         return (candidates & (draws < self.config.mask_prob)).reshape(-1).nonzero().squeeze(1)
 
     @staticmethod
-    def _sample_from_logits(logits: torch.Tensor) -> torch.Tensor:
-        # Gumbel-max: one draw from softmax(logits) per row.
-        uniform = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20, max=1.0 - 1e-7)
-        return (logits.detach().float() - torch.log(-torch.log(uniform))).argmax(-1)
+    def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw from softmax(logits / temperature) per row (Gumbel-max)."""
+        uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+        uniform = uniform.clamp_(min=1e-20, max=1.0 - 1e-7)
+        return (logits.detach().float() / temperature - torch.log(-torch.log(uniform))).argmax(-1)
+
+    def sample_fixed(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`count` draws from the fixed replacement distribution (uniform or unigram)."""
+        if count == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.replacement_probs.device)
+        return torch.multinomial(self.replacement_probs, count, replacement=True, generator=generator)
 
     def corrupt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                log: ComputeLog | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(corrupted ids, RTD labels as float, generator MLM loss) for one batch."""
+                log: ComputeLog | None = None,
+                replacement_mix: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(corrupted ids, RTD labels as float, generator MLM loss) for one batch.
+
+        `replacement_mix` (default: the config's value at step 0) is the share of masked
+        positions replaced from the fixed distribution rather than by the generator.
+        """
         masked_rows = self.choose_masked_positions(input_ids, attention_mask)
         originals = input_ids.reshape(-1).index_select(0, masked_rows)
         if self.generator is not None:
@@ -87,14 +101,30 @@ class CorruptionMixin:
                 log.generator_head_rows = int(masked_rows.numel())
             generator_loss = (F.cross_entropy(generator_logits, originals) if masked_rows.numel()
                               else generator_logits.sum())
-            replacements = self._sample_from_logits(generator_logits)
+            replacements = self.sample_from_logits(generator_logits, self.config.generator_temperature)
+            mix = self.config.replacement_mix if replacement_mix is None else replacement_mix
+            if mix > 0:
+                from_fixed = torch.rand(masked_rows.shape, device=input_ids.device) < mix
+                replacements = torch.where(from_fixed, self.sample_fixed(masked_rows.numel()), replacements)
         else:
             generator_loss = torch.zeros((), device=input_ids.device)
-            replacements = (torch.multinomial(self.replacement_probs, masked_rows.numel(), replacement=True)
-                            if masked_rows.numel() else originals)
+            replacements = self.sample_fixed(masked_rows.numel()) if masked_rows.numel() else originals
         corrupted = input_ids.reshape(-1).index_copy(0, masked_rows, replacements).view_as(input_ids)
         # A sampled token equal to the original counts as original.
         return corrupted, (corrupted != input_ids).float(), generator_loss
+
+
+def objective_loss(config: ElectraExitConfig, generator_loss: torch.Tensor, discriminator_loss: torch.Tensor,
+                   mean_exit_head_loss: torch.Tensor) -> torch.Tensor:
+    """generator + disc_weight x ((1 - a) x final RTD + a x mean exit-head RTD).
+
+    The exit heads take a share a = aux_weight of the discriminator term instead of adding to
+    it, so the generator's share of the loss (and, under gradient clipping, the balance between
+    generator and discriminator) is the same for a model with exits as for one without.
+    """
+    share = config.aux_weight if config.exit_layers else 0.0
+    discriminator_term = (1.0 - share) * discriminator_loss + share * mean_exit_head_loss
+    return generator_loss + config.disc_weight * discriminator_term
 
 
 def register_replacement_buffers(module: nn.Module, config: ElectraExitConfig) -> None:
@@ -135,16 +165,20 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, exit_threshold: float | None = None,
-                exit_plan: torch.Tensor | None = None, **_: torch.Tensor) -> PreTrainingOutput:
+                exit_plan: torch.Tensor | None = None, replacement_mix: float | None = None,
+                **_: torch.Tensor) -> PreTrainingOutput:
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        exitable = exitable_tokens(input_ids, attention_mask, self.config)
         log = ComputeLog(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1],
-                         real_tokens=int(attention_mask.sum()))
-        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids, log)
-        decision = ExitDecision(threshold=exit_threshold, plan=exit_plan)
-        state = self.discriminator(corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision)
+                         real_tokens=int(attention_mask.sum()), exitable_tokens=int(exitable.sum()))
+        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids, log,
+                                                             replacement_mix)
+        decision = ExitDecision.for_config(self.config, threshold=exit_threshold, plan=exit_plan)
+        state = self.discriminator(corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision,
+                                   exitable=exitable)
         log.discriminator = state.work
         return self._finish(state, rtd_labels, generator_loss, log)
 
@@ -155,7 +189,7 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         labels = rtd_labels[real]
         discriminator_loss = F.binary_cross_entropy_with_logits(logits, labels)
         aux_loss = state.aux_loss / max(1, len(self.discriminator.exit_heads))
-        loss = generator_loss + self.config.disc_weight * (discriminator_loss + self.config.aux_weight * aux_loss)
+        loss = objective_loss(self.config, generator_loss, discriminator_loss, aux_loss)
         with torch.no_grad():
             rtd_accuracy = ((logits > 0).float() == labels).float().mean()
             counts = torch.bincount(state.exit_layer[real], minlength=self.config.num_hidden_layers + 1)[1:]

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import ElectraExitConfig, ElectraPreTrainingModel, ExitDecision, ExitState
-from ..model.discriminator import ElectraDiscriminator, run_exit_layer
-from ..model.pretraining import CorruptionMixin
+from ..model.discriminator import ElectraDiscriminator, exitable_tokens, run_exit_layer
+from ..model.pretraining import CorruptionMixin, objective_loss
 
-PIPE_FIELDS = ("hidden", "logits", "losses", "attention_mask", "active", "exit_layer", "rtd_labels",
+PIPE_FIELDS = ("hidden", "logits", "losses", "attention_mask", "active", "exitable", "exit_layer", "rtd_labels",
                "exit_plan", "token_layers")
 
 
@@ -46,13 +46,14 @@ STAGE_COUNTERS = StageCounters()
 
 def pack(state: ExitState, losses: torch.Tensor, exit_plan: torch.Tensor, token_layers: torch.Tensor):
     return (state.hidden, state.logits, losses, state.attention_mask.long(), state.active.long(),
-            state.exit_layer, state.labels.long(), exit_plan, token_layers)
+            state.exitable.long(), state.exit_layer, state.labels.long(), exit_plan, token_layers)
 
 
 def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor]:
-    hidden, logits, losses, attention_mask, active, exit_layer, rtd_labels, exit_plan, token_layers = inputs
+    hidden, logits, losses, attention_mask, active, exitable, exit_layer, rtd_labels, exit_plan, token_layers = inputs
     state = ExitState(hidden=hidden, attention_mask=attention_mask.bool(), active=active.bool(), logits=logits,
-                      exit_layer=exit_layer, aux_loss=losses.new_zeros(()), labels=rtd_labels.float())
+                      exit_layer=exit_layer, aux_loss=losses.new_zeros(()), exitable=exitable.bool(),
+                      labels=rtd_labels.float())
     return state, losses, exit_plan, token_layers
 
 
@@ -75,13 +76,17 @@ class EmbedAndCorrupt(CorruptionMixin, nn.Module):
         self.register_buffer("replacement_probs", model.replacement_probs.clone())
         self.num_layers = model.config.num_hidden_layers
 
+    replacement_mix: float | None = None  # set by the trainer each step (`set_replacement_mix`)
+
     def forward(self, inputs):
         input_ids, attention_mask, token_type_ids, exit_plan = inputs
-        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids)
+        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids,
+                                                             replacement_mix=type(self).replacement_mix)
         hidden = self.embeddings(corrupted, token_type_ids)
         if hasattr(self, "embeddings_project"):
             hidden = self.embeddings_project(hidden)
-        state = ExitState.start(hidden, attention_mask, rtd_labels)
+        state = ExitState.start(hidden, attention_mask, rtd_labels,
+                                exitable_tokens(input_ids, attention_mask, self.config))
         # Leaves that require grad: DeepSpeed calls backward on every float output.
         state.logits.requires_grad_(True)
         losses = torch.stack([generator_loss.float(), state.aux_loss])
@@ -113,7 +118,8 @@ class DiscriminatorLayerPipe(nn.Module):
                 STAGE_COUNTERS.skipped_micro_batches += 1
             return inputs  # every token exited upstream: nothing to compute here
         forced = bool((exit_plan <= self.config.num_hidden_layers).any())
-        decision = ExitDecision(threshold=type(self).exit_threshold, plan=exit_plan if forced else None)
+        decision = ExitDecision.for_config(self.config, threshold=type(self).exit_threshold,
+                                           plan=exit_plan if forced else None)
         state = run_exit_layer(self.layer, self.head, self.layer_number, self.config, state, decision)
         executed = state.work[-1].token_layers
         STAGE_COUNTERS.token_layers += executed
@@ -141,7 +147,7 @@ LAST_STAGE_RESULTS: list[MicroBatchResult] = []
 
 
 def pipeline_loss(config: ElectraExitConfig):
-    """The last stage's loss: generator + disc_weight x (RTD + aux_weight x mean exit-head RTD)."""
+    """The last stage's loss: the model's `objective_loss` over the running losses of the tuple."""
     num_exit_heads = max(1, len(config.exit_layers))
 
     def loss_fn(outputs, _labels):
@@ -149,12 +155,12 @@ def pipeline_loss(config: ElectraExitConfig):
         real = state.attention_mask
         logits, labels = state.logits[real], state.labels[real]
         rtd = F.binary_cross_entropy_with_logits(logits, labels)
-        loss = losses[0] + config.disc_weight * (rtd + config.aux_weight * losses[1] / num_exit_heads)
+        loss = objective_loss(config, losses[0], rtd, losses[1] / num_exit_heads)
         with torch.no_grad():
             LAST_STAGE_RESULTS.append(MicroBatchResult(
                 loss=loss.detach(), generator_loss=float(losses[0]), discriminator_loss=float(rtd),
                 rtd_accuracy=float(((logits > 0).float() == labels).float().mean()),
-                tokens_executed=int(token_layers.sum()), tokens_full=int(real.sum()) * config.num_hidden_layers,
+                tokens_executed=int(token_layers.sum()), tokens_full=int(state.exitable.sum()) * config.num_hidden_layers,
                 exit_layer_counts=torch.bincount(state.exit_layer[real], minlength=config.num_hidden_layers + 1)[1:]))
         # The hidden states reach the loss only through active tokens; when none is left,
         # this keeps them in the graph so DeepSpeed can send their (zero) gradient back.
@@ -165,6 +171,10 @@ def pipeline_loss(config: ElectraExitConfig):
 
 def set_exit_threshold(threshold: float | None) -> None:
     DiscriminatorLayerPipe.exit_threshold = threshold
+
+
+def set_replacement_mix(mix: float | None) -> None:
+    EmbedAndCorrupt.replacement_mix = mix
 
 
 def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_method: str = "type:DiscriminatorLayerPipe",

@@ -12,6 +12,7 @@ import argparse
 import json
 from typing import Any, Sequence
 
+from dsexit.model.config import EXIT_CRITERIA
 from dsexit.train.config import (PRECISIONS, PROGRESS_MODES, TRAIN_PRESETS, ConfigError, TrainConfig,
                                  preset_config)
 
@@ -33,10 +34,12 @@ FLAG_FIELDS = {
     "export_hf": ("checkpoint", "export_hf"),
     "log_interval": ("metrics", "log_interval"), "progress": ("metrics", "progress"),
     "tensorboard": ("metrics", "tensorboard"), "csv": ("metrics", "csv"),
+    "eval_interval": ("metrics", "eval_interval"), "eval_samples": ("metrics", "eval_samples"),
 }
 # flag destination -> ElectraExitConfig field
 MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "target_compute", "exit_kv",
-               "exit_warmup_steps", "aux_weight", "generator", "mask_prob", "disc_weight")
+               "exit_warmup_steps", "aux_weight", "generator", "mask_prob", "disc_weight", "exit_criterion",
+               "exit_special_tokens", "generator_temperature", "replacement_mix", "replacement_mix_steps")
 
 
 _NONE = "none"  # a flag value that sets a model field to None (argparse's None means "not given")
@@ -69,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of token-layers to execute (steers tau); 'none' for a fixed tau")
     model.add_argument("--exit-kv", choices=("keep", "drop"))
     model.add_argument("--exit-warmup-steps", type=int)
-    model.add_argument("--aux-weight", type=float)
-    model.add_argument("--generator", choices=("mlm", "uniform", "unigram"))
+    model.add_argument("--exit-criterion", choices=EXIT_CRITERIA,
+                       help="prior_margin: distance of a head's log-odds from the replacement prior's; "
+                            "confidence: |2p - 1|")
+    model.add_argument("--exit-special-tokens", action=argparse.BooleanOptionalAction,
+                       help="let [CLS] and [SEP] exit (by default they run every layer)")
+    model.add_argument("--aux-weight", type=float, help="the exit heads' share of the discriminator loss, in [0, 1)")
+    model.add_argument("--generator", choices=("mlm", "uniform", "unigram"),
+                       help="replacements from an MLM generator, or generator-free (uniform / unigram draws); "
+                            "at CPU budgets only generator-free discriminators leave the replaced-token prior")
+    model.add_argument("--generator-temperature", type=float, help="sample replacements from softmax(logits / T)")
+    model.add_argument("--replacement-mix", type=float,
+                       help="share of masked positions replaced uniformly instead of by the generator")
+    model.add_argument("--replacement-mix-steps", type=int, help="steps over which --replacement-mix falls to 0")
     model.add_argument("--mask-prob", type=float)
     model.add_argument("--disc-weight", type=float)
     model.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
@@ -113,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--progress", choices=PROGRESS_MODES)
     metrics.add_argument("--tensorboard", action=argparse.BooleanOptionalAction)
     metrics.add_argument("--csv", action=argparse.BooleanOptionalAction)
+    metrics.add_argument("--eval-interval", type=int, help="held-out evaluation every N steps (0: off)")
+    metrics.add_argument("--eval-samples", type=int, help="held-out samples per evaluation")
     return parser
 
 

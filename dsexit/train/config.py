@@ -99,7 +99,9 @@ class TrainingConfig:
     max_tokens: int | None = None
     """Stop after this many training tokens (global_batch_size x seq_len per step)."""
     max_minutes: float | None = None
-    """Stop (with a checkpoint) after this much wall clock; the LR schedule is unaffected."""
+    """Stop (with a checkpoint) after this much wall clock. The learning-rate schedule then runs
+    over the budget: its progress is the larger of steps / schedule steps and minutes /
+    max_minutes, so the decay ends when the budget does (`budget_lr_factor`)."""
 
 
 @dataclass
@@ -143,6 +145,11 @@ class MetricsConfig:
     """'bar' on a terminal, 'lines' (plain key=value lines) otherwise; 'auto' picks."""
     tensorboard: bool = True
     csv: bool = True
+    eval_interval: int = 250
+    """Held-out evaluation every this many steps (and at the start and the end); 0 turns it off."""
+    eval_samples: int = 512
+    """Held-out samples evaluated (the first ones of the dataset's validation split)."""
+    eval_batch_size: int = 64
 
 
 @dataclass
@@ -208,6 +215,11 @@ class TrainConfig:
         if optim.weight_decay < 0 or optim.grad_clip < 0:
             name, value = ("weight_decay", optim.weight_decay) if optim.weight_decay < 0 else ("grad_clip", optim.grad_clip)
             _fail(name, value, "a non-negative number")
+        for name, value, minimum in (("eval_interval", self.metrics.eval_interval, 0),
+                                     ("eval_samples", self.metrics.eval_samples, 1),
+                                     ("eval_batch_size", self.metrics.eval_batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                _fail(name, value, "a positive integer" if minimum else "a non-negative integer (0: off)")
         if self.metrics.progress not in PROGRESS_MODES:
             _fail("progress", self.metrics.progress, f"one of {', '.join(PROGRESS_MODES)}")
         if not job.run_dir:
@@ -230,6 +242,19 @@ class TrainConfig:
 
     def warmup_steps(self, total_steps: int) -> int:
         return self.optim.warmup_steps if self.optim.warmup_steps is not None else max(2, total_steps // 10)
+
+    def budget_lr_factor(self, step: int, total_steps: int, minutes: float) -> float:
+        """The learning rate at `step` as a share of the peak, for a run with a time budget.
+
+        Linear warmup over the warmup steps, then linear decay to 0 over the run's progress,
+        the larger of the steps done and the budget spent: equal-wall-clock runs all finish
+        their decay, whatever their speed.
+        """
+        warmup = self.warmup_steps(total_steps)
+        progress = step / max(1, total_steps)
+        if self.training.max_minutes is not None:
+            progress = max(progress, minutes / self.training.max_minutes)
+        return max(0.0, min(step / warmup if warmup else 1.0, 1.0 - progress))
 
     def _steps_for_tokens(self, seq_len: int) -> int | None:
         if self.training.max_tokens is None:

@@ -4,7 +4,9 @@ Owns the run's logs and metrics files:
     RUN_DIR/train.log       rank 0's log (every metrics line, even when a bar is shown)
     RUN_DIR/metrics.jsonl   one record per log interval: losses, RTD accuracy, exit-layer
                             histogram, compute fraction, tau, lr, tokens/s, data wait,
-                            and a digest of the samples seen (world-size independent)
+                            and a digest of the samples seen (world-size independent);
+                            and one `"kind": "eval"` record per held-out evaluation
+                            (`dsexit.train.heldout`), its baselines beside it
     RUN_DIR/monitor/        DeepSpeed's TensorBoard and CSV monitors (the same scalars)
 On resume, records past the resumed step are dropped from metrics.jsonl, so it always
 reads as one history.
@@ -58,12 +60,14 @@ def setup_logging(world: WorldInfo, run_dir: str | None) -> None:
         pass
 
 
-def read_metrics(run_dir: str) -> list[dict]:
+def read_metrics(run_dir: str, kind: str = "train") -> list[dict]:
+    """The records of one kind: "train" (per log interval), "eval" (held-out), or "all"."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        records = [json.loads(line) for line in handle if line.strip()]
+    return records if kind == "all" else [record for record in records if record.get("kind", "train") == kind]
 
 
 @dataclass
@@ -87,7 +91,7 @@ class MetricsLogger:
         self.bar = None
         if not world.is_main:
             return
-        kept = [record for record in read_metrics(run_dir) if record["step"] <= start_step]
+        kept = [record for record in read_metrics(run_dir, "all") if record["step"] <= start_step]
         with open(self.path, "w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in kept)
         use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
@@ -152,6 +156,30 @@ class MetricsLogger:
         if self.monitor is not None and self.monitor.enabled:
             self.monitor.write_events([(f"Train/{key}", float(record[key]), step) for key, _, _ in _LINE_KEYS
                                        if record[key] is not None] + [("Train/loss", record["loss"], step)])
+
+    def record_eval(self, step: int, results: dict[str, float], *, exit_threshold: float | None) -> None:
+        """One held-out evaluation: a metrics.jsonl record, a log line, monitor scalars (rank 0)."""
+        if not self.world.is_main:
+            return
+        record = {"kind": "eval", "step": step, "exit_threshold": exit_threshold, "time": time.time(), **results}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        line = (f"eval step={step} rtd_loss_uniform={results['eval_rtd_loss_uniform']:.4f} "
+                f"(prior {results['rtd_prior_entropy']:.4f}) auc_uniform={results['eval_rtd_auc_uniform']:.4f} "
+                f"rtd_loss_generator={results['eval_rtd_loss_generator']:.4f} "
+                f"mlm_loss={results['eval_mlm_loss']:.4f} (unigram {results['unigram_entropy']:.4f}) "
+                f"exit: rtd_loss={results['eval_rtd_loss_uniform_exit']:.4f} "
+                f"compute={results['eval_compute_fraction']:.3f}")
+        if self.bar is not None:
+            self.bar.write(line)
+            for handler in log.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.emit(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
+        else:
+            log.info(line)
+        if self.monitor is not None and self.monitor.enabled:
+            self.monitor.write_events([(f"Eval/{name}", float(value), step) for name, value in results.items()
+                                       if isinstance(value, (int, float)) and value == value])
 
     def close(self) -> None:
         if self.bar is not None:

@@ -3,6 +3,8 @@
     losses.png        generator and discriminator loss, RTD accuracy
     compute.png       fraction of token-layers executed, and the exit threshold tau
     exit_layers.png   how many tokens left after each layer (whole run, and the last interval)
+    heldout.png       held-out RTD loss (uniform and generator corruption, full depth and under
+                      the exit rule) and MLM loss, with the trivial baselines as dashed lines
 """
 
 from __future__ import annotations
@@ -68,4 +70,23 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     axis.set_xticks(layers)
     axis.legend()
     save(figure, "exit_layers.png")
+
+    evals = read_metrics(run_dir, "eval")
+    if evals:
+        eval_steps = [record["step"] for record in evals]
+        figure, (rtd_axis, mlm_axis) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+        for key, label in (("eval_rtd_loss_uniform", "uniform corruption, full depth"),
+                           ("eval_rtd_loss_uniform_exit", "uniform corruption, exit rule"),
+                           ("eval_rtd_loss_generator", "run's generator, full depth")):
+            rtd_axis.plot(eval_steps, [record[key] for record in evals], marker=".", label=label)
+        rtd_axis.axhline(evals[-1]["rtd_prior_entropy"], color="gray", linestyle="--",
+                         label="replaced-token prior entropy")
+        rtd_axis.set_ylabel("held-out RTD loss")
+        rtd_axis.legend(fontsize=8)
+        mlm_axis.plot(eval_steps, [record["eval_mlm_loss"] for record in evals], marker=".", label="generator MLM loss")
+        mlm_axis.axhline(evals[-1]["unigram_entropy"], color="gray", linestyle="--", label="unigram cross-entropy")
+        mlm_axis.set_ylabel("held-out MLM loss")
+        mlm_axis.set_xlabel("step")
+        mlm_axis.legend(fontsize=8)
+        save(figure, "heldout.png")
     return written

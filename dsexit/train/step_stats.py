@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 _SCALARS = ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "micro_batches",
-            "tokens_executed", "tokens_full", "real_tokens", "stop_preempted", "stop_time_limit")
+            "tokens_executed", "tokens_full", "real_tokens", "stop_preempted", "stop_time_limit", "minutes")
 _FINGERPRINT_WEIGHTS: dict[int, torch.Tensor] = {}
 
 
@@ -41,6 +41,7 @@ class StepSummary:
     samples_digest: str
     stop_preempted: bool
     stop_time_limit: bool
+    minutes: float = 0.0  # training wall clock spent by rank 0's clock (others contribute 0)
     stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
 
 
@@ -65,9 +66,11 @@ class StepStats:
         self.exit_layer_counts += output.exit_layer_counts.detach().cpu().double()
         self.fingerprints.append(sample_fingerprints(batch["input_ids"]))
 
-    def reduce(self, *, preempted: bool, time_limit: bool, device: torch.device | str = "cpu") -> StepSummary:
+    def reduce(self, *, preempted: bool, time_limit: bool, minutes: float = 0.0,
+               device: torch.device | str = "cpu") -> StepSummary:
         """Combine all ranks; `device` is where the backend's collectives run (CUDA for NCCL)."""
         self.values["stop_preempted"], self.values["stop_time_limit"] = float(preempted), float(time_limit)
+        self.values["minutes"] = minutes
         vector = torch.cat([torch.tensor([self.values[name] for name in _SCALARS], dtype=torch.float64),
                             self.exit_layer_counts])
         fingerprints = torch.cat(self.fingerprints)
@@ -92,4 +95,5 @@ class StepStats:
             samples_digest=digest,
             stop_preempted=totals["stop_preempted"] > 0,
             stop_time_limit=totals["stop_time_limit"] > 0,
+            minutes=totals["minutes"],
         )

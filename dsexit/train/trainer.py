@@ -1,10 +1,12 @@
 """The `Trainer`: one run, read top to bottom as its table of contents.
 
     build      checkpoint choice -> model + DeepSpeed engine -> data reader -> exit controller
-               -> restore state -> metrics
+               -> restore state -> held-out evaluator -> metrics
     train      steps until the schedule ends, the time limit passes, or a signal arrives;
-               checkpoints every `save_interval`; a final checkpoint and a Hugging Face export
-    step       grad_accum micro-batches through the engine with the controller's tau, then
+               checkpoints every `save_interval`; held-out evaluation every `eval_interval`
+               (and at the start and the end); a final checkpoint and a Hugging Face export
+    step       the learning rate for this step (over the time budget when there is one), then
+               grad_accum micro-batches through the engine with the controller's tau, then
                one all-reduce of the step's statistics (and stop votes), then the controller update
 
 Everything a checkpoint must carry to resume exactly (data position, exit controller,
@@ -22,11 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsexit.data import StreamingShardReader
+from dsexit.data import StreamingShardReader, read_validation_samples
 from dsexit.model import ExitController
 from dsexit.train.checkpoint import CheckpointManager, CheckpointRef
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
+from dsexit.train.heldout import HeldOutEvaluator
 from dsexit.train.metrics import MetricsLogger
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
@@ -54,6 +57,9 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.budget_minutes = 0.0  # training wall clock spent, over every resume (rank 0's clock)
+        self.minutes_at_start = 0.0
+        self.eval_seconds = 0.0  # held-out evaluation is measurement: it does not count against the budget
         # --- swappable components
         resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)
         self.latest_checkpoint: CheckpointRef | None = None
@@ -74,19 +80,55 @@ class Trainer:
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         if resume_from is not None:
             self.restore(resume_from, load_dir)
+        self.heldout = self._build_heldout()
         self.metrics = MetricsLogger(run.run_dir, self.world, total_steps=run.total_steps, start_step=self.step,
                                      log_interval=self.config.metrics.log_interval,
                                      progress=self.config.metrics.progress, monitor=self.engine.monitor)
 
+    @property
+    def _cache_dir(self) -> str:
+        return self.config.data.cache_dir or os.path.join(self.run.run_dir, "shard-cache")
+
+    def _token_counts(self):
+        if not hasattr(self, "_counts"):
+            from dsexit.data.stats import token_counts
+
+            self._counts = token_counts(self.run.dataset, cache_dir=self._cache_dir)
+        return self._counts
+
     def _build_model(self):
         model = build_model(self.run.model_config, self.config.job.seed)
         if self.run.model_config.generator == "unigram":
-            from dsexit.data.stats import token_counts
-
-            counts = token_counts(self.run.dataset, cache_dir=self.config.data.cache_dir
-                                  or os.path.join(self.run.run_dir, "shard-cache"))
-            model.set_unigram_counts(torch.from_numpy(counts))
+            model.set_unigram_counts(torch.from_numpy(self._token_counts()))
         return model
+
+    def _build_heldout(self) -> HeldOutEvaluator | None:
+        metrics = self.config.metrics
+        if metrics.eval_interval == 0:
+            return None
+        if self.pipeline_stages > 1:
+            log.warning("held-out evaluation is not available with pipeline_stages > 1 (data-parallel runs only)")
+            return None
+        if not self.run.dataset.validation_shards:
+            log.warning("the dataset %s has no validation split: held-out evaluation is off "
+                        "(prepare_data --validation-fraction makes one)", self.run.dataset.url)
+            return None
+        samples = read_validation_samples(self.run.dataset, metrics.eval_samples, cache_dir=self._cache_dir)
+        return HeldOutEvaluator(samples, self.run.model_config, unigram_counts=self._token_counts(),
+                                seed=self.config.job.seed, batch_size=metrics.eval_batch_size,
+                                rank=self.world.rank, world_size=self.world.world_size)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Held-out metrics of the model now (every rank takes part); rank 0 records them."""
+        if self.heldout is None:
+            return None
+        started = time.monotonic()
+        results = self.heldout.evaluate(self.engine.module, self.exit_controller.threshold(self.step), self.device)
+        results["eval_seconds"] = time.monotonic() - started
+        results["train_minutes"] = self._minutes_spent() if self.step else 0.0
+        self.eval_seconds += results["eval_seconds"]
+        self.metrics.record_eval(self.step, results, exit_threshold=self.exit_controller.threshold(self.step))
+        return results
 
     # ------------------------------------------------------------------ checkpoints
     def _prepare_load(self, ref: CheckpointRef | None) -> str | None:
@@ -103,7 +145,7 @@ class Trainer:
         dist.all_gather_object(rng_states, capture_rng_state())
         return {STATE_KEY: {
             "step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-            "data": self.data.state_dict(), "exit_controller": self.exit_controller.state_dict(),
+            "budget_minutes": self.budget_minutes, "data": self.data.state_dict(), "exit_controller": self.exit_controller.state_dict(),
             "rng": rng_states, "world_size": self.world.world_size, "config": self.run.to_dict(),
         }}
 
@@ -127,6 +169,7 @@ class Trainer:
             raise RuntimeError(f"could not load checkpoint {ref.path} (no trainer state in it).")
         state = client[STATE_KEY]
         self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        self.budget_minutes = self.minutes_at_start = float(state.get("budget_minutes", 0.0))
         self.latest_checkpoint = ref
         self.data.load_state_dict(state["data"])
         self.exit_controller.load_state_dict(state["exit_controller"])
@@ -144,11 +187,19 @@ class Trainer:
             with open(os.path.join(self.run.run_dir, CONFIG_FILE), "w") as handle:
                 handle.write(self.run.to_json())
         reason = "finished" if self.step >= self.run.total_steps else None
+        self.started_at, self.eval_seconds = time.monotonic(), 0.0
+        if reason is None and self.step == 0:
+            self.evaluate()  # the untrained model: every curve's first point
+        eval_interval = self.config.metrics.eval_interval
         while reason is None:
             summary = self.train_step()
+            if eval_interval and self.step % eval_interval == 0:
+                self.evaluate()
             if self.step % self.config.checkpoint.interval == 0:
                 self.save_checkpoint()
             reason = self.stop_reason(summary)
+        if reason != "preempted" and eval_interval and self.step % eval_interval:
+            self.evaluate()
         self.metrics.close()
         log.info("stopping at step %d: %s", self.step, reason)
         if self.latest_checkpoint is None or self.latest_checkpoint.step != self.step:
@@ -169,9 +220,23 @@ class Trainer:
             return "time limit"
         return None
 
+    def _minutes_spent(self) -> float:
+        """Training wall clock over every resume, by this rank's clock (rank 0's is the one used)."""
+        return self.minutes_at_start + (time.monotonic() - self.started_at - self.eval_seconds) / 60
+
     def _time_limit_reached(self) -> bool:
         limit = self.config.training.max_minutes
-        return limit is not None and self.world.is_main and time.monotonic() - self.started_at >= 60 * limit
+        return limit is not None and self.world.is_main and self._minutes_spent() >= limit
+
+    def _set_learning_rate(self) -> float:
+        """With a time budget, the schedule runs over it (`budget_lr_factor`); else DeepSpeed's own."""
+        optimizer = self.engine.optimizer
+        if self.config.training.max_minutes is None:
+            return optimizer.param_groups[0]["lr"]
+        lr = self.config.optim.lr * self.config.budget_lr_factor(self.step, self.run.total_steps, self.budget_minutes)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _data_parallel_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
         """grad_accum micro-batches through the engine; returns (seconds waiting for data, lr)."""
@@ -181,9 +246,10 @@ class Trainer:
             batch = next(self.data)
             data_wait += time.perf_counter() - fetch_started
             batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-            output = self.engine(**batch, exit_threshold=exit_threshold)
+            output = self.engine(**batch, exit_threshold=exit_threshold,
+                                 replacement_mix=self.run.model_config.replacement_mix_at(self.step))
             self.engine.backward(output.loss)
-            lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this update uses
+            lr = self._set_learning_rate()  # the rate this update uses
             self.engine.step()
             stats.add(output, batch)
         return data_wait, lr
@@ -194,9 +260,10 @@ class Trainer:
         Every stage draws the same micro-batches from its reader (the first feeds them in,
         the last takes its dummy labels, the others only keep their data position in step).
         """
-        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, STAGE_COUNTERS, set_exit_threshold
+        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, STAGE_COUNTERS, set_exit_threshold, set_replacement_mix
 
         set_exit_threshold(exit_threshold)
+        set_replacement_mix(self.run.model_config.replacement_mix_at(self.step))
         LAST_STAGE_RESULTS.clear()
         STAGE_COUNTERS.reset()
         batches, data_wait = [], 0.0
@@ -207,7 +274,7 @@ class Trainer:
         never = self.run.model_config.num_hidden_layers + 1
         feed = iter([((batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                        torch.full_like(batch["input_ids"], never)), torch.zeros(1)) for batch in batches])
-        lr = self.engine.optimizer.param_groups[0]["lr"]
+        lr = self._set_learning_rate()
         self.engine.train_batch(data_iter=feed)
         self._stage_counters = self._gather_stage_counters(STAGE_COUNTERS)
         last_stage = self.engine.is_last_stage()
@@ -238,7 +305,8 @@ class Trainer:
         else:
             data_wait, lr = self._data_parallel_batch(exit_threshold, stats)
         summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
-                               device=self.device)
+                               minutes=self._minutes_spent() if self.world.is_main else 0.0, device=self.device)
+        self.budget_minutes = summary.minutes  # rank 0's clock, the same on every rank
         if self.pipeline_stages > 1:
             summary.stage_counters = self._stage_counters
         self.exit_controller.update(summary.compute_fraction, self.step)

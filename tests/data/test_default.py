@@ -10,10 +10,13 @@ from .conftest import shared_file
 def test_default_dataset_is_small_complete_and_ships_no_raw_text():
     files = sorted(os.listdir(DEFAULT_DATA_URL))
     index = DatasetIndex.load(DEFAULT_DATA_URL)
-    assert files == sorted(["index.json", "vocab.txt"] + [shard.name for shard in index.shards])
+    shards = index.shards + index.validation_shards
+    assert files == sorted(["index.json", "vocab.txt"] + [shard.name for shard in shards])
     assert sum(os.path.getsize(os.path.join(DEFAULT_DATA_URL, name)) for name in files) <= 5_000_000
     assert (index.seq_len, index.vocab_size, index.tokenizer["kind"]) == (128, 30522, "wordpiece")
     assert index.num_samples > 10_000
+    # A held-out split of about 2% (documents are held out, so samples only roughly follow).
+    assert 0.01 < index.num_validation_samples / (index.num_samples + index.num_validation_samples) < 0.04
 
 
 def test_default_dataset_uses_electras_vocabulary_and_decodes_to_english(tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsexit.data import DEFAULT_DATA_URL, DatasetIndex, StreamingShardReader, save_hf_tokenizer
+from dsexit.data import DEFAULT_DATA_URL, DatasetIndex, StreamingShardReader, read_validation_samples, save_hf_tokenizer
 from dsexit.data.packing import token_type_ids
-from dsexit.data.prepare import prepare_dataset
+from dsexit.data.prepare import is_validation_document, prepare_dataset
 
 from .conftest import shared_file
 
@@ -52,18 +52,26 @@ def test_wordpiece_dataset_matches_the_electra_tokenizer_and_its_index(moby_samp
     assert (index.seq_len, index.dtype, index.vocab_size) == (128, "uint16", 30522)
     assert index.special_tokens == {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
     assert len(index.shards) > 3 and (out / "vocab.txt").read_bytes() == vocab.read_bytes()
-    for shard in index.shards:
+    assert [s.name for s in index.validation_shards] == ["validation-00000.bin"]  # the default fraction, 0.02
+    for shard in index.shards + index.validation_shards:
         data = (out / shard.name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.num_samples * 256
 
-    # The packed tokens are exactly the Hugging Face ELECTRA tokenizer's tokens of the text, in order.
+    # The packed tokens are exactly the Hugging Face ELECTRA tokenizer's tokens of the text, in order,
+    # each document on the side of the split its (seed, number) draw puts it.
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(save_hf_tokenizer(index, str(tmp_path / "hf")))
-    rows = np.concatenate([np.fromfile(out / s.name, dtype="<u2").reshape(-1, 128) for s in index.shards])
-    packed = [int(t) for t in rows.ravel() if t not in (0, 101, 102)]
-    expected = [t for d in documents for t in hf(d, add_special_tokens=False)["input_ids"]]
-    assert packed == expected
+    held_out = [is_validation_document(0, number, 0.02) for number in range(len(documents))]
+    sides = {
+        False: np.concatenate([np.fromfile(out / s.name, dtype="<u2").reshape(-1, 128) for s in index.shards]),
+        True: read_validation_samples(index),
+    }
+    for validation, rows in sides.items():
+        packed = [int(t) for t in rows.ravel() if t not in (0, 101, 102)]
+        expected = [t for d, side in zip(documents, held_out) if side == validation
+                    for t in hf(d, add_special_tokens=False)["input_ids"]]
+        assert packed == expected and expected
     # Hugging Face's pair encoding has the segment ids the reader derives from the ids.
     pair = hf("Call me Ishmael.", "Some years ago.")
     assert pair["token_type_ids"] == token_type_ids(np.array(pair["input_ids"]), 102, 0).tolist()

@@ -1,7 +1,6 @@
-"""The arithmetic of bench/pretrain_vs_exit.py: time to reach the baseline, and when it is undefined."""
+"""The arithmetic of bench/pretrain_vs_exit.py: time to the baseline's held-out quality, gaps, seeds."""
 
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
@@ -14,43 +13,47 @@ sys.modules[_spec.name] = bench  # its dataclasses look themselves up there
 _spec.loader.exec_module(bench)
 
 
-def _accuracy(dev: float, test: float) -> dict:
-    return {"median": {"dev": {"accuracy": dev}, "test": {"accuracy": test}}}
-
-
-def _arm(name: str, early_exit: bool, points: list[tuple[float, float, float]]) -> dict:
-    return {"arm": name, "early_exit": early_exit,
-            "evaluated": [{"seconds": seconds, "finetune": _accuracy(dev, test)} for seconds, dev, test in points]}
+def _run(arm: str, seed: int, early_exit: bool, curve: list[tuple[float, float]]) -> dict:
+    minutes, loss = curve[-1]
+    return {"arm": arm, "seed": seed, "early_exit": early_exit, "train_minutes": minutes, "final_step": 100,
+            "compute_fraction": 0.5 if early_exit else 1.0,
+            "final": {"eval_rtd_loss_uniform": loss, "eval_rtd_auc_uniform": 0.8, "rtd_prior_entropy": 0.4},
+            "curve": [{"minutes": m, "rtd_loss_uniform": value} for m, value in curve]}
 
 
 def test_exit_arm_that_reaches_the_baseline_sooner_saves_that_share_of_time():
-    results = {"scratch": _accuracy(0.60, 0.60), "arms": [
-        _arm("baseline", False, [(500.0, 0.66, 0.65), (1000.0, 0.70, 0.69)]),
-        _arm("exit-0.75", True, [(500.0, 0.68, 0.67), (1000.0, 0.72, 0.71)]),
-        _arm("exit-0.50", True, [(500.0, 0.65, 0.64), (1000.0, 0.69, 0.68)]),
-    ]}
-    saved, delta, best = bench.compare(results)
-    # exit-0.75 reaches 0.70 halfway between 500 s (0.68) and 1000 s (0.72): at 750 s.
-    assert best == "exit-0.75"
-    assert saved == pytest.approx(25.0)
-    assert delta == pytest.approx(0.02)
-    arms = {arm["arm"]: arm for arm in results["arms"]}
-    assert arms["exit-0.50"]["time_saved_pct"] is None and arms["exit-0.50"]["minutes_to_baseline_dev"] is None
-    assert arms["baseline"]["time_saved_pct"] == pytest.approx(0.0)
+    comparison = bench.compare([
+        _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.24)]),
+        _run("baseline", 2, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.26)]),  # target: mean 0.25
+        _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.27), (10.0, 0.23)]),  # 0.25 at 7.5 min
+        _run("exit-0.50", 2, True, [(0.0, 0.40), (5.0, 0.25), (10.0, 0.22)]),  # 0.25 at 5.0 min
+    ])
+    assert comparison["target_rtd_loss"] == pytest.approx(0.25)
+    arm = comparison["arms"]["exit-0.50"]
+    assert arm["minutes_to_target"]["values"] == pytest.approx([7.5, 5.0])
+    assert arm["time_saved_pct"] == pytest.approx(100 * (1 - 6.25 / 10))
+    assert arm["time_saved_pct_per_seed"] == pytest.approx([25.0, 50.0])
+    assert arm["heldout_rtd_delta"] == pytest.approx(0.225 - 0.25)
+    assert arm["reached_all"] and comparison["best_exit_arm"] == "exit-0.50"
 
 
-def test_time_saved_is_undefined_when_pre_training_does_not_beat_the_untrained_model():
-    results = {"scratch": _accuracy(0.65, 0.69), "arms": [
-        _arm("baseline", False, [(500.0, 0.6167, 0.5881), (1000.0, 0.6167, 0.5881)]),
-        _arm("exit-0.50", True, [(500.0, 0.6167, 0.5881), (1000.0, 0.6167, 0.5881)]),
-    ]}
-    saved, delta, best = bench.compare(results)
-    assert math.isnan(saved) and delta == pytest.approx(0.0) and best == "exit-0.50"
-    assert results["baseline_beats_scratch"] is False
+def test_an_arm_that_never_reaches_the_target_gets_a_number_and_its_gap():
+    comparison = bench.compare([
+        _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.25)]),
+        # still falling by 0.01 a minute over its last third: 0.27 -> 0.25 takes 2 more minutes
+        _run("exit-0.75", 1, True, [(0.0, 0.40), (4.0, 0.33), (6.0, 0.31), (8.0, 0.29), (10.0, 0.27)]),
+        _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.30)]),  # flat: counted as twice the budget
+    ])
+    slow, flat = comparison["arms"]["exit-0.75"], comparison["arms"]["exit-0.50"]
+    assert not slow["reached_all"] and slow["minutes_to_target"]["mean"] == pytest.approx(12.0)
+    assert slow["time_saved_pct"] == pytest.approx(-20.0)
+    assert slow["heldout_rtd_delta"] == pytest.approx(0.02)
+    assert flat["time_saved_pct"] == pytest.approx(-100.0)
+    assert comparison["best_exit_arm"] == "exit-0.75"
 
 
-def test_time_to_reach_interpolates_and_reports_never():
-    curve = [(0.0, 0.5), (10.0, 0.6), (20.0, 0.8)]
-    assert bench.time_to_reach(curve, 0.7) == pytest.approx(15.0)
-    assert bench.time_to_reach(curve, 0.4) == 0.0
-    assert bench.time_to_reach(curve, 0.9) is None
+def test_time_to_reach_loss_interpolates_and_reports_never():
+    curve = [(0.0, 0.5), (10.0, 0.4), (20.0, 0.2)]
+    assert bench.time_to_reach_loss(curve, 0.3) == pytest.approx(15.0)
+    assert bench.time_to_reach_loss(curve, 0.6) == 0.0
+    assert bench.time_to_reach_loss(curve, 0.1) is None

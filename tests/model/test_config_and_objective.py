@@ -21,6 +21,8 @@ from .conftest import VOCAB, make_batch
     (dict(target_compute=1.2), "target_compute=1.2"),
     (dict(mask_token_id=VOCAB), f"mask_token_id={VOCAB}"),
     (dict(head_bias_init="random"), "head_bias_init='random'"),
+    (dict(exit_criterion="entropy"), "exit_criterion='entropy'"),
+    (dict(aux_weight=-0.1), "aux_weight=-0.1"),
 ])
 def test_bad_values_raise_one_clear_error_naming_the_value(overrides, named):
     with pytest.raises(ValueError) as error:
@@ -62,10 +64,34 @@ def test_masking_picks_fifteen_percent_of_real_non_special_tokens(tiny_model):
 def test_loss_combines_generator_and_weighted_discriminator(tiny_model):
     input_ids, attention_mask, token_type_ids = make_batch(4, 32)
     output = tiny_model(input_ids, attention_mask, token_type_ids)
-    expected = output.generator_loss + 50 * (output.discriminator_loss + output.aux_loss)
+    share = tiny_model.config.aux_weight
+    expected = output.generator_loss + 50 * ((1 - share) * output.discriminator_loss + share * output.aux_loss)
     assert torch.allclose(output.loss, expected)
     # Replaced tokens are labelled 1; a sampled token equal to the original is labelled 0.
     assert output.rtd_labels.sum() > 0
+
+
+def test_generator_share_of_the_loss_is_the_same_with_and_without_exits():
+    """Exit heads take a share of the discriminator term: on a batch where every head has the
+    same RTD loss, the loss with exit heads equals the loss without them (the generator's loss,
+    zero here, is then the same share of both)."""
+    losses = {}
+    for exit_enabled in (True, False):
+        config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_enabled=exit_enabled,
+                                               aux_weight=0.3, head_bias_init="prior", generator="uniform")
+        torch.manual_seed(0)
+        model = ElectraPreTrainingModel(config)
+        with torch.no_grad():  # every RTD head outputs its bias alone: equal losses at every depth
+            for head in (model.discriminator.discriminator_predictions, *model.discriminator.exit_heads.values()):
+                head.dense_prediction.weight.zero_()
+        input_ids, attention_mask, token_type_ids = make_batch(4, 32)
+        torch.manual_seed(1)
+        output = model(input_ids, attention_mask, token_type_ids)
+        assert torch.allclose(output.aux_loss, output.discriminator_loss) or not exit_enabled
+        losses[exit_enabled] = float(output.loss.detach())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    with pytest.raises(ValueError, match="aux_weight=1.0"):
+        ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, aux_weight=1.0)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "unigram"])

@@ -98,8 +98,8 @@ def test_controller_reaches_target_compute_on_stationary_input(target):
     with torch.no_grad():
         for step in range(150):
             state = discriminator(input_ids, attention_mask, token_type_ids,
-                                  decision=ExitDecision(threshold=controller.threshold(step)))
-            fraction = sum(work.token_layers for work in state.work) / (attention_mask.sum() * 4)
+                                  decision=ExitDecision.for_config(config, controller.threshold(step)))
+            fraction = sum(work.token_layers for work in state.work) / (state.exitable.sum() * 4)
             controller.update(float(fraction), step)
             fractions.append(float(fraction))
     settled = sum(fractions[-20:]) / 20
@@ -152,7 +152,8 @@ def test_flop_counter_counts_rows_that_enter_the_matmuls(tiny_model):
     assert log.discriminator[0].rows == input_ids.numel()
     exited_after_one = int(((plan == 1) & attention_mask.bool()).sum())
     assert log.discriminator[1].rows == real - exited_after_one
-    assert output.flops.token_layers_full == real * 4
+    pinned = int((((input_ids == 101) | (input_ids == 102)) & attention_mask.bool()).sum())
+    assert output.flops.token_layers_full == (real - pinned) * 4  # [CLS] and [SEP] are not counted
     assert output.flops.forward_flops < output.flops.forward_flops_full
     assert output.exit_layer_counts.sum() == real
 
@@ -161,5 +162,48 @@ def test_threshold_one_means_no_exit_and_zero_means_all_exit_at_first_head(tiny_
     input_ids, attention_mask, token_type_ids = make_batch(2, 16)
     assert tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=1.0).compute_fraction == 1.0
     everyone_out = tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=1e-9)
-    assert everyone_out.exit_layer_counts[0] == attention_mask.sum()
+    assert everyone_out.exit_layer_counts[0] == attention_mask.sum() - 2 * 2  # all but [CLS], [SEP]
     assert everyone_out.compute_fraction == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("tau", [1e-9, 0.3, 0.9])
+def test_special_tokens_reach_the_last_layer_at_any_tau(tiny_model, tau):
+    input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True)
+    output = tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=tau)
+    specials = (input_ids == 101) | (input_ids == 102)
+    assert specials.sum() >= 4
+    assert (output.exit_layer[specials] == 4).all()  # [CLS] and [SEP] ran every layer
+    if tau == 1e-9:  # every other real token left at the first head
+        others = attention_mask.bool() & ~specials
+        assert (output.exit_layer[others] == 1).all()
+        assert output.compute_fraction == pytest.approx(0.25)  # counted over exitable tokens only
+
+
+def test_special_tokens_may_exit_when_allowed():
+    torch.manual_seed(0)
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_special_tokens=True)
+    model = ElectraPreTrainingModel(config)
+    input_ids, attention_mask, token_type_ids = make_batch(2, 16)
+    output = model(input_ids, attention_mask, token_type_ids, exit_threshold=1e-9)
+    assert (output.exit_layer[attention_mask.bool()] == 1).all()
+
+
+@pytest.mark.parametrize("mask_prob", [0.15, 0.3])
+def test_a_head_at_the_prior_never_exits_under_prior_margin_but_does_under_confidence(mask_prob):
+    """A head that predicts the base rate for every token knows nothing: `prior_margin` gives it
+    confidence 0 at any tau; `confidence` (|2p-1|) lets every token out once tau < |2 prior - 1|."""
+    results = {}
+    for criterion in ("prior_margin", "confidence"):
+        config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_criterion=criterion,
+                                               mask_prob=mask_prob, head_bias_init="prior")
+        torch.manual_seed(0)
+        model = ElectraPreTrainingModel(config)
+        with torch.no_grad():
+            for head in model.discriminator.exit_heads.values():
+                head.dense_prediction.weight.zero_()  # the head outputs the prior's log-odds
+        input_ids, attention_mask, token_type_ids = make_batch(4, 32)
+        results[criterion] = [model(input_ids, attention_mask, token_type_ids, exit_threshold=tau).compute_fraction
+                              for tau in (1e-6, 0.1, 0.35)]
+    assert results["prior_margin"] == [1.0] * 3
+    # |2p - 1| at the prior is 0.7 (mask_prob 0.15) or 0.4 (0.3): above every tau here.
+    assert results["confidence"] == [pytest.approx(0.25)] * 3
