@@ -138,7 +138,8 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
             "--eval-samples", str(scale["eval_samples"]), "--log-interval", "50", "--no-export-hf",
             "--no-tensorboard", "--no-csv", "--progress", "lines", "--resume", "none", "--lr", str(scale["lr"]),
             "--global-batch-size", str(scale["global_batch"]), "--micro-batch-size", str(scale["micro_batch"]),
-            *flags, *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")]]
+            # the arm's own flags last: a later --lr or --model-set FIELD=VALUE wins over the scale's
+            *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")], *flags]
 
 
 def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> None:
@@ -236,15 +237,22 @@ def compare(summaries: list[dict]) -> dict:
         by_arm.setdefault(summary["arm"], []).append(summary)
     baseline = by_arm["baseline"]
     target = statistics.fmean(run["final"]["eval_rtd_loss_uniform"] for run in baseline)
-    base_minutes = statistics.fmean(run["train_minutes"] for run in baseline)
-    arms = {}
-    for name, runs in by_arm.items():
+
+    def minutes_to_target(runs: list[dict]) -> tuple[list[float], list[bool]]:
         reach, reached = [], []
         for run in runs:
             curve = [(point["minutes"], point["rtd_loss_uniform"]) for point in run["curve"]]
             minutes = time_to_reach_loss(curve, target)
             reached.append(minutes is not None)
             reach.append(minutes if minutes is not None else extrapolated_time(curve, target))
+        return reach, reached
+
+    # Like with like: the baseline's own time to the target (its curve may reach its final
+    # loss before the end of its budget), not its whole budget.
+    base_minutes = statistics.fmean(minutes_to_target(baseline)[0])
+    arms = {}
+    for name, runs in by_arm.items():
+        reach, reached = minutes_to_target(runs)
         finals = [run["final"]["eval_rtd_loss_uniform"] for run in runs]
         arms[name] = {
             "early_exit": runs[0]["early_exit"], "seeds": len(runs),
@@ -256,6 +264,8 @@ def compare(summaries: list[dict]) -> dict:
             "compute_fraction": statistics.fmean(run["compute_fraction"] for run in runs),
             "steps": _spread([float(run["final_step"]) for run in runs]),
             "auc_uniform": _spread([run["final"]["eval_rtd_auc_uniform"] for run in runs]),
+            "heldout_rtd_loss_exit_rule": _spread([run["final"]["eval_rtd_loss_uniform_exit"] for run in runs]),
+            "budget_minutes": statistics.fmean(run["train_minutes"] for run in runs),
         }
     exit_arms = [name for name, arm in arms.items() if arm["early_exit"]]
     best = max(exit_arms, key=lambda name: arms[name]["time_saved_pct"]) if exit_arms else None
@@ -360,7 +370,7 @@ def _save(figure, path: Path) -> str:
 
 def format_table(comparison: dict) -> str:
     header = (f"{'arm':<15} {'seeds':>5} {'compute':>7} {'steps':>13} {'held-out RTD':>21} {'AUC':>6} "
-              f"{'min to target':>19} {'time saved':>17}")
+              f"{'exit rule':>9} {'min to target':>19} {'time saved':>17}")
     lines = [header, "-" * len(header)]
     for name, arm in comparison["arms"].items():
         loss, reach, steps = arm["heldout_rtd_loss"], arm["minutes_to_target"], arm["steps"]
@@ -369,7 +379,8 @@ def format_table(comparison: dict) -> str:
         lines.append(
             f"{name:<15} {arm['seeds']:>5} {arm['compute_fraction']:7.3f} {steps['mean']:6.0f} "
             f"({steps['min']:.0f}-{steps['max']:.0f}) {loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) "
-            f"{arm['auc_uniform']['mean']:6.4f} {reach['mean']:5.2f}{marker:1} ({reach['min']:.2f}-{reach['max']:.2f}) "
+            f"{arm['auc_uniform']['mean']:6.4f} {arm['heldout_rtd_loss_exit_rule']['mean']:9.4f} "
+            f"{reach['mean']:5.2f}{marker:1} ({reach['min']:.2f}-{reach['max']:.2f}) "
             f"{arm['time_saved_pct']:+6.1f}% ({min(saved):+.0f}..{max(saved):+.0f})")
     return "\n".join(lines)
 
@@ -412,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="default: runs/bench_pretrain_vs_exit/SCALE")
     parser.add_argument("--out", type=Path, help="default: bench/results/pretrain_vs_exit[_SCALE].json")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="recompute the comparison, table and plots of a finished run from its JSON (no training)")
     args = parser.parse_args(argv)
     return args
 
@@ -432,6 +445,13 @@ def resolve_scale(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        results = json.loads(args.report.read_text())
+        results.update(compare(results["runs"]))
+        results["plots"] = plot(results["runs"], results, args.report.with_suffix(""))
+        args.report.write_text(json.dumps(results, indent=1, default=str))
+        report(results, args.report)
+        return 0
     started = time.time()
     scale = resolve_scale(args)
     tag = args.scale + ("-dry-run" if args.dry_run else "")
@@ -476,9 +496,11 @@ def report(results: dict, out: Path) -> None:
           f"{results['concurrency']} run(s) at a time, whole benchmark {results['benchmark_minutes']:.1f} min on "
           f"{results['machine']}")
     print(format_table(results))
-    print(f"target = baseline's final held-out RTD loss {results['target_rtd_loss']:.4f} (mean over seeds; "
-          f"replaced-token prior {results['rtd_prior_entropy']:.4f}); min to target = training minutes to reach it "
-          f"(* = not reached by every seed: extrapolated); compute = executed / full token-layers of exitable tokens")
+    print(f"target = baseline's final held-out RTD loss {results['target_rtd_loss']:.4f} at full depth (mean over "
+          f"seeds; replaced-token prior {results['rtd_prior_entropy']:.4f}); min to target = training minutes to reach "
+          f"it (* = not reached by every seed: extrapolated); time saved = 1 - min to target / the baseline's "
+          f"{results['baseline_minutes']:.2f}; exit rule = the held-out loss with the arm's exits at its last tau; "
+          f"compute = executed / full token-layers of exitable tokens")
     for name, arm in results["arms"].items():
         if arm["early_exit"] and not arm["reached_all"]:
             print(f"{name}: did not reach the target in {sum(not r for r in arm['reached'])} of {arm['seeds']} seeds; "

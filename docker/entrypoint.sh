@@ -10,20 +10,45 @@
 #   DS_CONFIG       DeepSpeed config                                   (default ds_configs/zero2.json)
 # Arguments are passed to launch/pretrain.py. On CPU-only nodes set GLOO_SOCKET_IFNAME to
 # the interface the nodes reach each other on when the hostname does not resolve to it.
+#
+# Preemption (docker stop, Kubernetes, Slurm): SIGTERM or SIGINT to this script - from the
+# image's init (tini, PID 1), or to its whole process group - makes the trainer save a
+# checkpoint and every process exit; the script then exits 0. DeepSpeed's runner has no
+# SIGTERM handler here, and its per-node launcher answers one by killing the ranks after
+# 30 s and exiting 1, so the runner starts with both signals ignored and this script sends
+# them to the training ranks alone. Allow the save in the stop timeout (docker stop -t,
+# compose stop_grace_period, Kubernetes terminationGracePeriodSeconds; 10 s/30 s by default).
+# Exit codes: the trainer's (0 done or preempted, 2 a user error, 3 a lost peer), else the launcher's.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+fail() {
+    echo "entrypoint.sh: $*" >&2
+    exit 2
+}
+# require_integer NAME VALUE MIN [MAX [WHY]]: one line naming the variable, exit 2, before anything starts.
+require_integer() {
+    local name=$1 value=$2 min=$3 max=${4:-} why=${5:-}
+    if ! [[ "$value" =~ ^[0-9]{1,9}$ ]] || ((10#$value < min)) || { [ -n "$max" ] && ((10#$value > max)); }; then
+        if [ -n "$max" ]; then
+            fail "$name='$value' is invalid; expected an integer from $min to $max$why."
+        fi
+        fail "$name='$value' is invalid; expected an integer >= $min."
+    fi
+    printf '%d' "$((10#$value))"
+}
+
+NNODES="$(require_integer NNODES "${NNODES:-1}" 1)"
+NODE_RANK="$(require_integer NODE_RANK "${NODE_RANK:-${SLURM_NODEID:-0}}" 0 "$((NNODES - 1))" " (NNODES=$NNODES)")"
+MASTER_PORT="$(require_integer MASTER_PORT "${MASTER_PORT:-29500}" 1 65535)"
 DS_CONFIG="${DS_CONFIG:-ds_configs/zero2.json}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
     [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
 fi
+NPROC_PER_NODE="$(require_integer NPROC_PER_NODE "$NPROC_PER_NODE" 1)"
 if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
-    echo "entrypoint.sh: MASTER_ADDR must name node 0 when NNODES=$NNODES." >&2
-    exit 2
+    fail "MASTER_ADDR must name node 0 when NNODES=$NNODES."
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)" = 0 ]; then
@@ -32,9 +57,54 @@ fi
 
 # --no_ssh still reads the node list from a hostfile; only the line count and slots matter.
 HOSTFILE="$(mktemp -t dsexit-hostfile.XXXXXX)"
+# The trainer's local rank 0 writes why it stopped here ("preempted", "finished"): the launcher's
+# own exit code after a signal says nothing about whether the checkpoint was saved.
+export DSEXIT_EXIT_STATUS_FILE="$(mktemp -t dsexit-exit.XXXXXX)"
+trap 'rm -f "$HOSTFILE" "$DSEXIT_EXIT_STATUS_FILE"' EXIT
 for ((node = 0; node < NNODES; node++)); do echo "node$node slots=$NPROC_PER_NODE"; done > "$HOSTFILE"
 
+run_deepspeed() {
+    trap '' TERM INT  # inherited by the runner through exec (the launcher below it installs its own handlers)
+    exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --num_gpus "$NPROC_PER_NODE" \
+        launch/pretrain.py --deepspeed "$DS_CONFIG" "$@"
+}
+
+SIGNALLED=""
+INTERRUPTED=0
+children_of() { pgrep -P "$1" 2>/dev/null || cat /proc/"$1"/task/*/children 2>/dev/null || true; }
+# forward SIGNAL: SIGTERM to the ranks (children of the per-node launcher, the runner's child), for
+# SIGINT too (a terminal's Ctrl-C also reaches them directly, and three SIGINTs skip the save).
+# Before the ranks exist there is nothing to save: the launcher (or the runner itself) is stopped.
+forward() {
+    SIGNALLED=$1
+    INTERRUPTED=1
+    local launcher ranks
+    launcher="$(children_of "$RUNNER" | head -n 1)"
+    ranks="$([ -z "$launcher" ] || children_of "$launcher")"
+    echo "entrypoint.sh: SIG$1: asking the trainer (pid(s) $(echo $ranks)) to save a checkpoint and exit" >&2
+    if [ -n "$ranks" ]; then
+        kill -s TERM $ranks 2>/dev/null || true
+    elif [ -n "$launcher" ]; then
+        kill -s TERM "$launcher" 2>/dev/null || true
+    else
+        kill -s KILL "$RUNNER" 2>/dev/null || true
+    fi
+}
+
 echo "entrypoint.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE process(es), master $MASTER_ADDR:$MASTER_PORT" >&2
-exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --num_gpus "$NPROC_PER_NODE" \
-    launch/pretrain.py --deepspeed "$DS_CONFIG" "$@"
+run_deepspeed "$@" &
+RUNNER=$!
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while :; do
+    INTERRUPTED=0
+    STATUS=0
+    wait "$RUNNER" || STATUS=$?
+    [ "$INTERRUPTED" = 1 ] || break  # a trap ended the wait, not the runner: wait on
+done
+if [ -n "$SIGNALLED" ] && [ "$STATUS" != 0 ] && grep -qx preempted "$DSEXIT_EXIT_STATUS_FILE"; then
+    echo "entrypoint.sh: the launcher exited $STATUS after SIG$SIGNALLED, but the trainer saved its checkpoint and stopped cleanly" >&2
+    STATUS=0
+fi
+exit "$STATUS"

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 
 TASK_DEFAULT = "task default"
 
@@ -72,6 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def unreadable(path: str, error: Exception) -> str:
+    """One line for weights that could not be read; dsexit's own sentences pass as they are."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    if isinstance(error, (OSError, ValueError)) and not text.startswith("[Errno"):
+        return text
+    return f"the weights in {path!r} could not be read ({type(error).__name__}: {text}); expected a complete model."
+
+
+def check_weights(model_dir: str) -> None:
+    """The export's weights are there and load, before any fine-tuning starts (a truncated file would
+    otherwise fail inside every seed's run)."""
+    import torch
+
+    from dsexit.eval.model_dir import ModelDirError
+
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, name))]
+    if not present:
+        raise ModelDirError(f"model {model_dir!r} has no weights ({' or '.join(WEIGHT_FILES)}); expected a complete "
+                            f"export as launch/export_hf.py writes it.")
+    path = os.path.join(model_dir, present[0])
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_file(path)
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, or not a weights file: whatever the loader raises
+        raise ModelDirError(unreadable(path, error)) from None
+
+
 def print_summary(result: dict) -> None:
     rows = [(f"seed {run['seed']}", run) for run in result["per_seed"]] + [("median", result["median"])]
     print(f"{'':>8} | {'dev acc':>7} {'dev F1':>7} {'dev MCC':>7} | {'test acc':>8} {'test F1':>7} {'test MCC':>8}")
@@ -99,20 +135,28 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, subsample_seed=args.subsample_seed, probe_l2=args.probe_l2,
         probe_max_iterations=args.probe_max_iterations, progress=args.progress)
-    temporary_export = None
+    # A checkpoint given as --model is exported here unless --export-dir says where; removed at the end,
+    # also when the export fails.
+    scratch_export = tempfile.mkdtemp(prefix="dsexit-finetune-export-") if args.export_dir is None else None
     try:
         config.validate()
         task = load_task(args.task)  # every user error surfaces before any training
-        model_dir, kind = resolve_model_dir(args.model, args.export_dir)
-        if kind == "checkpoint" and args.export_dir is None:
-            temporary_export = model_dir
+        try:
+            model_dir, _ = resolve_model_dir(args.model, args.export_dir or scratch_export)
+            check_weights(model_dir)
+        except ModelDirError:
+            raise
+        except Exception as error:  # exporting a checkpoint: missing, truncated or foreign weight files
+            raise ModelDirError(unreadable(args.model, error)) from None
         result = finetune(model_dir, task, config, workers=args.workers)
     except (TaskError, ModelDirError, ValueError, FileNotFoundError) as error:
-        print(f"finetune.py: error: {error}", file=sys.stderr)
+        from dsexit.train.redact import redact_text
+
+        print(f"finetune.py: error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     finally:
-        if temporary_export:
-            shutil.rmtree(temporary_export, ignore_errors=True)
+        if scratch_export:
+            shutil.rmtree(scratch_export, ignore_errors=True)
     result["model"] = args.model
     print_summary(result)
     if args.out:

@@ -13,6 +13,7 @@ import json
 import sys
 
 from dsexit.data.prepare import prepare_dataset
+from dsexit.data.sources import UNDECODABLE_CHOICES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +27,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the packer's random segment choices and of the validation split")
     parser.add_argument("--validation-fraction", type=float, default=0.02,
                         help="share of documents held out, whole, into validation shards, in [0, 0.5); 0 disables")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    parser.add_argument("--encoding", default="utf-8", help="encoding of text inputs (any Python codec: utf-8, latin-1, cp1252, ...)")
+    parser.add_argument("--undecodable", choices=UNDECODABLE_CHOICES, default="error",
+                        help="bytes that do not decode: error (default) or skip their lines, counted at the end")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the dsexit dataset at --out (only the files its index.json lists); "
+                             "a location holding anything else is refused either way")
     parser.add_argument("--storage-options", type=json.loads, default=None,
                         help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     return parser.parse_args(argv)
@@ -38,10 +44,11 @@ def main(argv=None) -> int:
         prepare_dataset(
             args.input, args.out, args.tokenizer, seq_len=args.seq_len, shard_mb=args.shard_mb,
             overwrite=args.overwrite, text_field=args.text_field, seed=args.seed, storage_options=args.storage_options,
-            validation_fraction=args.validation_fraction,
+            validation_fraction=args.validation_fraction, encoding=args.encoding, undecodable=args.undecodable,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"prepare_data: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"prepare_data: error: {message}", file=sys.stderr)
         return 2
     return 0
 

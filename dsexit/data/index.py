@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dsexit.data.storage import join_url, open_url_fs, read_bytes
+from dsexit.data.storage import ACCESS_ERRORS, access_error, join_url, open_url_fs, read_bytes
 
 FORMAT_NAME = "dsexit-shards"
 FORMAT_VERSION = 1
@@ -195,10 +195,15 @@ class DatasetIndex:
 
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None, retries: int = 3) -> "DatasetIndex":
-        """Read URL/index.json from any fsspec URL; raises FileNotFoundError naming it if absent."""
+        """Read URL/index.json from any fsspec URL; raises FileNotFoundError naming it if absent,
+        StorageAccessError if the URL cannot be opened here (protocol, package, credentials)."""
         url = url.rstrip("/")
         fs, path = open_url_fs(join_url(url, INDEX_FILE), storage_options)
-        if not fs.exists(path):
+        try:
+            exists = fs.exists(path)
+        except ACCESS_ERRORS as error:
+            raise access_error(join_url(url, INDEX_FILE), error) from None
+        if not exists:
             raise FileNotFoundError(f"No dataset at {url}: {join_url(url, INDEX_FILE)} does not exist.")
         text = read_bytes(fs, path, retries=retries, what=join_url(url, INDEX_FILE)).decode("utf-8", errors="replace")
         return cls.from_json(text, url=url)

@@ -43,22 +43,61 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _access_errors() -> tuple[type[BaseException], ...]:
+    """The S3 client's errors that no retry heals: no credentials, a malformed bucket or key."""
+    try:
+        import botocore.exceptions
+
+        return (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
+                botocore.exceptions.ParamValidationError)
+    except ImportError:
+        return ()
+
+
 TRANSIENT_ERRORS = _transient_errors()
+ACCESS_ERRORS = _access_errors()
 # A wrong credential or a path that is a directory will not heal by waiting.
-PERMANENT_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, *ACCESS_ERRORS)
 
 
 class ShardCorruptError(RuntimeError):
     """A shard's bytes do not hash to the sha256 that index.json lists for it."""
 
 
+class StorageAccessError(ValueError):
+    """A URL this machine cannot open, whatever the retries: an unknown protocol, a filesystem
+    package that is not installed, no credentials."""
+
+
 def join_url(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
 
+_URL_CREDENTIALS_UNREAD = ("s3", "s3a", "gs", "gcs")  # their filesystems would take KEY:SECRET@ for a bucket name
+
+
 def open_url_fs(url: str, storage_options: dict | None = None):
-    """(filesystem, path) for a local path or any fsspec URL."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """(filesystem, path) for a local path or any fsspec URL; StorageAccessError when none can open it."""
+    protocol = None if "::" in url else fsspec.core.split_protocol(url)[0]  # chained URLs: fsspec checks them
+    if protocol and protocol not in fsspec.available_protocols():
+        raise StorageAccessError(f"{url} has an unknown protocol {protocol!r}; expected a local path or an fsspec URL "
+                                 f"(file://, s3://, gs://, memory://, ...).")
+    if protocol in _URL_CREDENTIALS_UNREAD and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        raise StorageAccessError(f"{url} has credentials in it, which {protocol}:// URLs never carry; give them "
+                                 f"through the environment (AWS_ACCESS_KEY_ID, ...), a credentials file or an "
+                                 f"instance role, and the URL without them.")
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as error:  # fsspec knows the protocol, but its package is not installed
+        raise StorageAccessError(f"cannot open {url}: {error}.") from None
+
+
+def access_error(what: str, error: BaseException) -> StorageAccessError:
+    """One line for an error of ACCESS_ERRORS."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    hint = (" (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a credentials file or an instance role)"
+            if "Credentials" in type(error).__name__ else "")
+    return StorageAccessError(f"cannot read {what}: {text}{hint}.")
 
 
 class RetryPolicy:
@@ -75,6 +114,8 @@ class RetryPolicy:
         for attempt in range(self.retries + 1):
             try:
                 return operation()
+            except ACCESS_ERRORS as error:
+                raise access_error(what, error) from None
             except PERMANENT_ERRORS:
                 raise
             except TRANSIENT_ERRORS as error:
@@ -108,6 +149,34 @@ def file_sha256(path: str) -> str:
         while chunk := handle.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _remote_sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as source:
+        while chunk := source.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_shard_files(base_url: str, shards: list[tuple[str, int, str]], *, hash_names=frozenset(),
+                      storage_options: dict | None = None, retries: int = 3) -> None:
+    """Before a run starts: every (name, num_bytes, sha256) shard is under `base_url` with its size
+    (one listing), and the shards in `hash_names` hash to their sha256. Raises ShardCorruptError,
+    one line naming the shard and both hashes (a shard of the wrong size is hashed to say so)."""
+    policy = RetryPolicy(retries)
+    fs, root = open_url_fs(base_url, storage_options)
+    listing = policy.call(lambda: fs.ls(root, detail=True), base_url)
+    sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") for entry in listing}
+    for name, num_bytes, sha256 in shards:
+        url, path = join_url(base_url, name), f"{root.rstrip('/')}/{name}"
+        if name not in sizes:
+            raise ShardCorruptError(f"Shard {url} is missing: index.json lists it with sha256 {sha256} ({num_bytes} bytes).")
+        if sizes[name] != num_bytes or name in hash_names:
+            got = policy.call(lambda: _remote_sha256(fs, path), url)
+            if got != sha256 or sizes[name] != num_bytes:
+                raise ShardCorruptError(f"Shard {url} is corrupt: sha256 is {got} ({sizes[name]} bytes), "
+                                        f"index.json lists {sha256} ({num_bytes} bytes).")
 
 
 class ShardCache:

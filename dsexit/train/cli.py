@@ -9,6 +9,7 @@ and ignored: ranks are discovered in `dsexit.train.distributed`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any, Sequence
 
@@ -31,11 +32,13 @@ FLAG_FIELDS = {
     "dist_timeout": ("parallelism", "dist_timeout_s"),
     "checkpoint_dir": ("checkpoint", "dir"), "save_interval": ("checkpoint", "interval"),
     "keep_last": ("checkpoint", "keep_last"), "resume": ("checkpoint", "resume"),
-    "export_hf": ("checkpoint", "export_hf"),
+    "export_hf": ("checkpoint", "export_hf"), "start_over": ("checkpoint", "start_over"),
+    "checkpoint_retries": ("checkpoint", "retries"),
     "log_interval": ("metrics", "log_interval"), "progress": ("metrics", "progress"),
     "tensorboard": ("metrics", "tensorboard"), "csv": ("metrics", "csv"),
     "eval_interval": ("metrics", "eval_interval"), "eval_samples": ("metrics", "eval_samples"),
 }
+SECTIONS = tuple(field.name for field in dataclasses.fields(TrainConfig))
 # flag destination -> ElectraExitConfig field
 MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "target_compute", "exit_kv",
                "exit_warmup_steps", "aux_weight", "generator", "mask_prob", "disc_weight", "exit_criterion",
@@ -121,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--keep-last", type=int)
     ckpt.add_argument("--resume", metavar="auto|none|PATH")
     ckpt.add_argument("--export-hf", action=argparse.BooleanOptionalAction)
+    ckpt.add_argument("--start-over", action="store_true", default=None,
+                      help="start a new run in a run directory that holds one, moving the old run aside to "
+                           "RUN_DIR.old-TIMESTAMP first (nothing is deleted)")
+    ckpt.add_argument("--checkpoint-retries", type=int, metavar="N",
+                      help="retries with backoff of each object-store operation of the checkpoint mirror")
 
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--log-interval", type=int)
@@ -145,13 +153,38 @@ def _parse_model_set(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def load_config_file(path: str) -> TrainConfig:
+    """A saved config.json (the resolved config a run writes, or its "train" part alone); ConfigError
+    naming the file when it cannot be read, is not JSON, or a section is not an object."""
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except OSError as error:
+        raise ConfigError(f"config={path!r} cannot be read ({error.strerror or error}); "
+                          f"expected a config.json a run wrote.") from None
+    except ValueError as error:  # JSONDecodeError, or bytes that are not text
+        raise ConfigError(f"config={path!r} is not valid JSON ({error}); expected a config.json a run wrote.") from None
+    train = saved.get("train", saved) if isinstance(saved, dict) else saved
+    if not isinstance(train, dict):
+        raise ConfigError(f"config={path!r} holds {json.dumps(train)[:60]} where an object of config sections "
+                          f"({', '.join(SECTIONS)}) was expected.")
+    for section in SECTIONS:
+        if section in train and not isinstance(train[section], dict):
+            raise ConfigError(f"config={path!r} has section {section!r} = {json.dumps(train[section])[:60]}; "
+                              f"expected an object of its fields.")
+    try:
+        return TrainConfig.from_dict(train)
+    except ConfigError as error:
+        raise ConfigError(f"config={path!r} is invalid: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config={path!r} is invalid: {error}.") from None
+
+
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """The validated config for a command line; raises ConfigError naming the bad value."""
     args = build_parser().parse_args(argv)
     if args.config:
-        with open(args.config) as handle:
-            saved = json.load(handle)
-        config = TrainConfig.from_dict(saved.get("train", saved))
+        config = load_config_file(args.config)
     else:
         config = preset_config(args.preset)
     for dest, (section, name) in FLAG_FIELDS.items():

@@ -77,7 +77,7 @@ class OptimConfig:
     lr: float = 1e-3
     warmup_steps: int | None = None
     """Linear warmup from 0 to lr, then linear decay to 0 at the schedule's last step.
-    None: 10% of the schedule (at least 2 steps)."""
+    None: 10% of the schedule (at least 2 steps; shorter for a run of 1 or 2 steps)."""
     weight_decay: float = 0.01
     """Applied to weights only; biases and LayerNorm parameters get none (as in ELECTRA)."""
     grad_clip: float = 1.0
@@ -134,6 +134,12 @@ class CheckpointConfig:
     """'auto' (newest complete checkpoint, if any), 'none', or a path to a checkpoint tag."""
     export_hf: bool = True
     """Write a Hugging Face export of the final checkpoint to RUN_DIR/hf."""
+    start_over: bool = False
+    """Start a new run in a run directory that holds another one, after moving that one aside to
+    RUN_DIR.old-TIMESTAMP (nothing is deleted). Without it such a start is refused."""
+    retries: int = 6
+    """Retries (exponential backoff, as for data reads) of each object-store operation of the
+    checkpoint mirror; an upload that still fails is retried at the next save."""
 
 
 @dataclass
@@ -226,6 +232,8 @@ class TrainConfig:
             _fail("run_dir", job.run_dir, "a directory path")
         if not ckpt.resume:
             _fail("resume", ckpt.resume, "'auto', 'none' or a checkpoint path")
+        if not isinstance(ckpt.retries, int) or isinstance(ckpt.retries, bool) or ckpt.retries < 0:
+            _fail("checkpoint_retries", ckpt.retries, "a non-negative integer")
         if self.data.shuffle_window < 1 or self.data.prefetch < 0:
             _fail("shuffle_window" if self.data.shuffle_window < 1 else "prefetch",
                   self.data.shuffle_window if self.data.shuffle_window < 1 else self.data.prefetch,
@@ -241,7 +249,11 @@ class TrainConfig:
         return min(steps)
 
     def warmup_steps(self, total_steps: int) -> int:
-        return self.optim.warmup_steps if self.optim.warmup_steps is not None else max(2, total_steps // 10)
+        """The user's warmup, or 10% of the schedule (at least 2 steps), shortened to fit a run of 1 or
+        2 steps (DeepSpeed wants at least 1; it warms up over at least 2 and warns when that is longer)."""
+        if self.optim.warmup_steps is not None:
+            return self.optim.warmup_steps
+        return max(1, min(max(2, total_steps // 10), total_steps - 1))
 
     def budget_lr_factor(self, step: int, total_steps: int, minutes: float) -> float:
         """The learning rate at `step` as a share of the peak, for a run with a time budget.

@@ -36,15 +36,20 @@ def load_ds_config(path: str) -> dict[str, Any]:
     return config
 
 
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+def zero_stage(ds_config: dict[str, Any], path: str = "the DeepSpeed config") -> int:
+    """zero_optimization.stage (0 when absent); ConfigError unless it is the integer 0, 1, 2 or 3."""
+    section = ds_config.get("zero_optimization", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path} sets zero_optimization={section!r}; expected an object such as {{\"stage\": 2}}.")
+    stage = section.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path} sets zero_optimization.stage={stage!r}; expected the integer 0, 1, 2 or 3.")
+    return stage
 
 
 def check_parallelism(ds_config: dict[str, Any], pipeline_stages: int, path: str) -> None:
     """Reject unsupported (pipeline, ZeRO) combinations with one message naming the supported ones."""
-    stage = zero_stage(ds_config)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path} sets zero_optimization.stage={stage}; expected 0, 1, 2 or 3.")
+    stage = zero_stage(ds_config, path)
     is_pipeline_config = "pipeline" in ds_config
     if pipeline_stages > 1 and stage not in PIPELINE_ZERO_STAGES:
         raise ConfigError(f"--pipeline-stages {pipeline_stages} with ZeRO stage {stage} ({path}) is not supported; "
@@ -114,7 +119,7 @@ def resolve_batch(ds_config: dict[str, Any], config: TrainConfig, dp_size: int) 
 
 def resolve_schedule(ds_config: dict[str, Any], config: TrainConfig, total_steps: int) -> None:
     optim, warmup_steps = config.optim, config.warmup_steps(total_steps)
-    if warmup_steps >= total_steps:
+    if optim.warmup_steps is not None and warmup_steps >= total_steps:  # a derived warmup always fits
         raise ConfigError(f"warmup_steps={warmup_steps} is invalid; expected fewer than the schedule's "
                           f"{total_steps} steps (max_steps / max_tokens).")
     optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})

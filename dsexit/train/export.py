@@ -2,6 +2,9 @@
 
 `load_trained_model` rebuilds `ElectraPreTrainingModel` with fp32 weights from any
 checkpoint (ZeRO shards consolidated by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`).
+Every file is checked against the digests in the completion marker first; files dsexit
+reads itself are loaded with `weights_only=True`; DeepSpeed's own loader unpickles, so
+whoever can write the checkpoint location must be trusted.
 `export_hf` writes what `from_pretrained` loads:
 
     OUT/                      ElectraForPreTraining (the discriminator; exit heads are
@@ -21,7 +24,7 @@ import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import to_hf_masked_lm, to_hf_pretraining
-from dsexit.train.checkpoint import CheckpointRef, open_checkpoint
+from dsexit.train.checkpoint import CheckpointRef, open_checkpoint, verify_files
 
 log = logging.getLogger("dsexit")
 
@@ -32,6 +35,20 @@ def data_url_of(ref: CheckpointRef) -> str:
     return ref.meta.get("data_url") or DEFAULT_DATA_URL
 
 
+def _safe_globals() -> list:
+    """What a dsexit checkpoint holds beyond tensors and containers: numpy RNG states (client state)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_weights_only(path: str) -> dict:
+    """torch.load without running pickled code: tensors, containers and the few numpy types above."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _pipeline_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """A pipeline checkpoint keeps one file per pipeline layer; map them back to model names."""
     from dsexit.parallel.pipeline import pipeline_state_dict_to_model
@@ -40,7 +57,7 @@ def _pipeline_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     for name in sorted(os.listdir(ref.path)):
         if name.startswith("layer_") and name.endswith("-model_states.pt"):
             index = int(name[len("layer_"):].split("-")[0])
-            layer_states[index] = torch.load(os.path.join(ref.path, name), map_location="cpu", weights_only=False)
+            layer_states[index] = load_weights_only(os.path.join(ref.path, name))
     config = ElectraExitConfig.from_dict(ref.meta["model_config"])
     return {name: tensor.float() for name, tensor in pipeline_state_dict_to_model(layer_states, config).items()}
 
@@ -52,13 +69,14 @@ def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(ref.root, tag=ref.tag)
-    states = torch.load(os.path.join(ref.path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    states = load_weights_only(os.path.join(ref.path, "mp_rank_00_model_states.pt"))
     return {name: tensor.float() for name, tensor in states["module"].items()}
 
 
 def load_trained_model(checkpoint: str | CheckpointRef) -> ElectraPreTrainingModel:
     """The model of a checkpoint (a tag directory or a checkpoints root), fp32, in eval mode."""
     ref = checkpoint if isinstance(checkpoint, CheckpointRef) else open_checkpoint(checkpoint)
+    verify_files(ref)  # before anything unpickles a file of it (DeepSpeed's ZeRO consolidation does)
     model = ElectraPreTrainingModel(ElectraExitConfig.from_dict(ref.meta["model_config"]))
     state = fp32_state_dict(ref)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -7,8 +7,9 @@ own shards) is corrupted once, with seeded generators that do not touch the trai
                 Independent of the run's generator, so arms with different generators (MLM,
                 uniform, unigram) and exit rules are measured on the same task.
     generator   the same masked positions given to the run's own generator (MLM), which
-                samples the replacements with a fixed random stream; for generator-free runs,
-                draws from their fixed distribution.
+                samples the replacements with a fixed random stream at the run's sampling
+                temperature (its training task); for generator-free runs, draws from their fixed
+                distribution. The MLM loss is the generator's own (temperature 1).
 
 Reported (`EVAL_FIELDS`), each a mean over the real tokens of the held-out samples:
     eval_rtd_loss_uniform / _acc_ / _auc_   the discriminator at full depth, uniform corruption
@@ -202,7 +203,7 @@ class HeldOutEvaluator:
             generator_input = ids.reshape(-1).index_fill(0, rows, self.config.mask_token_id).view_as(ids)
             logits = model.generator(model.embeddings, generator_input, mask, types, rows=rows).float()
             log_probs = F.log_softmax(logits, dim=-1)
-            replacements = model.sample_from_logits(logits, generator=sampling)
+            replacements = model.sample_from_logits(logits, self.config.generator_temperature, generator=sampling)
         else:  # a fixed distribution is its own generator
             log_probs = torch.log(model.replacement_probs.double().clamp(min=1e-30)).float()
             log_probs = log_probs.expand(rows.numel(), -1)

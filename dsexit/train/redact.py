@@ -19,8 +19,21 @@ _SECRET_KEY = re.compile(r"(?:^|_)(key|secret|password|passwd|token|credentials?
                          re.IGNORECASE)
 
 
-def redact_text(text: str) -> str:
-    return _URL_USERINFO.sub(lambda match: f"{match['scheme']}{MASK}@", text)
+def url_secrets(url: str) -> list[str]:
+    """The user-info of a URL ("KEY:SECRET" and its parts), which libraries may echo without the scheme."""
+    match = _URL_USERINFO.search(url or "")
+    if not match:
+        return []
+    userinfo = match["userinfo"]
+    return sorted({userinfo, *(part for part in userinfo.split(":") if len(part) >= 4)}, key=len, reverse=True)
+
+
+def redact_text(text: str, *urls: str) -> str:
+    """Mask URL user-info in `text`; also wherever the user-info of `urls` appears on its own."""
+    text = _URL_USERINFO.sub(lambda match: f"{match['scheme']}{MASK}@", text)
+    for secret in (secret for url in urls for secret in url_secrets(url)):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def redact(value: Any) -> Any:

@@ -2,8 +2,12 @@
 
 Opens the dataset index (vocabulary, special tokens, sequence length), builds the model
 config, derives the schedule length and the data-parallel layout, and resolves the
-DeepSpeed JSON. Any user error surfaces here as one `ConfigError`. The result,
-`ResolvedRun`, is what rank 0 prints once and what every checkpoint saves.
+DeepSpeed JSON. Then the checkpoint side: every location the run will write is probed
+(a small object written and removed), the checkpoint `--resume` selects is read (its
+marker only) and must fit this model and seed, and the run-directory plan is made (a new
+run, a continuation, a rollback or a fork; see rundir.py). Any user error surfaces here
+as one `ConfigError`, credentials in URLs masked. The result, `ResolvedRun`, is what
+rank 0 prints once and what every checkpoint saves.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
+from dsexit.data.storage import RetryPolicy
 from dsexit.model import ElectraExitConfig
-from dsexit.train.checkpoint import open_checkpoint
+from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpoint, resume_choice
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import check_parallelism, load_ds_config, resolve_ds_config, zero_stage
-from dsexit.train.redact import redact
-from dsexit.train.store import is_remote
+from dsexit.train.redact import redact, redact_text
+from dsexit.train.rundir import RunDirError, RunPlan, plan_run
+from dsexit.train.store import RemoteMirror, StorageError, is_remote, local_path, probe_local_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILE = "config.json"
@@ -38,6 +44,8 @@ class ResolvedRun:
     total_steps: int
     precision: str
     threads: int
+    run_plan: RunPlan | None = None
+    """What this start is (new run, continuation, rollback, fork); None when not planned."""
 
     @property
     def data_url(self) -> str:
@@ -52,13 +60,25 @@ class ResolvedRun:
         return self.config.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
     @property
+    def checkpoint_root(self) -> str:
+        """Where DeepSpeed writes checkpoints: the location, or the local staging copy of a URL."""
+        location = self.checkpoint_location
+        return os.path.join(self.run_dir, "checkpoints") if is_remote(location) else local_path(location)
+
+    def retry_policy(self) -> RetryPolicy:
+        """The data reader's policy, for every object-store operation of checkpoints."""
+        return RetryPolicy(self.config.checkpoint.retries)
+
+    @property
     def zero_stage(self) -> int:
         return zero_stage(self.ds_config)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, credentials masked: printed once, saved with every checkpoint."""
+        train = self.config.to_dict()
+        train["checkpoint"].pop("start_over")  # a one-off action: a saved config must not repeat it
         return redact({
-            "train": self.config.to_dict(),
+            "train": train,
             "model": self.model_config.to_dict(),
             "deepspeed": self.ds_config,
             "derived": {
@@ -96,19 +116,100 @@ def dataset_model_fields(dataset: DatasetIndex, model_config: ElectraExitConfig 
     return fields
 
 
-def _check_resume(resume: str) -> None:
-    if resume in RESUME_KEYWORDS:
-        return
-    if is_remote(resume):
+def _check_resume_value(resume: str) -> None:
+    if resume not in RESUME_KEYWORDS and is_remote(resume):
         raise ConfigError(f"resume={resume!r} is invalid; a checkpoint in object storage is resumed with "
                           f"--checkpoint-dir URL --resume auto (it is downloaded to RUN_DIR/checkpoints).")
+
+
+def _model_shapes(model_config: ElectraExitConfig) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    from dsexit.model import ElectraPreTrainingModel
+
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = ElectraPreTrainingModel(model_config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_fits(ref: CheckpointRef, model_config: ElectraExitConfig, seed: int) -> None:
+    """The checkpoint was saved by a model of this shape and a run of this seed (its marker says)."""
+    saved_config = ref.meta.get("model_config")
+    if saved_config is not None:
+        saved = ElectraExitConfig.from_dict(saved_config)
+        if _model_shapes(saved) != _model_shapes(model_config):
+            then, now = saved.to_dict(), model_config.to_dict()
+            differ = [name for name in then if name != "extra" and now.get(name) != then[name]][:6]
+            raise ConfigError(
+                f"checkpoint {ref.path} holds a model of another shape: saved with "
+                f"{', '.join(f'{name}={then[name]!r}' for name in differ)}, this run has "
+                f"{', '.join(f'{name}={now.get(name)!r}' for name in differ)}; resume with the model it was saved "
+                f"with, or start a new run in another --run-dir.")
+    saved_seed = ((ref.meta.get("config") or {}).get("train") or {}).get("job", {}).get("seed")
+    if saved_seed is not None and saved_seed != seed:
+        raise ConfigError(f"seed={seed} is invalid; checkpoint {ref.path} was saved by a run with seed={saved_seed}, "
+                          f"which fixes its data order and masking; resume with --seed {saved_seed}.")
+
+
+def _probe_locations(run: "ResolvedRun", mirror: RemoteMirror | None) -> None:
+    """Write and remove a small object in every location the run will write, before step 1."""
+    probe_local_dir(run.run_dir, "run_dir")
+    probe_local_dir(run.checkpoint_root, "checkpoint_dir" if not mirror and run.config.checkpoint.dir
+                    else "the checkpoint staging directory")
+    if mirror is not None:
+        mirror.probe()
+
+
+def _chosen_checkpoint(resume: str, root: str, mirror: RemoteMirror | None) -> CheckpointRef | None:
+    """The checkpoint `--resume` selects, by its marker (as the trainer will choose it); nothing
+    is downloaded."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        try:
+            return open_checkpoint(resume)
+        except (FileNotFoundError, CheckpointError) as error:
+            raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
+    local = resume_choice(root)
+    remote = mirror.choice() if mirror is not None else None
+    return remote if remote is not None and (local is None or remote.step > local.step) else local
+
+
+def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
+    """Probe, choose, check the fit, and plan the run directory; ConfigError on any user error."""
+    from dsexit.train.checkpoint import RemoteCheckpoints
+
+    ckpt = run.config.checkpoint
     try:
-        open_checkpoint(resume)
-    except FileNotFoundError as error:
-        raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
+        mirror = RemoteCheckpoints(run.checkpoint_location, run.retry_policy()) \
+            if is_remote(run.checkpoint_location) else None
+        _probe_locations(run, mirror.remote if mirror else None)
+        chosen = _chosen_checkpoint(ckpt.resume, run.checkpoint_root, mirror)
+        if chosen is not None:
+            check_fits(chosen, run.model_config, run.config.job.seed)
+        return plan_run(run_dir=run.run_dir, checkpoint_root=run.checkpoint_root, resume=ckpt.resume,
+                        start_over=ckpt.start_over, chosen=chosen,
+                        remote_steps=mirror.steps() if mirror else [],
+                        remote_shown=mirror.remote.shown if mirror else None)
+    except ConfigError:
+        raise
+    except (StorageError, RunDirError, CheckpointError) as error:
+        raise ConfigError(str(error)) from None
+    except ValueError as error:  # a URL no installed filesystem opens, or no credentials
+        raise ConfigError(f"checkpoint_dir={run.checkpoint_location!r} is invalid: {error}") from None
+    except OSError as error:  # the object store stayed unreachable through every retry
+        raise ConfigError(f"checkpoint_dir={run.checkpoint_location!r} could not be read: {error}") from None
 
 
 def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
+    try:
+        return _resolve_run(config, world, threads)
+    except (ConfigError, OSError) as error:  # URLs in messages lose their credentials
+        urls = (config.data.url, config.checkpoint.dir, config.checkpoint.resume)
+        raise ConfigError(redact_text(str(error), *urls)) from None
+
+
+def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     provisional = config.model.build(dataset_model_fields(dataset))
     model_config = config.model.build(dataset_model_fields(dataset, provisional))
@@ -122,10 +223,12 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
     total_steps = config.schedule_steps(dataset.seq_len)
     ds_config = resolve_ds_config(raw_ds_config, config, dp_size=dp_size,
                                   total_steps=total_steps, monitor_dir=os.path.join(config.job.run_dir, "monitor"))
-    _check_resume(config.checkpoint.resume)
+    _check_resume_value(config.checkpoint.resume)
     if dataset.num_samples < config.training.global_batch_size:
         raise ConfigError(f"global_batch_size={config.training.global_batch_size} is invalid; the dataset "
                           f"{dataset.url} holds only {dataset.num_samples} samples.")
-    return ResolvedRun(config=config, world=world, dataset=dataset, model_config=model_config, ds_config=ds_config,
-                       dp_size=dp_size, grad_accum=ds_config["gradient_accumulation_steps"], total_steps=total_steps,
-                       precision="bf16" if ds_config["bf16"]["enabled"] else "fp32", threads=threads)
+    run = ResolvedRun(config=config, world=world, dataset=dataset, model_config=model_config, ds_config=ds_config,
+                      dp_size=dp_size, grad_accum=ds_config["gradient_accumulation_steps"], total_steps=total_steps,
+                      precision="bf16" if ds_config["bf16"]["enabled"] else "fp32", threads=threads)
+    run.run_plan = plan_checkpoints(run)
+    return run

@@ -16,8 +16,10 @@ and restored in `restore()`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -26,13 +28,14 @@ import torch.distributed as dist
 
 from dsexit.data import StreamingShardReader, read_validation_samples
 from dsexit.model import ExitController
-from dsexit.train.checkpoint import CheckpointManager, CheckpointRef
+from dsexit.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
 from dsexit.train.heldout import HeldOutEvaluator
-from dsexit.train.metrics import MetricsLogger
+from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
+from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.rng import capture_rng_state, rank_seed, restore_rng_state, seed_everything
 from dsexit.train.step_stats import StepStats, StepSummary
 from dsexit.train.universal import convert_to_universal, needs_universal
@@ -40,6 +43,14 @@ from dsexit.train.universal import convert_to_universal, needs_universal
 log = logging.getLogger("dsexit")
 
 STATE_KEY = "dsexit"
+
+
+def _fail(error: Exception, code: int, speak: bool = True) -> None:
+    """A checkpoint that cannot be used or written ends the run with one line, not a traceback."""
+    if speak:
+        print(f"pretrain.py: error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)  # prefetch threads and a process group in the middle of a collective would block an exit
 
 
 class Trainer:
@@ -50,8 +61,10 @@ class Trainer:
         self.world = run.world
         # --- runtime utilities
         self.preemption = PreemptionHandler().install()
+        self.run_plan = run.run_plan or RunPlan("new", None)
         self.checkpoints = CheckpointManager(run.checkpoint_location, os.path.join(run.run_dir, "checkpoints"),
-                                             self.config.checkpoint.keep_last, self.world)
+                                             self.config.checkpoint.keep_last, self.world,
+                                             run_id=self._run_id(), policy=run.retry_policy())
         self.started_at = time.monotonic()
         # --- progress counters (restored from a checkpoint)
         self.step = 0
@@ -61,7 +74,10 @@ class Trainer:
         self.minutes_at_start = 0.0
         self.eval_seconds = 0.0  # held-out evaluation is measurement: it does not count against the budget
         # --- swappable components
-        resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)
+        try:
+            resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)
+        except CheckpointError as error:  # every rank raises it; rank 0 says it
+            _fail(error, 2, speak=self.world.is_main)
         self.latest_checkpoint: CheckpointRef | None = None
         load_dir = self._prepare_load(resume_from)
         self.pipeline_stages = self.config.parallelism.pipeline_stages
@@ -80,7 +96,12 @@ class Trainer:
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         if resume_from is not None:
             self.restore(resume_from, load_dir)
+            if self.run_plan.mode == "rollback":
+                self.checkpoints.point_latest(resume_from)
+                log.warning("rolled back to %s: --resume auto continues from here; newer checkpoints in %s are "
+                            "kept until you remove them", resume_from.tag, resume_from.root)
         self.heldout = self._build_heldout()
+        self.last_eval: dict[str, float] | None = None
         self.metrics = MetricsLogger(run.run_dir, self.world, total_steps=run.total_steps, start_step=self.step,
                                      log_interval=self.config.metrics.log_interval,
                                      progress=self.config.metrics.progress, monitor=self.engine.monitor)
@@ -123,14 +144,57 @@ class Trainer:
         if self.heldout is None:
             return None
         started = time.monotonic()
-        results = self.heldout.evaluate(self.engine.module, self.exit_controller.threshold(self.step), self.device)
+        with self._whole_parameters():
+            results = self.heldout.evaluate(self.engine.module, self.exit_controller.threshold(self.step),
+                                            self.device)
         results["eval_seconds"] = time.monotonic() - started
         results["train_minutes"] = self._minutes_spent() if self.step else 0.0
         self.eval_seconds += results["eval_seconds"]
         self.metrics.record_eval(self.step, results, exit_threshold=self.exit_controller.threshold(self.step))
+        self.last_eval = results
         return results
 
+    def _whole_parameters(self):
+        """ZeRO-3 partitions every parameter; the evaluator calls sub-modules directly (the generator
+        reads the tied embedding matrix of another module), so it gets them whole for its duration."""
+        if self.run.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    def _report_standing(self, results: dict[str, float] | None) -> None:
+        """Say plainly whether the discriminator has left the replaced-token prior on held-out data."""
+        if results is None or not self.world.is_main:
+            return
+        loss, prior = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"]
+        if loss < prior - 0.01:
+            log.info("held-out RTD loss %.4f is below the replaced-token prior's %.4f: the discriminator learned",
+                     loss, prior)
+            return
+        hint = (" At CPU budgets an MLM generator stays at the unigram plateau and its discriminator at the prior;"
+                " --generator uniform learns within minutes." if self.run.model_config.generator == "mlm" else "")
+        log.warning("held-out RTD loss %.4f is not below the replaced-token prior's %.4f: the discriminator has "
+                    "not learned within this budget.%s", loss, prior, hint)
+
     # ------------------------------------------------------------------ checkpoints
+    def _run_id(self) -> str:
+        """This run's id, the same on every rank; rank 0 first moves an old run aside (--start-over)."""
+        run_id = None
+        if self.world.is_main:
+            if self.run_plan.move_aside:
+                moved = move_aside(self.run_plan.move_aside)
+                if self.run.run_dir in moved:  # the log moved with the old run: a new one here
+                    setup_logging(self.world, self.run.run_dir)
+                    restore_log(moved[self.run.run_dir], self.run_plan.log_state)
+                    log.info("resolved config:\n%s", self.run.to_json())
+                for old, new in moved.items():
+                    log.warning("--start-over: moved %s aside to %s (nothing was deleted)", old, new)
+            run_id = self.run_plan.run_id or new_run_id()
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _prepare_load(self, ref: CheckpointRef | None) -> str | None:
         """Where the engine loads `ref` from; switches to the universal format at another dp size."""
         if ref is None:
@@ -158,7 +222,10 @@ class Trainer:
 
     def save_checkpoint(self) -> CheckpointRef:
         started = time.monotonic()
-        ref = self.checkpoints.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
+        try:
+            ref = self.checkpoints.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
+        except CheckpointError as error:  # the disk is full
+            _fail(error, 1)
         self.latest_checkpoint = ref
         log.info("saved checkpoint %s in %.1fs", ref.path, time.monotonic() - started)
         return ref
@@ -184,6 +251,7 @@ class Trainer:
     def train(self) -> str:
         """Train to the end of the schedule (or a stop request); returns why it stopped."""
         if self.world.is_main:
+            claim(self.run.run_dir, self.run_plan, self.checkpoints.run_id)
             with open(os.path.join(self.run.run_dir, CONFIG_FILE), "w") as handle:
                 handle.write(self.run.to_json())
         reason = "finished" if self.step >= self.run.total_steps else None
@@ -198,8 +266,9 @@ class Trainer:
             if self.step % self.config.checkpoint.interval == 0:
                 self.save_checkpoint()
             reason = self.stop_reason(summary)
-        if reason != "preempted" and eval_interval and self.step % eval_interval:
-            self.evaluate()
+        if reason != "preempted" and eval_interval:
+            final = self.evaluate() if self.step % eval_interval else self.last_eval
+            self._report_standing(final)
         self.metrics.close()
         log.info("stopping at step %d: %s", self.step, reason)
         if self.latest_checkpoint is None or self.latest_checkpoint.step != self.step:

@@ -69,8 +69,10 @@ def wait_for_text(path: Path, text: str, seconds: float, processes: list[subproc
 
 
 def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's training records (held-out evaluation records left out)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [record for record in records if record.get("kind", "train") == "train"]
 
 
 def reference_digests(steps: int, seed: int = 1234) -> list[str]:

@@ -61,7 +61,12 @@ def test_dockerfile_parses_and_copies_existing_paths(dockerfile):
             json.loads(arguments)  # exec form must be a JSON array
     entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
     workdir = dict(instructions)["WORKDIR"]
-    assert entrypoint[0].startswith(workdir + "/") and entrypoint[0].removeprefix(workdir + "/") in \
+    # PID 1 is an init that passes docker stop's SIGTERM on (tests/train/test_preemption.py runs it so).
+    assert entrypoint[0] == "/usr/bin/tini" and "--" in entrypoint, f"{dockerfile.name}: ENTRYPOINT {entrypoint} has no init"
+    assert any(keyword == "RUN" and re.search(r"apt-get install [^&]*\btini\b", arguments)
+               for keyword, arguments in instructions), f"{dockerfile.name} does not install tini"
+    script = entrypoint[entrypoint.index("--") + 1]
+    assert script.startswith(workdir + "/") and script.removeprefix(workdir + "/") in \
         {target for source in copied for target in (source, f"docker/{Path(source).name}")}, entrypoint
     # Everything the entrypoint runs is in the image.
     for needed in ("launch", "ds_configs", "dsexit", "pyproject.toml", "docker/entrypoint.sh", "docker/seed_s3.py"):
@@ -91,7 +96,9 @@ def test_compose_two_nodes_and_object_store():
         command = service["command"]
         assert command[command.index("--data") + 1] == services["s3-init"]["command"][0]
         assert command[command.index("--checkpoint-dir") + 1].startswith("s3://")
-        assert "entrypoint" not in service  # the image's: docker/entrypoint.sh
+        assert "entrypoint" not in service  # the image's: tini, then docker/entrypoint.sh
+        # docker compose stop: SIGTERM, then time for the preemption checkpoint before SIGKILL.
+        assert service.get("stop_signal", "SIGTERM") == "SIGTERM" and service["stop_grace_period"]
     assert services["s3-init"]["entrypoint"] == ["python", "docker/seed_s3.py"]
     assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
     assert environment["AWS_ENDPOINT_URL"].endswith(":" + services["s3"]["environment"]["MOTO_PORT"])

@@ -19,7 +19,7 @@ import pytest
 
 from dsexit.data import DEFAULT_DATA_URL
 from dsexit.data.tokenizer import TextTokenizer
-from dsexit.data.writer import ShardWriter, claim_output
+from dsexit.data.writer import ShardWriter, StagedOutput
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 BUCKET = "dsexit-test"
@@ -44,13 +44,21 @@ def decode_sample_numbers(input_ids) -> list[int]:
 
 def write_synthetic_dataset(url: str, num_samples: int, rows_per_shard: int, seq_len: int = 16, storage_options=None):
     """A dataset whose sample n is `[CLS] n//1000 n%1000 [SEP] [PAD]...` (offset by _ID_BASE)."""
-    claim_output(url, overwrite=True, storage_options=storage_options)
     tokenizer = TextTokenizer("wordpiece", os.path.join(DEFAULT_DATA_URL, "vocab.txt"), 30522,
                               {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103})
     row_bytes = seq_len * 2
-    writer = ShardWriter(url, tokenizer, seq_len, rows_per_shard * row_bytes, storage_options)
-    writer.add_rows([encode_sample_number(n, seq_len) for n in range(num_samples)])
-    return writer.finish()
+    with StagedOutput(url, overwrite=True, storage_options=storage_options) as output:
+        writer = ShardWriter(output.staging_url, tokenizer, seq_len, rows_per_shard * row_bytes, storage_options)
+        writer.add_rows([encode_sample_number(n, seq_len) for n in range(num_samples)])
+        return output.publish(writer.finish())
+
+
+def one_error_line(capsys) -> str:
+    """The single `prepare_data: error:` line a CLI call printed to stderr (fails if there are more or none)."""
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("prepare_data: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 class MotoServer:

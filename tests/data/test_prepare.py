@@ -122,7 +122,7 @@ def test_existing_dataset_is_kept_unless_overwrite(moby_sample, tmp_path, capsys
     capsys.readouterr()
     assert prepare_main(args + ["--seed", "1"]) == 2
     refusal = capsys.readouterr().err
-    assert f"A dataset already exists at {out}; pass --overwrite" in refusal
+    assert refusal.count("\n") == 1 and f"--out {out} already holds a dsexit dataset; --overwrite replaces it" in refusal
     assert (out / "index.json").read_text() == before
     assert prepare_main(args + ["--seed", "1", "--overwrite"]) == 0
     assert (out / "index.json").read_text() != before

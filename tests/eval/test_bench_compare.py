@@ -17,7 +17,8 @@ def _run(arm: str, seed: int, early_exit: bool, curve: list[tuple[float, float]]
     minutes, loss = curve[-1]
     return {"arm": arm, "seed": seed, "early_exit": early_exit, "train_minutes": minutes, "final_step": 100,
             "compute_fraction": 0.5 if early_exit else 1.0,
-            "final": {"eval_rtd_loss_uniform": loss, "eval_rtd_auc_uniform": 0.8, "rtd_prior_entropy": 0.4},
+            "final": {"eval_rtd_loss_uniform": loss, "eval_rtd_auc_uniform": 0.8, "rtd_prior_entropy": 0.4,
+                      "eval_rtd_loss_uniform_exit": loss},
             "curve": [{"minutes": m, "rtd_loss_uniform": value} for m, value in curve]}
 
 
@@ -31,8 +32,12 @@ def test_exit_arm_that_reaches_the_baseline_sooner_saves_that_share_of_time():
     assert comparison["target_rtd_loss"] == pytest.approx(0.25)
     arm = comparison["arms"]["exit-0.50"]
     assert arm["minutes_to_target"]["values"] == pytest.approx([7.5, 5.0])
-    assert arm["time_saved_pct"] == pytest.approx(100 * (1 - 6.25 / 10))
-    assert arm["time_saved_pct_per_seed"] == pytest.approx([25.0, 50.0])
+    # The baseline's own time to its mean final loss: seed 1 at 5 + 5 x 0.05 / 0.06, seed 2 never
+    # (its last third falls 0.04 in 5 min: 0.26 -> 0.25 takes 1.25 min more).
+    base = comparison["baseline_minutes"]
+    assert base == pytest.approx(((5 + 5 * 0.05 / 0.06) + 11.25) / 2)
+    assert arm["time_saved_pct"] == pytest.approx(100 * (1 - 6.25 / base))
+    assert arm["time_saved_pct_per_seed"] == pytest.approx([100 * (1 - 7.5 / base), 100 * (1 - 5.0 / base)])
     assert arm["heldout_rtd_delta"] == pytest.approx(0.225 - 0.25)
     assert arm["reached_all"] and comparison["best_exit_arm"] == "exit-0.50"
 
@@ -46,6 +51,7 @@ def test_an_arm_that_never_reaches_the_target_gets_a_number_and_its_gap():
     ])
     slow, flat = comparison["arms"]["exit-0.75"], comparison["arms"]["exit-0.50"]
     assert not slow["reached_all"] and slow["minutes_to_target"]["mean"] == pytest.approx(12.0)
+    assert comparison["baseline_minutes"] == pytest.approx(10.0)  # the baseline reaches its final loss at the end
     assert slow["time_saved_pct"] == pytest.approx(-20.0)
     assert slow["heldout_rtd_delta"] == pytest.approx(0.02)
     assert flat["time_saved_pct"] == pytest.approx(-100.0)
@@ -57,3 +63,32 @@ def test_time_to_reach_loss_interpolates_and_reports_never():
     assert bench.time_to_reach_loss(curve, 0.3) == pytest.approx(15.0)
     assert bench.time_to_reach_loss(curve, 0.6) == 0.0
     assert bench.time_to_reach_loss(curve, 0.1) is None
+
+
+def test_device_scale_dry_run_goes_through_the_whole_path(tmp_path):
+    """`--scale device --dry-run`: the GPU scale's arms, held-out comparison, precondition and plots,
+    with a tiny model for seconds per run, on this CPU."""
+    import json
+    import os
+    import subprocess
+
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    out = tmp_path / "device.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, str(Path(bench.__file__)), "--scale", "device", "--dry-run", "--arms", "baseline",
+         "exit-0.50", "generator-free", "--corpus", str(shared / "corpus"), "--task",
+         str(shared / "downstream" / "rt_sentiment"), "--data-cache", str(tmp_path / "data"),
+         "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("RESULT pretrain_vs_exit time_saved_pct=") and "nan" not in lines[-1]
+    assert any(line.startswith("PRECONDITION pretraining_beats_untrained=") for line in lines)
+    results = json.loads(out.read_text())
+    assert set(results["arms"]) == {"baseline", "exit-0.50", "generator-free"}
+    assert results["generator"] == "mlm" and results["precondition"]["probe"]["seeds"] == 2
+    for run in results["runs"]:
+        assert run["curve"][0]["step"] == 0 and len(run["curve"]) >= 2
+    for plot in results["plots"]:
+        assert Path(plot).read_bytes()[:4] == b"\x89PNG"

@@ -70,11 +70,20 @@ class Launch:
     returncode: int
     output: str
 
+    def _records(self, kind: str) -> dict[int, dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return {record["step"]: record for record in map(json.loads, path.read_text().splitlines())
+                if record.get("kind", "train") == kind}
+
     @property
     def metrics(self) -> dict[int, dict]:
-        """metrics.jsonl by step (the trainer keeps one record per step with --log-interval 1)."""
-        path = self.run_dir / "metrics.jsonl"
-        return {record["step"]: record for record in map(json.loads, path.read_text().splitlines())}
+        """metrics.jsonl training records by step (one per step with --log-interval 1)."""
+        return self._records("train")
+
+    @property
+    def eval_metrics(self) -> dict[int, dict]:
+        """metrics.jsonl held-out evaluation records by step."""
+        return self._records("eval")
 
     @property
     def checkpoints(self) -> Path:

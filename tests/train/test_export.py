@@ -80,9 +80,19 @@ def test_run_directory_has_config_metrics_monitors_and_plots(zero2_straight, tmp
     csv_lines = (run_dir / "monitor" / "csv" / "Train_generator_loss.csv").read_text().splitlines()
     assert len(csv_lines) >= 20
     assert "step=20/20 gen_loss=" in (run_dir / "train.log").read_text()
+    # Held-out evaluation at the start and the end, its baselines beside it.
+    evals = zero2_straight.eval_metrics
+    assert sorted(evals) == [0, 20]
+    for key in ("eval_rtd_loss_uniform", "eval_rtd_auc_uniform", "eval_rtd_loss_generator", "eval_mlm_loss",
+                "rtd_prior_entropy", "unigram_entropy", "eval_compute_fraction", "eval_rtd_loss_uniform_exit"):
+        assert isinstance(evals[20][key], float), key
+    assert evals[20]["eval_rtd_loss_uniform"] < evals[0]["eval_rtd_loss_uniform"]  # it learned something
+    assert 0.3 < evals[20]["rtd_prior_entropy"] < 0.45 and 5.0 < evals[20]["unigram_entropy"] < 9.0
+    assert "eval step=20 rtd_loss_uniform=" in (run_dir / "train.log").read_text()
+    assert (run_dir / "monitor" / "csv" / "Eval_eval_rtd_loss_uniform.csv").exists()
 
     result = subprocess.run([sys.executable, str(REPO / "launch" / "plot_run.py"), str(run_dir), "--out",
                              str(tmp_path / "plots")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for name in ("losses.png", "compute.png", "exit_layers.png"):
+    for name in ("losses.png", "compute.png", "exit_layers.png", "heldout.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -43,6 +43,9 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(zero2_straight, zero2_i
             assert _relative_error(again[step][name], straight[step][name]) <= 1e-6, (step, name)
         assert again[step]["exit_threshold"] == straight[step]["exit_threshold"], step
         assert again[step]["exit_layer_counts"] == straight[step]["exit_layer_counts"], step
+    # The held-out evaluation of the resumed run's final model equals the uninterrupted run's.
+    for name in ("eval_rtd_loss_uniform", "eval_rtd_loss_generator", "eval_mlm_loss", "eval_compute_fraction"):
+        assert _relative_error(resumed.eval_metrics[20][name], zero2_straight.eval_metrics[20][name]) <= 1e-5, name
     latest = (resumed.checkpoints / "latest").read_text()
     assert latest == "global_step20"
     marker = json.loads((resumed.checkpoints / "global_step20" / "dsexit_checkpoint.json").read_text())

@@ -1,0 +1,237 @@
+"""What a checkpoint is on disk: tags, the completion marker, file digests, and which one a
+resume takes. Pure functions over a checkpoint root (and a mirror's markers); saving,
+retention and uploads are checkpoint.py's.
+
+    latest                         tag of the checkpoint `--resume auto` continues from
+    global_step100/                DeepSpeed's sharded files for step 100, plus
+        dsexit_checkpoint.json     the completion marker: step, run id, world size, ZeRO
+                                   stage, resolved config, and the size and sha256 of every
+                                   file of the step
+    universal/global_step100/      a universal conversion (see universal.py)
+
+A checkpoint is complete when its marker exists and parses; a malformed marker is
+reported as malformed. `--resume auto` takes the checkpoint `latest` names (the newest
+complete one if `latest` names none), so a rollback is followed even while newer steps
+of the abandoned line remain. Before anything unpickles a checkpoint file, `verify_files`
+checks each against the marker's digests and refuses files the marker does not list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dsexit.data.storage import RetryPolicy
+from dsexit.train.store import RemoteMirror, local_path
+
+log = logging.getLogger("dsexit")
+
+TAG_PREFIX = "global_step"
+MARKER = "dsexit_checkpoint.json"
+LATEST = "latest"
+UNIVERSAL_DIR = "universal"
+_TAG = re.compile(rf"^{TAG_PREFIX}(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used or written; one sentence naming the file and what is wrong."""
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step}"
+
+
+def step_of(tag: str) -> int | None:
+    match = _TAG.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def atomic_write(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(tag_dir: str) -> dict[str, dict[str, Any]]:
+    """{relative path: {"sha256", "bytes"}} of every file of a tag directory but the marker."""
+    digests = {}
+    for dirpath, _, names in os.walk(tag_dir):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            relative = os.path.relpath(path, tag_dir).replace(os.sep, "/")
+            if relative != MARKER:
+                digests[relative] = {"sha256": sha256_of(path), "bytes": os.path.getsize(path)}
+    return digests
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    root: str
+    tag: str
+    meta: dict[str, Any]
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.tag)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def run_id(self) -> str | None:
+        return self.meta.get("run_id")
+
+
+def parse_marker(text: str, where: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"the completion marker {where} is malformed ({error}); expected the JSON a dsexit "
+                              f"save writes.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"the completion marker {where} is malformed (no integer \"step\"); expected the JSON "
+                              f"a dsexit save writes.")
+    return meta
+
+
+def read_marker(tag_dir: str) -> dict[str, Any] | None:
+    """The marker of a tag directory; None if it has none; CheckpointError if it is malformed."""
+    path = os.path.join(tag_dir, MARKER)
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return parse_marker(text, path)
+
+
+def valid_marker(tag_dir: str) -> dict[str, Any] | None:
+    """The marker, or None if it is missing or malformed (a warning says which)."""
+    try:
+        return read_marker(tag_dir)
+    except CheckpointError as error:
+        log.warning("%s", error)
+        return None
+
+
+def complete_checkpoints(root: str) -> list[CheckpointRef]:
+    """Complete checkpoints under a root, oldest first (a malformed marker counts as incomplete)."""
+    if not os.path.isdir(root):
+        return []
+    refs = []
+    for name in os.listdir(root):
+        if _TAG.match(name) and (meta := valid_marker(os.path.join(root, name))) is not None:
+            refs.append(CheckpointRef(root, name, meta))
+    return sorted(refs, key=lambda ref: ref.step)
+
+
+def newest_complete(root: str) -> CheckpointRef | None:
+    refs = complete_checkpoints(root)
+    return refs[-1] if refs else None
+
+
+def read_latest(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, LATEST)) as handle:
+            return handle.read().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def resume_choice(root: str) -> CheckpointRef | None:
+    """What `--resume auto` continues from here: the checkpoint `latest` names if it is complete
+    (after a rollback, newer steps of the abandoned line stay behind it), else the newest complete."""
+    latest = read_latest(root)
+    if latest and _TAG.match(latest) and (meta := read_marker(os.path.join(root, latest))) is not None:
+        return CheckpointRef(root, latest, meta)
+    return newest_complete(root)
+
+
+def open_checkpoint(path: str) -> CheckpointRef:
+    """A checkpoint given by the user: a tag directory, or a root (the one `latest` names)."""
+    path = local_path(path).rstrip("/")
+    meta = read_marker(path)
+    if meta is not None:
+        return CheckpointRef(os.path.dirname(path) or ".", os.path.basename(path), meta)
+    ref = resume_choice(path)
+    if ref is None:
+        what = "does not exist" if not os.path.exists(path) else f"is neither a complete checkpoint (no {MARKER}) " \
+                                                                  f"nor a directory holding one"
+        raise FileNotFoundError(f"{path} {what}.")
+    return ref
+
+
+def verify_files(ref: CheckpointRef, allow_missing: bool = False) -> None:
+    """Every file of the checkpoint as its marker lists it; raises CheckpointError naming the first
+    that differs, is missing, or is not listed. Markers from before digests are accepted as they are.
+
+    `allow_missing`: a node's staging copy of a mirrored checkpoint holds only the files its own
+    ranks wrote (and DeepSpeed opens only those); the files it holds must still match."""
+    listed = ref.meta.get("files")
+    if listed is None:
+        log.warning("checkpoint %s has no file digests (saved by an older dsexit); loading it unverified", ref.path)
+        return
+    present = file_digests(ref.path)
+    for relative, expected in sorted(listed.items()):
+        got = present.get(relative)
+        if got is None and allow_missing:
+            continue
+        if got is None:
+            raise CheckpointError(f"checkpoint file {os.path.join(ref.path, relative)} is missing; its completion "
+                                  f"marker lists it.")
+        if got["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"checkpoint file {os.path.join(ref.path, relative)} has sha256 {got['sha256']}, "
+                                  f"but its completion marker records {expected['sha256']}; the file was changed or "
+                                  f"damaged after the save.")
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise CheckpointError(f"checkpoint file {os.path.join(ref.path, unlisted[0])} is not listed in the "
+                              f"completion marker; remove it (it was not written by this save).")
+
+
+class RemoteCheckpoints:
+    """The complete checkpoints on a mirror, by their markers (nothing downloaded)."""
+
+    def __init__(self, url: str, policy: RetryPolicy | None = None):
+        self.remote = RemoteMirror(url, policy)
+
+    def markers(self) -> dict[str, dict[str, Any]]:
+        """{tag: marker} of the complete checkpoints on the mirror (malformed markers skipped)."""
+        markers = {}
+        for tag in self.remote.tags():
+            if _TAG.match(tag) and (text := self.remote.read_text(f"{tag}/{MARKER}")) is not None:
+                try:
+                    markers[tag] = parse_marker(text, f"{self.remote.shown}/{tag}/{MARKER}")
+                except CheckpointError as error:
+                    log.warning("%s", error)
+        return markers
+
+    def choice(self) -> CheckpointRef | None:
+        """What `--resume auto` would take from the mirror: the tag its `latest` names if complete,
+        else the newest complete."""
+        markers = self.markers()
+        if not markers:
+            return None
+        latest = (self.remote.read_text(LATEST) or "").strip()
+        tag = latest if latest in markers else max(markers, key=lambda name: markers[name]["step"])
+        return CheckpointRef(self.remote.url, tag, markers[tag])
+
+    def steps(self) -> list[int]:
+        return sorted(meta["step"] for meta in self.markers().values())

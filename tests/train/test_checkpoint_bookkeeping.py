@@ -1,0 +1,215 @@
+"""Checkpoint bookkeeping in process, no launch: markers, digests, rewrite order, retention by
+run, the mirror's catch-up after a failed upload, write probes, the run-directory plan, and
+the checks `--resume` makes before any work. DeepSpeed is replaced by an engine that writes
+two small files, so each test takes milliseconds; the same paths run for real in
+test_run_identity.py, test_checkpoint_safety.py and test_checkpoint_outage.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import fsspec
+import pytest
+
+from dsexit.data.storage import RetryPolicy
+from dsexit.train.checkpoint import (LATEST, MARKER, CheckpointError, CheckpointManager, open_checkpoint,
+                                     resume_choice, tag_for, verify_files)
+from dsexit.train.cli import parse_config
+from dsexit.train.config import ConfigError
+from dsexit.train.distributed import WorldInfo
+from dsexit.train.resolve import resolve_run
+from dsexit.train.rundir import RUN_FILE, RunDirError, plan_run
+from dsexit.train.store import StorageError, probe_local_dir
+
+SINGLE = WorldInfo(0, 1, 0, 1, "single")
+
+
+class FakeEngine:
+    """Writes what DeepSpeed would, in miniature; `calls` records the tag directory's state at each save."""
+
+    def __init__(self):
+        self.calls = []
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        tag_dir = os.path.join(root, tag)
+        self.calls.append(sorted(os.listdir(tag_dir)) if os.path.isdir(tag_dir) else None)
+        os.makedirs(tag_dir, exist_ok=True)
+        with open(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), "wb") as handle:
+            handle.write(json.dumps(client_state).encode())
+        with open(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "wb") as handle:
+            handle.write(os.urandom(64))
+
+
+def _manager(root, run_id="run-a", keep_last=2, location=None, retries=0):
+    return CheckpointManager(location or str(root), str(root), keep_last, SINGLE, run_id=run_id,
+                             policy=RetryPolicy(retries, base_delay_s=0.01))
+
+
+def _save(manager, engine, step):
+    return manager.save(engine, step, {"step": step}, {"model_config": None})
+
+
+def _tags(root):
+    return sorted((name for name in os.listdir(root) if name.startswith("global_step")), key=lambda n: int(n[11:]))
+
+
+# ---------------------------------------------------------------- markers and digests
+def test_marker_lists_every_file_and_verification_names_the_bad_one(tmp_path):
+    ref = _save(_manager(tmp_path), FakeEngine(), 3)
+    assert set(ref.meta["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    assert ref.meta["run_id"] == "run-a" and (tmp_path / LATEST).read_text() == "global_step3"
+    verify_files(open_checkpoint(ref.path))
+
+    shard = tmp_path / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt has sha256"):
+        verify_files(open_checkpoint(ref.path))
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (tmp_path / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"planted")
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt is not listed"):
+        verify_files(open_checkpoint(ref.path))
+
+
+def test_a_malformed_marker_is_reported_as_malformed_not_missing(tmp_path):
+    _save(_manager(tmp_path), FakeEngine(), 2)
+    (tmp_path / "global_step2" / MARKER).write_text('{"step": 2, "files": ')
+    with pytest.raises(CheckpointError, match="malformed"):
+        open_checkpoint(str(tmp_path / "global_step2"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_checkpoint(str(tmp_path / "global_step9"))
+
+
+# ---------------------------------------------------------------- rewrite and retention
+def test_a_step_written_again_loses_its_marker_before_any_file(tmp_path):
+    manager, engine = _manager(tmp_path, keep_last=5), FakeEngine()
+    for step in (1, 2, 3):
+        _save(manager, engine, step)
+    manager.point_latest(open_checkpoint(str(tmp_path / "global_step1")))  # a rollback to step 1
+    _save(manager, engine, 2)
+    assert engine.calls[-1] is None  # DeepSpeed found no old marker (nor old files) under the tag it rewrites
+    assert resume_choice(str(tmp_path)).tag == "global_step2"
+    assert _tags(tmp_path) == ["global_step1", "global_step2", "global_step3"]  # the newer step is kept
+
+
+def test_retention_counts_only_this_runs_checkpoints_and_keeps_what_latest_names(tmp_path):
+    other, engine = _manager(tmp_path, run_id="run-old", keep_last=5), FakeEngine()
+    for step in (10, 20, 30):
+        _save(other, engine, step)
+    ours = _manager(tmp_path, run_id="run-new", keep_last=1)
+    _save(ours, engine, 1)
+    _save(ours, engine, 2)
+    # keep-last 1 over this run's steps: 1 goes, 2 (just saved, named by latest) stays; the other run is untouched
+    assert _tags(tmp_path) == ["global_step2", "global_step10", "global_step20", "global_step30"]
+    assert (tmp_path / LATEST).read_text() == "global_step2"
+
+
+def test_rollback_keeps_newer_checkpoints_and_pruning_never_takes_the_one_just_saved(tmp_path):
+    manager, engine = _manager(tmp_path, keep_last=1), FakeEngine()
+    for step in (5, 10):
+        _save(manager, engine, step)
+    manager.keep_last = 5
+    for step in (15, 20):
+        _save(manager, engine, step)
+    manager.keep_last = 1
+    manager.point_latest(open_checkpoint(str(tmp_path / "global_step10")))
+    _save(manager, engine, 11)
+    assert _tags(tmp_path) == ["global_step11", "global_step15", "global_step20"]
+    assert (tmp_path / LATEST).read_text() == "global_step11"
+
+
+# ---------------------------------------------------------------- the mirror
+def test_a_failed_upload_keeps_the_local_copy_and_the_next_save_uploads_it(tmp_path, monkeypatch):
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    manager, engine = _manager(tmp_path, location=url, keep_last=3), FakeEngine()
+    fs = fsspec.filesystem("memory")
+    real_put = manager.remote.fs.put_file
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("endpoint unreachable")
+
+    monkeypatch.setattr(manager.remote.fs, "put_file", unreachable)
+    _save(manager, engine, 1)  # the upload fails: a warning, not a crash
+    assert (tmp_path / "global_step1" / MARKER).exists()
+    assert not fs.exists(f"{url}/global_step1/{MARKER}")
+    monkeypatch.setattr(manager.remote.fs, "put_file", real_put)
+    _save(manager, engine, 2)
+    for step in (1, 2):
+        remote = json.loads(fs.cat(f"{url}/{tag_for(step)}/{MARKER}"))
+        assert remote == json.loads((tmp_path / tag_for(step) / MARKER).read_text())
+        for name in remote["files"]:
+            assert fs.cat(f"{url}/{tag_for(step)}/{name}") == (tmp_path / tag_for(step) / name).read_bytes()
+    assert fs.cat(f"{url}/{LATEST}") == b"global_step2"
+
+
+# ---------------------------------------------------------------- before step 1
+def test_probes_name_a_file_path_and_a_read_only_directory(tmp_path):
+    file_path = tmp_path / "a-file"
+    file_path.write_text("x")
+    with pytest.raises(StorageError, match="is a file"):
+        probe_local_dir(str(file_path), "checkpoint_dir")
+    with pytest.raises(StorageError, match="not writable"):
+        probe_local_dir(str(file_path / "below"), "checkpoint_dir")
+    probe_local_dir(str(tmp_path / "fresh" / "checkpoints"), "run_dir")
+    assert not (tmp_path / "fresh").exists()  # a probe leaves no trace, not even the directories it made
+
+
+def _resolve(argv):
+    config, _ = parse_config(argv)
+    return resolve_run(config, SINGLE, threads=1)
+
+
+def test_max_steps_1_derives_a_warmup_that_fits(tmp_path):
+    run = _resolve(["--run-dir", str(tmp_path / "r"), "--max-steps", "1"])
+    assert run.ds_config["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert _resolve(["--run-dir", str(tmp_path / "r"), "--max-steps", "2"]).config.warmup_steps(2) == 1
+    assert _resolve(["--run-dir", str(tmp_path / "r"), "--max-steps", "100"]).config.warmup_steps(100) == 10
+
+
+def test_credentials_in_a_checkpoint_url_never_reach_the_message(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        _resolve(["--run-dir", str(tmp_path / "r"), "--checkpoint-dir", "s3://AKIAX:hunter2@nobucket/x",
+                  "--checkpoint-retries", "0"])
+    message = str(raised.value)
+    assert "hunter2" not in message and "AKIAX" not in message and "checkpoint_dir=" in message
+    assert "\n" not in message
+
+
+def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    manager, engine = _manager(root), FakeEngine()
+    ref, newest = _save(manager, engine, 4), _save(manager, engine, 8)
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": "run-a"}))
+    common = dict(run_dir=str(run_dir), checkpoint_root=str(root), remote_steps=[], remote_shown=None)
+    with pytest.raises(RunDirError, match="already holds run run-a with checkpoints up to step 8.*--start-over"):
+        plan_run(resume="none", start_over=False, chosen=None, **common)
+    assert plan_run(resume="auto", start_over=False, chosen=newest, **common).mode == "continue"
+    assert plan_run(resume=ref.path, start_over=False, chosen=ref, **common).mode == "rollback"
+    assert plan_run(resume=newest.path, start_over=False, chosen=newest, **common).mode == "continue"
+    fresh = plan_run(resume="none", start_over=True, chosen=None, **common)
+    assert fresh.mode == "new" and fresh.move_aside == (str(run_dir),)
+    with pytest.raises(RunDirError, match="another run's checkpoint"):
+        plan_run(resume="/elsewhere/global_step3", start_over=False,
+                 chosen=open_checkpoint(ref.path).__class__("/elsewhere", "global_step3", {"step": 3}), **common)
+    assert plan_run(run_dir=str(tmp_path / "unused"), checkpoint_root=str(tmp_path / "unused" / "checkpoints"),
+                    remote_steps=[], remote_shown=None, resume="none", start_over=False, chosen=None).mode == "new"
+
+
+def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
+    from dsexit.model import ElectraExitConfig
+    from dsexit.train.checkpoint import CheckpointRef
+    from dsexit.train.resolve import check_fits
+
+    tiny = ElectraExitConfig.from_preset("electra-tiny")
+    ref = CheckpointRef(str(tmp_path), "global_step4", {"step": 4, "model_config": tiny.to_dict(),
+                                                          "config": {"train": {"job": {"seed": 7}}}})
+    check_fits(ref, ElectraExitConfig.from_preset("electra-tiny", target_compute=0.5), 7)  # not a shape
+    with pytest.raises(ConfigError, match="another shape: saved with .*hidden_size=64.*this run has .*hidden_size=256"):
+        check_fits(ref, ElectraExitConfig.from_preset("electra-small"), 7)
+    with pytest.raises(ConfigError, match="seed=8 is invalid; .* seed=7"):
+        check_fits(ref, tiny, 8)
