@@ -16,7 +16,6 @@ and restored in `restore()`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -144,9 +143,8 @@ class Trainer:
         if self.heldout is None:
             return None
         started = time.monotonic()
-        with self._whole_parameters():
-            results = self.heldout.evaluate(self.engine.module, self.exit_controller.threshold(self.step),
-                                            self.device)
+        results = self.heldout.evaluate(self._evaluation_model(), self.exit_controller.threshold(self.step),
+                                        self.device)
         results["eval_seconds"] = time.monotonic() - started
         results["train_minutes"] = self._minutes_spent() if self.step else 0.0
         self.eval_seconds += results["eval_seconds"]
@@ -154,14 +152,24 @@ class Trainer:
         self.last_eval = results
         return results
 
-    def _whole_parameters(self):
-        """ZeRO-3 partitions every parameter; the evaluator calls sub-modules directly (the generator
-        reads the tied embedding matrix of another module), so it gets them whole for its duration."""
+    def _evaluation_model(self):
+        """The model the evaluator may call sub-module by sub-module. Under ZeRO-3 every parameter is
+        partitioned and fetched by hooks around each module's forward, which the evaluator's direct
+        calls (the generator reading the tied embedding matrix of another module) do not follow: it
+        gets a whole copy, gathered once per evaluation."""
+        module = self.engine.module
         if self.run.zero_stage != 3:
-            return contextlib.nullcontext()
+            return module
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        # Building initialises weights (and torch.manual_seed seeds every device): leave the training RNG alone.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            copy = build_model(self.run.model_config, self.config.job.seed)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            copy.load_state_dict({name: tensor.detach().clone() for name, tensor in module.state_dict().items()})
+        dtype = next(module.parameters()).dtype
+        return copy.to(device=self.device, dtype=dtype)
 
     def _report_standing(self, results: dict[str, float] | None) -> None:
         """Say plainly whether the discriminator has left the replaced-token prior on held-out data."""
