@@ -60,6 +60,18 @@ def test_s3_checkpoints_resume_in_a_fresh_directory_and_never_hold_credentials(m
     assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{bucket}/run")) == \
         ["global_step6", "global_step9", "latest"]  # keep-last 2 applies to the bucket too
 
+    # A file planted in the mirror (here a pickle that would leave a trace if loaded) is refused
+    # before anything opens it: the completion marker lists every file of a step with its sha256.
+    trace = tmp_path / "planted-pickle-ran"
+    planted = f"{bucket}/run/global_step9/zz_planted.pt"
+    fs.pipe(planted, b"cos\nsystem\n(S'touch " + str(trace).encode() + b"'\ntR.")
+    third = launch("python", tmp_path / "third", [*STEPS, "--max-steps", "12", "--checkpoint-dir", url], nproc=1,
+                   env=env)
+    assert third.returncode == 2, third.output[-3000:]
+    assert "zz_planted.pt is not listed in the completion marker" in third.output
+    assert not trace.exists()
+    fs.rm(planted)
+
     for launched in (first, second):
         for credential in (secret, key_id):
             assert credential not in launched.output
