@@ -175,15 +175,15 @@ class Trainer:
         """Say plainly whether the discriminator has left the replaced-token prior on held-out data."""
         if results is None or not self.world.is_main:
             return
-        loss, prior = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"]
-        if loss < prior - 0.01:
-            log.info("held-out RTD loss %.4f is below the replaced-token prior's %.4f: the discriminator learned",
-                     loss, prior)
+        loss, prior, auc = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"], results["eval_rtd_auc_uniform"]
+        if loss < prior - 0.01 and auc >= 0.6:
+            log.info("held-out RTD loss %.4f is below the replaced-token prior's %.4f (ROC-AUC %.3f): the "
+                     "discriminator learned", loss, prior, auc)
             return
         hint = (" At CPU budgets an MLM generator stays at the unigram plateau and its discriminator at the prior;"
                 " --generator uniform learns within minutes." if self.run.model_config.generator == "mlm" else "")
-        log.warning("held-out RTD loss %.4f is not below the replaced-token prior's %.4f: the discriminator has "
-                    "not learned within this budget.%s", loss, prior, hint)
+        log.warning("held-out RTD loss %.4f against the replaced-token prior's %.4f, ROC-AUC %.3f: the discriminator "
+                    "has not learned within this budget.%s", loss, prior, auc, hint)
 
     # ------------------------------------------------------------------ checkpoints
     def _run_id(self) -> str:
