@@ -42,6 +42,7 @@ from dsexit.train.universal import convert_to_universal, needs_universal
 log = logging.getLogger("dsexit")
 
 STATE_KEY = "dsexit"
+BASELINE_SHARDS = 8  # the held-out unigram baseline's estimate: enough tokens, no full pass over a large dataset
 
 
 def _fail(error: Exception, code: int, speak: bool = True) -> None:
@@ -109,17 +110,20 @@ class Trainer:
     def _cache_dir(self) -> str:
         return self.config.data.cache_dir or os.path.join(self.run.run_dir, "shard-cache")
 
-    def _token_counts(self):
-        if not hasattr(self, "_counts"):
-            from dsexit.data.stats import token_counts
+    def _token_counts(self, max_shards: int | None = None):
+        """Corpus token counts: all shards for the unigram generator; the held-out unigram baseline
+        needs only an estimate, from the first `max_shards` (reused when all were counted)."""
+        from dsexit.data.stats import token_counts
 
-            self._counts = token_counts(self.run.dataset, cache_dir=self._cache_dir)
+        if getattr(self, "_counts", None) is None:
+            return token_counts(self.run.dataset, cache_dir=self._cache_dir, max_shards=max_shards)
         return self._counts
 
     def _build_model(self):
         model = build_model(self.run.model_config, self.config.job.seed)
         if self.run.model_config.generator == "unigram":
-            model.set_unigram_counts(torch.from_numpy(self._token_counts()))
+            self._counts = self._token_counts()
+            model.set_unigram_counts(torch.from_numpy(self._counts))
         return model
 
     def _build_heldout(self) -> HeldOutEvaluator | None:
@@ -134,7 +138,7 @@ class Trainer:
                         "(prepare_data --validation-fraction makes one)", self.run.dataset.url)
             return None
         samples = read_validation_samples(self.run.dataset, metrics.eval_samples, cache_dir=self._cache_dir)
-        return HeldOutEvaluator(samples, self.run.model_config, unigram_counts=self._token_counts(),
+        return HeldOutEvaluator(samples, self.run.model_config, unigram_counts=self._token_counts(BASELINE_SHARDS),
                                 seed=self.config.job.seed, batch_size=metrics.eval_batch_size,
                                 rank=self.world.rank, world_size=self.world.world_size)
 
@@ -175,7 +179,8 @@ class Trainer:
         """Say plainly whether the discriminator has left the replaced-token prior on held-out data."""
         if results is None or not self.world.is_main:
             return
-        loss, prior, auc = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"], results["eval_rtd_auc_uniform"]
+        loss, prior = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"]
+        auc = results["eval_rtd_auc_uniform"]
         if loss < prior - 0.01 and auc >= 0.6:
             log.info("held-out RTD loss %.4f is below the replaced-token prior's %.4f (ROC-AUC %.3f): the "
                      "discriminator learned", loss, prior, auc)
@@ -217,7 +222,8 @@ class Trainer:
         dist.all_gather_object(rng_states, capture_rng_state())
         return {STATE_KEY: {
             "step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-            "budget_minutes": self.budget_minutes, "data": self.data.state_dict(), "exit_controller": self.exit_controller.state_dict(),
+            "budget_minutes": self.budget_minutes, "data": self.data.state_dict(),
+            "exit_controller": self.exit_controller.state_dict(),
             "rng": rng_states, "world_size": self.world.world_size, "config": self.run.to_dict(),
         }}
 
