@@ -1,29 +1,77 @@
 #!/usr/bin/env bash
-# One GPU run (one H200-class device, under 10 minutes): each part writes its results as it
-# finishes, so a run cut off still reports what it did. Data comes from the repository and from
-# the shared data folder (DSEXIT_SHARED, default ../shared/data; on a machine that gets only the
+# The GPU checks, on one H200-class device, in two calls of under 10 minutes each. Nothing is
+# downloaded there: packages the image lacks come as wheels from a carried folder (WHEELS, default
+# .whl: deepspeed built here with `pip wheel --no-deps deepspeed==0.19.8`, hjson, pydantic,
+# pydantic-core for the device's Python, annotated-types, typing-inspection); data from the
+# repository and from DSEXIT_SHARED (default ../shared/data; on a machine that gets only the
 # repository, copy the corpus, the vocabulary and the task into a carried folder and point
-# DSEXIT_SHARED at it). Results land in bench/results/ and, where set, in $OUT.
+# DSEXIT_SHARED at it; a prepared dataset there in device-heldout/ is used as is). Each part writes
+# its results as it finishes (bench/results/ and, where set, $OUT), so a run cut off still
+# reports what it did.
+#
+#   bench/device_check.sh speed     # parts 1-3, about 4 minutes
+#   bench/device_check.sh quality   # part 4, about 6 minutes
+#   bench/device_check.sh all
 #
 # Parts:
-#   1. the quality comparison at device scale: bench/pretrain_vs_exit.py --scale device
-#      (no exit, exit 0.75, exit 0.5, generator-free; ELECTRA-Small, BERT's vocabulary;
-#      precondition line included; < 6 minutes)
+#   1. the model tests with the CUDA path (tests/model, test_accelerator.py runs on the GPU)
+#   2. bench/exit_speed.py on the GPU: electra-small throughput in fp32 and bf16, ours against HF
+#      (same work and as-is), exit efficiency, FLOP/s as a share of the measured bf16 matmul peak
+#   3. bench/resume_check.py: a 1-GPU ZeRO-2 run with checkpoints, killed and resumed, against an
+#      uninterrupted run
+#   4. bench/pretrain_vs_exit.py --scale device (quality per compute, precondition line included)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+WHAT="${1:-all}"
 SHARED="${DSEXIT_SHARED:-../shared/data}"
+WHEELS="${WHEELS:-.whl}"
 RESULTS=bench/results
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PYTHON="${PYTHON:-python3}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dsexit-site \
+        "$WHEELS"/*.whl || { echo "installing the carried wheels failed"; exit 1; }
+    export PYTHONPATH="/tmp/dsexit-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c "import torch, deepspeed, transformers, dsexit; print('torch', torch.__version__, 'cuda', \
+torch.cuda.is_available(), 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" \
+    || { echo "the environment cannot import dsexit and its dependencies"; exit 1; }
 
 publish() {  # copy a finished part's files to $OUT as soon as it ends
     [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ 2>/dev/null || true
 }
 
-echo "== part 1: pretrain_vs_exit --scale device"
-timeout 420 "$PYTHON" bench/pretrain_vs_exit.py --scale device --corpus "$SHARED/corpus" \
-    --vocab "$SHARED/tokenizer/bert-base-uncased-vocab.txt" --task "$SHARED/downstream/rt_sentiment" \
-    2>&1 | tee "$RESULTS/pretrain_vs_exit_device.log"
-publish "$RESULTS"/pretrain_vs_exit_device.*
+part() {  # part NAME SECONDS LOG COMMAND...: run one part under a time limit; a failure does not stop the rest
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    echo "== $name (limit ${limit}s)"
+    local started=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$log"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
+}
+
+if [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then
+    part "part 1: model tests, CUDA path" 150 "$RESULTS/device_model_tests.log" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider tests/model -rs
+    publish "$RESULTS/device_model_tests.log"
+    part "part 2: exit_speed on the GPU" 150 "$RESULTS/exit_speed_device.log" \
+        "$PYTHON" bench/exit_speed.py --device cuda --repeats 10 --out "$RESULTS/exit_speed_device.json"
+    publish "$RESULTS"/exit_speed_device.*
+    part "part 3: ZeRO-2 checkpoint and exact resume on one GPU" 150 "$RESULTS/resume_check_device.log" \
+        "$PYTHON" bench/resume_check.py --model electra-small --batch 128 --steps 40 --save-at 20 \
+        --out "$RESULTS/resume_check_device.json"
+    publish "$RESULTS"/resume_check_device.*
+fi
+
+if [ "$WHAT" = quality ] || [ "$WHAT" = all ]; then
+    cache=()
+    [ -f "$SHARED/device-heldout/index.json" ] && cache=(--data-cache "$SHARED/device-heldout")
+    part "part 4: pretrain_vs_exit --scale device" 540 "$RESULTS/pretrain_vs_exit_device.log" \
+        "$PYTHON" bench/pretrain_vs_exit.py --scale device --corpus "$SHARED/corpus" "${cache[@]}" \
+        --vocab "$SHARED/tokenizer/bert-base-uncased-vocab.txt" --task "$SHARED/downstream/rt_sentiment"
+    publish "$RESULTS"/pretrain_vs_exit_device.*
+fi

@@ -1,14 +1,23 @@
 """Does early exit really save time? And how fast is full depth against Hugging Face?
 
-electra-small, batch 32 x 128, one training step (forward, backward, AdamW) per timing.
+electra-small, 128-token rows, one training step (forward, backward, AdamW) per timing.
 Exits are forced (an exit plan, not confidence) for 0, 25, 50 and 75% of the tokens after
 the middle layer; the measured speedup over 0% is set against the ideal speedup from the
 FLOP counter. The same run times Hugging Face's ELECTRA (ElectraForMaskedLM generator +
-ElectraForPreTraining discriminator of the same sizes, shared embeddings) in fp32 and
-under bf16 autocast. Configurations are timed round-robin so machine noise hits all alike;
-each figure is the median of the repetitions.
+ElectraForPreTraining discriminator of the same sizes, shared embeddings) two ways:
 
-    python bench/exit_speed.py [--repeats 5] [--batch 32] [--seq-len 128] [--out bench/results/exit_speed.json]
+- "hf as-is": as its docs and examples compose it. The generator's 30,522-way vocabulary
+  projection and log-softmax run on every position.
+- "hf same-work": HF's own modules doing the work dsexit (and google-research/electra) does:
+  the generator's prediction head and vocabulary projection on the masked rows only. This is
+  the like-for-like baseline (`full_depth_vs_hf_same_work`).
+
+Each runs in fp32 and under bf16 autocast. The same run measures this machine's matmul
+peak (bf16 and fp32, square products) and reports the model's FLOP/s (FLOP counter,
+forward + backward = 3 x forward) as a share of it. Configurations are timed round-robin
+so machine noise hits all alike; each figure is the median of the repetitions.
+
+    python bench/exit_speed.py [--repeats 5] [--batch 32] [--device cpu|cuda] [--out bench/results/exit_speed.json]
 """
 
 from __future__ import annotations
@@ -23,18 +32,25 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
+DTYPES = ("fp32", "bf16")
 
 
-def autocast(dtype: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
 
-def make_batch(config: ElectraExitConfig, batch: int, seq_len: int):
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batch(config: ElectraExitConfig, batch: int, seq_len: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(1000, config.vocab_size, (batch, seq_len), generator=generator)
     input_ids[:, 0] = config.cls_token_id
@@ -42,24 +58,39 @@ def make_batch(config: ElectraExitConfig, batch: int, seq_len: int):
     input_ids[:, -1] = config.sep_token_id
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, seq_len // 2 + 1:] = 1
-    return input_ids, torch.ones_like(input_ids), token_type_ids
+    return tuple(t.to(device) for t in (input_ids, torch.ones_like(input_ids), token_type_ids))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul of `size` on this device (the 'peak' a share is taken of)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4 if device.type == "cuda" else 1):
+            torch.mm(a, b)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / (4 if device.type == "cuda" else 1))
+    return 2 * size ** 3 / best
 
 
 class OursStep:
     """One dsexit training step with a forced exit plan."""
 
-    def __init__(self, config: ElectraExitConfig, batch, exit_fraction: float, dtype: str):
+    def __init__(self, config: ElectraExitConfig, batch, exit_fraction: float, dtype: str, device: torch.device):
         torch.manual_seed(0)
-        self.model = ElectraPreTrainingModel(config)
+        self.model = ElectraPreTrainingModel(config).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.batch, self.dtype = batch, dtype
+        self.batch, self.dtype, self.device = batch, dtype, device
         middle = config.num_hidden_layers // 2
         exits = torch.rand(batch[0].shape, generator=torch.Generator().manual_seed(1)) < exit_fraction
-        self.plan = torch.where(exits, middle, config.num_hidden_layers + 1)
+        self.plan = torch.where(exits, middle, config.num_hidden_layers + 1).to(device)
         self.flops = None
 
     def __call__(self) -> None:
-        with autocast(self.dtype):
+        with autocast(self.device, self.dtype):
             output = self.model(*self.batch, exit_plan=self.plan)
         output.loss.backward()
         self.optimizer.step()
@@ -68,107 +99,173 @@ class OursStep:
 
 
 class HFStep:
-    """One Hugging Face ELECTRA pre-training step (as its docs and examples compose it)."""
+    """One Hugging Face ELECTRA pre-training step, built from HF's modules.
 
-    def __init__(self, config: ElectraExitConfig, batch, dtype: str):
+    same_work=False: as HF's docs and examples compose it (ElectraForMaskedLM scores every
+    position). same_work=True: the generator's prediction head and vocabulary projection run on
+    the masked rows only, as dsexit and google-research/electra do; the rest is HF's as-is.
+    """
+
+    def __init__(self, config: ElectraExitConfig, batch, dtype: str, device: torch.device, same_work: bool):
         from transformers import ElectraForMaskedLM, ElectraForPreTraining
 
         torch.manual_seed(0)
-        self.generator = ElectraForMaskedLM(hf_config(config, "generator"))
-        self.discriminator = ElectraForPreTraining(hf_config(config, "discriminator"))
+        self.generator = ElectraForMaskedLM(hf_config(config, "generator")).to(device)
+        self.discriminator = ElectraForPreTraining(hf_config(config, "discriminator")).to(device)
         self.discriminator.electra.embeddings = self.generator.electra.embeddings
         parameters = {id(p): p for p in [*self.generator.parameters(), *self.discriminator.parameters()]}
         self.optimizer = torch.optim.AdamW(parameters.values(), lr=1e-4)
-        self.config, self.batch, self.dtype = config, batch, dtype
+        self.config, self.batch, self.dtype, self.device, self.same_work = config, batch, dtype, device, same_work
+
+    def _generator_logits_and_loss(self, generator_input, attention_mask, token_type_ids, input_ids, masked):
+        if not self.same_work:
+            labels = input_ids.masked_fill(~masked, -100)
+            generated = self.generator(input_ids=generator_input, attention_mask=attention_mask,
+                                       token_type_ids=token_type_ids, labels=labels)
+            return generated.logits[masked], generated.loss
+        hidden = self.generator.electra(input_ids=generator_input, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids).last_hidden_state
+        logits = self.generator.generator_lm_head(self.generator.generator_predictions(hidden[masked]))
+        return logits, F.cross_entropy(logits.float(), input_ids[masked])
 
     def __call__(self) -> None:
         input_ids, attention_mask, token_type_ids = self.batch
         special = (input_ids == self.config.cls_token_id) | (input_ids == self.config.sep_token_id)
-        masked = (torch.rand(input_ids.shape) < self.config.mask_prob) & ~special
+        masked = (torch.rand(input_ids.shape, device=self.device) < self.config.mask_prob) & ~special
         generator_input = input_ids.masked_fill(masked, self.config.mask_token_id)
-        labels = input_ids.masked_fill(~masked, -100)
-        with autocast(self.dtype):
-            generated = self.generator(input_ids=generator_input, attention_mask=attention_mask,
-                                       token_type_ids=token_type_ids, labels=labels)
-            sampled = torch.distributions.Categorical(logits=generated.logits[masked].float().detach()).sample()
+        with autocast(self.device, self.dtype):
+            logits, generator_loss = self._generator_logits_and_loss(generator_input, attention_mask, token_type_ids,
+                                                                     input_ids, masked)
+            sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
             corrupted = input_ids.clone()
             corrupted[masked] = sampled
             discriminated = self.discriminator(input_ids=corrupted, attention_mask=attention_mask,
                                                token_type_ids=token_type_ids,
                                                labels=(corrupted != input_ids).long())
-            loss = generated.loss + self.config.disc_weight * discriminated.loss
+            loss = generator_loss + self.config.disc_weight * discriminated.loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_round_robin(steps: dict[str, object], repeats: int) -> dict[str, float]:
-    for step in steps.values():  # warm-up: allocator, autocast caches, oneDNN primitives
+def time_round_robin(steps: dict[str, object], repeats: int, device: torch.device) -> dict[str, float]:
+    for step in steps.values():  # warm-up: allocator, autocast caches, oneDNN primitives, CUDA kernels
         step()
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for repeat in range(repeats):
         for name, step in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             samples[name].append(time.perf_counter() - start)
         print(f"  repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, help="rows per step (default: 32 on a CPU, 256 on a GPU)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--preset", default="electra-small")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
+    parser.add_argument("--peak-size", type=int, help="matmul size for the peak (default: 2048 CPU, 8192 GPU)")
     parser.add_argument("--out", default="bench/results/exit_speed.json")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = args.batch or (256 if device.type == "cuda" else 32)
     config = ElectraExitConfig.from_preset(args.preset)
-    batch = make_batch(config, args.batch, args.seq_len)
-    tokens = args.batch * args.seq_len
+    batch = make_batch(config, batch_size, args.seq_len, device)
+    tokens = batch_size * args.seq_len
     steps: dict[str, object] = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in DTYPES:
         for fraction in EXIT_FRACTIONS:
-            steps[f"ours {dtype} exit={fraction:.2f}"] = OursStep(config, batch, fraction, dtype)
-        steps[f"hf {dtype}"] = HFStep(config, batch, dtype)
-    print(f"timing {len(steps)} configurations x {args.repeats} repeats on {torch.get_num_threads()} threads",
-          file=sys.stderr)
-    seconds = time_round_robin(steps, args.repeats)
-
-    rows, results = [], {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
-                         "threads": torch.get_num_threads(), "configs": {}}
-    for dtype in ("fp32", "bf16"):
-        full = seconds[f"ours {dtype} exit=0.00"]
-        for fraction in EXIT_FRACTIONS:
-            name = f"ours {dtype} exit={fraction:.2f}"
-            ideal = steps[name].flops.ideal_speedup
-            measured = full / seconds[name]
-            rows.append((name, tokens / seconds[name], measured, ideal, measured / ideal))
-        rows.append((f"hf {dtype}", tokens / seconds[f"hf {dtype}"], None, None, None))
-    for name, tokens_per_s, measured, ideal, efficiency in rows:
-        results["configs"][name] = {"tokens_per_s": tokens_per_s, "speedup": measured,
-                                    "ideal_speedup": ideal, "efficiency": efficiency,
-                                    "seconds_per_step": tokens / tokens_per_s}
-
-    best_ours = max(seconds[f"ours {d} exit=0.00"] ** -1 for d in ("fp32", "bf16")) * tokens
-    best_hf = max(seconds[f"hf {d}"] ** -1 for d in ("fp32", "bf16")) * tokens
-    best_efficiency_at_50 = max(results["configs"][f"ours {d} exit=0.50"]["efficiency"] for d in ("fp32", "bf16"))
-    fastest = "bf16" if seconds["ours bf16 exit=0.00"] < seconds["ours fp32 exit=0.00"] else "fp32"
-    efficiency_at_50 = results["configs"][f"ours {fastest} exit=0.50"]["efficiency"]
-    results.update(full_depth_vs_hf=best_ours / best_hf, efficiency_at_50=efficiency_at_50,
-                   efficiency_at_50_dtype=fastest, best_efficiency_at_50=best_efficiency_at_50)
-
-    print(f"\n{'configuration':<24}{'tokens/s':>10}{'speedup':>10}{'ideal':>8}{'measured/ideal':>16}")
-    for name, tokens_per_s, measured, ideal, efficiency in rows:
-        cells = [f"{value:>10.2f}" if value is not None else f"{'-':>10}" for value in (measured,)]
-        print(f"{name:<24}{tokens_per_s:>10.0f}{cells[0]}"
-              + (f"{ideal:>8.2f}{efficiency:>16.2f}" if ideal else f"{'-':>8}{'-':>16}"))
-    print(f"\nfull depth, best of fp32/bf16: ours {best_ours:.0f} tokens/s, HF {best_hf:.0f} tokens/s")
+            steps[f"ours {dtype} exit={fraction:.2f}"] = OursStep(config, batch, fraction, dtype, device)
+        steps[f"hf same-work {dtype}"] = HFStep(config, batch, dtype, device, same_work=True)
+        steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
+    print(f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}", file=sys.stderr)
+    seconds = time_round_robin(steps, args.repeats, device)
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peaks = {dtype: matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32, peak_size)
+             for dtype in DTYPES}
+    results = summarize(steps, seconds, peaks, tokens, device)
+    results.update(preset=args.preset, batch=batch_size, seq_len=args.seq_len, peak_matmul_size=peak_size)
+    print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-    print(f"RESULT exit_speed efficiency_at_50={efficiency_at_50:.3f} full_depth_vs_hf={best_ours / best_hf:.3f}")
+    print(f"RESULT exit_speed full_depth_vs_hf_same_work={results['full_depth_vs_hf_same_work']:.3f} "
+          f"efficiency_at_50={results['efficiency_at_50']:.3f} peak_share_bf16={results['peak_share_bf16']:.3f} "
+          f"full_depth_vs_hf_same_work_bf16={results['full_depth_vs_hf_same_work_bf16']:.3f} "
+          f"full_depth_vs_hf_as_is={results['full_depth_vs_hf_as_is']:.3f}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def summarize(steps: dict, seconds: dict[str, float], peaks: dict[str, float], tokens: int,
+              device: torch.device) -> dict:
+    configs = {}
+    for dtype in DTYPES:
+        full = seconds[f"ours {dtype} exit=0.00"]
+        for fraction in EXIT_FRACTIONS:
+            name = f"ours {dtype} exit={fraction:.2f}"
+            flops = steps[name].flops
+            measured = full / seconds[name]
+            configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
+                                 speedup=measured, ideal_speedup=flops.ideal_speedup,
+                                 efficiency=measured / flops.ideal_speedup,
+                                 model_flops_per_s=flops.training_flops / seconds[name],
+                                 peak_share=flops.training_flops / seconds[name] / peaks[dtype])
+        for kind in ("same-work", "as-is"):
+            name = f"hf {kind} {dtype}"
+            configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
+                                 ours_full_depth_speedup=seconds[name] / full)
+    best = {label: min(seconds[f"{label} {dtype}"] for dtype in DTYPES)
+            for label in ("hf same-work", "hf as-is")}
+    ours_best = min(seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES)
+    fastest = min(DTYPES, key=lambda dtype: seconds[f"ours {dtype} exit=0.00"])
+    return {"device": device_name(device), "configs": configs,
+            "peak_flops_per_s": peaks,
+            "full_depth_vs_hf_same_work": best["hf same-work"] / ours_best,
+            "full_depth_vs_hf_same_work_bf16": seconds["hf same-work bf16"] / seconds["ours bf16 exit=0.00"],
+            "full_depth_vs_hf_same_work_fp32": seconds["hf same-work fp32"] / seconds["ours fp32 exit=0.00"],
+            "full_depth_vs_hf_as_is": best["hf as-is"] / ours_best,
+            "efficiency_at_50": configs[f"ours {fastest} exit=0.50"]["efficiency"], "efficiency_at_50_dtype": fastest,
+            "peak_share_bf16": configs["ours bf16 exit=0.00"]["peak_share"],
+            "peak_share_fp32": configs["ours fp32 exit=0.00"]["peak_share"]}
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['device']}; batch {results['batch']} x {results['seq_len']}; "
+          f"matmul peak bf16 {results['peak_flops_per_s']['bf16'] / 1e12:.2f} TFLOP/s, "
+          f"fp32 {results['peak_flops_per_s']['fp32'] / 1e12:.2f} TFLOP/s ({results['peak_matmul_size']}^3)")
+    print(f"{'configuration':<22}{'tokens/s':>11}{'speedup':>9}{'ideal':>7}{'meas/ideal':>11}"
+          f"{'TFLOP/s':>9}{'of peak':>9}{'ours faster':>12}")
+    for name, row in results["configs"].items():
+        if name.startswith("ours"):
+            print(f"{name:<22}{row['tokens_per_s']:>11.0f}{row['speedup']:>9.2f}{row['ideal_speedup']:>7.2f}"
+                  f"{row['efficiency']:>11.3f}{row['model_flops_per_s'] / 1e12:>9.3f}{row['peak_share']:>9.3f}"
+                  f"{'-':>12}")
+        else:
+            print(f"{name:<22}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
+                  f"{row['ours_full_depth_speedup']:>12.3f}")
+    print("ours faster = the HF configuration's step time / ours at full depth in the same precision; "
+          "TFLOP/s = FLOP counter (forward + backward) / step time")
 
 
 if __name__ == "__main__":
