@@ -68,9 +68,15 @@ if [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then
 fi
 
 if [ "$WHAT" = quality ] || [ "$WHAT" = all ]; then
+    part "part 3b: the same with deterministic kernels (bitwise on a GPU)" 110 \
+        "$RESULTS/resume_check_device_deterministic.log" \
+        "$PYTHON" bench/resume_check.py --model electra-small --batch 128 --steps 30 --save-at 15 \
+        --work-dir runs/resume_check_deterministic --out "$RESULTS/resume_check_device_deterministic.json" \
+        -- --deterministic
+    publish "$RESULTS"/resume_check_device_deterministic.*
     cache=()
     [ -f "$SHARED/device-heldout/index.json" ] && cache=(--data-cache "$SHARED/device-heldout")
-    part "part 4: pretrain_vs_exit --scale device" 540 "$RESULTS/pretrain_vs_exit_device.log" \
+    part "part 4: pretrain_vs_exit --scale device" 460 "$RESULTS/pretrain_vs_exit_device.log" \
         "$PYTHON" bench/pretrain_vs_exit.py --scale device --corpus "$SHARED/corpus" "${cache[@]}" \
         --vocab "$SHARED/tokenizer/bert-base-uncased-vocab.txt" --task "$SHARED/downstream/rt_sentiment"
     publish "$RESULTS"/pretrain_vs_exit_device.*

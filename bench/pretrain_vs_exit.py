@@ -93,7 +93,7 @@ SCALES = {
                    concurrency=1, threads=None, seeds=1,
                    arms=("baseline", "exit-0.75", "exit-0.50", "generator-free"),
                    finetune=dict(epochs=2, batch_size=32, max_seq_len=128, max_train_examples=None),
-                   finetune_seeds=5, finetune_workers=1),
+                   finetune_seeds=3, finetune_workers=1),
 }
 DRY_RUN = dict(model_set=dict(max_position_embeddings=128), corpus_files=("moby_dick",), minutes=0.12,
                global_batch=8, micro_batch=8, warmup_steps=5, exit_warmup_steps=5, eval_interval=10, eval_samples=16,
@@ -474,6 +474,11 @@ def main(argv=None) -> int:
     results = {"scale": args.scale, "dry_run": args.dry_run, "generator": scale["generator"],
                "minutes_per_run": scale["minutes"], "concurrency": scale["concurrency"],
                "model_set": scale["model_set"], "machine": machine_description(), "runs": summaries, **comparison}
+    results["benchmark_minutes"] = (time.time() - started) / 60
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["plots"] = plot(summaries, comparison, out.with_suffix(""))
+    out.write_text(json.dumps(results, indent=1, default=str))  # the comparison stands even if what follows is cut off
+    report(results, out)
     if not args.no_precondition:
         from dsexit.train.distributed import select_accelerator
 

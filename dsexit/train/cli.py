@@ -19,7 +19,7 @@ from dsexit.train.config import (PRECISIONS, PROGRESS_MODES, TRAIN_PRESETS, Conf
 
 # flag destination -> (section, field)
 FLAG_FIELDS = {
-    "run_dir": ("job", "run_dir"), "seed": ("job", "seed"),
+    "run_dir": ("job", "run_dir"), "seed": ("job", "seed"), "deterministic": ("job", "deterministic"),
     "model": ("model", "preset"),
     "data": ("data", "url"), "data_cache_dir": ("data", "cache_dir"),
     "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"),
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     job = parser.add_argument_group("job")
     job.add_argument("--run-dir", help="directory for logs, metrics, config and checkpoints")
     job.add_argument("--seed", type=int)
+    job.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                     help="deterministic kernels: bitwise-repeatable GPU runs and resumes, somewhat slower")
 
     model = parser.add_argument_group("model and early exit")
     model.add_argument("--model", help="model preset: electra-tiny, electra-small, electra-base")

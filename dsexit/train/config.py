@@ -37,6 +37,9 @@ class JobConfig:
     """Local directory for logs, metrics, the resolved config and (by default) checkpoints."""
     seed: int = 1234
     """Seeds parameter init, the data order and the masking RNG (offset by rank)."""
+    deterministic: bool = False
+    """Deterministic kernels (`torch.use_deterministic_algorithms`, math attention on CUDA): on a GPU two
+    runs, or a run and its resume, then agree bitwise, at some speed; on a CPU they agree anyway."""
     preset: str = "smoke"
     """Name of the training preset the defaults came from (see TRAIN_PRESETS)."""
 

@@ -7,6 +7,7 @@ Each rank has its own stream (seed offset by rank); checkpoints keep all ranks' 
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -18,6 +19,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels() -> None:
+    """Kernels that give the same bits on every run. On CUDA, atomics in the embedding, scatter and
+    fused-attention backward passes otherwise make two runs (or a run and its resume) drift apart
+    after the first step, and the generator's discrete sampling amplifies the drift."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when the first cuBLAS handle is made
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    if torch.cuda.is_available():  # flash and memory-efficient attention accumulate with atomics
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

@@ -35,7 +35,8 @@ from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
-from dsexit.train.rng import capture_rng_state, rank_seed, restore_rng_state, seed_everything
+from dsexit.train.rng import (capture_rng_state, rank_seed, restore_rng_state, seed_everything,
+                             use_deterministic_kernels)
 from dsexit.train.step_stats import StepStats, StepSummary
 from dsexit.train.universal import convert_to_universal, needs_universal
 
@@ -59,6 +60,8 @@ class Trainer:
         self.run = run
         self.config = run.config
         self.world = run.world
+        if self.config.job.deterministic:
+            use_deterministic_kernels()
         # --- runtime utilities
         self.preemption = PreemptionHandler().install()
         self.run_plan = run.run_plan or RunPlan("new", None)
