@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import importlib.util
 import json
 import lzma
 import os
@@ -322,6 +323,9 @@ def resolve_inputs(inputs: list[str], text_field: str = "text", storage_options:
     sources: list[TextSource] = []
     for spec in inputs:
         if spec.startswith("hf:"):
+            if importlib.util.find_spec("datasets") is None:
+                raise ValueError(f"Input {spec!r} needs the datasets package, which is not installed; "
+                                 f"install it with: pip install 'dsexit[hf]'.")
             sources.append(TextSource(spec[3:], "hf", text_field))
             continue
         fs, path = open_url_fs(spec, storage_options)

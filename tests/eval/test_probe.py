@@ -8,7 +8,7 @@ import pytest
 from dsexit.eval import FinetuneConfig, finetune, finetune_many, load_task
 from dsexit.eval.finetune import encode_task
 from dsexit.eval.probe import extract_features
-from launch.finetune import main as finetune_main
+from dsexit.commands.finetune import main as finetune_main
 
 from .conftest import FILLER, write_jsonl
 

@@ -7,7 +7,7 @@ import pytest
 from dsexit.eval import FinetuneConfig, load_task, stratified_subset
 from dsexit.eval.finetune import parameter_groups
 from dsexit.eval.tasks import Example
-from launch.finetune import build_parser
+from dsexit.commands.finetune import build_parser
 
 from .conftest import write_jsonl
 
