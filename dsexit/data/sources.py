@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import importlib.util
 import json
 import lzma
 import os
@@ -323,9 +322,11 @@ def resolve_inputs(inputs: list[str], text_field: str = "text", storage_options:
     sources: list[TextSource] = []
     for spec in inputs:
         if spec.startswith("hf:"):
-            if importlib.util.find_spec("datasets") is None:
+            try:
+                import datasets  # noqa: F401  (checked before any work; read in _hf_documents)
+            except ImportError:
                 raise ValueError(f"Input {spec!r} needs the datasets package, which is not installed; "
-                                 f"install it with: pip install 'dsexit[hf]'.")
+                                 f"install it with: pip install 'dsexit[hf]'.") from None
             sources.append(TextSource(spec[3:], "hf", text_field))
             continue
         fs, path = open_url_fs(spec, storage_options)
