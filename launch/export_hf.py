@@ -7,7 +7,8 @@ checkpoints directory (its newest complete checkpoint is exported). OUT_DIR rece
 `ElectraForPreTraining` (the discriminator) and the tokenizer, and OUT_DIR/generator an
 `ElectraForMaskedLM`; both load with `from_pretrained`.
 
-Thin wrapper for a source checkout: the program is dsexit/commands/export_hf.py (installed as `dsexit-export`).
+Thin wrapper for a source checkout: the program is dsexit/commands/export_hf.py
+(installed as `dsexit-export`).
 """
 
 import sys

@@ -14,7 +14,8 @@ directory or a checkpoints root; it is exported first with the trainer's export 
 Prints per-seed and median dev/test accuracy, F1 and MCC; --out writes them as JSON.
 Runs as one process; under a multi-process launcher only rank 0 works.
 
-Thin wrapper for a source checkout: the program is dsexit/commands/finetune.py (installed as `dsexit-finetune`).
+Thin wrapper for a source checkout: the program is dsexit/commands/finetune.py
+(installed as `dsexit-finetune`).
 """
 
 import sys

@@ -2,7 +2,8 @@
 
     python launch/plot_run.py RUN_DIR [--out DIR]      # default DIR: RUN_DIR/plots
 
-Thin wrapper for a source checkout: the program is dsexit/commands/plot_run.py (installed as `dsexit-plot`).
+Thin wrapper for a source checkout: the program is dsexit/commands/plot_run.py
+(installed as `dsexit-plot`).
 """
 
 import sys

@@ -12,7 +12,8 @@ Exit codes: 0 finished, or preempted after saving a checkpoint (SIGTERM, SIGINT,
 launcher gone); 2 a user error, one line on stderr, raised before any work starts (nothing
 is written); 3 a lost peer (resume with --resume auto).
 
-Thin wrapper for a source checkout: the program is dsexit/commands/pretrain.py (installed as `dsexit-pretrain`, `python -m dsexit.train`).
+Thin wrapper for a source checkout: the program is dsexit/commands/pretrain.py
+(installed as `dsexit-pretrain`, `python -m dsexit.train`).
 """
 
 import sys

@@ -129,7 +129,8 @@ def test_learning_rate_schedule_is_linear_warmup_from_zero_then_linear_decay_to_
         used.append(optimizer.param_groups[0]["lr"])  # the rate this step's optimizer.step() applies
         optimizer.step()
         schedule.step()
-    expected = [lr * step / warmup if step < warmup else lr * (total - step) / (total - warmup) for step in range(total)]
+    expected = [lr * step / warmup if step < warmup else lr * (total - step) / (total - warmup)
+                for step in range(total)]
     assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
     # The hand-written schedule this replaced decayed identically and warmed up one step earlier
     # ((step + 1) / warmup): its first step already used lr / warmup, this one starts from 0.

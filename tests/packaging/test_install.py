@@ -45,7 +45,8 @@ def installed(tmp_path_factory) -> Path:
 
 def test_the_root_ds_configs_are_the_packaged_ones():
     for name in SHIPPED:
-        assert (REPO / "ds_configs" / name).read_bytes() == (REPO / "dsexit" / "train" / "ds_configs" / name).read_bytes()
+        packaged = REPO / "dsexit" / "train" / "ds_configs" / name
+        assert (REPO / "ds_configs" / name).read_bytes() == packaged.read_bytes()
     assert sorted(path.name for path in (REPO / "ds_configs").iterdir()) == sorted(SHIPPED)
 
 
@@ -57,12 +58,14 @@ def test_a_non_editable_install_ships_the_ds_configs(installed):
 
 def test_console_scripts_resolve_to_functions_of_the_installed_package(installed, tmp_path):
     (distribution,) = importlib.metadata.distributions(path=[str(installed)])
-    declared = {entry.name: entry.value for entry in distribution.entry_points if entry.group == "console_scripts"}
+    declared = {entry.name: entry.value for entry in distribution.entry_points
+                if entry.group == "console_scripts"}
     assert declared == SCRIPTS
     check = ("import importlib.metadata, json, sys\n"
              f"(dist,) = importlib.metadata.distributions(path=[{str(installed)!r}])\n"
              "loaded = {e.name: e.load() for e in dist.entry_points if e.group == 'console_scripts'}\n"
-             "print(json.dumps({name: [callable(f), sys.modules[f.__module__].__file__] for name, f in loaded.items()}))")
+             "print(json.dumps({name: [callable(f), sys.modules[f.__module__].__file__]\n"
+             "                  for name, f in loaded.items()}))")
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=_without_repo_on_path(installed),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
