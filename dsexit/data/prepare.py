@@ -57,28 +57,41 @@ def _validation_packer_seed(seed: int) -> int:
 
 
 class Progress:
-    """A one-line bar on a TTY; otherwise a plain line every `interval_s` and at the end."""
+    """A tqdm bar over the inputs on a terminal; otherwise a plain line every `interval_s` and at the end.
+    Messages print above a live bar (through tqdm), as plain lines otherwise."""
 
     def __init__(self, total_inputs: int, stream=None, interval_s: float = 10.0):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.total_inputs, self.interval_s = total_inputs, interval_s
         self.start = self._last = time.monotonic()
+        self.bar = None  # opened at the first update, closed at the final one
 
     def update(self, inputs_done: int, documents: int, samples: int, shards: int, final: bool = False) -> None:
+        counts = f"{documents} docs {samples} samples {shards} shards"
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total_inputs, file=self.stream, desc="prepare_data", unit="input",
+                                dynamic_ncols=True)
+            self.bar.update(inputs_done - self.bar.n)
+            self.bar.set_postfix_str(counts, refresh=True)
+            if final:
+                self.bar.close()
+                self.bar = None
+            return
         now = time.monotonic()
-        if not (final or self.tty or now - self._last >= self.interval_s):
+        if not (final or now - self._last >= self.interval_s):
             return
         self._last = now
-        stats = f"{inputs_done}/{self.total_inputs} inputs {documents} docs {samples} samples {shards} shards {now - self.start:.0f}s"
-        if self.tty:
-            filled = int(20 * inputs_done / max(1, self.total_inputs))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (20 - filled)}] {stats}" + ("\n" if final else ""))
-        else:
-            self.stream.write(f"prepare_data: {stats}\n")
+        self.stream.write(f"prepare_data: {inputs_done}/{self.total_inputs} inputs {counts} {now - self.start:.0f}s\n")
         self.stream.flush()
 
     def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"prepare_data: {text}", file=self.stream)
+            return
         self.stream.write(f"prepare_data: {text}\n")
         self.stream.flush()
 

@@ -36,8 +36,15 @@ _OPEN_SHARDS = 64  # memory maps kept open; reopening is cheap, this only bounds
 
 def open_shard(cache: ShardCache, index: DatasetIndex, shard: ShardInfo) -> np.ndarray:
     """The shard's rows, [num_samples, seq_len], memory-mapped from its verified copy in the cache."""
-    path = cache.get(index.shard_url(shard), shard.sha256, shard.num_bytes)
-    return np.memmap(path, dtype=np.dtype(index.dtype).newbyteorder("<"), mode="r").reshape(-1, index.seq_len)
+    attempts_left = 3
+    while True:
+        path = cache.get(index.shard_url(shard), shard.sha256, shard.num_bytes)
+        try:
+            return np.memmap(path, dtype=np.dtype(index.dtype).newbyteorder("<"), mode="r").reshape(-1, index.seq_len)
+        except FileNotFoundError:  # another rank sharing the cache evicted it between get and open
+            attempts_left -= 1
+            if not attempts_left:
+                raise
 
 
 def read_validation_samples(

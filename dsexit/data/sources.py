@@ -322,6 +322,11 @@ def resolve_inputs(inputs: list[str], text_field: str = "text", storage_options:
     sources: list[TextSource] = []
     for spec in inputs:
         if spec.startswith("hf:"):
+            try:
+                import datasets  # noqa: F401  (checked before any work; read in _hf_documents)
+            except ImportError:
+                raise ValueError(f"Input {spec!r} needs the datasets package, which is not installed; "
+                                 f"install it with: pip install 'dsexit[hf]'.") from None
             sources.append(TextSource(spec[3:], "hf", text_field))
             continue
         fs, path = open_url_fs(spec, storage_options)

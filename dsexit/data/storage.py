@@ -2,11 +2,14 @@
 
 This module owns every byte that crosses the network: which errors count as
 transient and are retried with exponential backoff, the sha256 check of each
-downloaded shard, and the bounded on-disk LRU cache the reader keeps shards in.
+downloaded shard, and the bounded on-disk LRU cache the reader keeps shards in
+(one download per shard per node, whichever ranks share its directory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -14,6 +17,7 @@ import random
 import tempfile
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
 
@@ -179,6 +183,25 @@ def check_shard_files(base_url: str, shards: list[tuple[str, int, str]], *, hash
                                         f"index.json lists {sha256} ({num_bytes} bytes).")
 
 
+def temporary_name(path: str) -> str:
+    """A download's temporary file beside `path`, unique across processes, threads and calls (pid and
+    thread id alone repeat: thread ids are reused, and pids repeat across containers sharing a disk)."""
+    return f"{path}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex}.part"
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(path: str):
+    """Hold an exclusive flock on `path` (created if absent) for the block: one holder per node, whether
+    the others are threads of this process or other processes. The lock files are never deleted, since
+    deleting one would let a waiter lock a file that a newcomer no longer sees."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class ShardCache:
     """Shards on local disk, named by their sha256, evicted least-recently-used by bytes.
 
@@ -186,6 +209,13 @@ class ShardCache:
     insert the cache holds at most `max_bytes`. Files already memory-mapped by the
     reader stay readable after eviction (POSIX unlink semantics), so eviction never
     breaks a batch in flight. Safe to use from several threads.
+
+    Node-safe: the ranks of one node share `cache_dir`. A shard is fetched under a
+    per-shard file lock (`cache_dir/SHA256.bin.lock`, empty, as MosaicML streaming does),
+    so the first rank downloads it and the others wait and reuse the verified file;
+    temporary files have unique names. Each rank keeps its own LRU of the shards it
+    used; a shard another rank evicted is fetched again when this rank next asks for
+    it. `cache_dir` must be on a filesystem with working flock (local disk, tmpfs).
     """
 
     def __init__(self, cache_dir: str | None, max_bytes: int, policy: RetryPolicy, storage_options: dict | None = None):
@@ -198,15 +228,19 @@ class ShardCache:
         self._entries: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes, oldest first
         self._in_flight: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self.downloads = 0
+        self.downloads = 0  # fetched from the remote by this process (a shard another rank fetched is reused)
         self._adopt_existing_files()
 
     def _adopt_existing_files(self) -> None:
         """Count shards an earlier run left in cache_dir, oldest first, so the bound covers them."""
-        names = [name for name in os.listdir(self.cache_dir) if name.endswith(".bin") and len(name) == 68]
-        names.sort(key=lambda name: os.path.getmtime(os.path.join(self.cache_dir, name)))
-        for name in names:
-            self._insert(name[:-4], os.path.getsize(os.path.join(self.cache_dir, name)))
+        found = []
+        for name in os.listdir(self.cache_dir):
+            if name.endswith(".bin") and len(name) == 68:
+                with contextlib.suppress(FileNotFoundError):  # another rank may be evicting it right now
+                    stat = os.stat(os.path.join(self.cache_dir, name))
+                    found.append((stat.st_mtime, name, stat.st_size))
+        for _, name, size in sorted(found):
+            self._insert(name[:-4], size)
 
     @property
     def total_bytes(self) -> int:
@@ -226,8 +260,10 @@ class ShardCache:
             raise ValueError(f"cache_max_bytes={self.max_bytes} cannot hold shard {url} of {num_bytes} bytes.")
         with self._lock:
             if sha256 in self._entries:
-                self._entries.move_to_end(sha256)
-                return self._path(sha256)
+                if os.path.exists(self._path(sha256)):
+                    self._entries.move_to_end(sha256)
+                    return self._path(sha256)
+                del self._entries[sha256]  # another rank sharing cache_dir evicted it
             future = self._in_flight.get(sha256)
             owner = future is None
             if owner:
@@ -247,20 +283,27 @@ class ShardCache:
                 self._in_flight.pop(sha256, None)
 
     def _reuse_or_download(self, url: str, sha256: str) -> str:
-        path = self._path(sha256)
-        if os.path.exists(path) and file_sha256(path) == sha256:
-            return path  # left by an earlier reader sharing this cache_dir
+        with exclusive_file_lock(f"{self._path(sha256)}.lock"):
+            path = self._path(sha256)
+            if os.path.exists(path) and file_sha256(path) == sha256:
+                return path  # fetched by another rank sharing cache_dir, or left by an earlier run
+            return self._download(url, sha256, path)
+
+    def _download(self, url: str, sha256: str, path: str) -> str:
         fs, remote_path = open_url_fs(url, self.storage_options)
-        temporary = f"{path}.{threading.get_ident()}.part"
+        temporary = temporary_name(path)
         got = None
-        for _ in range(2):  # a mismatch is fetched once more before giving up
-            got = self.policy.call(lambda: _download_hashing(fs, remote_path, temporary), url)
-            self.downloads += 1
-            if got == sha256:
-                os.replace(temporary, path)
-                return path
-            log.warning("sha256 mismatch for %s (got %s), fetching again", url, got)
-        os.unlink(temporary)
+        try:
+            for _ in range(2):  # a mismatch is fetched once more before giving up
+                got = self.policy.call(lambda: _download_hashing(fs, remote_path, temporary), url)
+                self.downloads += 1
+                if got == sha256:
+                    os.replace(temporary, path)
+                    return path
+                log.warning("sha256 mismatch for %s (got %s), fetching again", url, got)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         raise ShardCorruptError(f"Shard {url} is corrupt: sha256 is {got}, index.json lists {sha256}.")
 
     def _insert(self, sha256: str, num_bytes: int) -> None:

@@ -223,15 +223,13 @@ def parameter_groups(model, config: FinetuneConfig) -> list[dict[str, Any]]:
 
 
 def _optimizer(model, config: FinetuneConfig, total_steps: int):
+    """AdamW; the learning rate rises linearly from 0 over the warmup steps, then falls linearly to 0
+    (Hugging Face's schedule; ELECTRA's warms up from 0 the same way)."""
+    from transformers import get_linear_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, eps=1e-6)
     warmup = max(1, int(config.warmup_fraction * total_steps))
-
-    def scale(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
 def finetune_seed(model_dir: str, task: Task, data: dict[str, EncodedSplit], config: FinetuneConfig,
@@ -250,35 +248,48 @@ def finetune_seed(model_dir: str, task: Task, data: dict[str, EncodedSplit], con
     order_rng = torch.Generator().manual_seed(seed)
     bar = _progress_bar(config, steps_per_epoch * epochs, f"seed {seed}")
     history, started = [], time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(train), generator=order_rng).tolist()
-        loss_sum = 0.0
-        for start in range(0, len(order), config.batch_size):
-            batch = train.batch(order[start:start + config.batch_size], device)
-            with _autocast(device, use_bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-        record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch}
-        for split in ("dev", "test"):
-            record[split] = evaluate(model, data[split], task.num_labels, config.eval_batch_size, use_bf16)
-        history.append(record)
-        if config.progress != "none":
-            log.info("seed=%d epoch=%d/%d train_loss=%.4f dev_acc=%.4f test_acc=%.4f", seed, epoch, epochs,
-                     record["train_loss"], record["dev"]["accuracy"], record["test"]["accuracy"])
+    with _logs_above(bar):  # the epoch lines print above a live bar
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.randperm(len(train), generator=order_rng).tolist()
+            loss_sum = 0.0
+            for start in range(0, len(order), config.batch_size):
+                batch = train.batch(order[start:start + config.batch_size], device)
+                with _autocast(device, use_bf16):
+                    loss = model(**batch).loss
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach())
+                if bar is not None:
+                    bar.update(1)
+            record = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch}
+            for split in ("dev", "test"):
+                record[split] = evaluate(model, data[split], task.num_labels, config.eval_batch_size, use_bf16)
+            history.append(record)
+            if config.progress != "none":
+                log.info("seed=%d epoch=%d/%d train_loss=%.4f dev_acc=%.4f test_acc=%.4f", seed, epoch, epochs,
+                         record["train_loss"], record["dev"]["accuracy"], record["test"]["accuracy"])
     if bar is not None:
         bar.close()
     chosen = history[-1] if config.select == "final" else max(history, key=lambda r: r["dev"]["accuracy"])
     return {"seed": seed, "selected_epoch": chosen["epoch"], "dev": chosen["dev"], "test": chosen["test"],
             "epochs": history, "seconds": time.perf_counter() - started, "bf16": use_bf16}
+
+
+@contextlib.contextmanager
+def _logs_above(bar):
+    """While a bar is live, log lines go through tqdm (tqdm.contrib.logging) so the bar is not torn."""
+    if bar is None:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm([logging.root, logging.getLogger("dsexit")]):
+        yield
 
 
 def _progress_bar(config: FinetuneConfig, total: int, description: str):

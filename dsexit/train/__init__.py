@@ -2,8 +2,10 @@
 
 What lives where:
     config.py      TrainConfig: one dataclass per section, training presets, validation
-    cli.py         command line -> TrainConfig (launch/pretrain.py)
-    ds_config.py   the DeepSpeed JSON: parallelism matrix, "auto" fields, precision
+    cli.py         command line -> TrainConfig (dsexit/commands/pretrain.py)
+    __main__.py    `python -m dsexit.train`: the pre-training command
+    ds_config.py   the DeepSpeed JSON: shipped configs by name, parallelism matrix, "auto" fields, precision
+    ds_configs/    zero1/2/3.json, pipeline.json: package data (the repository's ds_configs/ links here)
     resolve.py     ResolvedRun: dataset, model config, DeepSpeed config; before any process group
     distributed.py ranks from deepspeed / torchrun / mpirun, CPU threads, the process group
     engine.py      the one place that builds the model and the DeepSpeed engine
@@ -17,7 +19,7 @@ What lives where:
     rng.py         RNG capture / restore
     preemption.py  SIGTERM / SIGINT -> checkpoint and clean exit
     redact.py      credentials never printed or saved
-    plot.py        PNG plots of a run (launch/plot_run.py)
+    plot.py        PNG plots of a run (dsexit-plot; needs the `plot` extra)
 
 Nothing here imports DeepSpeed at module import time except through functions, so that
 `distributed.select_accelerator()` can run first.

@@ -1,6 +1,7 @@
 """The DeepSpeed JSON: loading, the supported parallelism matrix, resolving "auto" fields.
 
-The JSON files in `ds_configs/` own what is DeepSpeed's business (ZeRO stage, bucket
+The JSON files in `dsexit/train/ds_configs/` (package data; the repository's `ds_configs/`
+links to them) own what is DeepSpeed's business (ZeRO stage, bucket
 sizes, optimizer type and betas). Fields the trainer owns are written "auto" there and
 filled from `TrainConfig` here: batch sizes, learning rate and schedule, weight decay,
 gradient clipping, precision, monitor paths. A concrete value where the trainer has its
@@ -23,9 +24,26 @@ SUPPORTED_COMBINATIONS = ("data parallel with ZeRO 0, 1, 2 or 3 (ds_configs/zero
                           "pipeline parallel (--pipeline-stages N) with ZeRO 0 or 1 (ds_configs/pipeline.json)")
 
 
+PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")
+PACKAGED_NAMES = ("zero1.json", "zero2.json", "zero3.json", "pipeline.json")
+
+
+def find_ds_config(path: str) -> str:
+    """The file to read for `--deepspeed PATH`: PATH itself when it exists; otherwise a config shipped
+    with the package, named as `zero2.json` or as in a source checkout, `ds_configs/zero2.json`
+    (so the default and the README's commands work from any directory and from an installed wheel)."""
+    if os.path.isfile(path):
+        return path
+    parent, name = os.path.split(os.path.normpath(path))
+    if name in PACKAGED_NAMES and parent in ("", "ds_configs"):
+        return os.path.join(PACKAGED_DIR, name)
+    return path
+
+
 def load_ds_config(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config {path!r} does not exist; expected a JSON file such as ds_configs/zero2.json.")
+        raise ConfigError(f"DeepSpeed config {path!r} does not exist; expected a JSON file, or one of the shipped "
+                          f"configs by name ({', '.join(PACKAGED_NAMES)}).")
     try:
         with open(path) as handle:
             config = json.load(handle)

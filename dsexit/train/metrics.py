@@ -97,8 +97,11 @@ class MetricsLogger:
         use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
         if use_bar:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm([log])  # other log lines print above the bar, not into it
+            self._redirect.__enter__()
 
     def record(self, step: int, summary: StepSummary, *, exit_threshold: float | None, lr: float,
                seconds: float, data_wait_seconds: float, samples_seen: int, tokens_seen: int) -> None:
@@ -170,18 +173,13 @@ class MetricsLogger:
                 f"mlm_loss={results['eval_mlm_loss']:.4f} (unigram {results['unigram_entropy']:.4f}) "
                 f"exit: rtd_loss={results['eval_rtd_loss_uniform_exit']:.4f} "
                 f"compute={results['eval_compute_fraction']:.3f}")
-        if self.bar is not None:
-            self.bar.write(line)
-            for handler in log.handlers:
-                if isinstance(handler, logging.FileHandler):
-                    handler.emit(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
-        else:
-            log.info(line)
+        log.info(line)
         if self.monitor is not None and self.monitor.enabled:
             self.monitor.write_events([(f"Eval/{name}", float(value), step) for name, value in results.items()
                                        if isinstance(value, (int, float)) and value == value])
 
     def close(self) -> None:
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
             self.bar = None

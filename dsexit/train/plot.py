@@ -15,7 +15,11 @@ from dsexit.train.metrics import read_metrics
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib, which is not installed; install it with: "
+                          "pip install 'dsexit[plot]'.") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

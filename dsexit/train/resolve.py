@@ -23,12 +23,11 @@ from dsexit.model import ElectraExitConfig
 from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpoint, resume_choice
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.ds_config import check_parallelism, load_ds_config, resolve_ds_config, zero_stage
+from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
 from dsexit.train.redact import redact, redact_text
 from dsexit.train.rundir import RunDirError, RunPlan, plan_run
 from dsexit.train.store import RemoteMirror, StorageError, is_remote, local_path, probe_local_dir
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILE = "config.json"
 
 
@@ -91,13 +90,6 @@ class ResolvedRun:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
-
-
-def _ds_config_path(path: str) -> str:
-    if os.path.isfile(path) or os.path.isabs(path):
-        return path
-    in_repo = os.path.join(REPO_ROOT, path)  # the default works from any working directory
-    return in_repo if os.path.isfile(in_repo) else path
 
 
 def _open_dataset(url: str) -> DatasetIndex:
@@ -214,7 +206,7 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
     provisional = config.model.build(dataset_model_fields(dataset))
     model_config = config.model.build(dataset_model_fields(dataset, provisional))
     stages = config.parallelism.pipeline_stages
-    config.parallelism.deepspeed_config = _ds_config_path(config.parallelism.deepspeed_config)
+    config.parallelism.deepspeed_config = find_ds_config(config.parallelism.deepspeed_config)
     raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)
     check_parallelism(raw_ds_config, stages, config.parallelism.deepspeed_config)
     if world.world_size % stages:

@@ -159,8 +159,14 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     for stream in (terminal, pipe):
         progress = Progress(4, stream, interval_s=3600)
         progress.update(1, 10, 20, 0)
+        progress.message("a message while the bar is live")
         progress.update(4, 40, 80, 1, final=True)
-    assert terminal.getvalue().startswith("\r[#####") and "\r[####################] 4/4 inputs" in terminal.getvalue()
+    bar_states = terminal.getvalue().split("\r")  # tqdm redraws its line in place
+    assert any(" 1/4 " in state and "10 docs 20 samples 0 shards" in state for state in bar_states)
+    assert "\rprepare_data: a message while the bar is live\n" in terminal.getvalue()  # above the bar, not into it
+    assert " 4/4 " in bar_states[-1] and "40 docs 80 samples 1 shards" in bar_states[-1]
+    assert terminal.getvalue().endswith("\n")  # the final update closes the bar
     assert pipe.getvalue() == pipe.getvalue().replace("\r", "")
-    assert pipe.getvalue().splitlines() == [pipe.getvalue().splitlines()[0]]  # interval not reached: only the final line
-    assert pipe.getvalue().startswith("prepare_data: 4/4 inputs 40 docs 80 samples 1 shards")
+    assert pipe.getvalue().splitlines()[0] == "prepare_data: a message while the bar is live"
+    assert len(pipe.getvalue().splitlines()) == 2  # interval not reached: only the final line
+    assert pipe.getvalue().splitlines()[1].startswith("prepare_data: 4/4 inputs 40 docs 80 samples 1 shards")

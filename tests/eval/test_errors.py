@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from dsexit.commands.finetune import main as finetune_main
 from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
 from dsexit.eval.tasks import TaskError, load_task
-from launch.finetune import main as finetune_main
 
 from .conftest import write_jsonl
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dsexit.commands.finetune import main as finetune_main
 from dsexit.eval import FinetuneConfig, finetune, finetune_many, load_task
-from launch.finetune import main as finetune_main
 
 from .conftest import SHARED_DATA
 

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
+from dsexit.commands.finetune import main as finetune_main
 from dsexit.eval import FinetuneConfig, finetune, finetune_many, load_task
 from dsexit.eval.finetune import encode_task
 from dsexit.eval.probe import extract_features
-from launch.finetune import main as finetune_main
 
 from .conftest import FILLER, write_jsonl
 

@@ -4,10 +4,10 @@ import collections
 
 import pytest
 
+from dsexit.commands.finetune import build_parser
 from dsexit.eval import FinetuneConfig, load_task, stratified_subset
 from dsexit.eval.finetune import parameter_groups
 from dsexit.eval.tasks import Example
-from launch.finetune import build_parser
 
 from .conftest import write_jsonl
 
@@ -113,3 +113,25 @@ def test_max_train_examples_draws_from_every_class_of_a_sorted_task(tmp_path):
     config = FinetuneConfig(max_train_examples=20, max_eval_examples=10, seeds=5)
     assert collections.Counter(e.label for e in config.examples(task, "train")) == {0: 12, 1: 8}
     assert collections.Counter(e.label for e in config.examples(task, "dev")) == {0: 6, 1: 4}
+
+
+def test_learning_rate_schedule_is_linear_warmup_from_zero_then_linear_decay_to_zero(classifier):
+    """Against the formula written out here (ELECTRA / BERT / Hugging Face: lr x step / warmup while warming
+    up, lr x (total - step) / (total - warmup) after), for every step the fine-tuner takes."""
+    from dsexit.eval.finetune import _optimizer
+
+    lr, total = 1e-3, 50
+    config = FinetuneConfig(lr=lr, layerwise_lr_decay=1.0, warmup_fraction=0.1)
+    warmup = 5
+    optimizer, schedule = _optimizer(classifier, config, total)
+    used = []
+    for _ in range(total):
+        used.append(optimizer.param_groups[0]["lr"])  # the rate this step's optimizer.step() applies
+        optimizer.step()
+        schedule.step()
+    expected = [lr * step / warmup if step < warmup else lr * (total - step) / (total - warmup)
+                for step in range(total)]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # The hand-written schedule this replaced decayed identically and warmed up one step earlier
+    # ((step + 1) / warmup): its first step already used lr / warmup, this one starts from 0.
+    assert used[0] == 0.0 and used[warmup] == pytest.approx(lr)

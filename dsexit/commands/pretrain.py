@@ -1,0 +1,136 @@
+"""Pre-train ELECTRA with token-level early exit on DeepSpeed.
+
+    deepspeed launch/pretrain.py --deepspeed ds_configs/zero2.json            # 1 process per GPU (or 1 on CPU)
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed ds_configs/zero2.json
+    torchrun --nproc_per_node 2 launch/pretrain.py --deepspeed ds_configs/zero2.json
+    mpirun -np 2 python launch/pretrain.py --deepspeed ds_configs/zero2.json
+
+With no other argument it trains the `smoke` preset on the embedded corpus and leaves
+checkpoints and a Hugging Face export in runs/electra. `--help` lists every flag.
+
+Exit codes: 0 finished, or preempted after saving a checkpoint (SIGTERM, SIGINT, or the
+launcher gone); 2 a user error, one line on stderr, raised before any work starts (nothing
+is written); 3 a lost peer (resume with --resume auto).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3  # a collective lost a peer (node loss); resume with --resume auto
+EXIT_STATUS_ENV = "DSEXIT_EXIT_STATUS_FILE"  # where local rank 0 writes why the run stopped (docker/entrypoint.sh)
+
+
+def _remove_if_only_empty_dirs(path: str) -> None:
+    """Undo the directories a failed start created (the run directory, its empty checkpoints/): a
+    user error leaves nothing behind. Anything holding a file stays."""
+    for parent, _, files in os.walk(path, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(parent)
+        except OSError:
+            return
+
+
+def check_shards(run, local_rank: int) -> None:
+    """Before any work: every shard is present with the size index.json lists; on local disk, the
+    shards of the first step and of the held-out evaluation also hash to its sha256 (hashing
+    remote shards here would download them twice; the reader checks every one it fetches)."""
+    from dsexit.data.order import EpochOrder
+    from dsexit.data.storage import check_shard_files, open_url_fs
+
+    index, config = run.dataset, run.config
+    fs, _ = open_url_fs(index.url)
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    to_hash: set[str] = set()
+    if local_rank == 0 and "file" in protocols:
+        order = EpochOrder(index, config.job.seed, 0, config.data.shuffle_window)
+        starts = index.shard_starts()
+        first_step = order.samples(0, config.training.global_batch_size)
+        to_hash = {index.shards[index.locate(int(sample), starts)[0]].name for sample in first_step}
+        wanted = config.metrics.eval_samples if config.metrics.eval_interval else 0
+        for shard in index.validation_shards:
+            if wanted <= 0:
+                break
+            to_hash.add(shard.name)
+            wanted -= shard.num_samples
+    check_shard_files(index.url, [(shard.name, shard.num_bytes, shard.sha256)
+                                  for shard in index.shards + index.validation_shards], hash_names=to_hash)
+
+
+def report_stop(reason: str, local_rank: int) -> None:
+    """Tell a supervising script (docker/entrypoint.sh) why the trainer stopped: after a signal, the
+    launcher's own exit code does not say whether the checkpoint was saved."""
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path and local_rank == 0:
+        with open(path, "w") as handle:
+            handle.write(f"{reason}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsexit.train.distributed import (configure_threads, describe_peer_failure, destroy_process_group,
+                                          discover_world, init_process_group, select_accelerator)
+
+    select_accelerator()  # before DeepSpeed is imported anywhere
+    from dsexit.data import DatasetFormatError, ShardCorruptError
+    from dsexit.data.storage import StorageAccessError
+    from dsexit.train.cli import parse_config
+    from dsexit.train.config import ConfigError
+    from dsexit.train.metrics import setup_logging
+    from dsexit.train.redact import redact_text
+    from dsexit.train.resolve import resolve_run
+
+    world, run_dir, run_dir_existed = None, None, True
+    try:
+        config, args = parse_config(argv)
+        world = discover_world()
+        threads = configure_threads(world)
+        run_dir = config.job.run_dir
+        run_dir_existed = os.path.exists(run_dir)
+        run = resolve_run(config, world, threads)  # every user error surfaces here, before any process group
+        check_shards(run, world.local_rank)
+    except (ConfigError, OSError, StorageAccessError, DatasetFormatError, ShardCorruptError) as error:
+        if world is None or world.local_rank == 0:
+            if run_dir and not run_dir_existed:
+                _remove_if_only_empty_dirs(run_dir)
+            print(f"pretrain.py: error: {redact_text(str(error))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.dry_run:
+        if world.is_main:
+            print(run.to_json())
+        return 0
+    setup_logging(world, run.run_dir)
+    log = logging.getLogger("dsexit")
+    log.info("resolved config:\n%s", run.to_json())
+    init_process_group(world, config.parallelism.dist_timeout_s)
+    from dsexit.train.trainer import Trainer
+
+    try:
+        reason = Trainer(run).train()
+    except ShardCorruptError as error:  # a shard fetched mid-run (remote shards are hashed as they arrive)
+        log.error("%s", redact_text(str(error)))
+        for handler in log.handlers:
+            handler.flush()
+        os._exit(EXIT_USER_ERROR)  # other ranks may wait in a collective; the launcher ends them
+    except RuntimeError as error:  # torch.distributed.DistBackendError is one
+        lost = describe_peer_failure(error, world)
+        if lost is None:
+            raise
+        log.error("%s", lost)
+        for handler in log.handlers:
+            handler.flush()
+        # The process group is broken: a normal exit could block in its teardown (or in the
+        # data prefetch threads), and a bounded exit is the point of reporting this.
+        os._exit(EXIT_PEER_LOST)
+    log.info("done (%s); run directory: %s", reason, run.run_dir)
+    report_stop(reason, world.local_rank)
+    destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
