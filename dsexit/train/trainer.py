@@ -6,7 +6,8 @@
                checkpoints every `save_interval`; held-out evaluation every `eval_interval`
                (and at the start and the end); a final checkpoint and a Hugging Face export
     step       the learning rate for this step (over the time budget when there is one), then
-               grad_accum micro-batches through the engine with the controller's tau, then
+               grad_accum micro-batches through the mode's step runner (`step_runner.py`) with
+               the controller's tau, then
                one all-reduce of the step's statistics (and stop votes), then the controller update
 
 Everything a checkpoint must carry to resume exactly (data position, exit controller,
@@ -36,6 +37,7 @@ from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.rng import capture_rng_state, rank_seed, restore_rng_state, seed_everything
+from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
 from dsexit.train.universal import convert_to_universal, needs_universal
 
@@ -84,14 +86,15 @@ class Trainer:
         self.engine = build_engine(self._build_model(), run.ds_config, self.pipeline_stages,
                                    self.config.parallelism.pipeline_partition)
         self.device = torch.device(self.engine.device)
-        # Data is sharded by data-parallel rank: in a pipeline, the stages of one replica read alike.
-        dp_rank = self.engine.grid.get_data_parallel_rank() if self.pipeline_stages > 1 else self.world.rank
+        dp_rank = data_parallel_rank(self.engine, self.pipeline_stages, self.world.rank)
         self.data = StreamingShardReader(
             run.data_url, global_batch_size=self.config.training.global_batch_size,
             micro_batch_size=self.config.training.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp_size,
             seed=self.config.job.seed, shuffle_window=self.config.data.shuffle_window,
             prefetch=self.config.data.prefetch, index=run.dataset,
             cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"))
+        self.steps = make_step_runner(self.engine, self.data, run.grad_accum, self.device, self._set_learning_rate,
+                                      run.model_config, self.pipeline_stages)
         self.exit_controller = ExitController(run.model_config)
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         if resume_from is not None:
@@ -130,7 +133,7 @@ class Trainer:
         metrics = self.config.metrics
         if metrics.eval_interval == 0:
             return None
-        if self.pipeline_stages > 1:
+        if not self.steps.supports_heldout:
             log.warning("held-out evaluation is not available with pipeline_stages > 1 (data-parallel runs only)")
             return None
         if not self.run.dataset.validation_shards:
@@ -321,83 +324,21 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _data_parallel_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
-        """grad_accum micro-batches through the engine; returns (seconds waiting for data, lr)."""
-        data_wait = 0.0
-        for _ in range(self.run.grad_accum):
-            fetch_started = time.perf_counter()
-            batch = next(self.data)
-            data_wait += time.perf_counter() - fetch_started
-            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-            output = self.engine(**batch, exit_threshold=exit_threshold,
-                                 replacement_mix=self.run.model_config.replacement_mix_at(self.step))
-            self.engine.backward(output.loss)
-            lr = self._set_learning_rate()  # the rate this update uses
-            self.engine.step()
-            stats.add(output, batch)
-        return data_wait, lr
-
-    def _pipeline_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
-        """One `train_batch` through the pipeline; the last stage's measurements go into `stats`.
-
-        Every stage draws the same micro-batches from its reader (the first feeds them in,
-        the last takes its dummy labels, the others only keep their data position in step).
-        """
-        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, STAGE_COUNTERS, set_exit_threshold, set_replacement_mix
-
-        set_exit_threshold(exit_threshold)
-        set_replacement_mix(self.run.model_config.replacement_mix_at(self.step))
-        LAST_STAGE_RESULTS.clear()
-        STAGE_COUNTERS.reset()
-        batches, data_wait = [], 0.0
-        for _ in range(self.run.grad_accum):
-            fetch_started = time.perf_counter()
-            batches.append(next(self.data))
-            data_wait += time.perf_counter() - fetch_started
-        never = self.run.model_config.num_hidden_layers + 1
-        feed = iter([((batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                       torch.full_like(batch["input_ids"], never)), torch.zeros(1)) for batch in batches])
-        lr = self._set_learning_rate()
-        self.engine.train_batch(data_iter=feed)
-        self._stage_counters = self._gather_stage_counters(STAGE_COUNTERS)
-        last_stage = self.engine.is_last_stage()
-        for index, batch in enumerate(batches):
-            if last_stage:
-                stats.add(LAST_STAGE_RESULTS[index], batch)
-            else:  # same-size fingerprints on every rank; measurements come from the last stage only
-                stats.fingerprints.append(torch.zeros(batch["input_ids"].shape[0], dtype=torch.int64))
-        return data_wait, lr
-
-    def _gather_stage_counters(self, counters) -> list[list[int]]:
-        """Per stage [micro-batches, skipped micro-batches, token-layers], summed over replicas."""
-        mine = torch.tensor([self.engine.stage_id, counters.micro_batches, counters.skipped_micro_batches,
-                             counters.token_layers], dtype=torch.int64, device=self.device)
-        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, mine)
-        per_stage = [[0, 0, 0] for _ in range(self.pipeline_stages)]
-        for stage, *values in (row.cpu().tolist() for row in everyone):
-            per_stage[stage] = [a + b for a, b in zip(per_stage[stage], values)]
-        return per_stage
-
     def train_step(self) -> StepSummary:
         step_started = time.perf_counter()
         exit_threshold = self.exit_controller.threshold(self.step)
         stats = StepStats(self.run.model_config.num_hidden_layers)
-        if self.pipeline_stages > 1:
-            data_wait, lr = self._pipeline_batch(exit_threshold, stats)
-        else:
-            data_wait, lr = self._data_parallel_batch(exit_threshold, stats)
+        ran = self.steps.run(exit_threshold, self.run.model_config.replacement_mix_at(self.step), stats)
         summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
                                minutes=self._minutes_spent() if self.world.is_main else 0.0, device=self.device)
         self.budget_minutes = summary.minutes  # rank 0's clock, the same on every rank
-        if self.pipeline_stages > 1:
-            summary.stage_counters = self._stage_counters
+        summary.stage_counters = ran.stage_counters
         self.exit_controller.update(summary.compute_fraction, self.step)
         self.step += 1
         self.samples_seen += self.config.training.global_batch_size
         self.tokens_seen += summary.real_tokens
-        self.metrics.record(self.step, summary, exit_threshold=exit_threshold, lr=lr,
-                            seconds=time.perf_counter() - step_started, data_wait_seconds=data_wait,
+        self.metrics.record(self.step, summary, exit_threshold=exit_threshold, lr=ran.lr,
+                            seconds=time.perf_counter() - step_started, data_wait_seconds=ran.data_wait_seconds,
                             samples_seen=self.samples_seen, tokens_seen=self.tokens_seen)
         if summary.stop_preempted and self.world.is_main:
             log.warning("preemption requested (%s): saving a checkpoint at step %d, then exiting",
