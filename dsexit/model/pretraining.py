@@ -199,8 +199,7 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, exit_threshold: float | None = None,
-                exit_plan: torch.Tensor | None = None, replacement_mix: float | None = None,
-                **_: torch.Tensor) -> PreTrainingOutput:
+                exit_plan: torch.Tensor | None = None, replacement_mix: float | None = None) -> PreTrainingOutput:
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         if token_type_ids is None:

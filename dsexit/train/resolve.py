@@ -136,10 +136,10 @@ def check_fits(ref: CheckpointRef, model_config: ElectraExitConfig, seed: int) -
     """The checkpoint was saved by a model of this shape and a run of this seed (its marker says)."""
     saved_config = ref.meta.get("model_config")
     if saved_config is not None:
-        saved = ElectraExitConfig.from_dict(saved_config)
+        saved = ElectraExitConfig.from_saved(saved_config)
         if _model_shapes(saved) != _model_shapes(model_config):
             then, now = saved.to_dict(), model_config.to_dict()
-            differ = [name for name in then if name != "extra" and now.get(name) != then[name]][:6]
+            differ = [name for name in then if now.get(name) != then[name]][:6]
             raise ConfigError(
                 f"checkpoint {ref.path} holds a model of another shape: saved with "
                 f"{', '.join(f'{name}={then[name]!r}' for name in differ)}, this run has "

@@ -17,6 +17,7 @@ and restored in `restore()`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -95,7 +96,7 @@ class Trainer:
             cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"))
         self.steps = make_step_runner(self.engine, self.data, run.grad_accum, self.device, self._set_learning_rate,
                                       run.model_config, self.pipeline_stages)
-        self.exit_controller = ExitController(run.model_config)
+        self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         if resume_from is not None:
             self.restore(resume_from, load_dir)
