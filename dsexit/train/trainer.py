@@ -11,8 +11,8 @@
                one all-reduce of the step's statistics (and stop votes), then the controller update
 
 Everything a checkpoint must carry to resume exactly (data position, exit controller,
-every rank's RNG state, counters, the resolved config) is gathered in `client_state()`
-and restored in `restore()`.
+every rank's RNG state, the counters) is registered once with the checkpoint manager,
+which saves and restores it; the resolved config goes into each checkpoint's marker.
 """
 
 from __future__ import annotations
@@ -37,14 +37,13 @@ from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
-from dsexit.train.rng import capture_rng_state, rank_seed, restore_rng_state, seed_everything
+from dsexit.train.rng import RngStates, rank_seed, seed_everything
 from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
 from dsexit.train.universal import convert_to_universal, needs_universal
 
 log = logging.getLogger("dsexit")
 
-STATE_KEY = "dsexit"
 BASELINE_SHARDS = 8  # the held-out unigram baseline's estimate: enough tokens, no full pass over a large dataset
 
 
@@ -54,6 +53,22 @@ def _fail(error: Exception, code: int, speak: bool = True) -> None:
         print(f"pretrain.py: error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)  # prefetch threads and a process group in the middle of a collective would block an exit
+
+
+class _Progress:
+    """The trainer's counters as a `Stateful` (registered with the checkpoint manager)."""
+
+    FIELDS = ("step", "samples_seen", "tokens_seen", "budget_minutes")
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self.trainer, name) for name in self.FIELDS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.FIELDS:
+            setattr(self.trainer, name, type(getattr(self.trainer, name))(state[name]))
 
 
 class Trainer:
@@ -98,6 +113,10 @@ class Trainer:
                                       run.model_config, self.pipeline_stages)
         self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
+        self.rng = RngStates(self.config.job.seed, self.world.rank, self.world.world_size, lambda: self.step)
+        for name, stateful in (("progress", _Progress(self)), ("data", self.data),
+                               ("exit_controller", self.exit_controller), ("rng", self.rng)):
+            self.checkpoints.register(name, stateful)
         if resume_from is not None:
             self.restore(resume_from, load_dir)
             if self.run_plan.mode == "rollback":
@@ -221,27 +240,16 @@ class Trainer:
             return convert_to_universal(ref, self.world)
         return ref.root
 
-    def client_state(self) -> dict[str, Any]:
-        rng_states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(rng_states, capture_rng_state())
-        return {STATE_KEY: {
-            "step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-            "budget_minutes": self.budget_minutes, "data": self.data.state_dict(),
-            "exit_controller": self.exit_controller.state_dict(),
-            "rng": rng_states, "world_size": self.world.world_size, "config": self.run.to_dict(),
-        }}
-
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"dp_size": self.run.dp_size, "world_size": self.world.world_size, "zero_stage": self.run.zero_stage,
                 "pipeline_stages": self.pipeline_stages,
                 "precision": self.run.precision, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "data_url": self.config.data.url, "model_config": self.run.model_config.to_dict(),
-                "config": self.run.to_dict(), "saved_at": time.time()}
+                "data_url": self.config.data.url, "config": self.run.to_dict(), "saved_at": time.time()}
 
     def save_checkpoint(self) -> CheckpointRef:
         started = time.monotonic()
         try:
-            ref = self.checkpoints.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
+            ref = self.checkpoints.save(self.engine, self.step, self.checkpoint_meta())
         except CheckpointError as error:  # the disk is full
             _fail(error, 1)
         self.latest_checkpoint = ref
@@ -249,21 +257,11 @@ class Trainer:
         return ref
 
     def restore(self, ref: CheckpointRef, load_dir: str) -> None:
-        path, client = self.engine.load_checkpoint(load_dir, ref.tag)
-        if path is None or not client or STATE_KEY not in client:
-            raise RuntimeError(f"could not load checkpoint {ref.path} (no trainer state in it).")
-        state = client[STATE_KEY]
-        self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        self.budget_minutes = self.minutes_at_start = float(state.get("budget_minutes", 0.0))
+        self.checkpoints.load(self.engine, ref, load_dir)  # every registered component gets its state back
+        self.minutes_at_start = self.budget_minutes
         self.latest_checkpoint = ref
-        self.data.load_state_dict(state["data"])
-        self.exit_controller.load_state_dict(state["exit_controller"])
-        if len(state["rng"]) == self.world.world_size:
-            restore_rng_state(state["rng"][self.world.rank])
-        else:  # another world size: streams cannot continue; start fresh, reproducible ones
-            seed_everything(rank_seed(self.config.job.seed, self.world.rank, self.step))
         log.info("resumed from %s at step %d (%d samples seen; saved at world size %d, now %d)",
-                 ref.path, self.step, self.samples_seen, state["world_size"], self.world.world_size)
+                 ref.path, self.step, self.samples_seen, self.rng.saved_world_size, self.world.world_size)
 
     # ------------------------------------------------------------------ the run
     def train(self) -> str:

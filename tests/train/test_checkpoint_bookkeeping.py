@@ -49,7 +49,7 @@ def _manager(root, run_id="run-a", keep_last=2, location=None, retries=0):
 
 
 def _save(manager, engine, step):
-    return manager.save(engine, step, {"step": step}, {"model_config": None})
+    return manager.save(engine, step, {"step": step})
 
 
 def _tags(root):
