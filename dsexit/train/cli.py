@@ -46,6 +46,7 @@ MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "exit_kv", "a
 
 
 _NONE = "none"  # a flag value that sets a field to None (argparse's None means "not given")
+NONE_FLAGS = ("target_compute",)  # FLAG_FIELDS whose flag takes _NONE (others, like --resume none, keep the word)
 
 
 def _optional_float(text: str) -> float | str:
@@ -190,7 +191,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     for dest, (section, name) in FLAG_FIELDS.items():
         value = getattr(args, dest)
         if value is not None:
-            setattr(getattr(config, section), name, None if value == _NONE else value)
+            setattr(getattr(config, section), name, None if dest in NONE_FLAGS and value == _NONE else value)
     overrides = dict(config.model.overrides)
     for name in MODEL_FLAGS:
         value = getattr(args, name)
