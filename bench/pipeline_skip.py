@@ -56,7 +56,7 @@ def run_worker(args) -> None:
 
     from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
     from dsexit.model.flops import discriminator_layer_flops, embedding_and_generator_flops
-    from dsexit.parallel.pipeline import STAGE_COUNTERS, build_pipeline_module, set_exit_threshold
+    from dsexit.parallel.pipeline import build_pipeline_module, micro_batch_inputs
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
@@ -71,7 +71,7 @@ def run_worker(args) -> None:
                  "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config,
                                            model_parameters=[p for p in module.parameters()])
-    set_exit_threshold(None)
+    counters = module.stage_counters
 
     generator = torch.Generator().manual_seed(1)
     shape = (args.micro_batch_size, args.seq_len)
@@ -79,20 +79,21 @@ def run_worker(args) -> None:
     for _ in range(args.micro_batches):
         input_ids = torch.randint(1000, config.vocab_size, shape, generator=generator)
         input_ids[:, 0] = config.cls_token_id
-        inputs.append((input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)))
+        inputs.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                       "token_type_ids": torch.zeros_like(input_ids)})
     never = torch.full(shape, config.num_hidden_layers + 1, dtype=torch.long)
     at_boundary = torch.full(shape, boundary, dtype=torch.long)
 
     def micro_batches(fraction: float):
         skipped = skipped_micro_batches(fraction, args.micro_batches)
-        return iter([((*batch, at_boundary if index in skipped else never), torch.zeros(1))
+        return iter([micro_batch_inputs(batch, config, None, None, at_boundary if index in skipped else never)
                      for index, batch in enumerate(inputs)])
 
     for fraction in FRACTIONS:  # warm-up, and check that the skips happen as planned
-        STAGE_COUNTERS.reset()
+        counters.reset()
         engine.train_batch(micro_batches(fraction))
         if engine.stage_id == 1:
-            assert STAGE_COUNTERS.skipped_micro_batches == len(skipped_micro_batches(fraction, args.micro_batches))
+            assert counters.skipped_micro_batches == len(skipped_micro_batches(fraction, args.micro_batches))
     seconds = {fraction: [] for fraction in FRACTIONS}
     for repeat in range(args.repeats):
         for fraction in FRACTIONS:
@@ -105,7 +106,7 @@ def run_worker(args) -> None:
 
     # Per-stage FLOPs of one micro-batch, from the same model run data-parallel style.
     with torch.no_grad():
-        log = model(*inputs[0], exit_plan=never).compute_log
+        log = model(**inputs[0], exit_plan=never).compute_log
     stage_one = embedding_and_generator_flops(log, config) + sum(
         discriminator_layer_flops(work, config) for work in log.discriminator[:boundary])
     stage_two = sum(discriminator_layer_flops(work, config) for work in log.discriminator[boundary:])

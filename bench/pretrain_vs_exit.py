@@ -284,7 +284,7 @@ def scratch_export(run_dir: Path, out_dir: Path, seed: int) -> str:
 
     resolved = json.loads((run_dir / "config.json").read_text())
     torch.manual_seed(seed)
-    model = ElectraPreTrainingModel(ElectraExitConfig.from_dict(resolved["model"]))
+    model = ElectraPreTrainingModel(ElectraExitConfig.from_saved(resolved["model"]))
     to_hf_pretraining(model).save_pretrained(out_dir)
     save_hf_tokenizer(resolved["derived"]["data_url"], str(out_dir))
     return str(out_dir)

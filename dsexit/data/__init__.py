@@ -25,10 +25,6 @@ DEFAULT_DATA_URL = str(Path(__file__).resolve().parent / "default")
 """The dataset shipped inside the package: Moby-Dick and Jane Austen, WordPiece (ELECTRA's vocab), seq_len 128."""
 
 
-def default_data_url() -> str:
-    return DEFAULT_DATA_URL
-
-
 __all__ = [
     "DEFAULT_DATA_URL",
     "DatasetFormatError",
@@ -36,7 +32,6 @@ __all__ = [
     "ShardCorruptError",
     "ShardInfo",
     "StreamingShardReader",
-    "default_data_url",
     "read_validation_samples",
     "save_hf_tokenizer",
 ]

@@ -38,12 +38,12 @@ import torch
 from dsexit.eval.metrics import classification_metrics, median_metrics
 from dsexit.eval.probe import extract_features, probe_seed
 from dsexit.eval.tasks import SPLITS, Example, Task, stratified_subset
+from dsexit.train.config import PRECISIONS
 
 log = logging.getLogger("dsexit.eval")
 
 MODES = ("finetune", "probe")
 SELECT_MODES = ("final", "best-dev")
-PRECISIONS = ("auto", "bf16", "fp32")
 TASK_EPOCHS = {"rte": 10, "sts": 10, "sts-b": 10, "stsb": 10}
 """ELECTRA's epochs for its small GLUE tasks, by lower-cased task name; every other task gets DEFAULT_EPOCHS."""
 DEFAULT_EPOCHS = 3
@@ -208,18 +208,18 @@ def _depth(parameter_name: str, num_layers: int) -> int:
 def parameter_groups(model, config: FinetuneConfig) -> list[dict[str, Any]]:
     """AdamW groups of an `ElectraForSequenceClassification`, one per (depth, weight decay or not).
 
-    No weight decay on biases and LayerNorm. The learning rate is lr * decay^(num_layers + 2 - depth),
-    ELECTRA's rule (its depth num_layers + 1 is unused, so the top layer already gets decay^2).
+    No weight decay on biases and LayerNorm (`dsexit.train.param_groups`, shared with pre-training).
+    The learning rate is lr * decay^(num_layers + 2 - depth), ELECTRA's rule (its depth
+    num_layers + 1 is unused, so the top layer already gets decay^2).
     """
+    from dsexit.train.param_groups import parameter_groups as weight_decay_groups
+
     num_layers = model.config.num_hidden_layers
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, parameter in model.named_parameters():
-        depth, decays = _depth(name, num_layers), not (parameter.ndim < 2 or "LayerNorm" in name)
-        group = groups.setdefault((depth, decays), {
-            "params": [], "weight_decay": config.weight_decay if decays else 0.0,
-            "lr": config.lr * config.layerwise_lr_decay ** (num_layers + 2 - depth)})
-        group["params"].append(parameter)
-    return list(groups.values())
+
+    def lr_for(name: str) -> float:
+        return config.lr * config.layerwise_lr_decay ** (num_layers + 2 - _depth(name, num_layers))
+
+    return weight_decay_groups(model.named_parameters(), config.weight_decay, lr_for)
 
 
 def _optimizer(model, config: FinetuneConfig, total_steps: int):

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .exit_rules import EXIT_RULES
 
 GENERATOR_MODES = ("mlm", "uniform", "unigram")
 HEAD_BIAS_INITS = ("prior", "zero")
 EXIT_KV_MODES = ("keep", "drop")
-EXIT_CRITERIA = ("prior_margin", "confidence")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
+EXIT_CRITERIA = tuple(EXIT_RULES)
+TRAINING_FIELDS = {"target_compute": "exit_control.target_compute", "controller_gain": "exit_control.controller_gain",
+                   "exit_warmup_steps": "exit_control.warmup_steps"}
+"""Fields that older runs stored in the model config and that now belong to the training config
+(`dsexit.train.config.ExitControlConfig`): `from_saved` drops them, `from_dict` names their new place."""
+RETIRED_FIELDS = ("extra", *TRAINING_FIELDS)
 
 
 @dataclass
@@ -77,32 +84,26 @@ class ElectraExitConfig:
     exit_enabled: bool = True
     min_exit_layer: int | None = None
     exit_threshold: float = 0.9
-    """Confidence at or above which a token exits (tau); the controller's start value."""
+    """Confidence at or above which a token exits (tau); the controller's start value (the
+    controller's own settings are training settings: `dsexit.train.config.ExitControlConfig`)."""
     exit_criterion: str = "prior_margin"
-    """How a head's logit x becomes a confidence in [0, 1):
-    "prior_margin": |tanh((x - prior_logit) / 2)|, the distance of the head's log-odds from
-        the replacement prior's (logit of mask_prob). A head that predicts the base rate for
-        every token (what an untrained or collapsed head does) has confidence 0 and lets
+    """The exit rule, by name (`dsexit/model/exit_rules/`, one file per rule):
+    "prior_margin": |tanh((x - prior_logit) / 2)| >= tau, the distance of the head's log-odds
+        from the replacement prior's (logit of mask_prob). A head that predicts the base rate
+        for every token (what an untrained or collapsed head does) has confidence 0 and lets
         nothing exit, however low tau goes.
-    "confidence": |2p - 1| = |tanh(x / 2)|, the distance from p = 0.5. A head at the ~15%
-        prior already reaches 0.70 on every token."""
+    "confidence": |2p - 1| = |tanh(x / 2)| >= tau, the distance from p = 0.5. A head at the
+        ~15% prior already reaches 0.70 on every token."""
     exit_special_tokens: bool = False
     """Let [CLS] and [SEP] exit. By default they never do: their RTD label is always 0, so heads
     grow confident on them at once, and [CLS] is the state fine-tuning reads; pinned, the last
     layers always compute the sequence summary. Pinned tokens are not counted in the compute
     fraction (neither executed nor full), which measures only tokens that can exit."""
-    target_compute: float | None = None
-    """Fraction of token-layers to execute; when set, a controller steers tau toward it."""
-    controller_gain: float = 4.0
-    """Step size of the controller, in logit(tau) per unit of compute-fraction error."""
     exit_kv: str = "keep"
-    exit_warmup_steps: int = 0
     aux_weight: float = 0.5
     """Share a of the discriminator term taken by the exit heads (deep supervision):
     disc_weight x ((1 - a) x final RTD + a x mean exit-head RTD). The two shares add up to 1,
     so the generator's share of the loss is the same with and without exits."""
-
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.generator_hidden_size is None:
@@ -163,20 +164,14 @@ class ElectraExitConfig:
             fail("replacement_mix_steps", self.replacement_mix_steps, "a non-negative number of steps")
         if not (math.isfinite(self.exit_threshold) and 0.0 < self.exit_threshold <= 1.0):
             fail("exit_threshold", self.exit_threshold, "a confidence tau in (0, 1]")
-        if self.target_compute is not None and not 0.0 < self.target_compute <= 1.0:
-            fail("target_compute", self.target_compute, "a fraction of token-layers in (0, 1]")
         if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer < self.num_hidden_layers:
             fail("min_exit_layer", self.min_exit_layer,
                  f"a layer number in [1, {self.num_hidden_layers - 1}] "
                  f"(the model has num_hidden_layers={self.num_hidden_layers})")
-        if self.exit_warmup_steps < 0:
-            fail("exit_warmup_steps", self.exit_warmup_steps, "a non-negative number of steps")
         if not 0.0 <= self.aux_weight < 1.0:
             fail("aux_weight", self.aux_weight, "the exit heads' share of the discriminator loss, in [0, 1)")
         if self.disc_weight < 0:
             fail("disc_weight", self.disc_weight, "a non-negative weight")
-        if self.controller_gain <= 0:
-            fail("controller_gain", self.controller_gain, "a positive step size")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -213,11 +208,20 @@ class ElectraExitConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ElectraExitConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(set(values) & set(TRAINING_FIELDS))
+        if moved:
+            raise ValueError(f"model config: {', '.join(moved)} are training settings now; set "
+                             f"{', '.join(TRAINING_FIELDS[name] for name in moved)} in the training config.")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"model config: unknown field(s) {', '.join(unknown)}; "
                              f"expected fields of ElectraExitConfig.")
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> "ElectraExitConfig":
+        """A model config a checkpoint stored, also one written before `RETIRED_FIELDS` left it."""
+        return cls.from_dict({name: value for name, value in values.items() if name not in RETIRED_FIELDS})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ElectraExitConfig":

@@ -1,7 +1,8 @@
 """The ELECTRA discriminator with token-level early exit.
 
 After each layer that carries an exit head, every still-active token gets a replaced-token
-logit from that head. A token whose confidence (`ExitDecision`) reaches tau exits: its RTD
+logit from that head. A token exits when the exit rule (`exit_rules/`, applied by
+`ExitDecision`) says so at this step's tau: its RTD
 logit is the head's, and its hidden state is frozen and carried to the output. Pinned
 tokens ([CLS], [SEP] by default) never exit under a threshold and run every layer. Later
 layers compute new states only for active tokens (see `TokenRouting`). Every layer and
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ElectraExitConfig
+from .exit_rules import Confidence, ExitRule, build_exit_rule
 from .flops import LayerWork
 from .layers import (ElectraDiscriminatorPredictions, ElectraEmbeddings, ElectraEncoder,
                      EncoderShape, TokenRouting)
@@ -68,16 +70,9 @@ def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return real & ~torch.isin(input_ids, torch.tensor(pinned, device=input_ids.device))
 
 
-def exit_confidence(head_logits: torch.Tensor, criterion: str, prior_logit: float) -> torch.Tensor:
-    """A head's confidence in [0, 1) per token (see `ElectraExitConfig.exit_criterion`)."""
-    centre = prior_logit if criterion == "prior_margin" else 0.0
-    # |tanh((x - c) / 2)| == |2 sigmoid(x - c) - 1|, without saturating sigmoid first.
-    return torch.tanh((head_logits.detach().float() - centre) / 2).abs()
-
-
 @dataclass
 class ExitDecision:
-    """How tokens leave: a confidence threshold, or a forced per-token exit layer.
+    """How tokens leave: a threshold under an exit rule (`exit_rules/`), or a forced per-token exit layer.
 
     A forced plan is absolute (pinned tokens follow it too: benchmarks use it to fix the
     work); a threshold applies to exitable tokens only.
@@ -85,13 +80,12 @@ class ExitDecision:
 
     threshold: float | None = None
     plan: torch.Tensor | None = None  # long [B, T]: exit after this layer (>= num layers: never)
-    criterion: str = "confidence"  # `for_config` takes the model's criterion and prior
-    prior_logit: float = 0.0
+    rule: ExitRule = field(default_factory=Confidence)  # `for_config` takes the model's rule
 
     @classmethod
     def for_config(cls, config: ElectraExitConfig, threshold: float | None = None,
                    plan: torch.Tensor | None = None) -> "ExitDecision":
-        return cls(threshold=threshold, plan=plan, criterion=config.exit_criterion, prior_logit=config.prior_logit)
+        return cls(threshold=threshold, plan=plan, rule=build_exit_rule(config))
 
     def exits(self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor,
               exitable: torch.Tensor) -> torch.Tensor:
@@ -99,8 +93,7 @@ class ExitDecision:
             return self.plan.reshape(-1).index_select(0, rows) <= layer_number
         if self.threshold is None:
             return torch.zeros_like(head_logits, dtype=torch.bool)
-        confident = exit_confidence(head_logits, self.criterion, self.prior_logit) >= self.threshold
-        return confident & exitable.reshape(-1).index_select(0, rows)
+        return self.rule.exits(head_logits, layer_number, self.threshold) & exitable.reshape(-1).index_select(0, rows)
 
 
 class ElectraBody(nn.Module):

@@ -1,7 +1,7 @@
 """The exit controller: which threshold tau the model uses at each step.
 
-No exit during `exit_warmup_steps` (the heads train meanwhile). After that, tau is either
-fixed (`exit_threshold`) or, with `target_compute` set, steered toward it: an integral
+No exit during `warmup_steps` (the heads train meanwhile). After that, tau is either
+fixed (the model's `exit_threshold`) or, with `target_compute` set, steered toward it: an integral
 controller in logit(tau) space. Executing more than the target (too few exits) lowers tau;
 executing less raises it. Logit space keeps steps proportionate near tau = 1, where
 confidence saturates. The controller is `Stateful`: checkpoints save and restore it.
@@ -24,11 +24,15 @@ def _logit(probability: float) -> float:
 
 
 class ExitController:
-    def __init__(self, config: ElectraExitConfig):
+    """tau per step. Its settings are training settings (`dsexit.train.config.ExitControlConfig`);
+    the model config gives whether exits are on and tau's start."""
+
+    def __init__(self, config: ElectraExitConfig, target_compute: float | None = None, controller_gain: float = 4.0,
+                 warmup_steps: int = 0):
         self.enabled = config.exit_enabled
-        self.warmup_steps = config.exit_warmup_steps
-        self.target_compute = config.target_compute
-        self.gain = config.controller_gain
+        self.warmup_steps = warmup_steps
+        self.target_compute = target_compute
+        self.gain = controller_gain
         self.threshold_logit = min(max(_logit(config.exit_threshold), _MIN_LOGIT), _MAX_LOGIT)
         self.updates = 0
         self.last_compute_fraction: float | None = None

@@ -3,7 +3,6 @@
 The model records, per layer, how many rows entered each matmul (`LayerWork`); this
 module turns those records into token-layers and FLOPs. Nothing here estimates: the
 rows are the shapes the layers were called with (a test checks them with hooks).
-Backward costs twice the forward; `training_flops` reports the sum of both.
 """
 
 from __future__ import annotations
@@ -66,14 +65,6 @@ class FlopReport:
         """Executed discriminator token-layers / token-layers at full depth, over exitable tokens
         (real tokens but the pinned specials, which always run every layer)."""
         return self.token_layers_executed / max(1, self.token_layers_full)
-
-    @property
-    def flops_fraction(self) -> float:
-        return self.forward_flops / max(1, self.forward_flops_full)
-
-    @property
-    def training_flops(self) -> int:
-        return 3 * self.forward_flops
 
     @property
     def ideal_speedup(self) -> float:

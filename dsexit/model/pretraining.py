@@ -3,7 +3,8 @@
 `ElectraPreTrainingModel` owns the generator (or a fixed replacement distribution for
 the `uniform` / `unigram` generator study), the early-exit discriminator, and the loss:
 generator MLM + disc_weight x ((1 - a) x RTD + a x mean exit-head RTD), a = aux_weight when
-the model has exit heads, 0 without (`objective_loss`). Randomness
+the model has exit heads, 0 without (`objective_loss`), computed for the model and the
+pipeline's last stage alike by `loss_and_statistics`. Randomness
 (masking, sampling) comes from torch's default generator, so a checkpoint that saves
 torch's RNG state resumes the same masks.
 """
@@ -127,6 +128,39 @@ def objective_loss(config: ElectraExitConfig, generator_loss: torch.Tensor, disc
     return generator_loss + config.disc_weight * discriminator_term
 
 
+@dataclass
+class LossAndStatistics:
+    """The objective of one micro-batch and what the trainer's step statistics read from it."""
+
+    loss: torch.Tensor  # with its graph
+    generator_loss: torch.Tensor
+    discriminator_loss: torch.Tensor
+    aux_loss: torch.Tensor  # mean exit-head RTD loss
+    rtd_accuracy: torch.Tensor
+    exit_layer_counts: torch.Tensor  # [num_layers] long: real tokens whose last layer is l+1
+
+
+def loss_and_statistics(config: ElectraExitConfig, state: ExitState, rtd_labels: torch.Tensor,
+                        generator_loss: torch.Tensor) -> LossAndStatistics:
+    """The one loss: used by `ElectraPreTrainingModel` and by the pipeline's last stage.
+
+    `state` is the discriminator's state after its last layer (every logit set, `aux_loss` the
+    sum over exit heads of their mean RTD loss).
+    """
+    real = state.attention_mask
+    logits = state.logits[real]
+    labels = rtd_labels[real]
+    discriminator_loss = F.binary_cross_entropy_with_logits(logits, labels)
+    aux_loss = state.aux_loss / max(1, len(config.exit_layers))
+    loss = objective_loss(config, generator_loss, discriminator_loss, aux_loss)
+    with torch.no_grad():
+        rtd_accuracy = ((logits > 0).float() == labels).float().mean()
+        counts = torch.bincount(state.exit_layer[real], minlength=config.num_hidden_layers + 1)[1:]
+    return LossAndStatistics(loss=loss, generator_loss=generator_loss.detach(),
+                             discriminator_loss=discriminator_loss.detach(), aux_loss=aux_loss.detach(),
+                             rtd_accuracy=rtd_accuracy, exit_layer_counts=counts)
+
+
 def register_replacement_buffers(module: nn.Module, config: ElectraExitConfig) -> None:
     special = torch.tensor([config.pad_token_id, config.cls_token_id, config.sep_token_id, config.mask_token_id])
     module.register_buffer("special_token_ids", special, persistent=False)
@@ -165,8 +199,7 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, exit_threshold: float | None = None,
-                exit_plan: torch.Tensor | None = None, replacement_mix: float | None = None,
-                **_: torch.Tensor) -> PreTrainingOutput:
+                exit_plan: torch.Tensor | None = None, replacement_mix: float | None = None) -> PreTrainingOutput:
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         if token_type_ids is None:
@@ -184,17 +217,9 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
 
     def _finish(self, state: ExitState, rtd_labels: torch.Tensor, generator_loss: torch.Tensor,
                 log: ComputeLog) -> PreTrainingOutput:
-        real = state.attention_mask
-        logits = state.logits[real]
-        labels = rtd_labels[real]
-        discriminator_loss = F.binary_cross_entropy_with_logits(logits, labels)
-        aux_loss = state.aux_loss / max(1, len(self.discriminator.exit_heads))
-        loss = objective_loss(self.config, generator_loss, discriminator_loss, aux_loss)
-        with torch.no_grad():
-            rtd_accuracy = ((logits > 0).float() == labels).float().mean()
-            counts = torch.bincount(state.exit_layer[real], minlength=self.config.num_hidden_layers + 1)[1:]
+        result = loss_and_statistics(self.config, state, rtd_labels, generator_loss)
         return PreTrainingOutput(
-            loss=loss, generator_loss=generator_loss.detach(), discriminator_loss=discriminator_loss.detach(),
-            aux_loss=aux_loss.detach(), rtd_accuracy=rtd_accuracy, discriminator_logits=state.logits,
-            rtd_labels=rtd_labels, exit_layer=state.exit_layer, exit_layer_counts=counts,
+            loss=result.loss, generator_loss=result.generator_loss, discriminator_loss=result.discriminator_loss,
+            aux_loss=result.aux_loss, rtd_accuracy=result.rtd_accuracy, discriminator_logits=state.logits,
+            rtd_labels=rtd_labels, exit_layer=state.exit_layer, exit_layer_counts=result.exit_layer_counts,
             flops=count_flops(log, self.config), compute_log=log)

@@ -2,31 +2,34 @@
 
 Layer sequence: `EmbedAndCorrupt` (embeddings, masking, generator, sampling, the
 discriminator's embedding) - one `DiscriminatorLayerPipe` per discriminator layer (with
-its exit head, or the final head on the last) - loss on the last stage. Stages pass one
-tuple of fixed-shape tensors (`PIPE_FIELDS`): the hidden states, the exit logits, the
-running losses, and integer flags (masks, labels, exit layers, token-layer counts), so
-the last stage can add everything up. DeepSpeed sends a gradient back for every float
-tensor in the tuple, so each of them must take part in the graph on every stage.
+its exit head, or the final head on the last) - `PipelineLoss` on the last stage. Stages pass
+one tuple of fixed-shape tensors (`PIPE_FIELDS`): the hidden states, the exit logits, the
+running losses, and integer tensors (masks, labels, exit layers, token-layer counts, the exit
+plan, and this step's settings), so the last stage can add everything up. DeepSpeed sends a
+gradient back for every float tensor in the tuple, so each of them must take part in the graph
+on every stage; the step's settings (tau, the replacement mix) therefore travel as the bits of
+float64 values in an int64 tensor (`encode_settings`), fed in with every micro-batch.
 
 A stage whose micro-batch has no active token runs none of its layers and returns its
-input unchanged; `StageCounters` records skipped micro-batches and executed token-layers.
-The exit threshold is not data: the trainer sets it on every stage with `set_exit_threshold`.
+input unchanged. What the stages did (`StageCounters`) and what the last stage measured
+(`PipelineLoss.results`) live on objects the module carries (`module.stage_counters`,
+`module.loss_fn`), which the trainer's pipeline step runner reads after `train_batch`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model import ElectraExitConfig, ElectraPreTrainingModel, ExitDecision, ExitState
 from ..model.discriminator import ElectraDiscriminator, exitable_tokens, run_exit_layer
-from ..model.pretraining import CorruptionMixin, objective_loss
+from ..model.pretraining import CorruptionMixin, loss_and_statistics
 
 PIPE_FIELDS = ("hidden", "logits", "losses", "attention_mask", "active", "exitable", "exit_layer", "rtd_labels",
-               "exit_plan", "token_layers")
+               "exit_plan", "token_layers", "settings")
 
 
 @dataclass
@@ -41,20 +44,31 @@ class StageCounters:
         self.micro_batches = self.skipped_micro_batches = self.token_layers = 0
 
 
-STAGE_COUNTERS = StageCounters()
+def encode_settings(exit_threshold: float | None, replacement_mix: float | None) -> torch.Tensor:
+    """One step's settings as an int64 [2] tensor: the bits of (tau, mix) as float64; NaN means None."""
+    values = [math.nan if value is None else float(value) for value in (exit_threshold, replacement_mix)]
+    return torch.tensor(values, dtype=torch.float64).view(torch.int64)
 
 
-def pack(state: ExitState, losses: torch.Tensor, exit_plan: torch.Tensor, token_layers: torch.Tensor):
+def decode_settings(settings: torch.Tensor) -> tuple[float | None, float | None]:
+    exit_threshold, replacement_mix = settings.detach().cpu().view(torch.float64).tolist()
+    return (None if math.isnan(exit_threshold) else exit_threshold,
+            None if math.isnan(replacement_mix) else replacement_mix)
+
+
+def pack(state: ExitState, losses: torch.Tensor, exit_plan: torch.Tensor, token_layers: torch.Tensor,
+         settings: torch.Tensor):
     return (state.hidden, state.logits, losses, state.attention_mask.long(), state.active.long(),
-            state.exitable.long(), state.exit_layer, state.labels.long(), exit_plan, token_layers)
+            state.exitable.long(), state.exit_layer, state.labels.long(), exit_plan, token_layers, settings)
 
 
-def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor]:
-    hidden, logits, losses, attention_mask, active, exitable, exit_layer, rtd_labels, exit_plan, token_layers = inputs
+def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    (hidden, logits, losses, attention_mask, active, exitable, exit_layer, rtd_labels, exit_plan, token_layers,
+     settings) = inputs
     state = ExitState(hidden=hidden, attention_mask=attention_mask.bool(), active=active.bool(), logits=logits,
                       exit_layer=exit_layer, aux_loss=losses.new_zeros(()), exitable=exitable.bool(),
                       labels=rtd_labels.float())
-    return state, losses, exit_plan, token_layers
+    return state, losses, exit_plan, token_layers, settings
 
 
 class EmbedAndCorrupt(CorruptionMixin, nn.Module):
@@ -76,12 +90,10 @@ class EmbedAndCorrupt(CorruptionMixin, nn.Module):
         self.register_buffer("replacement_probs", model.replacement_probs.clone())
         self.num_layers = model.config.num_hidden_layers
 
-    replacement_mix: float | None = None  # set by the trainer each step (`set_replacement_mix`)
-
     def forward(self, inputs):
-        input_ids, attention_mask, token_type_ids, exit_plan = inputs
+        input_ids, attention_mask, token_type_ids, exit_plan, settings = inputs
         corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids,
-                                                             replacement_mix=type(self).replacement_mix)
+                                                             replacement_mix=decode_settings(settings)[1])
         hidden = self.embeddings(corrupted, token_type_ids)
         if hasattr(self, "embeddings_project"):
             hidden = self.embeddings_project(hidden)
@@ -93,40 +105,43 @@ class EmbedAndCorrupt(CorruptionMixin, nn.Module):
         if not losses.requires_grad:
             losses.requires_grad_(True)
         token_layers = torch.zeros(self.num_layers, dtype=torch.long, device=input_ids.device)
-        return pack(state, losses, exit_plan, token_layers)
+        return pack(state, losses, exit_plan, token_layers, settings)
 
 
 class DiscriminatorLayerPipe(nn.Module):
-    """Discriminator layer `layer_number` with its head, as one pipeline layer."""
+    """Discriminator layer `layer_number` with its head, as one pipeline layer.
 
-    exit_threshold: float | None = None
+    `counters` is shared by the layers of one module; the first layer of a stage counts its
+    micro-batches (`build_pipeline_module` marks it).
+    """
 
-    def __init__(self, discriminator: ElectraDiscriminator, layer_number: int):
+    def __init__(self, discriminator: ElectraDiscriminator, layer_number: int, counters: StageCounters):
         super().__init__()
         self.layer_number = layer_number
         self.config = discriminator.config
         self.layer = discriminator.electra.encoder.layer[layer_number - 1]
         self.head = discriminator.head_for(layer_number)
+        self.counters = counters
         self.first_of_stage = False
 
     def forward(self, inputs):
-        state, losses, exit_plan, token_layers = unpack(inputs)
+        state, losses, exit_plan, token_layers, settings = unpack(inputs)
         if self.first_of_stage:
-            STAGE_COUNTERS.micro_batches += 1
+            self.counters.micro_batches += 1
         if not bool(state.active.any()):
             if self.first_of_stage:
-                STAGE_COUNTERS.skipped_micro_batches += 1
+                self.counters.skipped_micro_batches += 1
             return inputs  # every token exited upstream: nothing to compute here
         forced = bool((exit_plan <= self.config.num_hidden_layers).any())
-        decision = ExitDecision.for_config(self.config, threshold=type(self).exit_threshold,
+        decision = ExitDecision.for_config(self.config, threshold=decode_settings(settings)[0],
                                            plan=exit_plan if forced else None)
         state = run_exit_layer(self.layer, self.head, self.layer_number, self.config, state, decision)
         executed = state.work[-1].token_layers
-        STAGE_COUNTERS.token_layers += executed
+        self.counters.token_layers += executed
         token_layers = token_layers.clone()
         token_layers[self.layer_number - 1] = executed
         losses = losses + torch.stack([losses.new_zeros(()), state.aux_loss])
-        return pack(state, losses, exit_plan, token_layers)
+        return pack(state, losses, exit_plan, token_layers, settings)
 
 
 @dataclass
@@ -142,39 +157,41 @@ class MicroBatchResult:
     exit_layer_counts: torch.Tensor
 
 
-LAST_STAGE_RESULTS: list[MicroBatchResult] = []
-"""Filled by the loss function on the last stage; the trainer drains it after `train_batch`."""
+class PipelineLoss:
+    """The last stage's loss: `loss_and_statistics` over the state and running losses of the tuple.
 
+    Appends each micro-batch's measurements to `results`; the trainer clears and reads them
+    around `train_batch`.
+    """
 
-def pipeline_loss(config: ElectraExitConfig):
-    """The last stage's loss: the model's `objective_loss` over the running losses of the tuple."""
-    num_exit_heads = max(1, len(config.exit_layers))
+    def __init__(self, config: ElectraExitConfig):
+        self.config = config
+        self.results: list[MicroBatchResult] = []
 
-    def loss_fn(outputs, _labels):
-        state, losses, _plan, token_layers = unpack(outputs)
-        real = state.attention_mask
-        logits, labels = state.logits[real], state.labels[real]
-        rtd = F.binary_cross_entropy_with_logits(logits, labels)
-        loss = objective_loss(config, losses[0], rtd, losses[1] / num_exit_heads)
-        with torch.no_grad():
-            LAST_STAGE_RESULTS.append(MicroBatchResult(
-                loss=loss.detach(), generator_loss=float(losses[0]), discriminator_loss=float(rtd),
-                rtd_accuracy=float(((logits > 0).float() == labels).float().mean()),
-                tokens_executed=int(token_layers.sum()), tokens_full=int(state.exitable.sum()) * config.num_hidden_layers,
-                exit_layer_counts=torch.bincount(state.exit_layer[real], minlength=config.num_hidden_layers + 1)[1:]))
+    def __call__(self, outputs, _labels):
+        state, losses, _plan, token_layers, _settings = unpack(outputs)
+        state.aux_loss = losses[1]
+        result = loss_and_statistics(self.config, state, state.labels, losses[0])
+        self.results.append(MicroBatchResult(
+            loss=result.loss.detach(), generator_loss=float(result.generator_loss),
+            discriminator_loss=float(result.discriminator_loss), rtd_accuracy=float(result.rtd_accuracy),
+            tokens_executed=int(token_layers.sum()),
+            tokens_full=int(state.exitable.sum()) * self.config.num_hidden_layers,
+            exit_layer_counts=result.exit_layer_counts))
         # The hidden states reach the loss only through active tokens; when none is left,
         # this keeps them in the graph so DeepSpeed can send their (zero) gradient back.
-        return loss + 0.0 * state.hidden.sum()
-
-    return loss_fn
+        return result.loss + 0.0 * state.hidden.sum()
 
 
-def set_exit_threshold(threshold: float | None) -> None:
-    DiscriminatorLayerPipe.exit_threshold = threshold
-
-
-def set_replacement_mix(mix: float | None) -> None:
-    EmbedAndCorrupt.replacement_mix = mix
+def micro_batch_inputs(batch: dict[str, torch.Tensor], config: ElectraExitConfig, exit_threshold: float | None,
+                       replacement_mix: float | None, exit_plan: torch.Tensor | None = None):
+    """One item of the data iterator `train_batch` reads: (first stage's inputs, dummy labels)."""
+    input_ids = batch["input_ids"]
+    if exit_plan is None:
+        exit_plan = torch.full_like(input_ids, config.num_hidden_layers + 1)  # no forced exit
+    inputs = (input_ids, batch["attention_mask"], batch["token_type_ids"], exit_plan,
+              encode_settings(exit_threshold, replacement_mix))
+    return inputs, torch.zeros(1)
 
 
 def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_method: str = "type:DiscriminatorLayerPipe",
@@ -187,14 +204,23 @@ def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_
     from deepspeed.pipe import PipelineModule
 
     model = model or ElectraPreTrainingModel(config)
+    counters = StageCounters()
     layers = [EmbedAndCorrupt(model)]
-    layers += [DiscriminatorLayerPipe(model.discriminator, number)
+    layers += [DiscriminatorLayerPipe(model.discriminator, number, counters)
                for number in range(1, config.num_hidden_layers + 1)]
-    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=pipeline_loss(config),
+    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=PipelineLoss(config),
                             partition_method=partition_method, **pipeline_kwargs)
+    module.stage_counters = counters
     local = [layer for layer in module.forward_funcs if isinstance(layer, DiscriminatorLayerPipe)]
     if local:
         local[0].first_of_stage = True
+    # Each stage holds its own parameters, none replicated: mark them so that DeepSpeed's
+    # fp32 ZeRO-0 gradient clipping (`runtime.utils.clip_grad_norm_`) counts every stage's
+    # norm. Without it only the model-parallel rank 0 (stage 0) contributes, and every stage
+    # clips by stage 0's norm alone. ZeRO-1 and bf16 already count every stage; the mark does
+    # not change them.
+    for parameter in module.parameters():
+        parameter.model_parallel = True
     return module
 
 

@@ -13,8 +13,10 @@ rollback) stay until the user removes them.
 With a mirror (store.py), the local copy is complete first; then every kept checkpoint
 the mirror lacks is uploaded (the new one and any whose upload failed before), each
 followed by its marker. A failed upload is a warning, never a lost local checkpoint.
-The trainer's own state (data position, exit controller, RNG states of every rank,
-config) travels in DeepSpeed's client state.
+Components with state (data position, exit controller, RNG states of every rank, the
+trainer's counters) are `Stateful`s registered once (`register`); `save` stores them all in
+DeepSpeed's client state and `load` gives each its own back. The resolved run config is
+stored once, in the marker.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import os
 import shutil
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
@@ -44,6 +46,22 @@ log = logging.getLogger("dsexit")
 FAULT_ENV = "DSEXIT_FAULT_KILL_DURING_SAVE"
 """Test hook: the step at which rank 0 kills itself after writing its shards, before the marker."""
 _LOW_SPACE_BYTES = 64 << 20
+
+
+STATE_KEY = "dsexit"
+
+
+class Stateful(Protocol):
+    """A component with state a checkpoint carries (data reader, exit controller, RNG, counters)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def saved_model_config(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The model config a checkpoint's marker holds (in its resolved run config; older markers kept a copy)."""
+    return ((meta.get("config") or {}).get("model")) or meta.get("model_config")
 
 
 def _gather(value: Any) -> list[Any]:
@@ -83,6 +101,7 @@ class CheckpointManager:
 
     def __init__(self, location: str, staging_dir: str, keep_last: int, world: WorldInfo,
                  run_id: str | None = None, policy: RetryPolicy | None = None):
+        self.states: dict[str, Stateful] = {}
         self.remote_index = RemoteCheckpoints(location, policy) if is_remote(location) else None
         self.remote = self.remote_index.remote if self.remote_index else None
         self.root = staging_dir if self.remote else local_path(location)
@@ -170,9 +189,36 @@ class CheckpointManager:
                             redact_text(str(error)))
 
     # ------------------------------------------------------------------ save
-    def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> CheckpointRef:
+    # ------------------------------------------------------------------ registered state
+    def register(self, name: str, stateful: Stateful) -> None:
+        """Save `stateful` with every checkpoint and restore it in `load`, under `name`, in registration order."""
+        if name in self.states:
+            raise ValueError(f"state {name!r} is registered twice")
+        self.states[name] = stateful
+
+    def client_state(self) -> dict[str, Any]:
+        """What DeepSpeed stores beside the model: every registered component's state (called on every rank:
+        a component's `state_dict` may be a collective)."""
+        return {STATE_KEY: {name: stateful.state_dict() for name, stateful in self.states.items()}}
+
+    def load(self, engine, ref: CheckpointRef, load_dir: str) -> None:
+        """DeepSpeed loads the model and optimizer; every registered component gets its state back."""
+        path, client = engine.load_checkpoint(load_dir, ref.tag)
+        if path is None or not client or STATE_KEY not in client:
+            raise RuntimeError(f"could not load checkpoint {ref.path} (no trainer state in it).")
+        saved = client[STATE_KEY]
+        missing = [name for name in self.states if name not in saved]
+        if missing:
+            raise RuntimeError(f"checkpoint {ref.path} has no state for {', '.join(missing)}; it was written by "
+                               f"another version of dsexit.")
+        for name, stateful in self.states.items():
+            stateful.load_state_dict(saved[name])
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine, step: int, meta: dict[str, Any]) -> CheckpointRef:
         """Save on every rank; returns once the local checkpoint is complete (marker and `latest`
         written), after trying to mirror it. Raises CheckpointError when the disk is full."""
+        client_state = self.client_state()
         tag = tag_for(step)
         tag_dir = os.path.join(self.root, tag)
         try:

@@ -21,6 +21,7 @@ from dsexit.train.config import (PRECISIONS, PROGRESS_MODES, TRAIN_PRESETS, Conf
 FLAG_FIELDS = {
     "run_dir": ("job", "run_dir"), "seed": ("job", "seed"), "deterministic": ("job", "deterministic"),
     "model": ("model", "preset"),
+    "target_compute": ("exit_control", "target_compute"), "exit_warmup_steps": ("exit_control", "warmup_steps"),
     "data": ("data", "url"), "data_cache_dir": ("data", "cache_dir"),
     "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"),
     "weight_decay": ("optim", "weight_decay"), "grad_clip": ("optim", "grad_clip"),
@@ -40,12 +41,12 @@ FLAG_FIELDS = {
 }
 SECTIONS = tuple(field.name for field in dataclasses.fields(TrainConfig))
 # flag destination -> ElectraExitConfig field
-MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "target_compute", "exit_kv",
-               "exit_warmup_steps", "aux_weight", "generator", "mask_prob", "disc_weight", "exit_criterion",
+MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "exit_kv", "aux_weight", "generator", "mask_prob", "disc_weight", "exit_criterion",
                "exit_special_tokens", "generator_temperature", "replacement_mix", "replacement_mix_steps")
 
 
-_NONE = "none"  # a flag value that sets a model field to None (argparse's None means "not given")
+_NONE = "none"  # a flag value that sets a field to None (argparse's None means "not given")
+NONE_FLAGS = ("target_compute",)  # FLAG_FIELDS whose flag takes _NONE (others, like --resume none, keep the word)
 
 
 def _optional_float(text: str) -> float | str:
@@ -192,7 +193,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     for dest, (section, name) in FLAG_FIELDS.items():
         value = getattr(args, dest)
         if value is not None:
-            setattr(getattr(config, section), name, value)
+            setattr(getattr(config, section), name, None if dest in NONE_FLAGS and value == _NONE else value)
     overrides = dict(config.model.overrides)
     for name in MODEL_FLAGS:
         value = getattr(args, name)

@@ -1,7 +1,7 @@
 """The one place that builds the model and its DeepSpeed engine.
 
-Owns the optimizer parameter groups (no weight decay on biases and LayerNorm, as in
-ELECTRA) and the `universal_checkpoint_info` DeepSpeed saves with each checkpoint, which
+Applies the optimizer parameter groups (`param_groups.py`: no weight decay on biases and
+LayerNorm, as in ELECTRA) and owns the `universal_checkpoint_info` DeepSpeed saves with each checkpoint, which
 `ds_to_universal` needs to convert it for a resume at another world size.
 """
 
@@ -10,18 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from dsexit.train.param_groups import parameter_groups
 
 
 def build_model(model_config: ElectraExitConfig, seed: int) -> ElectraPreTrainingModel:
@@ -49,6 +39,6 @@ def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipe
     # DeepSpeed copies this module attribute into every checkpoint's model states.
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, weight_decay),
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model.named_parameters(), weight_decay),
                                            config=ds_config)
     return engine

@@ -24,7 +24,7 @@ import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import to_hf_masked_lm, to_hf_pretraining
-from dsexit.train.checkpoint import CheckpointRef, open_checkpoint, verify_files
+from dsexit.train.checkpoint import CheckpointRef, open_checkpoint, saved_model_config, verify_files
 
 log = logging.getLogger("dsexit")
 
@@ -58,7 +58,7 @@ def _pipeline_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
         if name.startswith("layer_") and name.endswith("-model_states.pt"):
             index = int(name[len("layer_"):].split("-")[0])
             layer_states[index] = load_weights_only(os.path.join(ref.path, name))
-    config = ElectraExitConfig.from_dict(ref.meta["model_config"])
+    config = ElectraExitConfig.from_saved(saved_model_config(ref.meta))
     return {name: tensor.float() for name, tensor in pipeline_state_dict_to_model(layer_states, config).items()}
 
 
@@ -77,7 +77,7 @@ def load_trained_model(checkpoint: str | CheckpointRef) -> ElectraPreTrainingMod
     """The model of a checkpoint (a tag directory or a checkpoints root), fp32, in eval mode."""
     ref = checkpoint if isinstance(checkpoint, CheckpointRef) else open_checkpoint(checkpoint)
     verify_files(ref)  # before anything unpickles a file of it (DeepSpeed's ZeRO consolidation does)
-    model = ElectraPreTrainingModel(ElectraExitConfig.from_dict(ref.meta["model_config"]))
+    model = ElectraPreTrainingModel(ElectraExitConfig.from_saved(saved_model_config(ref.meta)))
     state = fp32_state_dict(ref)
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent_buffers = {name for name, _ in model.named_buffers()}

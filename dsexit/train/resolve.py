@@ -20,7 +20,8 @@ from typing import Any
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.data.storage import RetryPolicy
 from dsexit.model import ElectraExitConfig
-from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpoint, resume_choice
+from dsexit.train.checkpoint import (CheckpointError, CheckpointRef, open_checkpoint, resume_choice,
+                                     saved_model_config)
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
@@ -126,12 +127,12 @@ def _model_shapes(model_config: ElectraExitConfig) -> dict[str, tuple[int, ...]]
 
 def check_fits(ref: CheckpointRef, model_config: ElectraExitConfig, seed: int) -> None:
     """The checkpoint was saved by a model of this shape and a run of this seed (its marker says)."""
-    saved_config = ref.meta.get("model_config")
+    saved_config = saved_model_config(ref.meta)
     if saved_config is not None:
-        saved = ElectraExitConfig.from_dict(saved_config)
+        saved = ElectraExitConfig.from_saved(saved_config)
         if _model_shapes(saved) != _model_shapes(model_config):
             then, now = saved.to_dict(), model_config.to_dict()
-            differ = [name for name in then if name != "extra" and now.get(name) != then[name]][:6]
+            differ = [name for name in then if now.get(name) != then[name]][:6]
             raise ConfigError(
                 f"checkpoint {ref.path} holds a model of another shape: saved with "
                 f"{', '.join(f'{name}={then[name]!r}' for name in differ)}, this run has "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,3 +53,29 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class RngStates:
+    """Every rank's RNG state as one `Stateful` (its `state_dict` is a collective: all ranks call it).
+
+    At the same world size each rank resumes its own stream; at another, streams cannot
+    continue, so each rank starts a fresh, reproducible one from (seed, rank, step).
+    """
+
+    def __init__(self, seed: int, rank: int, world_size: int, step: Callable[[], int]):
+        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, step
+        self.saved_world_size: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, capture_rng_state())
+        return {"per_rank": states, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved_world_size = int(state["world_size"])
+        if len(state["per_rank"]) == self.world_size:
+            restore_rng_state(state["per_rank"][self.rank])
+        else:
+            seed_everything(rank_seed(self.seed, self.rank, self.step()))

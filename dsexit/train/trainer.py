@@ -6,16 +6,18 @@
                checkpoints every `save_interval`; held-out evaluation every `eval_interval`
                (and at the start and the end); a final checkpoint and a Hugging Face export
     step       the learning rate for this step (over the time budget when there is one), then
-               grad_accum micro-batches through the engine with the controller's tau, then
+               grad_accum micro-batches through the mode's step runner (`step_runner.py`) with
+               the controller's tau, then
                one all-reduce of the step's statistics (and stop votes), then the controller update
 
 Everything a checkpoint must carry to resume exactly (data position, exit controller,
-every rank's RNG state, counters, the resolved config) is gathered in `client_state()`
-and restored in `restore()`.
+every rank's RNG state, the counters) is registered once with the checkpoint manager,
+which saves and restores it; the resolved config goes into each checkpoint's marker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -35,14 +37,13 @@ from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
-from dsexit.train.rng import (capture_rng_state, rank_seed, restore_rng_state, seed_everything,
-                             use_deterministic_kernels)
+from dsexit.train.rng import RngStates, rank_seed, seed_everything, use_deterministic_kernels
+from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
 from dsexit.train.universal import convert_to_universal, needs_universal
 
 log = logging.getLogger("dsexit")
 
-STATE_KEY = "dsexit"
 BASELINE_SHARDS = 8  # the held-out unigram baseline's estimate: enough tokens, no full pass over a large dataset
 
 
@@ -52,6 +53,22 @@ def _fail(error: Exception, code: int, speak: bool = True) -> None:
         print(f"pretrain.py: error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)  # prefetch threads and a process group in the middle of a collective would block an exit
+
+
+class _Progress:
+    """The trainer's counters as a `Stateful` (registered with the checkpoint manager)."""
+
+    FIELDS = ("step", "samples_seen", "tokens_seen", "budget_minutes")
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self.trainer, name) for name in self.FIELDS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.FIELDS:
+            setattr(self.trainer, name, type(getattr(self.trainer, name))(state[name]))
 
 
 class Trainer:
@@ -87,16 +104,21 @@ class Trainer:
         self.engine = build_engine(self._build_model(), run.ds_config, self.pipeline_stages,
                                    self.config.parallelism.pipeline_partition)
         self.device = torch.device(self.engine.device)
-        # Data is sharded by data-parallel rank: in a pipeline, the stages of one replica read alike.
-        dp_rank = self.engine.grid.get_data_parallel_rank() if self.pipeline_stages > 1 else self.world.rank
+        dp_rank = data_parallel_rank(self.engine, self.pipeline_stages, self.world.rank)
         self.data = StreamingShardReader(
             run.data_url, global_batch_size=self.config.training.global_batch_size,
             micro_batch_size=self.config.training.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp_size,
             seed=self.config.job.seed, shuffle_window=self.config.data.shuffle_window,
             prefetch=self.config.data.prefetch, index=run.dataset,
             cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"))
-        self.exit_controller = ExitController(run.model_config)
+        self.steps = make_step_runner(self.engine, self.data, run.grad_accum, self.device, self._set_learning_rate,
+                                      run.model_config, self.pipeline_stages)
+        self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
+        self.rng = RngStates(self.config.job.seed, self.world.rank, self.world.world_size, lambda: self.step)
+        for name, stateful in (("progress", _Progress(self)), ("data", self.data),
+                               ("exit_controller", self.exit_controller), ("rng", self.rng)):
+            self.checkpoints.register(name, stateful)
         if resume_from is not None:
             self.restore(resume_from, load_dir)
             if self.run_plan.mode == "rollback":
@@ -133,7 +155,7 @@ class Trainer:
         metrics = self.config.metrics
         if metrics.eval_interval == 0:
             return None
-        if self.pipeline_stages > 1:
+        if not self.steps.supports_heldout:
             log.warning("held-out evaluation is not available with pipeline_stages > 1 (data-parallel runs only)")
             return None
         if not self.run.dataset.validation_shards:
@@ -220,27 +242,16 @@ class Trainer:
             return convert_to_universal(ref, self.world)
         return ref.root
 
-    def client_state(self) -> dict[str, Any]:
-        rng_states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(rng_states, capture_rng_state())
-        return {STATE_KEY: {
-            "step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-            "budget_minutes": self.budget_minutes, "data": self.data.state_dict(),
-            "exit_controller": self.exit_controller.state_dict(),
-            "rng": rng_states, "world_size": self.world.world_size, "config": self.run.to_dict(),
-        }}
-
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"dp_size": self.run.dp_size, "world_size": self.world.world_size, "zero_stage": self.run.zero_stage,
                 "pipeline_stages": self.pipeline_stages,
                 "precision": self.run.precision, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "data_url": self.config.data.url, "model_config": self.run.model_config.to_dict(),
-                "config": self.run.to_dict(), "saved_at": time.time()}
+                "data_url": self.config.data.url, "config": self.run.to_dict(), "saved_at": time.time()}
 
     def save_checkpoint(self) -> CheckpointRef:
         started = time.monotonic()
         try:
-            ref = self.checkpoints.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
+            ref = self.checkpoints.save(self.engine, self.step, self.checkpoint_meta())
         except CheckpointError as error:  # the disk is full
             _fail(error, 1)
         self.latest_checkpoint = ref
@@ -248,21 +259,11 @@ class Trainer:
         return ref
 
     def restore(self, ref: CheckpointRef, load_dir: str) -> None:
-        path, client = self.engine.load_checkpoint(load_dir, ref.tag)
-        if path is None or not client or STATE_KEY not in client:
-            raise RuntimeError(f"could not load checkpoint {ref.path} (no trainer state in it).")
-        state = client[STATE_KEY]
-        self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        self.budget_minutes = self.minutes_at_start = float(state.get("budget_minutes", 0.0))
+        self.checkpoints.load(self.engine, ref, load_dir)  # every registered component gets its state back
+        self.minutes_at_start = self.budget_minutes
         self.latest_checkpoint = ref
-        self.data.load_state_dict(state["data"])
-        self.exit_controller.load_state_dict(state["exit_controller"])
-        if len(state["rng"]) == self.world.world_size:
-            restore_rng_state(state["rng"][self.world.rank])
-        else:  # another world size: streams cannot continue; start fresh, reproducible ones
-            seed_everything(rank_seed(self.config.job.seed, self.world.rank, self.step))
         log.info("resumed from %s at step %d (%d samples seen; saved at world size %d, now %d)",
-                 ref.path, self.step, self.samples_seen, state["world_size"], self.world.world_size)
+                 ref.path, self.step, self.samples_seen, self.rng.saved_world_size, self.world.world_size)
 
     # ------------------------------------------------------------------ the run
     def train(self) -> str:
@@ -324,83 +325,21 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _data_parallel_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
-        """grad_accum micro-batches through the engine; returns (seconds waiting for data, lr)."""
-        data_wait = 0.0
-        for _ in range(self.run.grad_accum):
-            fetch_started = time.perf_counter()
-            batch = next(self.data)
-            data_wait += time.perf_counter() - fetch_started
-            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-            output = self.engine(**batch, exit_threshold=exit_threshold,
-                                 replacement_mix=self.run.model_config.replacement_mix_at(self.step))
-            self.engine.backward(output.loss)
-            lr = self._set_learning_rate()  # the rate this update uses
-            self.engine.step()
-            stats.add(output, batch)
-        return data_wait, lr
-
-    def _pipeline_batch(self, exit_threshold: float | None, stats: StepStats) -> tuple[float, float]:
-        """One `train_batch` through the pipeline; the last stage's measurements go into `stats`.
-
-        Every stage draws the same micro-batches from its reader (the first feeds them in,
-        the last takes its dummy labels, the others only keep their data position in step).
-        """
-        from dsexit.parallel.pipeline import LAST_STAGE_RESULTS, STAGE_COUNTERS, set_exit_threshold, set_replacement_mix
-
-        set_exit_threshold(exit_threshold)
-        set_replacement_mix(self.run.model_config.replacement_mix_at(self.step))
-        LAST_STAGE_RESULTS.clear()
-        STAGE_COUNTERS.reset()
-        batches, data_wait = [], 0.0
-        for _ in range(self.run.grad_accum):
-            fetch_started = time.perf_counter()
-            batches.append(next(self.data))
-            data_wait += time.perf_counter() - fetch_started
-        never = self.run.model_config.num_hidden_layers + 1
-        feed = iter([((batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                       torch.full_like(batch["input_ids"], never)), torch.zeros(1)) for batch in batches])
-        lr = self._set_learning_rate()
-        self.engine.train_batch(data_iter=feed)
-        self._stage_counters = self._gather_stage_counters(STAGE_COUNTERS)
-        last_stage = self.engine.is_last_stage()
-        for index, batch in enumerate(batches):
-            if last_stage:
-                stats.add(LAST_STAGE_RESULTS[index], batch)
-            else:  # same-size fingerprints on every rank; measurements come from the last stage only
-                stats.fingerprints.append(torch.zeros(batch["input_ids"].shape[0], dtype=torch.int64))
-        return data_wait, lr
-
-    def _gather_stage_counters(self, counters) -> list[list[int]]:
-        """Per stage [micro-batches, skipped micro-batches, token-layers], summed over replicas."""
-        mine = torch.tensor([self.engine.stage_id, counters.micro_batches, counters.skipped_micro_batches,
-                             counters.token_layers], dtype=torch.int64, device=self.device)
-        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, mine)
-        per_stage = [[0, 0, 0] for _ in range(self.pipeline_stages)]
-        for stage, *values in (row.cpu().tolist() for row in everyone):
-            per_stage[stage] = [a + b for a, b in zip(per_stage[stage], values)]
-        return per_stage
-
     def train_step(self) -> StepSummary:
         step_started = time.perf_counter()
         exit_threshold = self.exit_controller.threshold(self.step)
         stats = StepStats(self.run.model_config.num_hidden_layers)
-        if self.pipeline_stages > 1:
-            data_wait, lr = self._pipeline_batch(exit_threshold, stats)
-        else:
-            data_wait, lr = self._data_parallel_batch(exit_threshold, stats)
+        ran = self.steps.run(exit_threshold, self.run.model_config.replacement_mix_at(self.step), stats)
         summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
                                minutes=self._minutes_spent() if self.world.is_main else 0.0, device=self.device)
         self.budget_minutes = summary.minutes  # rank 0's clock, the same on every rank
-        if self.pipeline_stages > 1:
-            summary.stage_counters = self._stage_counters
+        summary.stage_counters = ran.stage_counters
         self.exit_controller.update(summary.compute_fraction, self.step)
         self.step += 1
         self.samples_seen += self.config.training.global_batch_size
         self.tokens_seen += summary.real_tokens
-        self.metrics.record(self.step, summary, exit_threshold=exit_threshold, lr=lr,
-                            seconds=time.perf_counter() - step_started, data_wait_seconds=data_wait,
+        self.metrics.record(self.step, summary, exit_threshold=exit_threshold, lr=ran.lr,
+                            seconds=time.perf_counter() - step_started, data_wait_seconds=ran.data_wait_seconds,
                             samples_seen=self.samples_seen, tokens_seen=self.tokens_seen)
         if summary.stop_preempted and self.world.is_main:
             log.warning("preemption requested (%s): saving a checkpoint at step %d, then exiting",

@@ -18,7 +18,6 @@ from .conftest import VOCAB, make_batch
     (dict(generator="bert"), "generator='bert'"),
     (dict(hidden_size=65), "hidden_size=65"),
     (dict(exit_kv="maybe"), "exit_kv='maybe'"),
-    (dict(target_compute=1.2), "target_compute=1.2"),
     (dict(mask_token_id=VOCAB), f"mask_token_id={VOCAB}"),
     (dict(head_bias_init="random"), "head_bias_init='random'"),
     (dict(exit_criterion="entropy"), "exit_criterion='entropy'"),
@@ -37,6 +36,16 @@ def test_unknown_preset_and_field_are_rejected():
         ElectraExitConfig.from_preset("electra-huge")
     with pytest.raises(ValueError, match="hiden_size"):
         ElectraExitConfig.from_preset("electra-tiny", hiden_size=3)
+
+
+def test_training_settings_left_the_model_config_and_old_saved_configs_still_load():
+    with pytest.raises(ValueError, match="exit_control.target_compute"):
+        ElectraExitConfig.from_preset("electra-tiny", target_compute=0.6)
+    saved = {**ElectraExitConfig.from_preset("electra-tiny").to_dict(), "extra": {}, "target_compute": 0.7,
+             "controller_gain": 4.0, "exit_warmup_steps": 200}  # as runs before the move stored it
+    assert ElectraExitConfig.from_saved(saved) == ElectraExitConfig.from_preset("electra-tiny")
+    with pytest.raises(ValueError, match="hiden_size"):
+        ElectraExitConfig.from_saved({**saved, "hiden_size": 3})
 
 
 def test_presets_have_the_documented_sizes():

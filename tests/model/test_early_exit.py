@@ -85,15 +85,14 @@ def test_dropped_exited_tokens_change_no_later_attention(exit_kv, changes_expect
 @pytest.mark.parametrize("target", [0.5, 0.75])
 def test_controller_reaches_target_compute_on_stationary_input(target):
     torch.manual_seed(0)
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, target_compute=target,
-                                           exit_threshold=0.5, hidden_dropout_prob=0.0,
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_threshold=0.5, hidden_dropout_prob=0.0,
                                            attention_probs_dropout_prob=0.0)
     discriminator = ElectraPreTrainingModel(config).discriminator.eval()
     with torch.no_grad():  # spread the heads' confidences, as trained heads would have
         for head in discriminator.exit_heads.values():
             head.dense_prediction.weight.mul_(300)
     input_ids, attention_mask, token_type_ids = make_batch(8, 64, seed=2)
-    controller = ExitController(config)
+    controller = ExitController(config, target_compute=target)
     fractions = []
     with torch.no_grad():
         for step in range(150):
@@ -108,14 +107,12 @@ def test_controller_reaches_target_compute_on_stationary_input(target):
 
 
 def test_controller_state_round_trips_and_warmup_disables_exits(tiny_config):
-    tiny_config.exit_warmup_steps = 10
-    tiny_config.target_compute = 0.6
-    controller = ExitController(tiny_config)
+    controller = ExitController(tiny_config, target_compute=0.6, warmup_steps=10)
     assert controller.threshold(9) is None and controller.threshold(10) is not None
     controller.update(0.9, step=5)  # during warmup: no change
     assert controller.updates == 0
     controller.update(0.9, step=12)
-    restored = ExitController(tiny_config)
+    restored = ExitController(tiny_config, target_compute=0.6, warmup_steps=10)
     restored.load_state_dict(controller.state_dict())
     assert restored.threshold(20) == controller.threshold(20) < tiny_config.exit_threshold
 

@@ -1,7 +1,10 @@
 """Worker for the pipeline tests: run under `torchrun --nproc_per_node 2` (2 stages, dp 1).
 
 Builds the same weights as the data-parallel model, runs `train_batch` on fixed data, and
-writes what each stage observed to OUT_DIR/rank{r}.json.
+writes what each stage observed to OUT_DIR/rank{r}.json. Mode `grads:KV:ZERO` instead trains
+the pipeline and the data-parallel model side by side for several steps with gradient clipping
+active and plain SGD at lr 1, so that each step's parameter change is the clipped gradient, and
+records how far the two differ.
 """
 
 import json
@@ -12,7 +15,7 @@ import deepspeed
 import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
-from dsexit.parallel.pipeline import STAGE_COUNTERS, build_pipeline_module, set_exit_threshold
+from dsexit.parallel.pipeline import build_pipeline_module, micro_batch_inputs, pipeline_state_dict_to_model
 
 
 def batches(config, micro_batches, batch_size=4, seq_len=32, exit_plans=None):
@@ -23,15 +26,22 @@ def batches(config, micro_batches, batch_size=4, seq_len=32, exit_plans=None):
         attention_mask = torch.ones_like(input_ids)
         attention_mask[0, seq_len - 5:] = 0
         input_ids[0, seq_len - 5:] = config.pad_token_id
-        token_type_ids = torch.zeros_like(input_ids)
-        plan = exit_plans[index] if exit_plans else torch.full_like(input_ids, config.num_hidden_layers + 1)
-        yield (input_ids, attention_mask, token_type_ids, plan), torch.zeros(1)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+        yield batch, (exit_plans[index] if exit_plans else None)
+
+
+def feed(config, micro_batches, exit_plans=None, exit_threshold=None):
+    return iter([micro_batch_inputs(batch, config, exit_threshold, None, plan)
+                 for batch, plan in batches(config, micro_batches, exit_plans=exit_plans)])
 
 
 def main():
     out_dir, mode = sys.argv[1], sys.argv[2]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
+    if mode.startswith("grads:"):
+        _, exit_kv, zero_stage = mode.split(":")
+        return compare_gradients(out_dir, rank, exit_kv, int(zero_stage))
     config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=1000, hidden_dropout_prob=0.0,
                                            attention_probs_dropout_prob=0.0)
     micro_batches = 4
@@ -52,28 +62,101 @@ def main():
                  "zero_optimization": {"stage": 1 if mode != "zero0" else 0}, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config,
                                            model_parameters=[p for p in module.parameters()])
-    set_exit_threshold(None)
+    stage_counters = module.stage_counters
     torch.manual_seed(123)
     losses = []
     counters = []
     steps = 3 if mode != "reference" else 1
     for _ in range(steps):
-        STAGE_COUNTERS.reset()
-        losses.append(float(engine.train_batch(iter(list(batches(config, micro_batches, exit_plans=plans))))))
-        counters.append(dict(vars(STAGE_COUNTERS)))
+        stage_counters.reset()
+        losses.append(float(engine.train_batch(feed(config, micro_batches, exit_plans=plans))))
+        counters.append(dict(vars(stage_counters)))
     # The data-parallel path on the same weights, data and RNG seed, for the first step.
     torch.manual_seed(0)
     reference = ElectraPreTrainingModel(config)
     reference.load_state_dict(reference_state)
     torch.manual_seed(123)
     reference_losses = []
-    for (input_ids, attention_mask, token_type_ids, plan), _ in batches(config, micro_batches, exit_plans=plans):
-        output = reference(input_ids, attention_mask, token_type_ids,
-                           exit_plan=plan if (plan <= config.num_hidden_layers).any() else None)
+    for batch, plan in batches(config, micro_batches, exit_plans=plans):
+        output = reference(**batch, exit_plan=plan if plan is not None and (plan <= config.num_hidden_layers).any()
+                           else None)
         reference_losses.append(float(output.loss))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"losses": losses, "counters": counters, "stage": engine.stage_id,
                    "reference_first_loss": sum(reference_losses) / len(reference_losses)}, handle)
+
+
+GRAD_CLIP = 0.5
+STEPS = 3
+MICRO_BATCHES = 4
+
+
+def step_settings(config, step: int):
+    """(exit plans, tau) of step `step`: first a threshold every untrained head passes (all exitable
+    tokens leave after layer 1), then random forced exit layers with one micro-batch leaving whole."""
+    if step == 0:
+        return None, 0.5
+    generator = torch.Generator().manual_seed(100 + step)
+    plans = [torch.randint(1, config.num_hidden_layers + 2, (4, 32), generator=generator)
+             for _ in range(MICRO_BATCHES)]
+    plans[1] = torch.ones_like(plans[1])  # skips stage 2 (it holds layers 3-4)
+    return plans, None
+
+
+def local_parameters(module, config) -> dict[str, torch.nn.Parameter]:
+    """This stage's parameters under the data-parallel model's names."""
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, parameter in module.named_parameters():
+        index, rest = name.split(".", 1)
+        by_layer.setdefault(int(index), {})[rest] = parameter
+    return pipeline_state_dict_to_model(by_layer, config)
+
+
+def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) -> None:
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=1000, hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0, exit_kv=exit_kv)
+    torch.manual_seed(0)
+    model = ElectraPreTrainingModel(config)
+    reference = ElectraPreTrainingModel(config)
+    reference.load_state_dict(model.state_dict())
+    module = build_pipeline_module(config, num_stages=2, model=model)
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": MICRO_BATCHES,
+                 "gradient_clipping": GRAD_CLIP, "zero_optimization": {"stage": zero_stage},
+                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, optimizer=optimizer)
+    mine = local_parameters(engine.module, config)
+    reference_parameters = dict(reference.named_parameters())
+    steps = []
+    for step in range(STEPS):
+        plans, tau = step_settings(config, step)
+        before = {name: parameter.detach().clone() for name, parameter in mine.items()}
+        reference_before = {name: reference_parameters[name].detach().clone() for name in mine}
+        torch.manual_seed(1000 + step)
+        loss = float(engine.train_batch(feed(config, MICRO_BATCHES, exit_plans=plans, exit_threshold=tau)))
+        # The data-parallel model on the same batch and RNG: mean loss over micro-batches, clip, SGD at lr 1.
+        torch.manual_seed(1000 + step)
+        reference.zero_grad()
+        reference_loss = 0.0
+        for batch, plan in batches(config, MICRO_BATCHES, exit_plans=plans):
+            output = reference(**batch, exit_threshold=tau, exit_plan=plan)
+            (output.loss / MICRO_BATCHES).backward()
+            reference_loss += float(output.loss) / MICRO_BATCHES
+        norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), GRAD_CLIP))
+        with torch.no_grad():
+            for parameter in reference.parameters():
+                if parameter.grad is not None:
+                    parameter -= parameter.grad
+        # With SGD at lr 1 a parameter's change is its clipped gradient.
+        difference = sum(float(((before[name] - mine[name].detach())
+                                - (reference_before[name] - reference_parameters[name].detach())).pow(2).sum())
+                         for name in mine) ** 0.5
+        size = sum(float((reference_before[name] - reference_parameters[name].detach()).pow(2).sum())
+                   for name in mine) ** 0.5
+        steps.append({"loss": loss, "reference_loss": reference_loss, "norm_before_clipping": norm,
+                      "gradient_error": difference / max(size, 1e-12), "gradient_norm": size})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump({"stage": engine.stage_id, "steps": steps}, handle)
 
 
 if __name__ == "__main__":

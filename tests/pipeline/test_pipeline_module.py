@@ -46,3 +46,17 @@ def test_two_stage_pipeline_matches_data_parallel_and_learns(tmp_path, mode):
             # 2 layers x 4 micro-batches x exitable tokens (real tokens but each sample's pinned [CLS])
             assert step["token_layers"] == 2 * 4 * (4 * 32 - 5 - 4)
     assert all(step["skipped_micro_batches"] == 0 for step in stage_one["counters"])
+
+
+@pytest.mark.parametrize("exit_kv,zero_stage", [("keep", 0), ("drop", 0), ("keep", 1)])
+def test_pipeline_losses_and_clipped_gradients_equal_the_data_parallel_models(tmp_path, exit_kv, zero_stage):
+    """Three steps, tokens exiting by threshold and by forced plans (one micro-batch skips stage 2),
+    gradient clipping active: every stage's clipped gradient equals the data-parallel model's."""
+    stages = run_two_stages(tmp_path, f"grads:{exit_kv}:{zero_stage}")
+    assert [stage["stage"] for stage in stages] == [0, 1]
+    for stage in stages:
+        for step in stage["steps"]:
+            assert step["loss"] == pytest.approx(step["reference_loss"], rel=1e-5)
+            assert step["norm_before_clipping"] > 0.5  # the clip is active
+            assert step["gradient_norm"] > 0
+            assert step["gradient_error"] < 1e-4, (stage["stage"], step)

@@ -49,7 +49,7 @@ def _manager(root, run_id="run-a", keep_last=2, location=None, retries=0):
 
 
 def _save(manager, engine, step):
-    return manager.save(engine, step, {"step": step}, {"model_config": None})
+    return manager.save(engine, step, {"step": step})
 
 
 def _tags(root):
@@ -208,7 +208,7 @@ def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
     tiny = ElectraExitConfig.from_preset("electra-tiny")
     ref = CheckpointRef(str(tmp_path), "global_step4", {"step": 4, "model_config": tiny.to_dict(),
                                                           "config": {"train": {"job": {"seed": 7}}}})
-    check_fits(ref, ElectraExitConfig.from_preset("electra-tiny", target_compute=0.5), 7)  # not a shape
+    check_fits(ref, ElectraExitConfig.from_preset("electra-tiny", exit_threshold=0.5), 7)  # not a shape
     with pytest.raises(ConfigError, match="another shape: saved with .*hidden_size=64.*this run has .*hidden_size=256"):
         check_fits(ref, ElectraExitConfig.from_preset("electra-small"), 7)
     with pytest.raises(ConfigError, match="seed=8 is invalid; .* seed=7"):

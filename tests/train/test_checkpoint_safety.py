@@ -73,7 +73,7 @@ def test_export_refuses_a_planted_file_and_loads_its_own_files_weights_only(two_
     assert not (tmp_path / "hf").exists()
 
     states = load_weights_only(str(copy / "mp_rank_00_model_states.pt"))  # module weights, client state, RNG states
-    assert states["module"] and states["dsexit"]["step"] == 2
+    assert states["module"] and states["dsexit"]["progress"]["step"] == 2
     with pytest.raises(pickle.UnpicklingError):
         load_weights_only(str(copy / "zero_pp_rank_7_mp_rank_00_optim_states.pt"))
 

@@ -14,7 +14,7 @@ import pytest
 
 from .helpers import ENV, PRETRAIN, REPO
 from dsexit.train.cli import parse_config
-from dsexit.train.config import ConfigError
+from dsexit.train.config import ConfigError, preset_config
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
 from dsexit.train.resolve import resolve_run
@@ -48,7 +48,8 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
                     "--exit-threshold", "0.8", "--exit-kv", "drop", "--model-set", "hidden_dropout_prob=0.0",
                     "--lr", "3e-4", "--grad-clip", "0.5", "--precision", "fp32", "--max-tokens", "40960"])
     model = run.model_config
-    assert (model.hidden_size, model.target_compute, model.exit_threshold, model.exit_kv) == (256, None, 0.8, "drop")
+    assert (model.hidden_size, model.exit_threshold, model.exit_kv) == (256, 0.8, "drop")
+    assert run.config.exit_control.target_compute is None
     assert model.hidden_dropout_prob == 0.0
     assert run.ds_config["optimizer"]["params"]["lr"] == 3e-4 == run.ds_config["scheduler"]["params"]["warmup_max_lr"]
     assert run.ds_config["gradient_clipping"] == 0.5 and run.ds_config["bf16"]["enabled"] is False
@@ -57,6 +58,8 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
 
 @pytest.mark.parametrize("argv, names", [
     (["--exit-threshold", "1.5"], "exit_threshold=1.5"),
+    (["--target-compute", "1.2"], "target_compute=1.2"),
+    (["--exit-warmup-steps", "-1"], "exit_warmup_steps=-1"),
     (["--global-batch-size", "30"], "global_batch_size=30"),
     (["--model", "electra-huge"], "model='electra-huge'"),
     (["--model-set", "no_such_field=1"], "no_such_field"),
@@ -71,6 +74,17 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
 def test_bad_values_raise_one_error_naming_them(argv, names, tmp_path):
     with pytest.raises(ConfigError, match=names.replace("(", r"\(").replace("[", r"\[")):
         _resolve(["--run-dir", str(tmp_path), *argv])
+
+
+def test_a_config_saved_with_controller_settings_in_the_model_overrides_still_loads(tmp_path):
+    saved = preset_config("smoke").to_dict()
+    del saved["exit_control"]
+    saved["model"]["overrides"] = {"exit_warmup_steps": 7, "target_compute": 0.4, "exit_kv": "drop"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"train": saved}))
+    config, _ = parse_config(["--config", str(path), "--run-dir", str(tmp_path)])
+    assert (config.exit_control.warmup_steps, config.exit_control.target_compute) == (7, 0.4)
+    assert config.model.overrides == {"exit_kv": "drop"}
 
 
 def test_batch_sizes_must_factor_over_the_data_parallel_size(tmp_path):

@@ -1,0 +1,116 @@
+"""One optimizer step through the engine, one runner per parallel mode, with the same interface.
+
+`DataParallelSteps` runs grad_accum micro-batches through a `DeepSpeedEngine` (forward,
+backward, step); `PipelineSteps` feeds them to a `PipelineEngine`'s `train_batch` and reads
+back what the stages did and what the last stage measured from the pipeline module's own
+objects. Both put each micro-batch's measurements into the trainer's `StepStats` and return a
+`StepRun`; `make_step_runner` chooses. The trainer's `train_step` does not know which it has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dsexit.model import ElectraExitConfig
+from dsexit.train.step_stats import StepStats
+
+
+@dataclass
+class StepRun:
+    data_wait_seconds: float
+    lr: float
+    stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
+
+
+class DataParallelSteps:
+    """grad_accum micro-batches through a data-parallel (ZeRO 0-3) engine."""
+
+    supports_heldout = True
+
+    def __init__(self, engine, data: Iterator[dict[str, torch.Tensor]], grad_accum: int, device: torch.device,
+                 set_learning_rate: Callable[[], float]):
+        self.engine, self.data, self.grad_accum, self.device = engine, data, grad_accum, device
+        self.set_learning_rate = set_learning_rate
+
+    def run(self, exit_threshold: float | None, replacement_mix: float | None, stats: StepStats) -> StepRun:
+        data_wait, lr = 0.0, 0.0
+        for _ in range(self.grad_accum):
+            fetch_started = time.perf_counter()
+            batch = next(self.data)
+            data_wait += time.perf_counter() - fetch_started
+            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+            output = self.engine(**batch, exit_threshold=exit_threshold, replacement_mix=replacement_mix)
+            self.engine.backward(output.loss)
+            lr = self.set_learning_rate()  # the rate this update uses
+            self.engine.step()
+            stats.add(output, batch)
+        return StepRun(data_wait, lr)
+
+
+class PipelineSteps:
+    """One `train_batch` of grad_accum micro-batches through a pipeline engine.
+
+    Every stage draws the same micro-batches from its reader (the first feeds them in, the
+    last takes its dummy labels, the others only keep their data position in step).
+    """
+
+    supports_heldout = False  # held-out evaluation runs the whole model on one rank
+
+    def __init__(self, engine, data: Iterator[dict[str, torch.Tensor]], grad_accum: int, device: torch.device,
+                 set_learning_rate: Callable[[], float], model_config: ElectraExitConfig, num_stages: int):
+        self.engine, self.data, self.grad_accum, self.device = engine, data, grad_accum, device
+        self.set_learning_rate = set_learning_rate
+        self.model_config, self.num_stages = model_config, num_stages
+        self.counters = engine.module.stage_counters
+        self.loss = engine.module.loss_fn
+
+    def run(self, exit_threshold: float | None, replacement_mix: float | None, stats: StepStats) -> StepRun:
+        from dsexit.parallel.pipeline import micro_batch_inputs
+
+        self.loss.results.clear()
+        self.counters.reset()
+        batches, data_wait = [], 0.0
+        for _ in range(self.grad_accum):
+            fetch_started = time.perf_counter()
+            batches.append(next(self.data))
+            data_wait += time.perf_counter() - fetch_started
+        feed = iter([micro_batch_inputs(batch, self.model_config, exit_threshold, replacement_mix)
+                     for batch in batches])
+        lr = self.set_learning_rate()
+        self.engine.train_batch(data_iter=feed)
+        last_stage = self.engine.is_last_stage()
+        for index, batch in enumerate(batches):
+            if last_stage:
+                stats.add(self.loss.results[index], batch)
+            else:  # same-size fingerprints on every rank; measurements come from the last stage only
+                stats.fingerprints.append(torch.zeros(batch["input_ids"].shape[0], dtype=torch.int64))
+        return StepRun(data_wait, lr, stage_counters=self._gather_stage_counters())
+
+    def _gather_stage_counters(self) -> list[list[int]]:
+        """Per stage [micro-batches, skipped micro-batches, token-layers], summed over replicas."""
+        counters = self.counters
+        mine = torch.tensor([self.engine.stage_id, counters.micro_batches, counters.skipped_micro_batches,
+                             counters.token_layers], dtype=torch.int64, device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        per_stage = [[0, 0, 0] for _ in range(self.num_stages)]
+        for stage, *values in (row.cpu().tolist() for row in everyone):
+            per_stage[stage] = [a + b for a, b in zip(per_stage[stage], values)]
+        return per_stage
+
+
+def data_parallel_rank(engine, pipeline_stages: int, world_rank: int) -> int:
+    """Data is sharded by data-parallel rank: in a pipeline, the stages of one replica read alike."""
+    return engine.grid.get_data_parallel_rank() if pipeline_stages > 1 else world_rank
+
+
+def make_step_runner(engine, data, grad_accum: int, device: torch.device, set_learning_rate: Callable[[], float],
+                     model_config: ElectraExitConfig, pipeline_stages: int):
+    if pipeline_stages > 1:
+        return PipelineSteps(engine, data, grad_accum, device, set_learning_rate, model_config, pipeline_stages)
+    return DataParallelSteps(engine, data, grad_accum, device, set_learning_rate)
