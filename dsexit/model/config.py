@@ -17,6 +17,7 @@ from .exit_rules import EXIT_RULES
 GENERATOR_MODES = ("mlm", "uniform", "unigram")
 HEAD_BIAS_INITS = ("prior", "zero")
 EXIT_KV_MODES = ("keep", "drop")
+EXIT_HEADS = ("dense", "linear")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 EXIT_CRITERIA = tuple(EXIT_RULES)
 TRAINING_FIELDS = {"target_compute": "exit_control.target_compute", "controller_gain": "exit_control.controller_gain",
@@ -100,6 +101,17 @@ class ElectraExitConfig:
     layers always compute the sequence summary. Pinned tokens are not counted in the compute
     fraction (neither executed nor full), which measures only tokens that can exit."""
     exit_kv: str = "keep"
+    exit_head: str = "dense"
+    """Shape of the exit heads: "dense" = the discriminator head's (dense H->H, activation, dense
+    H->1, as HF's ElectraDiscriminatorPredictions), "linear" = one dense H->1. A dense head on every
+    active token of every exit layer costs about a twelfth of a layer's FLOPs at electra-small's
+    widths; a linear head about nothing."""
+    exit_interval: int = 1
+    """An exit head after every `exit_interval`-th layer from `min_exit_layer` (1: every layer)."""
+    exit_supervision: float = 1.0
+    """Share of the tokens reaching an exit head that train it (deep supervision), drawn afresh each
+    step; exiting tokens always do (the head gives their RTD logit). Below 1, the heads' forward on
+    the other tokens runs without autograd, so their backward is skipped."""
     aux_weight: float = 0.5
     """Share a of the discriminator term taken by the exit heads (deep supervision):
     disc_weight x ((1 - a) x final RTD + a x mean exit-head RTD). The two shares add up to 1,
@@ -168,6 +180,12 @@ class ElectraExitConfig:
             fail("min_exit_layer", self.min_exit_layer,
                  f"a layer number in [1, {self.num_hidden_layers - 1}] "
                  f"(the model has num_hidden_layers={self.num_hidden_layers})")
+        if self.exit_head not in EXIT_HEADS:
+            fail("exit_head", self.exit_head, f"one of {', '.join(EXIT_HEADS)}")
+        if not isinstance(self.exit_interval, int) or self.exit_interval < 1:
+            fail("exit_interval", self.exit_interval, "a whole number of layers >= 1")
+        if not 0.0 < self.exit_supervision <= 1.0:
+            fail("exit_supervision", self.exit_supervision, "a share of tokens in (0, 1]")
         if not 0.0 <= self.aux_weight < 1.0:
             fail("aux_weight", self.aux_weight, "the exit heads' share of the discriminator loss, in [0, 1)")
         if self.disc_weight < 0:
@@ -179,7 +197,7 @@ class ElectraExitConfig:
         """Layer numbers (1-based) that carry an exit head, the final layer excluded."""
         if not self.exit_enabled:
             return []
-        return list(range(self.min_exit_layer, self.num_hidden_layers))
+        return list(range(self.min_exit_layer, self.num_hidden_layers, self.exit_interval))
 
     def replacement_mix_at(self, step: int) -> float:
         """Share of masked positions replaced from the fixed distribution at optimizer step `step`."""

@@ -26,7 +26,7 @@ from .config import ElectraExitConfig
 from .exit_rules import Confidence, ExitRule, build_exit_rule
 from .flops import LayerWork
 from .layers import (ElectraDiscriminatorPredictions, ElectraEmbeddings, ElectraEncoder,
-                     EncoderShape, TokenRouting)
+                     EncoderShape, TokenRouting, build_exit_head)
 
 
 @dataclass
@@ -119,8 +119,7 @@ class ElectraDiscriminator(nn.Module):
         self.config = config
         self.electra = ElectraBody(config, EncoderShape.discriminator(config), ElectraEmbeddings(config))
         self.discriminator_predictions = ElectraDiscriminatorPredictions(config)
-        self.exit_heads = nn.ModuleDict({str(number): ElectraDiscriminatorPredictions(config)
-                                         for number in config.exit_layers})
+        self.exit_heads = nn.ModuleDict({str(number): build_exit_head(config) for number in config.exit_layers})
 
     @property
     def num_layers(self) -> int:
@@ -187,22 +186,44 @@ def run_exit_layer(layer: nn.Module, head: nn.Module | None, layer_number: int, 
     if layer_number == config.num_hidden_layers:
         work.head_rows = _final_head(head, state, dense, config.num_hidden_layers)
     elif head is not None:
-        work.head_rows = _exit_head(head, layer_number, state, decision)
+        work.head_kind = config.exit_head
+        work.head_rows, work.head_graph_rows, work.head_rows_rerun = _exit_head(head, layer_number, state, decision,
+                                                                                config.exit_supervision)
     state.work.append(work)
     return state
 
 
-def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: ExitDecision) -> int:
+def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: ExitDecision,
+               supervision: float = 1.0) -> tuple[int, int, int]:
+    """Run `head` on the active tokens; returns (rows, rows run with autograd, rows run twice)."""
     rows = state.active.reshape(-1).nonzero().squeeze(1)
     hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, rows)
-    head_logits = head(hidden_rows).float()
+    sampled = state.labels is not None and supervision < 1.0 and torch.is_grad_enabled()
+    if sampled:
+        # Deep supervision on a sample: the head's forward on the other rows runs without
+        # autograd; rows that exit are re-run with it below (their logit is their RTD output).
+        with torch.no_grad():
+            head_logits = head(hidden_rows).float()
+        supervised = torch.rand(rows.shape, device=rows.device) < supervision
+    else:
+        head_logits = head(hidden_rows).float()
+    exits = decision.exits(layer_number, head_logits, rows, state.exitable)
+    graph_count, rerun = -1, 0
+    if sampled:
+        graph_rows = (supervised | exits).nonzero().squeeze(1)
+        graph_count = rerun = int(graph_rows.numel())
+        head_logits = head_logits.index_put((graph_rows,), head(hidden_rows.index_select(0, graph_rows)).float())
     if state.labels is not None:
         targets = state.labels.reshape(-1).index_select(0, rows)
-        # Deep supervision: the head learns from every token that reaches it.
-        head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
-                     else head_logits.sum())
+        if sampled:  # the head learns from the sampled tokens
+            picked = supervised.nonzero().squeeze(1)
+            head_loss = (F.binary_cross_entropy_with_logits(head_logits.index_select(0, picked),
+                                                            targets.index_select(0, picked))
+                         if picked.numel() else head_logits.sum() * 0.0)
+        else:  # deep supervision: the head learns from every token that reaches it
+            head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
+                         else head_logits.sum())
         state.aux_loss = state.aux_loss + head_loss
-    exits = decision.exits(layer_number, head_logits, rows, state.exitable)
     exiting_rows = rows[exits]
     state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
     flat_exit_layer = state.exit_layer.reshape(-1).clone()
@@ -211,7 +232,7 @@ def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: E
     flat_active = state.active.reshape(-1).clone()
     flat_active[exiting_rows] = False
     state.active = flat_active.view_as(state.active)
-    return int(rows.numel())
+    return int(rows.numel()), graph_count, rerun
 
 
 def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int) -> int:

@@ -22,6 +22,9 @@ class LayerWork:
     query_slots: int  # query rows inside scaled-dot-product attention (padded layout)
     key_length: int  # keys each query row is scored against
     head_rows: int = 0  # rows into the exit or discriminator head after this layer
+    head_kind: str = "dense"  # "dense" (H->H->1) or "linear" (H->1): `exit_head`; the final head is dense
+    head_graph_rows: int = -1  # rows whose head ran with autograd (-1: all head_rows); see `exit_supervision`
+    head_rows_rerun: int = 0  # rows whose head forward ran a second time, with autograd (sampled supervision)
 
 
 @dataclass
@@ -49,8 +52,8 @@ def _layer_flops(work: LayerWork, hidden: int, intermediate: int) -> int:
     return projections + attention
 
 
-def _head_flops(rows: int, hidden: int) -> int:
-    return _linear(rows, hidden, hidden) + _linear(rows, hidden, 1)
+def _head_flops(rows: int, hidden: int, kind: str = "dense") -> int:
+    return (_linear(rows, hidden, hidden) if kind == "dense" else 0) + _linear(rows, hidden, 1)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class FlopReport:
     token_layers_full: int
     forward_flops: int
     forward_flops_full: int
+    backward_flops: int = -1  # -1: twice the forward (no forward ran without autograd)
+    training_flops_full: int = -1  # forward + backward of the same batch at full depth
 
     @property
     def compute_fraction(self) -> float:
@@ -67,8 +72,15 @@ class FlopReport:
         return self.token_layers_executed / max(1, self.token_layers_full)
 
     @property
+    def training_flops(self) -> int:
+        """Forward + backward (backward = twice the forward of what ran with autograd)."""
+        return self.forward_flops + (2 * self.forward_flops if self.backward_flops < 0 else self.backward_flops)
+
+    @property
     def ideal_speedup(self) -> float:
-        return self.forward_flops_full / max(1, self.forward_flops)
+        """Full-depth training FLOPs of the same batch / the executed ones."""
+        full = 3 * self.forward_flops_full if self.training_flops_full < 0 else self.training_flops_full
+        return full / max(1, self.training_flops)
 
 
 def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
@@ -78,7 +90,8 @@ def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
     dense = [LayerWork(token_layers=log.exitable_tokens, rows=positions, key_value_rows=positions,
                        query_slots=positions, key_length=log.seq_len,
                        head_rows=(log.real_tokens if number in exit_layers else
-                                  positions if number == config.num_hidden_layers else 0))
+                                  positions if number == config.num_hidden_layers else 0),
+                       head_kind=config.exit_head if number in exit_layers else "dense")
              for number in range(1, config.num_hidden_layers + 1)]
     return ComputeLog(log.batch_size, log.seq_len, log.real_tokens, log.exitable_tokens, dense, log.generator,
                       log.generator_head_rows)
@@ -86,8 +99,15 @@ def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
 
 def discriminator_layer_flops(work: LayerWork, config: ElectraExitConfig) -> int:
     """Forward FLOPs of one discriminator layer and the head after it."""
-    return _layer_flops(work, config.hidden_size, config.intermediate_size) + _head_flops(work.head_rows,
-                                                                                       config.hidden_size)
+    return (_layer_flops(work, config.hidden_size, config.intermediate_size)
+            + _head_flops(work.head_rows + work.head_rows_rerun, config.hidden_size, work.head_kind))
+
+
+def discriminator_layer_backward_flops(work: LayerWork, config: ElectraExitConfig) -> int:
+    """Backward FLOPs of one layer and its head: twice the forward of what ran with autograd."""
+    graph_rows = work.head_rows if work.head_graph_rows < 0 else work.head_graph_rows
+    return 2 * (_layer_flops(work, config.hidden_size, config.intermediate_size)
+                + _head_flops(graph_rows, config.hidden_size, work.head_kind))
 
 
 def embedding_and_generator_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
@@ -117,6 +137,11 @@ def mean_exit_layer(exit_layer_counts) -> float:
     return sum(layer * count for layer, count in enumerate(counts, start=1)) / max(1.0, sum(counts))
 
 
+def _backward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
+    return 2 * embedding_and_generator_flops(log, config) + sum(
+        discriminator_layer_backward_flops(work, config) for work in log.discriminator)
+
+
 def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:
     full = full_depth_work(log, config)
     return FlopReport(
@@ -124,4 +149,6 @@ def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:
         token_layers_full=log.exitable_tokens * config.num_hidden_layers,
         forward_flops=_forward_flops(log, config),
         forward_flops_full=_forward_flops(full, config),
+        backward_flops=_backward_flops(log, config),
+        training_flops_full=_forward_flops(full, config) + _backward_flops(full, config),
     )

@@ -238,6 +238,21 @@ class ElectraDiscriminatorPredictions(nn.Module):
         return self.dense_prediction(self.activation(self.dense(hidden))).squeeze(-1)
 
 
+class LinearExitHead(nn.Module):
+    """The cheap exit head (`exit_head="linear"`): one dense H->1 on the layer's hidden state."""
+
+    def __init__(self, config: ElectraExitConfig):
+        super().__init__()
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dense_prediction(hidden).squeeze(-1)
+
+
+def build_exit_head(config: ElectraExitConfig) -> nn.Module:
+    return LinearExitHead(config) if config.exit_head == "linear" else ElectraDiscriminatorPredictions(config)
+
+
 class ElectraGeneratorPredictions(nn.Module):
     def __init__(self, config: ElectraExitConfig):
         super().__init__()

@@ -1,0 +1,224 @@
+"""Do exits save time in real training? The trainer's step at target compute 1.0, 0.75 and 0.5.
+
+Each arm is a DeepSpeed engine in this one process (one rank, ZeRO-2 from ds_configs/zero2.json,
+the precision the trainer would pick: bf16 where the hardware has it) stepped by the trainer's own
+data-parallel step runner (`dsexit.train.step_runner.DataParallelSteps`: forward, backward,
+optimizer step), with its `StepStats` and the real `ExitController` steering tau toward the arm's
+target compute. Nothing is forced: tokens exit where their heads are confident enough, every exit
+head runs on every token that reaches it, deep supervision and routing included.
+
+Arms, per exit-head variant (`--variants`):
+    plain                 exits off, no heads: ELECTRA as HF computes it (the reference)
+    VARIANT@1.00          heads present and trained, nothing exits: the machinery's own cost
+    VARIANT@0.75, @0.50   the controller steers the compute fraction to the target
+Variants: dense (HF's H->H->1 head at every layer from min_exit_layer, the default), linear
+(`--exit-head linear`: H->1), linear-k2 (linear heads every 2nd layer), dense-s25 (dense heads,
+deep supervision on a 25% sample of the tokens).
+
+Speedup = the plain arm's step time / the arm's; ideal = the FLOP counter's training FLOPs of the
+plain arm / the arm's, over the same timed steps; efficiency = speedup / ideal. The ideal assumes
+time proportional to FLOPs (`bench/exit_speed.py` checks that assumption with forced exits).
+Every arm first runs `--settle` untimed steps (the controller reaches its target), then the arms
+take turns for `--rounds` rounds of `--steps` timed steps, so machine noise hits all alike.
+The same run measures the matmul peak and reports the plain arm's FLOP/s as a share of it.
+
+    python bench/train_exit.py [--preset electra-small] [--batch 32] [--variants dense linear]
+
+Last line: RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X train_speedup_at_75=X
+(for the variant with the best speedup at 0.75, named in the same line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "dense": {},
+    "linear": {"exit_head": "linear"},
+    "linear-k2": {"exit_head": "linear", "exit_interval": 2},
+    "dense-s25": {"exit_supervision": 0.25},
+}
+TARGETS = (1.0, 0.75, 0.5)
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: dict
+    target: float | None  # None: plain (no exits); 1.0: exits on, nothing exits
+    runner: object = None
+    controller: object = None
+    step: int = 0
+    seconds: list[float] = field(default_factory=list)
+    flops: list[int] = field(default_factory=list)
+    compute: list[float] = field(default_factory=list)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="electra-small")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
+    parser.add_argument("--settle", type=int, default=20, help="untimed steps per arm before timing")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per arm per round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--gain", type=float, default=1.0,
+                        help="the controller's gain (the trainer's default is 4; lower settles smoothly in few steps)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--deepspeed", default="zero2.json")
+    parser.add_argument("--out", default="bench/results/train_exit.json")
+    return parser.parse_args(argv)
+
+
+def batches(config, batch: int, seq_len: int, device):
+    """Random token rows shaped like packed text: [CLS] a [SEP] b [SEP], one new batch per step."""
+    step = 0
+    while True:
+        generator = torch.Generator().manual_seed(step)
+        input_ids = torch.randint(1000, config.vocab_size, (batch, seq_len), generator=generator)
+        input_ids[:, 0] = config.cls_token_id
+        input_ids[:, seq_len // 2] = config.sep_token_id
+        input_ids[:, -1] = config.sep_token_id
+        token_type_ids = torch.zeros_like(input_ids)
+        token_type_ids[:, seq_len // 2 + 1:] = 1
+        yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "token_type_ids": token_type_ids}
+        step += 1
+
+
+def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
+    from dsexit.model import ElectraExitConfig
+    from dsexit.model.exit_control import ExitController
+    from dsexit.train.engine import build_engine, build_model
+    from dsexit.train.step_runner import DataParallelSteps
+
+    config = ElectraExitConfig.from_preset(args.preset, exit_enabled=arm.target is not None, **arm.overrides)
+    engine = build_engine(build_model(config, seed=0), ds_config)
+    data = batches(config, args.batch, args.seq_len, device)
+    arm.runner = DataParallelSteps(engine, data, 1, device, lambda: 1e-4)
+    target = arm.target if arm.target is not None and arm.target < 1.0 else None
+    arm.controller = ExitController(config, target_compute=target, controller_gain=args.gain, warmup_steps=0)
+    arm.config = config
+
+
+def run_steps(arm: Arm, count: int, timed: bool) -> None:
+    from dsexit.train.step_stats import StepStats
+
+    for _ in range(count):
+        threshold = arm.controller.threshold(arm.step) if arm.target not in (None, 1.0) else None
+        stats = StepStats(arm.config.num_hidden_layers)
+        outputs = []
+        original_add = stats.add
+        stats.add = lambda output, batch: (outputs.append(output), original_add(output, batch))
+        started = time.perf_counter()
+        arm.runner.run(threshold, None, stats)
+        summary = stats.reduce(preempted=False, time_limit=False)
+        elapsed = time.perf_counter() - started
+        arm.controller.update(summary.compute_fraction, arm.step)
+        arm.step += 1
+        if timed:
+            arm.seconds.append(elapsed)
+            arm.flops.append(sum(output.flops.training_flops for output in outputs))
+            arm.compute.append(summary.compute_fraction)
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dsexit.train.distributed import configure_threads, discover_world, init_process_group, select_accelerator
+
+    select_accelerator()
+    world = discover_world()
+    configure_threads(world)
+    init_process_group(world)
+    from dsexit.train.config import TrainConfig
+    from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
+
+    train_config = TrainConfig.from_dict({"training": {"global_batch_size": args.batch, "micro_batch_size": args.batch,
+                                                       "precision": args.precision}})
+    with tempfile.TemporaryDirectory() as monitor_dir:
+        ds_config = resolve_ds_config(load_ds_config(find_ds_config(args.deepspeed)), train_config, dp_size=1,
+                                      total_steps=10**6, monitor_dir=monitor_dir)
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    arms = [Arm("plain", {}, None)]
+    for variant in args.variants:
+        arms += [Arm(f"{variant}@{target:.2f}", VARIANTS[variant], target) for target in TARGETS]
+    print(f"train_exit: {len(arms)} arms, {args.preset}, batch {args.batch} x {args.seq_len}, {precision}, "
+          f"{torch.get_num_threads()} threads; settling {args.settle} steps each", file=sys.stderr, flush=True)
+    for arm in arms:
+        build_arm(arm, args, ds_config, device)
+        run_steps(arm, args.settle, timed=False)
+        print(f"  {arm.name}: settled at compute {arm.controller.last_compute_fraction:.3f}", file=sys.stderr,
+              flush=True)
+    for round_number in range(args.rounds):
+        for arm in arms:
+            run_steps(arm, args.steps, timed=True)
+        print(f"  round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    results = summarize(arms, args, precision, peak)
+    print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    best = results["best_variant"]
+    row75, row50 = results["arms"][f"{best}@0.75"], results["arms"][f"{best}@0.50"]
+    print(f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
+          f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
+          f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f}")
+    return 0
+
+
+def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
+    plain = arms[0]
+    plain_seconds = statistics.median(plain.seconds)
+    plain_flops = statistics.mean(plain.flops)
+    rows = {}
+    for arm in arms:
+        seconds, flops = statistics.median(arm.seconds), statistics.mean(arm.flops)
+        speedup, ideal = plain_seconds / seconds, plain_flops / flops
+        rows[arm.name] = dict(target=arm.target, seconds_per_step=seconds, compute_fraction=statistics.mean(arm.compute),
+                              training_flops=flops, speedup=speedup, ideal_speedup=ideal, efficiency=speedup / ideal,
+                              flops_per_s=flops / seconds, overrides=arm.overrides)
+    variants = sorted({name.split("@")[0] for name in rows if "@" in name})
+    best = max(variants, key=lambda variant: rows[f"{variant}@0.75"]["speedup"])
+    return {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "precision": precision,
+            "threads": torch.get_num_threads(), "matmul_peak_flops_per_s": peak,
+            "peak_share": rows["plain"]["flops_per_s"] / peak, "arms": rows, "best_variant": best,
+            "rounds": args.rounds, "steps_per_round": args.steps, "settle_steps": args.settle}
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['preset']}, batch {results['batch']} x {results['seq_len']}, {results['precision']}, "
+          f"{results['threads']} threads; matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
+          f"plain at {results['peak_share']:.3f} of it")
+    print(f"{'arm':<16}{'compute':>9}{'s/step':>9}{'speedup':>9}{'ideal':>8}{'efficiency':>12}")
+    for name, row in results["arms"].items():
+        print(f"{name:<16}{row['compute_fraction']:>9.3f}{row['seconds_per_step']:>9.3f}{row['speedup']:>9.3f}"
+              f"{row['ideal_speedup']:>8.3f}{row['efficiency']:>12.3f}")
+    print("speedup and ideal are against the plain arm (no heads); compute = executed / full token-layers of "
+          "exitable tokens (the controller's measure); ideal = training FLOPs (FLOP counter) plain / arm")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
