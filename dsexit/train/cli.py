@@ -99,13 +99,12 @@ def _converter(kind: type, optional: bool):
 
 
 def _add_field_flag(group, section: str, field: dataclasses.Field, hint: Any, doc: str, default: Any,
-                    option: str | None = None, choices: Sequence[str] | None = None) -> Flag:
-    options = dict(field.metadata)
-    flag = Flag(option or options.pop("flag", "--" + field.name.replace("_", "-")), section, field.name)
-    options.pop("flag", None)
+                    option: str | None, choices: Sequence[str] | None) -> Flag:
+    options = {key: value for key, value in field.metadata.items() if key != "flag"}
+    flag = Flag(option or field.metadata.get("flag") or "--" + field.name.replace("_", "-"), section, field.name)
     kind, optional = _base_type(hint)
     help_text = _first_paragraph(doc)
-    if default is not dataclasses.MISSING:
+    if default is not dataclasses.MISSING and not isinstance(default, dict):
         shown = "none" if default is None else repr(default) if default == "" else default
         help_text += f" (default: {shown})" if help_text else f"default: {shown}"
     if choices is not None:
@@ -124,30 +123,32 @@ def _add_field_flag(group, section: str, field: dataclasses.Field, hint: Any, do
     return flag
 
 
-def _section_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> list[Flag]:
+def dataclass_flags(group, cls: type, section: str, defaults: Any = None, *, options: dict[str, str] | None = None,
+                    choices: dict[str, Sequence[str]] | None = None, skip: Sequence[str] = ()) -> list[Flag]:
+    """One flag per field of the dataclass `cls` (those in `skip` excepted), added to `group`: `--field-name`,
+    or `options[field]`, or the field's metadata `flag`; other metadata (metavar, choices, nargs) goes to
+    argparse. bool fields get --X / --no-X, optional numbers take "none", a dict field takes FIELD=VALUE
+    (repeatable). The help is the field's docstring, with its value in `defaults` when given."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    options, choices = options or {}, choices or {}
+    return [_add_field_flag(group, section, field, hints[field.name], docs.get(field.name, ""),
+                            getattr(defaults, field.name) if defaults is not None else dataclasses.MISSING,
+                            options.get(field.name), choices.get(field.name))
+            for field in dataclasses.fields(cls) if field.name not in skip]
+
+
+def _config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> list[Flag]:
+    """Every section's fields, one argument group per section; the model's group also holds the
+    `ElectraExitConfig` fields, as model overrides (unset ones come from the --model preset)."""
     flags = []
-    hints = typing.get_type_hints(TrainConfig)
     for section in dataclasses.fields(TrainConfig):
-        section_type = hints[section.name]
-        doc = inspect.getdoc(section_type) or ""
-        group = parser.add_argument_group(section.name, doc)
-        docs, section_hints = field_docs(section_type), typing.get_type_hints(section_type)
-        for field in dataclasses.fields(section_type):
-            default = getattr(getattr(defaults, section.name), field.name)
-            shown = dataclasses.MISSING if isinstance(default, dict) else default
-            flags.append(_add_field_flag(group, section.name, field, section_hints[field.name],
-                                         docs.get(field.name, ""), shown))
+        values = getattr(defaults, section.name)
+        group = parser.add_argument_group(section.name, inspect.getdoc(type(values)))
+        flags += dataclass_flags(group, type(values), section.name, values)
         if section.name == "model":
-            flags += _model_flags(group)
+            flags += dataclass_flags(group, ElectraExitConfig, "model.overrides", options=MODEL_FLAG_NAMES,
+                                     choices=MODEL_CHOICES, skip=DATASET_FIELDS)
     return flags
-
-
-def _model_flags(group) -> list[Flag]:
-    """The `ElectraExitConfig` fields, as model overrides (unset ones come from the --model preset)."""
-    docs, hints = field_docs(ElectraExitConfig), typing.get_type_hints(ElectraExitConfig)
-    return [_add_field_flag(group, "model.overrides", field, hints[field.name], docs.get(field.name, ""),
-                            dataclasses.MISSING, MODEL_FLAG_NAMES.get(field.name), MODEL_CHOICES.get(field.name))
-            for field in dataclasses.fields(ElectraExitConfig) if field.name not in DATASET_FIELDS]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[Flag]]:
@@ -162,7 +163,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[Flag]]:
     # DeepSpeed's own spelling (deepspeed.add_config_arguments): --deepspeed alone, the file here.
     parser.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return parser, _section_flags(parser, preset_config(DEFAULT_PRESET))
+    return parser, _config_flags(parser, preset_config(DEFAULT_PRESET))
 
 
 def _parse_model_set(items: list[str]) -> dict[str, Any]:
