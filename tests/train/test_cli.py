@@ -87,7 +87,8 @@ def test_existing_spellings_keep_working():
     assert config.model.overrides == {"exit_enabled": False, "exit_kv": "drop"}  # --model-set comes last
     assert config.exit_control.target_compute is None and config.checkpoint.resume == "none"
     assert (config.training.max_steps, config.training.max_tokens) == (None, 4096)
-    assert (config.checkpoint.export_hf, config.metrics.tensorboard, config.checkpoint.start_over) == (False, False, True)
+    checkpoint = config.checkpoint
+    assert (checkpoint.export_hf, config.metrics.tensorboard, checkpoint.start_over) == (False, False, True)
     assert (config.exit_control.warmup_steps, config.data.cache_dir, args.local_rank) == (5, "none", 3)
 
 
