@@ -20,6 +20,11 @@ EXIT_KV_MODES = ("keep", "drop")
 EXIT_HEADS = ("dense", "linear")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 EXIT_CRITERIA = tuple(EXIT_RULES)
+CHOICES = {"hidden_act": ACTIVATIONS, "head_bias_init": HEAD_BIAS_INITS, "generator": GENERATOR_MODES,
+           "exit_criterion": EXIT_CRITERIA, "exit_kv": EXIT_KV_MODES}
+"""Fields that take one of a few names (validated here; the command line offers them as choices)."""
+DATASET_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
+"""Fields a pre-training run takes from its dataset's index, never from the user."""
 TRAINING_FIELDS = {"target_compute": "exit_control.target_compute", "controller_gain": "exit_control.controller_gain",
                    "exit_warmup_steps": "exit_control.warmup_steps"}
 """Fields that older runs stored in the model config and that now belong to the training config
@@ -64,6 +69,9 @@ class ElectraExitConfig:
 
     # --- generator (shares the embeddings; hidden defaults to hidden_size / 4) ---
     generator: str = "mlm"
+    """Where replacements come from: "mlm", a small MLM generator trained alongside, or generator-free
+    draws, "uniform" over the vocabulary or "unigram" by corpus frequency (at CPU budgets only
+    generator-free discriminators leave the replaced-token prior)."""
     generator_hidden_size: int | None = None
     generator_num_hidden_layers: int | None = None
     generator_num_attention_heads: int | None = None
@@ -71,7 +79,9 @@ class ElectraExitConfig:
 
     # --- pre-training objective ---
     mask_prob: float = 0.15
+    """Share of real, non-special tokens masked for the generator and replaced for the discriminator."""
     disc_weight: float = 50.0
+    """Weight of the discriminator (RTD) term against the generator's MLM loss."""
     generator_temperature: float = 1.0
     """Replacements are drawn from softmax(generator logits / T); T > 1 flattens them (harder
     to tell from the context alone while the generator is still at the unigram plateau)."""
@@ -83,7 +93,9 @@ class ElectraExitConfig:
 
     # --- early exit ---
     exit_enabled: bool = True
+    """Token-level early exit: exit heads on the discriminator's layers, tokens leave when confident."""
     min_exit_layer: int | None = None
+    """First layer (1-based) with an exit head; default: a third of the depth."""
     exit_threshold: float = 0.9
     """Confidence at or above which a token exits (tau); the controller's start value (the
     controller's own settings are training settings: `dsexit.train.config.ExitControlConfig`)."""
@@ -101,6 +113,7 @@ class ElectraExitConfig:
     layers always compute the sequence summary. Pinned tokens are not counted in the compute
     fraction (neither executed nor full), which measures only tokens that can exit."""
     exit_kv: str = "keep"
+    """Exited tokens stay visible as keys and values ("keep") or leave the sequence ("drop")."""
     exit_head: str = "dense"
     """Shape of the exit heads: "dense" = the discriminator head's (dense H->H, activation, dense
     H->1, as HF's ElectraDiscriminatorPredictions), "linear" = one dense H->1. A dense head on every
@@ -153,16 +166,9 @@ class ElectraExitConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 fail(name, value, f"a token id in [0, vocab_size={self.vocab_size})")
-        if self.generator not in GENERATOR_MODES:
-            fail("generator", self.generator, f"one of {', '.join(GENERATOR_MODES)}")
-        if self.head_bias_init not in HEAD_BIAS_INITS:
-            fail("head_bias_init", self.head_bias_init, f"one of {', '.join(HEAD_BIAS_INITS)}")
-        if self.exit_criterion not in EXIT_CRITERIA:
-            fail("exit_criterion", self.exit_criterion, f"one of {', '.join(EXIT_CRITERIA)}")
-        if self.exit_kv not in EXIT_KV_MODES:
-            fail("exit_kv", self.exit_kv, f"one of {', '.join(EXIT_KV_MODES)}")
-        if self.hidden_act not in ACTIVATIONS:
-            fail("hidden_act", self.hidden_act, f"one of {', '.join(ACTIVATIONS)}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                fail(name, getattr(self, name), f"one of {', '.join(choices)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
@@ -180,8 +186,6 @@ class ElectraExitConfig:
             fail("min_exit_layer", self.min_exit_layer,
                  f"a layer number in [1, {self.num_hidden_layers - 1}] "
                  f"(the model has num_hidden_layers={self.num_hidden_layers})")
-        if self.exit_head not in EXIT_HEADS:
-            fail("exit_head", self.exit_head, f"one of {', '.join(EXIT_HEADS)}")
         if not isinstance(self.exit_interval, int) or self.exit_interval < 1:
             fail("exit_interval", self.exit_interval, "a whole number of layers >= 1")
         if not 0.0 < self.exit_supervision <= 1.0:

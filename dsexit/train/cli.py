@@ -1,146 +1,169 @@
-"""Command line -> `TrainConfig`: preset, then an optional saved config file, then flags.
+"""Command line -> `TrainConfig`, with the flags generated from the config dataclasses.
 
-Each flag names the config field it sets (`FLAG_FIELDS`), so `--help`, the resolved
-config and the saved config speak the same names. Exit settings and other model
-fields become `model.overrides`. Launchers' own arguments (`--local_rank`) are accepted
-and ignored: ranks are discovered in `dsexit.train.distributed`.
+Every field of every `TrainConfig` section is a flag: `--field-name`, or the `flag` its metadata
+names (`--data` for `data.url`); its type, choices and "none" come from the annotation, its help
+from the field's docstring, one argument group per section. The `ElectraExitConfig` fields (those
+the dataset owns excepted) are flags too and become `model.overrides`, as does `--model-set
+FIELD=VALUE`. A new field therefore needs no edit here.
+
+The layers, each over the one before: field defaults, the preset (`--preset`, or the one a
+`--config` file names), the `--config` file, the flags. Launchers' own arguments (`--local_rank`)
+are accepted and ignored (ranks are discovered in `dsexit.train.distributed`), and DeepSpeed's
+spelling `--deepspeed --deepspeed_config FILE` means `--deepspeed FILE`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from dsexit.model.config import EXIT_CRITERIA
-from dsexit.train.config import (PRECISIONS, PROGRESS_MODES, TRAIN_PRESETS, ConfigError, TrainConfig,
-                                 preset_config)
+from dsexit.model import ElectraExitConfig
+from dsexit.model.config import CHOICES as MODEL_CHOICES
+from dsexit.model.config import DATASET_FIELDS
+from dsexit.train.config import (DEFAULT_PRESET, ConfigError, TrainConfig, move_training_fields, preset_config,
+                                 preset_values)
 
-# flag destination -> (section, field)
-FLAG_FIELDS = {
-    "run_dir": ("job", "run_dir"), "seed": ("job", "seed"), "deterministic": ("job", "deterministic"),
-    "model": ("model", "preset"),
-    "target_compute": ("exit_control", "target_compute"), "exit_warmup_steps": ("exit_control", "warmup_steps"),
-    "data": ("data", "url"), "data_cache_dir": ("data", "cache_dir"),
-    "lr": ("optim", "lr"), "warmup_steps": ("optim", "warmup_steps"),
-    "weight_decay": ("optim", "weight_decay"), "grad_clip": ("optim", "grad_clip"),
-    "global_batch_size": ("training", "global_batch_size"), "micro_batch_size": ("training", "micro_batch_size"),
-    "precision": ("training", "precision"), "max_steps": ("training", "max_steps"),
-    "max_tokens": ("training", "max_tokens"), "max_minutes": ("training", "max_minutes"),
-    "deepspeed": ("parallelism", "deepspeed_config"), "pipeline_stages": ("parallelism", "pipeline_stages"),
-    "pipeline_partition": ("parallelism", "pipeline_partition"),
-    "dist_timeout": ("parallelism", "dist_timeout_s"),
-    "checkpoint_dir": ("checkpoint", "dir"), "save_interval": ("checkpoint", "interval"),
-    "keep_last": ("checkpoint", "keep_last"), "resume": ("checkpoint", "resume"),
-    "export_hf": ("checkpoint", "export_hf"), "start_over": ("checkpoint", "start_over"),
-    "checkpoint_retries": ("checkpoint", "retries"),
-    "log_interval": ("metrics", "log_interval"), "progress": ("metrics", "progress"),
-    "tensorboard": ("metrics", "tensorboard"), "csv": ("metrics", "csv"),
-    "eval_interval": ("metrics", "eval_interval"), "eval_samples": ("metrics", "eval_samples"),
-}
 SECTIONS = tuple(field.name for field in dataclasses.fields(TrainConfig))
-# flag destination -> ElectraExitConfig field
-MODEL_FLAGS = ("exit_enabled", "min_exit_layer", "exit_threshold", "exit_kv", "aux_weight", "generator", "mask_prob", "disc_weight", "exit_criterion",
-               "exit_special_tokens", "generator_temperature", "replacement_mix", "replacement_mix_steps")
+MODEL_FLAG_NAMES = {"exit_enabled": "--exit"}
+"""`ElectraExitConfig` fields whose flag is not their own name (the model package knows no command line)."""
+NONE = "none"
+"""The word that sets an optional number to None (`--target-compute none`); optional text keeps it
+(`--resume none` is a keyword, `--data-cache-dir none` a directory)."""
 
 
-_NONE = "none"  # a flag value that sets a field to None (argparse's None means "not given")
-NONE_FLAGS = ("target_compute",)  # FLAG_FIELDS whose flag takes _NONE (others, like --resume none, keep the word)
+@dataclass(frozen=True)
+class Flag:
+    """One generated flag: the field it sets, as (section, field) or ("model.overrides", field)."""
+
+    option: str
+    section: str
+    name: str
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}.{self.name}"
 
 
-def _optional_float(text: str) -> float | str:
-    return _NONE if text.lower() == _NONE else float(text)
+class _Unset:
+    """A flag value meaning None (argparse's own None means "not given")."""
+
+    def __repr__(self) -> str:
+        return NONE
 
 
-def build_parser() -> argparse.ArgumentParser:
+_SET_NONE = _Unset()
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings of a dataclass's fields (the string literal after each field), by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): flags without help
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _first_paragraph(text: str) -> str:
+    return " ".join(text.split("\n\n")[0].split())
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of `int`, `float | None`, `Optional[str]`, `dict[...]`."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [arg for arg in args if arg is not type(None)]
+        return kinds[0], len(kinds) < len(args)
+    return typing.get_origin(annotation) or annotation, False
+
+
+def _converter(kind: type, optional: bool):
+    def convert(text: str) -> Any:
+        if optional and text.lower() == NONE:
+            return _SET_NONE
+        return kind(text)
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
+    return convert
+
+
+def _add_field_flag(group, section: str, field: dataclasses.Field, hint: Any, doc: str, default: Any,
+                    option: str | None, choices: Sequence[str] | None) -> Flag:
+    options = {key: value for key, value in field.metadata.items() if key != "flag"}
+    flag = Flag(option or field.metadata.get("flag") or "--" + field.name.replace("_", "-"), section, field.name)
+    kind, optional = _base_type(hint)
+    help_text = _first_paragraph(doc)
+    if default is not dataclasses.MISSING and not isinstance(default, dict):
+        shown = "none" if default is None else repr(default) if default == "" else default
+        help_text += f" (default: {shown})" if help_text else f"default: {shown}"
+    if choices is not None:
+        options.setdefault("choices", choices)
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif kind is dict:
+        options.update(action="append", metavar="FIELD=VALUE")
+    else:
+        options["type"] = _converter(kind, optional and kind is not str)
+        if "choices" not in options:
+            options.setdefault("metavar", {int: "N", float: "X"}.get(kind, "TEXT"))
+            if optional and kind is not str:
+                options["metavar"] += "|none"
+    group.add_argument(flag.option, dest=flag.dest, default=None, help=help_text.replace("%", "%%"), **options)
+    return flag
+
+
+def dataclass_flags(group, cls: type, section: str, defaults: Any = None, *, options: dict[str, str] | None = None,
+                    choices: dict[str, Sequence[str]] | None = None, skip: Sequence[str] = ()) -> list[Flag]:
+    """One flag per field of the dataclass `cls` (those in `skip` excepted), added to `group`: `--field-name`,
+    or `options[field]`, or the field's metadata `flag`; other metadata (metavar, choices, nargs) goes to
+    argparse. bool fields get --X / --no-X, optional numbers take "none", a dict field takes FIELD=VALUE
+    (repeatable). The help is the field's docstring, with its value in `defaults` when given."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    options, choices = options or {}, choices or {}
+    return [_add_field_flag(group, section, field, hints[field.name], docs.get(field.name, ""),
+                            getattr(defaults, field.name) if defaults is not None else dataclasses.MISSING,
+                            options.get(field.name), choices.get(field.name))
+            for field in dataclasses.fields(cls) if field.name not in skip]
+
+
+def _config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> list[Flag]:
+    """Every section's fields, one argument group per section; the model's group also holds the
+    `ElectraExitConfig` fields, as model overrides (unset ones come from the --model preset)."""
+    flags = []
+    for section in dataclasses.fields(TrainConfig):
+        values = getattr(defaults, section.name)
+        group = parser.add_argument_group(section.name, inspect.getdoc(type(values)))
+        flags += dataclass_flags(group, type(values), section.name, values)
+        if section.name == "model":
+            flags += dataclass_flags(group, ElectraExitConfig, "model.overrides", options=MODEL_FLAG_NAMES,
+                                     choices=MODEL_CHOICES, skip=DATASET_FIELDS)
+    return flags
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[Flag]]:
+    """The parser and the flags it generated from the config dataclasses."""
     parser = argparse.ArgumentParser(
-        prog="pretrain.py", description="Pre-train ELECTRA with token-level early exit on DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
-    add = parser.add_argument
-    add("--preset", default="smoke", choices=sorted(TRAIN_PRESETS), help="training preset the defaults come from")
-    add("--config", metavar="JSON", help="a saved config.json to start from (flags still override it)")
-    add("--dry-run", action="store_true", help="print the resolved config and exit")
-
-    job = parser.add_argument_group("job")
-    job.add_argument("--run-dir", help="directory for logs, metrics, config and checkpoints")
-    job.add_argument("--seed", type=int)
-    job.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
-                     help="deterministic kernels: bitwise-repeatable GPU runs and resumes, somewhat slower")
-
-    model = parser.add_argument_group("model and early exit")
-    model.add_argument("--model", help="model preset: electra-tiny, electra-small, electra-base")
-    model.add_argument("--exit", dest="exit_enabled", action=argparse.BooleanOptionalAction,
-                       help="enable token-level early exit")
-    model.add_argument("--min-exit-layer", type=int)
-    model.add_argument("--exit-threshold", type=float, help="fixed confidence tau (the controller's start value)")
-    model.add_argument("--target-compute", type=_optional_float,
-                       help="fraction of token-layers to execute (steers tau); 'none' for a fixed tau")
-    model.add_argument("--exit-kv", choices=("keep", "drop"))
-    model.add_argument("--exit-warmup-steps", type=int)
-    model.add_argument("--exit-criterion", choices=EXIT_CRITERIA,
-                       help="prior_margin: distance of a head's log-odds from the replacement prior's; "
-                            "confidence: |2p - 1|")
-    model.add_argument("--exit-special-tokens", action=argparse.BooleanOptionalAction,
-                       help="let [CLS] and [SEP] exit (by default they run every layer)")
-    model.add_argument("--aux-weight", type=float, help="the exit heads' share of the discriminator loss, in [0, 1)")
-    model.add_argument("--generator", choices=("mlm", "uniform", "unigram"),
-                       help="replacements from an MLM generator, or generator-free (uniform / unigram draws); "
-                            "at CPU budgets only generator-free discriminators leave the replaced-token prior")
-    model.add_argument("--generator-temperature", type=float, help="sample replacements from softmax(logits / T)")
-    model.add_argument("--replacement-mix", type=float,
-                       help="share of masked positions replaced uniformly instead of by the generator")
-    model.add_argument("--replacement-mix-steps", type=int, help="steps over which --replacement-mix falls to 0")
-    model.add_argument("--mask-prob", type=float)
-    model.add_argument("--disc-weight", type=float)
-    model.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="any other ElectraExitConfig field (JSON value), repeatable")
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="URL", help="dataset URL (default: the embedded corpus)")
-    data.add_argument("--data-cache-dir")
-
-    training = parser.add_argument_group("optimization")
-    training.add_argument("--lr", type=float)
-    training.add_argument("--warmup-steps", type=int)
-    training.add_argument("--weight-decay", type=float)
-    training.add_argument("--grad-clip", type=float)
-    training.add_argument("--global-batch-size", type=int)
-    training.add_argument("--micro-batch-size", type=int)
-    training.add_argument("--precision", choices=PRECISIONS)
-    training.add_argument("--max-steps", type=int)
-    training.add_argument("--max-tokens", type=int)
-    training.add_argument("--max-minutes", type=float)
-
-    parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_configs/zero{1,2,3}.json)")
-    parallel.add_argument("--pipeline-stages", type=int)
-    parallel.add_argument("--pipeline-partition", help='layer split across stages: "parameters", "uniform" '
-                          'or "type:REGEX" (default: balance discriminator layers)')
-    parallel.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                          help="how long a collective waits for a lost peer before the run fails")
-    parallel.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-
-    ckpt = parser.add_argument_group("checkpoints")
-    ckpt.add_argument("--checkpoint-dir", metavar="PATH_OR_URL")
-    ckpt.add_argument("--save-interval", type=int)
-    ckpt.add_argument("--keep-last", type=int)
-    ckpt.add_argument("--resume", metavar="auto|none|PATH")
-    ckpt.add_argument("--export-hf", action=argparse.BooleanOptionalAction)
-    ckpt.add_argument("--start-over", action="store_true", default=None,
-                      help="start a new run in a run directory that holds one, moving the old run aside to "
-                           "RUN_DIR.old-TIMESTAMP first (nothing is deleted)")
-    ckpt.add_argument("--checkpoint-retries", type=int, metavar="N",
-                      help="retries with backoff of each object-store operation of the checkpoint mirror")
-
-    metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--log-interval", type=int)
-    metrics.add_argument("--progress", choices=PROGRESS_MODES)
-    metrics.add_argument("--tensorboard", action=argparse.BooleanOptionalAction)
-    metrics.add_argument("--csv", action=argparse.BooleanOptionalAction)
-    metrics.add_argument("--eval-interval", type=int, help="held-out evaluation every N steps (0: off)")
-    metrics.add_argument("--eval-samples", type=int, help="held-out samples per evaluation")
-    return parser
+        prog="pretrain.py", argument_default=None,
+        description="Pre-train ELECTRA with token-level early exit on DeepSpeed. Each flag sets the config field "
+                    "it is named after; later layers win: defaults, the preset, --config, the flags. The defaults "
+                    f"shown are the {DEFAULT_PRESET} preset's; the model fields' come from the --model preset.")
+    parser.add_argument("--config", metavar="JSON", help="a saved config.json to start from (flags still override it)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    # DeepSpeed's own spelling (deepspeed.add_config_arguments): --deepspeed alone, the file here.
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return parser, _config_flags(parser, preset_config(DEFAULT_PRESET))
 
 
 def _parse_model_set(items: list[str]) -> dict[str, Any]:
@@ -156,9 +179,36 @@ def _parse_model_set(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_config_file(path: str) -> TrainConfig:
-    """A saved config.json (the resolved config a run writes, or its "train" part alone); ConfigError
-    naming the file when it cannot be read, is not JSON, or a section is not an object."""
+def flag_values(args: argparse.Namespace, flags: list[Flag]) -> dict[str, dict[str, Any]]:
+    """The fields the command line set, as config sections ({"optim": {"lr": ...}, "model": {"overrides": ...}})."""
+    values: dict[str, dict[str, Any]] = {}
+    overrides: dict[str, Any] = {}
+    model_set: list[str] = []
+    for flag in flags:
+        value = getattr(args, flag.dest)
+        if value is None:
+            continue
+        value = None if value is _SET_NONE else value
+        if flag.section == "model.overrides":
+            overrides[flag.name] = value
+        elif flag.dest == "model.overrides":
+            model_set = value
+        else:
+            values.setdefault(flag.section, {})[flag.name] = value
+    if args.deepspeed_config is not None:
+        given = values.setdefault("parallelism", {}).setdefault("deepspeed_config", args.deepspeed_config)
+        if given != args.deepspeed_config:
+            raise ConfigError(f"--deepspeed {given!r} and --deepspeed_config {args.deepspeed_config!r} disagree; "
+                              f"expected one DeepSpeed config.")
+    overrides.update(_parse_model_set(model_set))  # after the named flags, as it is given after them
+    if overrides:
+        values.setdefault("model", {})["overrides"] = overrides
+    return values
+
+
+def load_config_file(path: str) -> dict[str, dict[str, Any]]:
+    """The sections of a saved config.json (the resolved config a run writes, or its "train" part
+    alone); ConfigError naming the file when it cannot be read, is not JSON, or a section is not an object."""
     try:
         with open(path) as handle:
             saved = json.load(handle)
@@ -175,31 +225,32 @@ def load_config_file(path: str) -> TrainConfig:
         if section in train and not isinstance(train[section], dict):
             raise ConfigError(f"config={path!r} has section {section!r} = {json.dumps(train[section])[:60]}; "
                               f"expected an object of its fields.")
-    try:
-        return TrainConfig.from_dict(train)
-    except ConfigError as error:
-        raise ConfigError(f"config={path!r} is invalid: {error}") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"config={path!r} is invalid: {error}.") from None
+    return move_training_fields(train)
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win, field by field (nested objects such as model.overrides merge key by key)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                value = merge(merged[key], value)
+            merged[key] = value
+    return merged
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """The validated config for a command line; raises ConfigError naming the bad value."""
-    args = build_parser().parse_args(argv)
-    if args.config:
-        config = load_config_file(args.config)
-    else:
-        config = preset_config(args.preset)
-    for dest, (section, name) in FLAG_FIELDS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            setattr(getattr(config, section), name, None if dest in NONE_FLAGS and value == _NONE else value)
-    overrides = dict(config.model.overrides)
-    for name in MODEL_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            overrides[name] = None if value == _NONE else value
-    overrides.update(_parse_model_set(args.model_set))
-    config.model.overrides = overrides
+    parser, flags = build_parser()
+    args = parser.parse_args(argv)
+    given = flag_values(args, flags)
+    saved = load_config_file(args.config) if args.config else {}
+    preset = given.get("job", {}).get("preset") or saved.get("job", {}).get("preset") or DEFAULT_PRESET
+    try:
+        config = TrainConfig.from_dict(merge(preset_values(preset), saved, given))
+    except (TypeError, ValueError) as error:  # an unknown field: only a file can hold one
+        if not args.config:
+            raise
+        raise ConfigError(f"config={args.config!r} is invalid: {str(error).rstrip('.')}.") from None
     config.validate()
     return config, args

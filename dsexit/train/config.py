@@ -1,9 +1,11 @@
 """The trainer's configuration: one dataclass per section, training presets, validation.
 
 `TrainConfig` is the single source of truth for a run. It is built from a preset
-(`TRAIN_PRESETS`) plus command-line overrides (`dsexit.train.cli`), validated here before
-any process group exists, printed once by rank 0 and saved with every checkpoint.
-The DeepSpeed JSON is resolved against it in `dsexit.train.ds_config`.
+(`TRAIN_PRESETS`), an optional saved config file and command-line flags (`dsexit.train.cli`,
+which makes one flag per field: named after the field unless its metadata gives a `flag`,
+with the field's docstring as its help), validated here before any process group exists,
+printed once by rank 0 and saved with every checkpoint. The DeepSpeed JSON is resolved
+against it in `dsexit.train.ds_config`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import PRESETS as MODEL_PRESETS
+
+DEFAULT_PRESET = "smoke"
 
 RESUME_KEYWORDS = ("auto", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -33,30 +37,38 @@ def _fail(name: str, value: Any, expected: str) -> None:
 class JobConfig:
     """Where the run lives and how it is seeded."""
 
-    run_dir: str = "runs/electra"
+    run_dir: str = field(default="runs/electra", metadata={"metavar": "DIR"})
     """Local directory for logs, metrics, the resolved config and (by default) checkpoints."""
     seed: int = 1234
     """Seeds parameter init, the data order and the masking RNG (offset by rank)."""
     deterministic: bool = False
     """Deterministic kernels (`torch.use_deterministic_algorithms`, math attention on CUDA): on a GPU two
     runs, or a run and its resume, then agree bitwise, at some speed; on a CPU they agree anyway."""
-    preset: str = "smoke"
-    """Name of the training preset the defaults came from (see TRAIN_PRESETS)."""
+    preset: str = field(default=DEFAULT_PRESET, metadata={"metavar": "NAME"})
+    """Training preset the defaults come from: smoke (minutes on a CPU), small or base (the ELECTRA
+    papers' recipes); see TRAIN_PRESETS."""
 
 
 @dataclass
 class ModelSection:
     """Which model: an `ElectraExitConfig` preset plus field overrides (exit settings included)."""
 
-    preset: str = "electra-tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    """`ElectraExitConfig` fields to override, e.g. {"exit_kv": "drop"}. Vocabulary and
-    special-token ids always come from the dataset index."""
+    preset: str = field(default="electra-tiny", metadata={"flag": "--model", "metavar": "PRESET"})
+    """Model preset: electra-tiny, electra-small or electra-base."""
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"flag": "--model-set"})
+    """Any `ElectraExitConfig` field, as FIELD=VALUE (a JSON value), e.g. exit_kv=drop; repeatable.
+    Vocabulary and special-token ids always come from the dataset index."""
 
-    def build(self, dataset_fields: dict[str, Any]) -> ElectraExitConfig:
-        """The model config for a dataset; raises ConfigError naming a bad field."""
+    def build(self, dataset_fields: dict[str, Any], seq_len: int = 0) -> ElectraExitConfig:
+        """The model config for a dataset (its vocabulary fields, and position embeddings for at
+        least `seq_len` tokens); raises ConfigError naming a bad field."""
+        values = {**self.overrides, **dataset_fields}
+        positions = {**MODEL_PRESETS.get(self.preset, {}), **values}.get(
+            "max_position_embeddings", ElectraExitConfig.max_position_embeddings)
+        if isinstance(positions, int) and positions < seq_len:
+            values["max_position_embeddings"] = seq_len
         try:
-            return ElectraExitConfig.from_preset(self.preset, **{**self.overrides, **dataset_fields})
+            return ElectraExitConfig.from_preset(self.preset, **values)
         except (ValueError, TypeError) as error:
             raise ConfigError(str(error)) from None
 
@@ -69,7 +81,7 @@ class ExitControlConfig:
     """Fraction of token-layers to execute; when set, a controller steers tau toward it."""
     controller_gain: float = 4.0
     """Step size of the controller, in logit(tau) per unit of compute-fraction error."""
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata={"flag": "--exit-warmup-steps"})
     """No token exits during the first this many steps (the heads train meanwhile)."""
 
 
@@ -77,11 +89,13 @@ class ExitControlConfig:
 class DataConfig:
     """Where samples come from."""
 
-    url: str = ""
+    url: str = field(default="", metadata={"flag": "--data", "metavar": "URL"})
     """Dataset URL (local path or fsspec URL); empty means the corpus embedded in the package."""
     shuffle_window: int = 16
+    """Shards read at once, their samples interleaved (part of the deterministic order)."""
     prefetch: int = 8
-    cache_dir: str | None = None
+    """Shards fetched ahead of the reader."""
+    cache_dir: str | None = field(default=None, metadata={"flag": "--data-cache-dir", "metavar": "PATH"})
     """Local shard cache for remote datasets; default: RUN_DIR/shard-cache."""
 
 
@@ -90,6 +104,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (filled into the DeepSpeed config's "auto" fields)."""
 
     lr: float = 1e-3
+    """Peak learning rate."""
     warmup_steps: int | None = None
     """Linear warmup from 0 to lr, then linear decay to 0 at the schedule's last step.
     None: 10% of the schedule (at least 2 steps; shorter for a run of 1 or 2 steps)."""
@@ -107,7 +122,7 @@ class TrainingConfig:
     """Samples per optimizer step over all data-parallel ranks (= micro x grad_accum x dp)."""
     micro_batch_size: int = 16
     """Samples per forward pass on one rank."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """bf16 where the hardware runs it natively (CUDA with bf16, or a CPU with AMX/AVX512-BF16), else fp32."""
     max_steps: int | None = 1000
     """Optimizer steps; also the length of the LR schedule. None: derived from max_tokens."""
@@ -123,13 +138,16 @@ class TrainingConfig:
 class ParallelismConfig:
     """How the work is split."""
 
-    deepspeed_config: str = "ds_configs/zero2.json"
+    deepspeed_config: str = field(default="ds_configs/zero2.json", metadata={"flag": "--deepspeed", "metavar": "JSON",
+                                                                            "nargs": "?"})
+    """DeepSpeed config: a JSON file, or a shipped one by name (ds_configs/zero{1,2,3}.json, pipeline.json).
+    DeepSpeed's own form, --deepspeed --deepspeed_config FILE, works too."""
     pipeline_stages: int = 1
     """>1 selects pipeline parallelism (ZeRO 0/1 only, ds_configs/pipeline.json)."""
-    pipeline_partition: str = "type:DiscriminatorLayerPipe"
+    pipeline_partition: str = field(default="type:DiscriminatorLayerPipe", metadata={"metavar": "HOW"})
     """How DeepSpeed splits layers across stages: "parameters", "uniform", or "type:REGEX"
     (the default balances discriminator layers; stage 1 also holds embeddings and generator)."""
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: float = field(default=1800.0, metadata={"flag": "--dist-timeout", "metavar": "SECONDS"})
     """Seconds a collective may wait for its peers before the run fails with an error naming
     them (a lost node, a cut network); also bounds the start-up rendezvous."""
 
@@ -138,21 +156,21 @@ class ParallelismConfig:
 class CheckpointConfig:
     """Checkpoint location, cadence, retention and resume."""
 
-    dir: str = ""
+    dir: str = field(default="", metadata={"flag": "--checkpoint-dir", "metavar": "PATH_OR_URL"})
     """Local path or fsspec URL; empty: RUN_DIR/checkpoints. A URL is mirrored from a local
     staging copy in RUN_DIR/checkpoints."""
-    interval: int = 250
+    interval: int = field(default=250, metadata={"flag": "--save-interval"})
     """Save every this many optimizer steps (and always at the end or on preemption)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
-    resume: str = "auto"
+    resume: str = field(default="auto", metadata={"metavar": "auto|none|PATH"})
     """'auto' (newest complete checkpoint, if any), 'none', or a path to a checkpoint tag."""
     export_hf: bool = True
     """Write a Hugging Face export of the final checkpoint to RUN_DIR/hf."""
     start_over: bool = False
     """Start a new run in a run directory that holds another one, after moving that one aside to
     RUN_DIR.old-TIMESTAMP (nothing is deleted). Without it such a start is refused."""
-    retries: int = 6
+    retries: int = field(default=6, metadata={"flag": "--checkpoint-retries"})
     """Retries (exponential backoff, as for data reads) of each object-store operation of the
     checkpoint mirror; an upload that still fails is retried at the next save."""
 
@@ -162,15 +180,19 @@ class MetricsConfig:
     """What rank 0 reports, and where."""
 
     log_interval: int = 10
-    progress: str = "auto"
+    """Log a metrics line every this many steps."""
+    progress: str = field(default="auto", metadata={"choices": PROGRESS_MODES})
     """'bar' on a terminal, 'lines' (plain key=value lines) otherwise; 'auto' picks."""
     tensorboard: bool = True
+    """TensorBoard event files in RUN_DIR/monitor (when tensorboard is installed)."""
     csv: bool = True
+    """DeepSpeed's CSV monitor files in RUN_DIR/monitor."""
     eval_interval: int = 250
     """Held-out evaluation every this many steps (and at the start and the end); 0 turns it off."""
     eval_samples: int = 512
     """Held-out samples evaluated (the first ones of the dataset's validation split)."""
     eval_batch_size: int = 64
+    """Samples per forward pass of the held-out evaluation."""
 
 
 @dataclass
@@ -190,7 +212,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        values = _move_training_fields(values)
+        values = move_training_fields(values)
         sections = {}
         for section in dataclasses.fields(cls):
             section_type = section.default_factory().__class__
@@ -262,9 +284,8 @@ class TrainConfig:
             _fail("shuffle_window" if self.data.shuffle_window < 1 else "prefetch",
                   self.data.shuffle_window if self.data.shuffle_window < 1 else self.data.prefetch,
                   "a positive window / a non-negative prefetch depth")
-        # Model overrides are checked against the model config now, with placeholder
-        # vocabulary fields; the dataset's real ones are applied when it is opened.
-        self.model.build({})
+        # The model overrides are checked once, when the model config is built for the dataset
+        # (`ModelSection.build`, in dsexit.train.resolve): that needs its vocabulary and length.
 
     def schedule_steps(self, seq_len: int) -> int:
         """Optimizer steps the run (and its LR schedule) lasts."""
@@ -302,7 +323,7 @@ _MOVED_MODEL_FIELDS = {"target_compute": "target_compute", "controller_gain": "c
                        "exit_warmup_steps": "warmup_steps"}
 
 
-def _move_training_fields(values: dict[str, Any]) -> dict[str, Any]:
+def move_training_fields(values: dict[str, Any]) -> dict[str, Any]:
     """A config saved before the controller's settings left the model overrides, in today's sections."""
     overrides = (values.get("model") or {}).get("overrides") or {}
     moved = {new: overrides[old] for old, new in _MOVED_MODEL_FIELDS.items() if old in overrides}
@@ -345,9 +366,14 @@ TRAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def preset_config(name: str) -> TrainConfig:
+def preset_values(name: str) -> dict[str, dict[str, Any]]:
+    """The sections a preset sets (a copy), its name included; ConfigError for an unknown name."""
     if name not in TRAIN_PRESETS:
         _fail("preset", name, f"one of {', '.join(TRAIN_PRESETS)}")
     values = {section: dict(fields) for section, fields in TRAIN_PRESETS[name].items()}
     values.setdefault("job", {})["preset"] = name
-    return TrainConfig.from_dict(values)
+    return values
+
+
+def preset_config(name: str) -> TrainConfig:
+    return TrainConfig.from_dict(preset_values(name))

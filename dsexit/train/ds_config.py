@@ -5,8 +5,9 @@ links to them) own what is DeepSpeed's business (ZeRO stage, bucket
 sizes, optimizer type and betas). Fields the trainer owns are written "auto" there and
 filled from `TrainConfig` here: batch sizes, learning rate and schedule, weight decay,
 gradient clipping, precision, monitor paths. A concrete value where the trainer has its
-own is allowed only if the two agree, so there is one source of truth and one clear
-error otherwise. Everything here runs before any process group exists.
+own is allowed only if the two agree, so there is one source of truth and otherwise one
+error listing every disagreement (as Hugging Face's `fill_match` does). Everything here runs
+before any process group exists.
 """
 
 from __future__ import annotations
@@ -94,18 +95,18 @@ def bf16_supported() -> bool:
     return False
 
 
-def _fill(section: dict[str, Any], key: str, value: Any, where: str, source: str) -> None:
-    """Set an "auto" (or absent) field; a concrete one must agree with the trainer's value."""
+def _fill(section: dict[str, Any], key: str, value: Any, where: str, source: str, mismatches: list[str]) -> None:
+    """Set an "auto" (or absent) field; a concrete one must agree with the trainer's value, or the
+    disagreement joins `mismatches` (all of them are reported at once, by `resolve_ds_config`)."""
     given = section.get(key, AUTO)
     if given == AUTO:
         section[key] = value
     elif given != value and not (isinstance(given, (int, float)) and isinstance(value, (int, float))
                                  and abs(given - value) <= 1e-12 * max(abs(given), abs(value))):
-        raise ConfigError(f"the DeepSpeed config sets {where}.{key}={given!r} but the trainer has {source}={value!r}; "
-                          f"set it to \"auto\" in the JSON or make the two agree.")
+        mismatches.append(f"{where}.{key}={given!r} but the trainer has {source}={value!r}")
 
 
-def resolve_precision(ds_config: dict[str, Any], requested: str) -> str:
+def resolve_precision(ds_config: dict[str, Any], requested: str, mismatches: list[str]) -> str:
     if ds_config.get("fp16", {}).get("enabled") in (True, AUTO):
         raise ConfigError("the DeepSpeed config enables fp16; this trainer runs bf16 or fp32 (use \"bf16\": "
                           "{\"enabled\": \"auto\"}).")
@@ -115,11 +116,11 @@ def resolve_precision(ds_config: dict[str, Any], requested: str) -> str:
     if requested == "bf16" and not bf16_supported():
         raise ConfigError("precision='bf16' was requested but this hardware has no native bf16 "
                           "(no CUDA bf16, no amx_bf16/avx512_bf16 CPU flag); use --precision fp32 or auto.")
-    _fill(bf16, "enabled", requested == "bf16", "bf16", "precision")
+    _fill(bf16, "enabled", requested == "bf16", "bf16", "precision", mismatches)
     return requested
 
 
-def resolve_batch(ds_config: dict[str, Any], config: TrainConfig, dp_size: int) -> int:
+def resolve_batch(ds_config: dict[str, Any], config: TrainConfig, dp_size: int, mismatches: list[str]) -> int:
     """Fill the three batch fields; returns gradient accumulation steps."""
     training = config.training
     per_step = training.micro_batch_size * dp_size
@@ -128,36 +129,37 @@ def resolve_batch(ds_config: dict[str, Any], config: TrainConfig, dp_size: int) 
                           f"{training.micro_batch_size} x data-parallel size {dp_size}; train_batch_size must equal "
                           f"micro_batch_size x gradient_accumulation_steps x data-parallel size.")
     grad_accum = training.global_batch_size // per_step
-    _fill(ds_config, "train_batch_size", training.global_batch_size, "<top level>", "global_batch_size")
-    _fill(ds_config, "train_micro_batch_size_per_gpu", training.micro_batch_size, "<top level>", "micro_batch_size")
+    _fill(ds_config, "train_batch_size", training.global_batch_size, "<top level>", "global_batch_size", mismatches)
+    _fill(ds_config, "train_micro_batch_size_per_gpu", training.micro_batch_size, "<top level>", "micro_batch_size",
+          mismatches)
     _fill(ds_config, "gradient_accumulation_steps", grad_accum, "<top level>",
-          f"global_batch_size / (micro_batch_size x dp {dp_size})")
+          f"global_batch_size / (micro_batch_size x dp {dp_size})", mismatches)
     return grad_accum
 
 
-def resolve_schedule(ds_config: dict[str, Any], config: TrainConfig, total_steps: int) -> None:
+def resolve_schedule(ds_config: dict[str, Any], config: TrainConfig, total_steps: int, mismatches: list[str]) -> None:
     optim, warmup_steps = config.optim, config.warmup_steps(total_steps)
     if optim.warmup_steps is not None and warmup_steps >= total_steps:  # a derived warmup always fits
         raise ConfigError(f"warmup_steps={warmup_steps} is invalid; expected fewer than the schedule's "
                           f"{total_steps} steps (max_steps / max_tokens).")
     optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
-    _fill(params, "lr", optim.lr, "optimizer.params", "lr")
-    _fill(params, "weight_decay", optim.weight_decay, "optimizer.params", "weight_decay")
-    _fill(ds_config, "gradient_clipping", optim.grad_clip, "<top level>", "grad_clip")
+    _fill(params, "lr", optim.lr, "optimizer.params", "lr", mismatches)
+    _fill(params, "weight_decay", optim.weight_decay, "optimizer.params", "weight_decay", mismatches)
+    _fill(ds_config, "gradient_clipping", optim.grad_clip, "<top level>", "grad_clip", mismatches)
     scheduler = ds_config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
     if scheduler.get("type") != "WarmupDecayLR":
         raise ConfigError(f"the DeepSpeed config's scheduler.type={scheduler.get('type')!r} is unsupported; "
                           f"expected \"WarmupDecayLR\" (linear warmup, then linear decay).")
     sched = scheduler.setdefault("params", {})
-    _fill(sched, "warmup_min_lr", 0.0, "scheduler.params", "warmup_min_lr")
-    _fill(sched, "warmup_max_lr", optim.lr, "scheduler.params", "lr")
-    _fill(sched, "warmup_num_steps", warmup_steps, "scheduler.params", "warmup_steps")
-    _fill(sched, "total_num_steps", total_steps, "scheduler.params", "schedule steps")
-    _fill(sched, "warmup_type", "linear", "scheduler.params", "warmup_type")
+    _fill(sched, "warmup_min_lr", 0.0, "scheduler.params", "warmup_min_lr", mismatches)
+    _fill(sched, "warmup_max_lr", optim.lr, "scheduler.params", "lr", mismatches)
+    _fill(sched, "warmup_num_steps", warmup_steps, "scheduler.params", "warmup_steps", mismatches)
+    _fill(sched, "total_num_steps", total_steps, "scheduler.params", "schedule steps", mismatches)
+    _fill(sched, "warmup_type", "linear", "scheduler.params", "warmup_type", mismatches)
 
 
-def resolve_monitors(ds_config: dict[str, Any], config: TrainConfig, monitor_dir: str) -> None:
+def resolve_monitors(ds_config: dict[str, Any], config: TrainConfig, monitor_dir: str, mismatches: list[str]) -> None:
     wanted = {"tensorboard": config.metrics.tensorboard, "csv_monitor": config.metrics.csv}
     if wanted["tensorboard"]:
         try:
@@ -168,8 +170,8 @@ def resolve_monitors(ds_config: dict[str, Any], config: TrainConfig, monitor_dir
         section = ds_config.setdefault(name, {"enabled": AUTO})
         if section.get("enabled", AUTO) == AUTO:
             section["enabled"] = enabled
-        _fill(section, "output_path", os.path.join(monitor_dir, ""), name, "RUN_DIR/monitor")
-        _fill(section, "job_name", name.replace("_monitor", ""), name, "job name")
+        _fill(section, "output_path", os.path.join(monitor_dir, ""), name, "RUN_DIR/monitor", mismatches)
+        _fill(section, "job_name", name.replace("_monitor", ""), name, "job name", mismatches)
 
 
 def _find_auto(node: Any, path: str = "") -> list[str]:
@@ -182,14 +184,19 @@ def _find_auto(node: Any, path: str = "") -> list[str]:
 
 def resolve_ds_config(raw: dict[str, Any], config: TrainConfig, *, dp_size: int, total_steps: int,
                       monitor_dir: str) -> dict[str, Any]:
-    """The DeepSpeed config with every "auto" filled; raises ConfigError on any conflict.
+    """The DeepSpeed config with every "auto" filled; raises ConfigError on any conflict, one error
+    naming every field where the JSON and the trainer disagree.
 
     The caller has run `check_parallelism` on `raw`."""
-    ds_config = copy.deepcopy(raw)
-    resolve_precision(ds_config, config.training.precision)
-    resolve_batch(ds_config, config, dp_size)
-    resolve_schedule(ds_config, config, total_steps)
-    resolve_monitors(ds_config, config, monitor_dir)
+    ds_config, mismatches = copy.deepcopy(raw), []
+    resolve_precision(ds_config, config.training.precision, mismatches)
+    resolve_batch(ds_config, config, dp_size, mismatches)
+    resolve_schedule(ds_config, config, total_steps, mismatches)
+    resolve_monitors(ds_config, config, monitor_dir, mismatches)
+    if mismatches:
+        raise ConfigError(f"the DeepSpeed config disagrees with the trainer: it sets {'; '.join(mismatches)}; "
+                          f"set {'these' if len(mismatches) > 1 else 'it'} to \"auto\" in the JSON or make the two "
+                          f"agree.")
     ds_config.setdefault("steps_per_print", 10**9)  # the trainer reports progress itself
     left = _find_auto(ds_config)
     if left:

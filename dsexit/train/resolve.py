@@ -100,13 +100,11 @@ def _open_dataset(url: str) -> DatasetIndex:
         raise ConfigError(f"data={url!r} is invalid: {error}") from None
 
 
-def dataset_model_fields(dataset: DatasetIndex, model_config: ElectraExitConfig | None = None) -> dict[str, Any]:
+def dataset_model_fields(dataset: DatasetIndex) -> dict[str, Any]:
+    """The model fields a dataset owns (`dsexit.model.config.DATASET_FIELDS`)."""
     special = dataset.special_tokens
-    fields = dict(vocab_size=dataset.vocab_size, pad_token_id=special["pad"], cls_token_id=special["cls"],
-                  sep_token_id=special["sep"], mask_token_id=special["mask"])
-    if model_config is not None and model_config.max_position_embeddings < dataset.seq_len:
-        fields["max_position_embeddings"] = dataset.seq_len
-    return fields
+    return dict(vocab_size=dataset.vocab_size, pad_token_id=special["pad"], cls_token_id=special["cls"],
+                sep_token_id=special["sep"], mask_token_id=special["mask"])
 
 
 def _check_resume_value(resume: str) -> None:
@@ -204,8 +202,7 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
 
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
-    provisional = config.model.build(dataset_model_fields(dataset))
-    model_config = config.model.build(dataset_model_fields(dataset, provisional))
+    model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
     stages = config.parallelism.pipeline_stages
     config.parallelism.deepspeed_config = find_ds_config(config.parallelism.deepspeed_config)
     raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)
