@@ -21,7 +21,8 @@ EXIT_HEADS = ("dense", "linear")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 EXIT_CRITERIA = tuple(EXIT_RULES)
 CHOICES = {"hidden_act": ACTIVATIONS, "head_bias_init": HEAD_BIAS_INITS, "generator": GENERATOR_MODES,
-           "exit_criterion": EXIT_CRITERIA, "exit_kv": EXIT_KV_MODES}
+           "exit_criterion": EXIT_CRITERIA, "exit_kv": EXIT_KV_MODES,
+           "exit_head": EXIT_HEADS}
 """Fields that take one of a few names (validated here; the command line offers them as choices)."""
 DATASET_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
 """Fields a pre-training run takes from its dataset's index, never from the user."""
