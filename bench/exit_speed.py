@@ -171,6 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="electra-small")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
     parser.add_argument("--peak-size", type=int, help="matmul size for the peak (default: 2048 CPU, 8192 GPU)")
+    parser.add_argument("--full-depth-only", action="store_true",
+                        help="only ours at full depth and HF same-work (quick ablations of the dense path)")
     parser.add_argument("--out", default="bench/results/exit_speed.json")
     return parser.parse_args(argv)
 
@@ -183,13 +185,23 @@ def main(argv=None) -> None:
     batch = make_batch(config, batch_size, args.seq_len, device)
     tokens = batch_size * args.seq_len
     steps: dict[str, object] = {}
+    fractions = EXIT_FRACTIONS[:1] if args.full_depth_only else EXIT_FRACTIONS
     for dtype in DTYPES:
-        for fraction in EXIT_FRACTIONS:
+        for fraction in fractions:
             steps[f"ours {dtype} exit={fraction:.2f}"] = OursStep(config, batch, fraction, dtype, device)
         steps[f"hf same-work {dtype}"] = HFStep(config, batch, dtype, device, same_work=True)
-        steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
+        if not args.full_depth_only:
+            steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
     print(f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}", file=sys.stderr)
     seconds = time_round_robin(steps, args.repeats, device)
+    if args.full_depth_only:
+        ratios = {dtype: seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES}
+        for name, value in seconds.items():
+            print(f"{name:<24}{value:>8.3f} s/step")
+        print(f"RESULT exit_speed_full_depth full_depth_vs_hf_same_work_fp32={ratios['fp32']:.3f} "
+              f"full_depth_vs_hf_same_work_bf16={ratios['bf16']:.3f}")
+        Path(args.out).write_text(json.dumps({"seconds": seconds, "ratios": ratios, "batch": batch_size}, indent=2))
+        return
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     peaks = {dtype: matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32, peak_size)
              for dtype in DTYPES}

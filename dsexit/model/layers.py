@@ -55,7 +55,7 @@ class TokenRouting:
     """
 
     dense: bool
-    key_mask: torch.Tensor  # bool [B, 1, 1, K]: which keys each sequence may attend to
+    key_mask: torch.Tensor | None  # bool [B, 1, 1, K]: which keys each sequence may attend to (None: all)
     row_index: torch.Tensor | None = None  # long [N]
     batch_index: torch.Tensor | None = None  # long [N]
     slot_index: torch.Tensor | None = None  # long [N]
@@ -64,7 +64,7 @@ class TokenRouting:
 
     @classmethod
     def all_positions(cls, attention_mask: torch.Tensor) -> "TokenRouting":
-        return cls(dense=True, key_mask=attention_mask.bool()[:, None, None, :])
+        return cls(dense=True, key_mask=_key_mask(attention_mask))
 
     @classmethod
     def active_tokens(cls, active: torch.Tensor, attention_mask: torch.Tensor,
@@ -84,7 +84,8 @@ class TokenRouting:
             if slots:
                 key_mask[:, 0] = True
         else:
-            key_mask = attention_mask.bool()
+            return cls(dense=False, key_mask=_key_mask(attention_mask), row_index=row_index,
+                       batch_index=batch_index, slot_index=slot_index, slots=slots, drop_exited_keys=False)
         return cls(dense=False, key_mask=key_mask[:, None, None, :], row_index=row_index,
                    batch_index=batch_index, slot_index=slot_index, slots=slots,
                    drop_exited_keys=drop_exited_keys)
@@ -92,6 +93,13 @@ class TokenRouting:
     @property
     def rows(self) -> int:
         return -1 if self.dense else int(self.row_index.numel())
+
+
+def _key_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The [B, 1, 1, T] key mask, or None when every position is real (packed rows): attention
+    then runs its fused unmasked kernel, as HF's SDPA path does. Same values either way."""
+    real = attention_mask.bool()
+    return None if bool(real.all()) else real[:, None, None, :]
 
 
 class ElectraEmbeddings(nn.Module):
@@ -136,11 +144,19 @@ class ElectraSelfAttention(nn.Module):
         batch, heads, length, head_size = context.shape
         return context.transpose(1, 2).reshape(batch, length, heads * head_size)
 
+    def _projected(self, inputs: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
+        """Several projections of the same inputs as one matmul (weights concatenated on the fly: the
+        parameters keep HF's names and shapes), split back into one tensor each."""
+        if len(projections) == 1:
+            return (projections[0](inputs),)
+        weight = torch.cat([projection.weight for projection in projections])
+        bias = torch.cat([projection.bias for projection in projections])
+        return F.linear(inputs, weight, bias).split(projections[0].out_features, dim=-1)
+
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
         """Context vectors for the routed rows: [B*T, H] when dense, [N, H] otherwise."""
         if routing.dense:
-            context = self._attend(self.query(hidden), self.key(hidden), self.value(hidden),
-                                   routing.key_mask)
+            context = self._attend(*self._projected(hidden, self.query, self.key, self.value), routing.key_mask)
             return context.reshape(-1, context.shape[-1])
         batch, hidden_size = hidden.shape[0], hidden.shape[2]
 
@@ -148,12 +164,13 @@ class ElectraSelfAttention(nn.Module):
             slotted = row_values.new_zeros(batch, routing.slots, hidden_size)
             return slotted.index_put((routing.batch_index, routing.slot_index), row_values)
 
-        query = to_slots(self.query(rows))
         if routing.drop_exited_keys:
-            key, value = to_slots(self.key(rows)), to_slots(self.value(rows))
+            query, key, value = (to_slots(projected) for projected in
+                                 self._projected(rows, self.query, self.key, self.value))
         else:
             # Exited tokens stay visible: their frozen states still serve as keys/values.
-            key, value = self.key(hidden), self.value(hidden)
+            query = to_slots(self.query(rows))
+            key, value = self._projected(hidden, self.key, self.value)
         context = self._attend(query, key, value, routing.key_mask)
         return context[routing.batch_index, routing.slot_index]
 

@@ -194,6 +194,25 @@ def micro_batch_inputs(batch: dict[str, torch.Tensor], config: ElectraExitConfig
     return inputs, torch.zeros(1)
 
 
+def _pipeline_module_class():
+    """DeepSpeed's `PipelineModule`, also taking "layers:N0,N1,..." (`partition.py`) as a partition method."""
+    from deepspeed.pipe import PipelineModule
+
+    from .partition import is_layer_partition, parse_layer_counts
+
+    class ExitPipelineModule(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            if not is_layer_partition(method):
+                return super()._partition_layers(method)
+            counts = parse_layer_counts(method, self.num_stages, len(self._layer_specs) - 1)
+            # pipe layer 0 is EmbedAndCorrupt, on stage 0; then the discriminator layers in order
+            self.parts = [0] + [1 + sum(counts[:stage + 1]) for stage in range(self.num_stages)]
+            stage_id = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    return ExitPipelineModule
+
+
 def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_method: str = "type:DiscriminatorLayerPipe",
                           model: ElectraPreTrainingModel | None = None, **pipeline_kwargs):
     """A `deepspeed.pipe.PipelineModule` holding the same parameters as `ElectraPreTrainingModel`.
@@ -201,15 +220,13 @@ def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_
     Each process builds the whole model once on the CPU (for identical initial weights)
     and keeps only its stage's layers.
     """
-    from deepspeed.pipe import PipelineModule
-
     model = model or ElectraPreTrainingModel(config)
     counters = StageCounters()
     layers = [EmbedAndCorrupt(model)]
     layers += [DiscriminatorLayerPipe(model.discriminator, number, counters)
                for number in range(1, config.num_hidden_layers + 1)]
-    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=PipelineLoss(config),
-                            partition_method=partition_method, **pipeline_kwargs)
+    module = _pipeline_module_class()(layers=layers, num_stages=num_stages, loss_fn=PipelineLoss(config),
+                                      partition_method=partition_method, **pipeline_kwargs)
     module.stage_counters = counters
     local = [layer for layer in module.forward_funcs if isinstance(layer, DiscriminatorLayerPipe)]
     if local:

@@ -145,8 +145,10 @@ class ParallelismConfig:
     pipeline_stages: int = 1
     """>1 selects pipeline parallelism (ZeRO 0/1 only, ds_configs/pipeline.json)."""
     pipeline_partition: str = field(default="type:DiscriminatorLayerPipe", metadata={"metavar": "HOW"})
-    """How DeepSpeed splits layers across stages: "parameters", "uniform", or "type:REGEX"
-    (the default balances discriminator layers; stage 1 also holds embeddings and generator)."""
+    """How layers are split across stages: DeepSpeed's "parameters", "uniform" or "type:REGEX" (the
+    default balances discriminator layers; stage 1 also holds embeddings and generator), or
+    "layers:N0,N1,..." (discriminator layers per stage) or "expected:PROFILE.json" (counts that balance
+    the expected work of stages that skip fully exited micro-batches: `dsexit/parallel/partition.py`)."""
     dist_timeout_s: float = field(default=1800.0, metadata={"flag": "--dist-timeout", "metavar": "SECONDS"})
     """Seconds a collective may wait for its peers before the run fails with an error naming
     them (a lost node, a cut network); also bounds the start-up rendezvous."""
@@ -244,8 +246,10 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "a positive integer")
         partition = self.parallelism.pipeline_partition
-        if partition not in ("parameters", "uniform") and not (partition.startswith("type:") and len(partition) > 5):
-            _fail("pipeline_partition", partition, '"parameters", "uniform" or "type:REGEX"')
+        if partition not in ("parameters", "uniform") and not (
+                partition.startswith(("type:", "layers:", "expected:")) and len(partition.split(":", 1)[1]) > 0):
+            _fail("pipeline_partition", partition,
+                  '"parameters", "uniform", "type:REGEX", "layers:N0,N1,..." or "expected:PROFILE.json"')
         if training.global_batch_size % training.micro_batch_size:
             _fail("global_batch_size", training.global_batch_size,
                   f"a multiple of micro_batch_size={training.micro_batch_size}")

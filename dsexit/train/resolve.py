@@ -20,6 +20,7 @@ from typing import Any
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.data.storage import RetryPolicy
 from dsexit.model import ElectraExitConfig
+from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
 from dsexit.train.checkpoint import (CheckpointError, CheckpointRef, open_checkpoint, resume_choice,
                                      saved_model_config)
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
@@ -210,6 +211,12 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
     if world.world_size % stages:
         raise ConfigError(f"pipeline_stages={stages} is invalid; expected a divisor of the world size {world.world_size}.")
     dp_size = world.world_size // stages
+    if stages > 1 and is_layer_partition(config.parallelism.pipeline_partition):
+        try:  # resolved once, here: every rank then builds the same split
+            counts = parse_layer_counts(config.parallelism.pipeline_partition, stages, model_config.num_hidden_layers)
+        except PartitionError as error:
+            raise ConfigError(str(error)) from None
+        config.parallelism.pipeline_partition = "layers:" + ",".join(map(str, counts))
     total_steps = config.schedule_steps(dataset.seq_len)
     ds_config = resolve_ds_config(raw_ds_config, config, dp_size=dp_size,
                                   total_steps=total_steps, monitor_dir=os.path.join(config.job.run_dir, "monitor"))
