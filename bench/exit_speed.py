@@ -98,6 +98,30 @@ class OursStep:
         self.flops = output.flops
 
 
+class OursBf16ParamsStep(OursStep):
+    """Ours at full depth as DeepSpeed's bf16 mode runs it: bf16 parameters and activations (no autocast
+    casts), fp32 master weights in the optimizer, gradients copied up and weights copied down each step."""
+
+    def __init__(self, config: ElectraExitConfig, batch, device: torch.device):
+        super().__init__(config, batch, 0.0, "fp32", device)
+        self.master = [parameter.detach().clone().float() for parameter in self.model.parameters()]
+        self.model.to(torch.bfloat16)
+        self.optimizer = torch.optim.AdamW(self.master, lr=1e-4)
+
+    def __call__(self) -> None:
+        output = self.model(*self.batch, exit_plan=self.plan)
+        output.loss.backward()
+        for master, parameter in zip(self.master, self.model.parameters()):
+            master.grad = parameter.grad.float()
+            parameter.grad = None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for master, parameter in zip(self.master, self.model.parameters()):
+                parameter.copy_(master)
+        self.flops = output.flops
+
+
 class HFStep:
     """One Hugging Face ELECTRA pre-training step, built from HF's modules.
 
@@ -192,6 +216,8 @@ def main(argv=None) -> None:
         steps[f"hf same-work {dtype}"] = HFStep(config, batch, dtype, device, same_work=True)
         if not args.full_depth_only:
             steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
+    if not args.full_depth_only:
+        steps["ours bf16-params exit=0.00"] = OursBf16ParamsStep(config, batch, device)
     print(f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}", file=sys.stderr)
     seconds = time_round_robin(steps, args.repeats, device)
     if args.full_depth_only:
@@ -247,6 +273,13 @@ def summarize(steps: dict, seconds: dict[str, float], peaks: dict[str, float], t
             name = f"hf {kind} {dtype}"
             configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
                                  ours_full_depth_speedup=seconds[name] / full)
+    name = "ours bf16-params exit=0.00"
+    flops = steps[name].flops
+    configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
+                         speedup=seconds["ours bf16 exit=0.00"] / seconds[name], ideal_speedup=1.0,
+                         efficiency=seconds["ours bf16 exit=0.00"] / seconds[name],
+                         model_flops_per_s=flops.training_flops / seconds[name],
+                         peak_share=flops.training_flops / seconds[name] / peaks["bf16"])
     best = {label: min(seconds[f"{label} {dtype}"] for dtype in DTYPES)
             for label in ("hf same-work", "hf as-is")}
     ours_best = min(seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES)
@@ -255,6 +288,7 @@ def summarize(steps: dict, seconds: dict[str, float], peaks: dict[str, float], t
             "peak_flops_per_s": peaks,
             "full_depth_vs_hf_same_work": best["hf same-work"] / ours_best,
             "full_depth_vs_hf_same_work_bf16": seconds["hf same-work bf16"] / seconds["ours bf16 exit=0.00"],
+            "bf16_params_vs_autocast": seconds["ours bf16 exit=0.00"] / seconds["ours bf16-params exit=0.00"],
             "full_depth_vs_hf_same_work_fp32": seconds["hf same-work fp32"] / seconds["ours fp32 exit=0.00"],
             "full_depth_vs_hf_as_is": best["hf as-is"] / ours_best,
             "efficiency_at_50": configs[f"ours {fastest} exit=0.50"]["efficiency"], "efficiency_at_50_dtype": fastest,
@@ -276,6 +310,8 @@ def print_table(results: dict) -> None:
         else:
             print(f"{name:<22}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
                   f"{row['ours_full_depth_speedup']:>12.3f}")
+    print("bf16-params = DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); its speedup column is against "
+          "ours under bf16 autocast at full depth")
     print("ours faster = the HF configuration's step time / ours at full depth in the same precision; "
           "TFLOP/s = FLOP counter (forward + backward) / step time")
 

@@ -89,7 +89,10 @@ SCALES = {
     "device": dict(tokenizer="wordpiece", seq_len=128,
                    corpus_files=("brown", "janeausten", "moby_dick", "sword_engWEB2015eb", "fortunes"),
                    model="electra-small", model_set={}, generator="mlm", lr=1e-3, global_batch=128, micro_batch=128,
-                   warmup_steps=200, exit_warmup_steps=200, eval_interval=100, eval_samples=1024, minutes=0.8,
+                   # The trainer ran ~4.4 steps/s on an H200 (bench/results/pretrain_vs_exit_device.log): ~210 steps
+                   # in 0.8 minutes, so exits start after 50 (they started after 200 in the first device run and
+                   # engaged for its last ~10 steps only).
+                   warmup_steps=50, exit_warmup_steps=50, eval_interval=50, eval_samples=1024, minutes=0.8,
                    concurrency=1, threads=None, seeds=1,
                    arms=("baseline", "exit-0.75", "exit-0.50", "generator-free"),
                    finetune=dict(epochs=2, batch_size=32, max_seq_len=128, max_train_examples=None),
