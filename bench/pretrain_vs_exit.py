@@ -8,6 +8,7 @@ pre-training seeds per arm:
     exit-0.75       early exit, controller target_compute 0.75, exit_criterion prior_margin
     exit-0.50       early exit, target 0.5, prior_margin
     exit-0.50-conf  early exit, target 0.5, exit_criterion confidence (|2p-1|, the earlier rule)
+    exit-0.75-linear, exit-0.50-linear   the same with linear exit heads (`--exit-head linear`, H->1)
     generator-free  no exit, uniform replacements (only where the other arms use an MLM generator)
 
 Quality is the trainer's held-out evaluation (`dsexit.train.heldout`): RTD loss on validation
@@ -64,6 +65,10 @@ ARMS = [
     Arm("exit-0.50", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin"], True),
     Arm("exit-0.50-conf", ["--exit", "--target-compute", "0.5", "--exit-criterion", "confidence"], True),
     Arm("generator-free", ["--no-exit", "--generator", "uniform"], False),
+    Arm("exit-0.75-linear", ["--exit", "--target-compute", "0.75", "--exit-criterion", "prior_margin",
+                             "--exit-head", "linear"], True),
+    Arm("exit-0.50-linear", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin",
+                             "--exit-head", "linear"], True),
 ]
 
 # A 6-layer, 128-wide discriminator (generator 32 wide, 2 layers): minutes on a CPU core, yet the
