@@ -17,10 +17,10 @@ WORDS = "the sea ship and a of to in was it he his with on that for as whale boa
 
 
 @pytest.mark.parametrize("kind, encoding, expected", [
-    ("random", "utf-8", "is not text: a NUL character at byte offset"),
-    ("random", "latin-1", "is not text: a NUL character at byte offset"),
-    ("controls", "latin-1", "are control characters; binary files cannot be prepared"),
-    ("utf16", "utf-8", "(UTF-16 text needs --encoding utf-16)"),
+    ("random", "utf-8", "NUL"),  # the one line names the file and what gave it away
+    ("random", "latin-1", "NUL"),
+    ("controls", "latin-1", "control characters"),
+    ("utf16", "utf-8", "--encoding utf-16"),  # and the flag that reads it
 ])
 def test_binary_input_exits_2_with_one_line_and_writes_nothing(tmp_path, kind, encoding, expected):
     path = tmp_path / "garbage.txt"
@@ -30,7 +30,8 @@ def test_binary_input_exits_2_with_one_line_and_writes_nothing(tmp_path, kind, e
                              "--tokenizer", "train:1000", "--encoding", encoding, "--undecodable", "skip"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"prepare_data: error: {path} is not text"), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("prepare_data: error:"), result.stderr
+    assert str(path) in result.stderr
     assert expected in result.stderr and not out.exists()
 
 

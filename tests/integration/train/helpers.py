@@ -60,10 +60,10 @@ class Launch:
     run_dir: Path
     returncode: int
     output: str
+    metrics_text: str = ""  # metrics.jsonl as this launch left it (a later launch may rewrite the file)
 
     def _records(self, kind: str) -> dict[int, dict]:
-        path = self.run_dir / "metrics.jsonl"
-        return {record["step"]: record for record in map(json.loads, path.read_text().splitlines())
+        return {record["step"]: record for record in map(json.loads, self.metrics_text.splitlines())
                 if record.get("kind", "train") == kind}
 
     @property
@@ -109,7 +109,20 @@ def finish(process, run_dir: Path, timeout: float = 420) -> Launch:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    return Launch(run_dir, process.returncode, Path(process.log_path).read_text())
+    metrics_path = run_dir / "metrics.jsonl"
+    return Launch(run_dir, process.returncode, Path(process.log_path).read_text(),
+                  metrics_path.read_text() if metrics_path.exists() else "")
+
+
+def resumed_at(before: Launch, after: Launch) -> int:
+    """The step `after` resumed from, read from metrics.jsonl alone: a resume keeps the records up to
+    its step as they were (the same `time` stamps) and writes every later one anew."""
+    old, new = before.metrics, after.metrics
+    kept = sorted(step for step in new if step in old and new[step] == old[step])
+    assert kept == list(range(1, len(kept) + 1)), f"kept records {kept} are not a prefix of the history"
+    assert all(new[step]["time"] > max(record["time"] for record in old.values())
+               for step in new if step not in kept), "a record past the resumed step is not new"
+    return len(kept)
 
 
 def launch(launcher: str, run_dir: Path, args: list[str], *, nproc: int = 2, env: dict | None = None,

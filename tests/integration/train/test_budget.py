@@ -9,7 +9,6 @@ def test_time_budget_run_finishes_its_decay(tmp_path):
                                                     "--no-export-hf"], nproc=1).check()
     records = budget.metrics
     last = records[max(records)]
-    assert "stopping at step" in budget.output and "time limit" in budget.output
     assert max(records) < 100000  # time, not the step count, ended the run
     peak = max(record["lr"] for record in records.values())
     assert peak > 1.5e-3  # the warmup reached (about) the peak of 2e-3

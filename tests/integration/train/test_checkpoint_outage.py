@@ -50,7 +50,6 @@ def test_an_outage_mid_save_is_retried_and_the_next_save_uploads_what_is_missing
         fs.mkdir(bucket)
         done = finish(process, run_dir, timeout=400)
         assert done.returncode == 0, done.output[-4000:]
-        assert "retrying" in done.output and "could not upload checkpoint" in done.output
         assert "Traceback" not in done.output
 
         local = done.checkpoints

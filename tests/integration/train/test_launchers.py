@@ -13,7 +13,7 @@ import json
 import os
 import signal
 
-from .helpers import TINY, finish, launch, start, wait_for_step
+from .helpers import TINY, finish, launch, resumed_at, start, wait_for_step
 
 MARKER = "dsexit_checkpoint.json"
 
@@ -33,7 +33,6 @@ def test_zero1_torchrun_preempted_saves_and_resumes(tmp_path):
     args = [*TINY, "--deepspeed", "ds_configs/zero1.json", "--max-steps", "1000", "--save-interval", "1000"]
     first = _preempt(start("torchrun", run_dir, args), run_dir, after_step=8)
     stopped_at = max(first.metrics)
-    assert "preemption requested (SIGTERM)" in first.output
     assert (first.checkpoints / "latest").read_text() == f"global_step{stopped_at}"
     marker = json.loads((first.checkpoints / f"global_step{stopped_at}" / MARKER).read_text())
     assert marker["zero_stage"] == 1 and marker["samples_seen"] == 32 * stopped_at
@@ -41,7 +40,7 @@ def test_zero1_torchrun_preempted_saves_and_resumes(tmp_path):
     assert _mean_loss(first.metrics, range(stopped_at - 2, stopped_at + 1)) < 0.9 * _mean_loss(first.metrics, (1, 2, 3))
 
     second = _preempt(start("torchrun", run_dir, [*args, "--resume", "auto"]), run_dir, after_step=stopped_at + 3)
-    assert f"global_step{stopped_at} at step {stopped_at}" in second.output
+    assert resumed_at(first, second) == stopped_at
     metrics = second.metrics
     assert sorted(metrics) == list(range(1, max(metrics) + 1))
     assert metrics[stopped_at + 1]["samples_seen"] == 32 * (stopped_at + 1)
@@ -57,10 +56,11 @@ def test_zero3_mpirun_trains_and_resumes_exactly(tmp_path):
     before = killed.metrics
     assert sorted(before) == list(range(1, 13))
     assert _mean_loss(before, (10, 11, 12)) < 0.85 * _mean_loss(before, (1, 2, 3))
-    assert '"launcher": "mpi"' in killed.output  # ranks came from mpi4py, not from launcher variables
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["derived"]["launcher"] == "mpi"  # ranks came from mpi4py, not from launcher variables
 
     resumed = launch("mpirun", run_dir, [*args, "--resume", "auto"]).check()
-    assert "global_step6 at step 6" in resumed.output
+    assert resumed_at(killed, resumed) == 6  # the torn save of step 12 was skipped
     after = resumed.metrics
     for step in range(7, 13):
         assert after[step]["samples_digest"] == before[step]["samples_digest"], step

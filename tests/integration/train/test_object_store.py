@@ -51,7 +51,7 @@ def test_s3_checkpoints_resume_in_a_fresh_directory_and_never_hold_credentials(s
     assert not fs.exists(f"{bucket}/run/global_step9/dsexit_checkpoint.json")
 
     second = launch("python", tmp_path / "second", [*STEPS, "--checkpoint-dir", url], nproc=1, env=env).check()
-    assert "downloading checkpoint global_step6" in second.output
+    assert sorted(second.metrics) == [7, 8, 9]  # a fresh directory: it resumed from the bucket's step 6
     for step in (7, 8, 9):
         assert second.metrics[step]["samples_digest"] == first.metrics[step]["samples_digest"]
         assert abs(second.metrics[step]["loss"] - first.metrics[step]["loss"]) <= 1e-6 * first.metrics[step]["loss"]
@@ -68,7 +68,8 @@ def test_s3_checkpoints_resume_in_a_fresh_directory_and_never_hold_credentials(s
     third = launch("python", tmp_path / "third", [*STEPS, "--max-steps", "12", "--checkpoint-dir", url], nproc=1,
                    env=env)
     assert third.returncode == 2, third.output[-3000:]
-    assert "zz_planted.pt is not listed in the completion marker" in third.output
+    [error] = [line for line in third.output.splitlines() if line.startswith("pretrain.py: error:")]
+    assert "zz_planted.pt" in error  # the one line names the file
     assert not trace.exists()
     fs.rm(planted)
 
@@ -91,4 +92,3 @@ def test_sigterm_to_a_single_process_saves_and_exits_zero(tmp_path):
     step = max(stopped.metrics)
     assert (stopped.checkpoints / "latest").read_text() == f"global_step{step}"
     assert (stopped.checkpoints / f"global_step{step}" / "dsexit_checkpoint.json").exists()
-    assert "stopping at step" in stopped.output and "preempted" in stopped.output

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from .helpers import ZERO2_ARGS, launch
+from .helpers import ZERO2_ARGS, launch, resumed_at
 
 
 def _relative_error(a: float, b: float) -> float:
@@ -30,7 +30,7 @@ def test_loss_falls_in_a_zero2_run(zero2_straight):
 
 def test_torn_save_leaves_previous_checkpoint_complete(zero2_interrupted):
     killed, resumed = zero2_interrupted
-    assert "resumed from" in resumed.output and "global_step10 at step 10" in resumed.output
+    assert resumed_at(killed, resumed) == 10  # the torn save of step 20 was skipped
 
 
 def test_resume_after_kill_repeats_the_uninterrupted_run(zero2_straight, zero2_interrupted):
@@ -55,7 +55,7 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(zero2_straight, zero2_i
 def test_resume_at_another_world_size_keeps_the_data_position(zero2_straight, tmp_path):
     step10 = zero2_straight.checkpoints / "global_step10"
     one_rank = launch("deepspeed", tmp_path / "one_rank", [*ZERO2_ARGS, "--resume", str(step10)], nproc=1).check()
-    assert "converting it to the universal format" in one_rank.output
+    assert (zero2_straight.checkpoints / "universal" / "global_step10").is_dir()  # converted for dp 1
     straight, again = zero2_straight.metrics, one_rank.metrics
     assert sorted(again) == list(range(11, 21))
     for step in range(11, 21):

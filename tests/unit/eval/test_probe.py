@@ -1,6 +1,7 @@
 """The frozen-feature linear probe: the result format of fine-tuning, a frozen encoder, separable features."""
 
 import hashlib
+import json
 
 
 from dsexit.commands.finetune import main as finetune_main
@@ -50,8 +51,10 @@ def test_features_come_from_a_frozen_encoder_in_eval_mode(tiny_export, first_wor
     assert first["train"].inputs.mean(0).abs().max() < 1e-4  # standardised with the train statistics
 
 
-def test_cli_mode_probe(tiny_export, first_word_task, capsys):
+def test_cli_mode_probe(tiny_export, first_word_task, tmp_path):
+    out = tmp_path / "result.json"
     code = finetune_main(["--model", str(tiny_export), "--task", str(first_word_task), "--mode", "probe",
-                          "--seeds", "1", "--max-seq-len", "16", "--progress", "none"])
+                          "--seeds", "1", "--max-seq-len", "16", "--progress", "none", "--out", str(out)])
     assert code == 0
-    assert "mode probe" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["config"]["mode"] == "probe" and len(result["per_seed"]) == 1
