@@ -14,7 +14,7 @@
 #   bench/device_check.sh all
 #
 # Parts:
-#   1. the model tests with the CUDA path (tests/model, test_accelerator.py runs on the GPU)
+#   1. the model tests with the CUDA path (tests/unit/model, test_accelerator.py runs on the GPU)
 #   2. bench/exit_speed.py on the GPU: electra-small throughput in fp32 and bf16, ours against HF
 #      (same work and as-is), exit efficiency, FLOP/s as a share of the measured bf16 matmul peak
 #   3. bench/resume_check.py: a 1-GPU ZeRO-2 run with checkpoints, killed and resumed, against an
@@ -56,7 +56,7 @@ part() {  # part NAME SECONDS LOG COMMAND...: run one part under a time limit; a
 
 if [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then
     part "part 1: model tests, CUDA path" 150 "$RESULTS/device_model_tests.log" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider tests/model -rs
+        "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/model -rs
     publish "$RESULTS/device_model_tests.log"
     part "part 2: exit_speed on the GPU" 150 "$RESULTS/exit_speed_device.log" \
         "$PYTHON" bench/exit_speed.py --device cuda --repeats 10 --out "$RESULTS/exit_speed_device.json"

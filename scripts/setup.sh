@@ -9,4 +9,4 @@ PYTHON="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${DSEXIT_TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[test,s3]"
-./scripts/setup_system.sh  # system packages and MPI wheels for tests/cluster
+./scripts/setup_system.sh  # system packages and MPI wheels for tests/integration/cluster

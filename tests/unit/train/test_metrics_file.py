@@ -1,0 +1,69 @@
+"""metrics.jsonl on resume: records past the resumed step (training and held-out) are dropped, so the
+file reads as one history; only rank 0 writes it."""
+
+from __future__ import annotations
+
+import json
+
+from dsexit.train.distributed import WorldInfo
+from dsexit.train.heldout import EVAL_FIELDS
+from dsexit.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
+from dsexit.train.step_stats import StepSummary
+
+MAIN = WorldInfo(0, 1, 0, 1, "single")
+
+
+def _summary(loss: float) -> StepSummary:
+    return StepSummary(generator_loss=loss / 2, discriminator_loss=loss / 2, loss=loss, rtd_accuracy=0.5,
+                       compute_fraction=1.0, exit_layer_counts=[0, 0, 4], real_tokens=4, samples_digest="ab" * 8,
+                       stop_preempted=False, stop_time_limit=False)
+
+
+def _logger(run_dir, start_step: int, world: WorldInfo = MAIN) -> MetricsLogger:
+    return MetricsLogger(str(run_dir), world, total_steps=10, start_step=start_step, log_interval=1,
+                         progress="lines")
+
+
+def _train(logger: MetricsLogger, steps) -> None:
+    for step in steps:
+        logger.record(step, _summary(float(step)), exit_threshold=None, lr=1e-3, seconds=0.1,
+                      data_wait_seconds=0.0, samples_seen=8 * step, tokens_seen=32 * step)
+
+
+def _history(run_dir) -> list[tuple[str, int]]:
+    return [(record.get("kind", "train"), record["step"]) for record in read_metrics(str(run_dir), "all")]
+
+
+def test_resume_drops_the_records_past_its_step_and_continues_one_history(tmp_path):
+    first = _logger(tmp_path, start_step=0)
+    _train(first, range(1, 7))
+    first.record_eval(4, dict.fromkeys(EVAL_FIELDS, 0.3), exit_threshold=None)
+    first.record_eval(6, dict.fromkeys(EVAL_FIELDS, 0.2), exit_threshold=None)
+    first.close()
+    # Killed after step 6; the newest checkpoint is step 4.
+    resumed = _logger(tmp_path, start_step=4)
+    assert _history(tmp_path) == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    _train(resumed, range(5, 8))
+    resumed.close()
+    assert [step for _, step in _history(tmp_path)] == [1, 2, 3, 4, 4, 5, 6, 7]
+    assert [record["loss"] for record in read_metrics(str(tmp_path))] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_a_fresh_start_empties_the_file_and_other_ranks_leave_it_alone(tmp_path):
+    logger = _logger(tmp_path, start_step=0)
+    _train(logger, range(1, 4))
+    logger.close()
+    before = (tmp_path / METRICS_FILE).read_text()
+    other_rank = _logger(tmp_path, start_step=0, world=WorldInfo(1, 2, 1, 2, "env"))
+    _train(other_rank, range(1, 4))
+    assert (tmp_path / METRICS_FILE).read_text() == before
+    _logger(tmp_path, start_step=0).close()
+    assert (tmp_path / METRICS_FILE).read_text() == ""
+
+
+def test_every_line_is_one_json_record(tmp_path):
+    logger = _logger(tmp_path, start_step=0)
+    _train(logger, range(1, 3))
+    logger.close()
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
