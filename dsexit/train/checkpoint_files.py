@@ -133,10 +133,14 @@ def valid_marker(tag_dir: str) -> dict[str, Any] | None:
 
 def complete_checkpoints(root: str) -> list[CheckpointRef]:
     """Complete checkpoints under a root, oldest first (a malformed marker counts as incomplete)."""
-    if not os.path.isdir(root):
+    try:
+        names = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        # Not there (yet), or gone again: on a fresh run another rank's storage probe may be removing
+        # the directory it created at this very moment.
         return []
     refs = []
-    for name in os.listdir(root):
+    for name in names:
         if _TAG.match(name) and (meta := valid_marker(os.path.join(root, name))) is not None:
             refs.append(CheckpointRef(root, name, meta))
     return sorted(refs, key=lambda ref: ref.step)
