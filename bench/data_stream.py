@@ -59,8 +59,9 @@ def start_moto(workdir: str) -> tuple[subprocess.Popen, dict]:
 
 def stream_rate(url: str, num_samples: int, cache_dir: str, storage_options=None) -> float:
     """Samples/s pulled through the reader as fast as possible, from a cold cache."""
-    with StreamingShardReader(url, global_batch_size=BATCH, micro_batch_size=BATCH, cache_dir=cache_dir,
-                              storage_options=storage_options) as reader:
+    with StreamingShardReader(
+        url, global_batch_size=BATCH, micro_batch_size=BATCH, cache_dir=cache_dir, storage_options=storage_options
+    ) as reader:
         started, taken = time.perf_counter(), 0
         while taken < num_samples:
             taken += next(reader)["input_ids"].shape[0]
@@ -76,8 +77,9 @@ def build_model(vocab_size: int):
 
 def train_step(model, optimizer, batch) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch["token_type_ids"]).loss
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
+        ).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -118,8 +120,14 @@ def main() -> None:
         warm = StreamingShardReader(DEFAULT_DATA_URL, global_batch_size=BATCH, micro_batch_size=BATCH, seed=1)
         train_step(model, optimizer, next(warm))  # first step pays one-time allocation costs
         warm.close()
-        with StreamingShardReader(s3_url, global_batch_size=BATCH, micro_batch_size=BATCH, seed=2,
-                                  cache_dir=os.path.join(workdir, "cache-train"), storage_options=storage_options) as reader:
+        with StreamingShardReader(
+            s3_url,
+            global_batch_size=BATCH,
+            micro_batch_size=BATCH,
+            seed=2,
+            cache_dir=os.path.join(workdir, "cache-train"),
+            storage_options=storage_options,
+        ) as reader:
             consumption_rate, wait_pct = training_loop(model, optimizer, reader, args.steps)
     finally:
         server.terminate()
@@ -132,19 +140,34 @@ def main() -> None:
         ("trainer consumption, electra-small fwd+bwd+AdamW bf16", consumption_rate),
     ]
     ratio = s3_rate / consumption_rate
-    print(f"dataset: packaged default, {index.num_samples} samples x {index.seq_len}, {len(index.shards)} shards; "
-          f"batch {BATCH}; torch threads {torch.get_num_threads()}")
+    print(
+        f"dataset: packaged default, {index.num_samples} samples x {index.seq_len}, {len(index.shards)} shards; "
+        f"batch {BATCH}; torch threads {torch.get_num_threads()}"
+    )
     print(f"{'source':<56}{'samples/s':>12}{'x consumption':>15}")
     for name, rate in rows:
         print(f"{name:<56}{rate:>12.1f}{rate / consumption_rate:>15.1f}")
     print(f"{'data_wait_pct (S3 reader inside the training loop)':<56}{wait_pct:>11.3f}%")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "s3_samples_per_s": s3_rate, "disk_samples_per_s": disk_rate, "consumption_samples_per_s": consumption_rate,
-        "s3_vs_consumption": ratio, "data_wait_pct": wait_pct, "batch": BATCH, "seq_len": index.seq_len,
-        "model_steps": args.steps, "stream_samples": args.stream_samples, "torch_threads": torch.get_num_threads(),
-        "machine": f"{os.cpu_count()} cores, CPU",
-    }, indent=1) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "s3_samples_per_s": s3_rate,
+                "disk_samples_per_s": disk_rate,
+                "consumption_samples_per_s": consumption_rate,
+                "s3_vs_consumption": ratio,
+                "data_wait_pct": wait_pct,
+                "batch": BATCH,
+                "seq_len": index.seq_len,
+                "model_steps": args.steps,
+                "stream_samples": args.stream_samples,
+                "torch_threads": torch.get_num_threads(),
+                "machine": f"{os.cpu_count()} cores, CPU",
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"RESULT data_stream s3_vs_consumption={ratio:.1f} data_wait_pct={wait_pct:.3f}")
 
 

@@ -57,7 +57,7 @@ def make_batch(config: ElectraExitConfig, batch: int, seq_len: int, device: torc
     input_ids[:, seq_len // 2] = config.sep_token_id
     input_ids[:, -1] = config.sep_token_id
     token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, seq_len // 2 + 1:] = 1
+    token_type_ids[:, seq_len // 2 + 1 :] = 1
     return tuple(t.to(device) for t in (input_ids, torch.ones_like(input_ids), token_type_ids))
 
 
@@ -73,7 +73,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
             torch.mm(a, b)
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / (4 if device.type == "cuda" else 1))
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 class OursStep:
@@ -144,11 +144,13 @@ class HFStep:
     def _generator_logits_and_loss(self, generator_input, attention_mask, token_type_ids, input_ids, masked):
         if not self.same_work:
             labels = input_ids.masked_fill(~masked, -100)
-            generated = self.generator(input_ids=generator_input, attention_mask=attention_mask,
-                                       token_type_ids=token_type_ids, labels=labels)
+            generated = self.generator(
+                input_ids=generator_input, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels
+            )
             return generated.logits[masked], generated.loss
-        hidden = self.generator.electra(input_ids=generator_input, attention_mask=attention_mask,
-                                        token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.generator.electra(
+            input_ids=generator_input, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         logits = self.generator.generator_lm_head(self.generator.generator_predictions(hidden[masked]))
         return logits, F.cross_entropy(logits.float(), input_ids[masked])
 
@@ -158,14 +160,18 @@ class HFStep:
         masked = (torch.rand(input_ids.shape, device=self.device) < self.config.mask_prob) & ~special
         generator_input = input_ids.masked_fill(masked, self.config.mask_token_id)
         with autocast(self.device, self.dtype):
-            logits, generator_loss = self._generator_logits_and_loss(generator_input, attention_mask, token_type_ids,
-                                                                     input_ids, masked)
+            logits, generator_loss = self._generator_logits_and_loss(
+                generator_input, attention_mask, token_type_ids, input_ids, masked
+            )
             sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
             corrupted = input_ids.clone()
             corrupted[masked] = sampled
-            discriminated = self.discriminator(input_ids=corrupted, attention_mask=attention_mask,
-                                               token_type_ids=token_type_ids,
-                                               labels=(corrupted != input_ids).long())
+            discriminated = self.discriminator(
+                input_ids=corrupted,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                labels=(corrupted != input_ids).long(),
+            )
             loss = generator_loss + self.config.disc_weight * discriminated.loss
         loss.backward()
         self.optimizer.step()
@@ -195,8 +201,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="electra-small")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
     parser.add_argument("--peak-size", type=int, help="matmul size for the peak (default: 2048 CPU, 8192 GPU)")
-    parser.add_argument("--full-depth-only", action="store_true",
-                        help="only ours at full depth and HF same-work (quick ablations of the dense path)")
+    parser.add_argument(
+        "--full-depth-only",
+        action="store_true",
+        help="only ours at full depth and HF same-work (quick ablations of the dense path)",
+    )
     parser.add_argument("--out", default="bench/results/exit_speed.json")
     return parser.parse_args(argv)
 
@@ -224,23 +233,28 @@ def main(argv=None) -> None:
         ratios = {dtype: seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES}
         for name, value in seconds.items():
             print(f"{name:<24}{value:>8.3f} s/step")
-        print(f"RESULT exit_speed_full_depth full_depth_vs_hf_same_work_fp32={ratios['fp32']:.3f} "
-              f"full_depth_vs_hf_same_work_bf16={ratios['bf16']:.3f}")
+        print(
+            f"RESULT exit_speed_full_depth full_depth_vs_hf_same_work_fp32={ratios['fp32']:.3f} "
+            f"full_depth_vs_hf_same_work_bf16={ratios['bf16']:.3f}"
+        )
         Path(args.out).write_text(json.dumps({"seconds": seconds, "ratios": ratios, "batch": batch_size}, indent=2))
         return
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
-    peaks = {dtype: matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32, peak_size)
-             for dtype in DTYPES}
+    peaks = {
+        dtype: matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32, peak_size) for dtype in DTYPES
+    }
     results = summarize(steps, seconds, peaks, tokens, device)
     results.update(preset=args.preset, batch=batch_size, seq_len=args.seq_len, peak_matmul_size=peak_size)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-    print(f"RESULT exit_speed full_depth_vs_hf_same_work={results['full_depth_vs_hf_same_work']:.3f} "
-          f"efficiency_at_50={results['efficiency_at_50']:.3f} peak_share_bf16={results['peak_share_bf16']:.3f} "
-          f"full_depth_vs_hf_same_work_bf16={results['full_depth_vs_hf_same_work_bf16']:.3f} "
-          f"full_depth_vs_hf_as_is={results['full_depth_vs_hf_as_is']:.3f}")
+    print(
+        f"RESULT exit_speed full_depth_vs_hf_same_work={results['full_depth_vs_hf_same_work']:.3f} "
+        f"efficiency_at_50={results['efficiency_at_50']:.3f} peak_share_bf16={results['peak_share_bf16']:.3f} "
+        f"full_depth_vs_hf_same_work_bf16={results['full_depth_vs_hf_same_work_bf16']:.3f} "
+        f"full_depth_vs_hf_as_is={results['full_depth_vs_hf_as_is']:.3f}"
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -255,8 +269,9 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def summarize(steps: dict, seconds: dict[str, float], peaks: dict[str, float], tokens: int,
-              device: torch.device) -> dict:
+def summarize(
+    steps: dict, seconds: dict[str, float], peaks: dict[str, float], tokens: int, device: torch.device
+) -> dict:
     configs = {}
     for dtype in DTYPES:
         full = seconds[f"ours {dtype} exit=0.00"]
@@ -264,56 +279,82 @@ def summarize(steps: dict, seconds: dict[str, float], peaks: dict[str, float], t
             name = f"ours {dtype} exit={fraction:.2f}"
             flops = steps[name].flops
             measured = full / seconds[name]
-            configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
-                                 speedup=measured, ideal_speedup=flops.ideal_speedup,
-                                 efficiency=measured / flops.ideal_speedup,
-                                 model_flops_per_s=flops.training_flops / seconds[name],
-                                 peak_share=flops.training_flops / seconds[name] / peaks[dtype])
+            configs[name] = dict(
+                tokens_per_s=tokens / seconds[name],
+                seconds_per_step=seconds[name],
+                speedup=measured,
+                ideal_speedup=flops.ideal_speedup,
+                efficiency=measured / flops.ideal_speedup,
+                model_flops_per_s=flops.training_flops / seconds[name],
+                peak_share=flops.training_flops / seconds[name] / peaks[dtype],
+            )
         for kind in ("same-work", "as-is"):
             name = f"hf {kind} {dtype}"
-            configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
-                                 ours_full_depth_speedup=seconds[name] / full)
+            configs[name] = dict(
+                tokens_per_s=tokens / seconds[name],
+                seconds_per_step=seconds[name],
+                ours_full_depth_speedup=seconds[name] / full,
+            )
     name = "ours bf16-params exit=0.00"
     flops = steps[name].flops
-    configs[name] = dict(tokens_per_s=tokens / seconds[name], seconds_per_step=seconds[name],
-                         speedup=seconds["ours bf16 exit=0.00"] / seconds[name], ideal_speedup=1.0,
-                         efficiency=seconds["ours bf16 exit=0.00"] / seconds[name],
-                         model_flops_per_s=flops.training_flops / seconds[name],
-                         peak_share=flops.training_flops / seconds[name] / peaks["bf16"])
-    best = {label: min(seconds[f"{label} {dtype}"] for dtype in DTYPES)
-            for label in ("hf same-work", "hf as-is")}
+    configs[name] = dict(
+        tokens_per_s=tokens / seconds[name],
+        seconds_per_step=seconds[name],
+        speedup=seconds["ours bf16 exit=0.00"] / seconds[name],
+        ideal_speedup=1.0,
+        efficiency=seconds["ours bf16 exit=0.00"] / seconds[name],
+        model_flops_per_s=flops.training_flops / seconds[name],
+        peak_share=flops.training_flops / seconds[name] / peaks["bf16"],
+    )
+    best = {label: min(seconds[f"{label} {dtype}"] for dtype in DTYPES) for label in ("hf same-work", "hf as-is")}
     ours_best = min(seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES)
     fastest = min(DTYPES, key=lambda dtype: seconds[f"ours {dtype} exit=0.00"])
-    return {"device": device_name(device), "configs": configs,
-            "peak_flops_per_s": peaks,
-            "full_depth_vs_hf_same_work": best["hf same-work"] / ours_best,
-            "full_depth_vs_hf_same_work_bf16": seconds["hf same-work bf16"] / seconds["ours bf16 exit=0.00"],
-            "bf16_params_vs_autocast": seconds["ours bf16 exit=0.00"] / seconds["ours bf16-params exit=0.00"],
-            "full_depth_vs_hf_same_work_fp32": seconds["hf same-work fp32"] / seconds["ours fp32 exit=0.00"],
-            "full_depth_vs_hf_as_is": best["hf as-is"] / ours_best,
-            "efficiency_at_50": configs[f"ours {fastest} exit=0.50"]["efficiency"], "efficiency_at_50_dtype": fastest,
-            "peak_share_bf16": configs["ours bf16 exit=0.00"]["peak_share"],
-            "peak_share_fp32": configs["ours fp32 exit=0.00"]["peak_share"]}
+    return {
+        "device": device_name(device),
+        "configs": configs,
+        "peak_flops_per_s": peaks,
+        "full_depth_vs_hf_same_work": best["hf same-work"] / ours_best,
+        "full_depth_vs_hf_same_work_bf16": seconds["hf same-work bf16"] / seconds["ours bf16 exit=0.00"],
+        "bf16_params_vs_autocast": seconds["ours bf16 exit=0.00"] / seconds["ours bf16-params exit=0.00"],
+        "full_depth_vs_hf_same_work_fp32": seconds["hf same-work fp32"] / seconds["ours fp32 exit=0.00"],
+        "full_depth_vs_hf_as_is": best["hf as-is"] / ours_best,
+        "efficiency_at_50": configs[f"ours {fastest} exit=0.50"]["efficiency"],
+        "efficiency_at_50_dtype": fastest,
+        "peak_share_bf16": configs["ours bf16 exit=0.00"]["peak_share"],
+        "peak_share_fp32": configs["ours fp32 exit=0.00"]["peak_share"],
+    }
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{results['device']}; batch {results['batch']} x {results['seq_len']}; "
-          f"matmul peak bf16 {results['peak_flops_per_s']['bf16'] / 1e12:.2f} TFLOP/s, "
-          f"fp32 {results['peak_flops_per_s']['fp32'] / 1e12:.2f} TFLOP/s ({results['peak_matmul_size']}^3)")
-    print(f"{'configuration':<22}{'tokens/s':>11}{'speedup':>9}{'ideal':>7}{'meas/ideal':>11}"
-          f"{'TFLOP/s':>9}{'of peak':>9}{'ours faster':>12}")
+    print(
+        f"\n{results['device']}; batch {results['batch']} x {results['seq_len']}; "
+        f"matmul peak bf16 {results['peak_flops_per_s']['bf16'] / 1e12:.2f} TFLOP/s, "
+        f"fp32 {results['peak_flops_per_s']['fp32'] / 1e12:.2f} TFLOP/s ({results['peak_matmul_size']}^3)"
+    )
+    print(
+        f"{'configuration':<22}{'tokens/s':>11}{'speedup':>9}{'ideal':>7}{'meas/ideal':>11}"
+        f"{'TFLOP/s':>9}{'of peak':>9}{'ours faster':>12}"
+    )
     for name, row in results["configs"].items():
         if name.startswith("ours"):
-            print(f"{name:<22}{row['tokens_per_s']:>11.0f}{row['speedup']:>9.2f}{row['ideal_speedup']:>7.2f}"
-                  f"{row['efficiency']:>11.3f}{row['model_flops_per_s'] / 1e12:>9.3f}{row['peak_share']:>9.3f}"
-                  f"{'-':>12}")
+            print(
+                f"{name:<22}{row['tokens_per_s']:>11.0f}{row['speedup']:>9.2f}{row['ideal_speedup']:>7.2f}"
+                f"{row['efficiency']:>11.3f}{row['model_flops_per_s'] / 1e12:>9.3f}{row['peak_share']:>9.3f}"
+                f"{'-':>12}"
+            )
         else:
-            print(f"{name:<22}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
-                  f"{row['ours_full_depth_speedup']:>12.3f}")
-    print("bf16-params = DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); its speedup column is against "
-          "ours under bf16 autocast at full depth")
-    print("ours faster = the HF configuration's step time / ours at full depth in the same precision; "
-          "TFLOP/s = FLOP counter (forward + backward) / step time")
+            print(
+                f"{name:<22}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
+                f"{row['ours_full_depth_speedup']:>12.3f}"
+            )
+    print(
+        "bf16-params = DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); its speedup column is against "
+        "ours under bf16 autocast at full depth"
+    )
+    print(
+        "ours faster = the HF configuration's step time / ours at full depth in the same precision; "
+        "TFLOP/s = FLOP counter (forward + backward) / step time"
+    )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,12 @@ def run_worker(args) -> None:
     from deepspeed.runtime.pipe import schedule
 
     from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
-    from dsexit.parallel.pipeline import DiscriminatorLayerPipe, EmbedAndCorrupt, build_pipeline_module, micro_batch_inputs
+    from dsexit.parallel.pipeline import (
+        DiscriminatorLayerPipe,
+        EmbedAndCorrupt,
+        build_pipeline_module,
+        micro_batch_inputs,
+    )
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
@@ -79,32 +84,40 @@ def run_worker(args) -> None:
     torch.manual_seed(0)
     model = ElectraPreTrainingModel(config)
     module = build_pipeline_module(config, num_stages=2, model=model, partition_method=args.partition)
-    ds_config = {"train_micro_batch_size_per_gpu": args.micro_batch_size,
-                 "gradient_accumulation_steps": args.micro_batches,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-                 "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config,
-                                           model_parameters=[p for p in module.parameters()])
-    counters = module.stage_counters
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": args.micro_batches,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, config=ds_config, model_parameters=[p for p in module.parameters()]
+    )
 
     # Time the engine's compute instructions (and each local layer's forward) as they run.
     passes: list[tuple[str, float]] = []
     timed_map = dict(type(engine)._INSTRUCTION_MAP)
     for command, kind in ((schedule.ForwardPass, "F"), (schedule.BackwardPass, "B"), (schedule.OptimizerStep, "O")):
+
         def timed(self, _original=timed_map[command], _kind=kind, **kwargs):
             started = time.perf_counter()
             _original(self, **kwargs)
             passes.append((_kind, time.perf_counter() - started))
+
         timed_map[command] = timed
     engine._INSTRUCTION_MAP = timed_map
     layer_seconds: dict[str, list[float]] = {}
     for layer in module.forward_funcs:
         if isinstance(layer, (DiscriminatorLayerPipe, EmbedAndCorrupt)):
             name = f"layer{layer.layer_number}" if isinstance(layer, DiscriminatorLayerPipe) else "embed"
+
             def hook_pre(_module, _inputs, _name=name):
                 _module._started = time.perf_counter()
+
             def hook_post(_module, _inputs, _output, _name=name):
                 layer_seconds.setdefault(_name, []).append(time.perf_counter() - _module._started)
+
             layer.register_forward_pre_hook(hook_pre)
             layer.register_forward_hook(hook_post)
 
@@ -114,15 +127,24 @@ def run_worker(args) -> None:
     for _ in range(args.micro_batches):
         input_ids = torch.randint(1000, config.vocab_size, shape, generator=generator)
         input_ids[:, 0] = config.cls_token_id
-        inputs.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                       "token_type_ids": torch.zeros_like(input_ids)})
+        inputs.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "token_type_ids": torch.zeros_like(input_ids),
+            }
+        )
     never = torch.full(shape, config.num_hidden_layers + 1, dtype=torch.long)
     leave = torch.full(shape, args.exit_layer, dtype=torch.long)
 
     def micro_batches(fraction: float):
         skipped = skipped_micro_batches(fraction, args.micro_batches)
-        return iter([micro_batch_inputs(batch, config, None, None, leave if index in skipped else never)
-                     for index, batch in enumerate(inputs)])
+        return iter(
+            [
+                micro_batch_inputs(batch, config, None, None, leave if index in skipped else never)
+                for index, batch in enumerate(inputs)
+            ]
+        )
 
     for fraction in FRACTIONS:  # warm-up
         engine.train_batch(micro_batches(fraction))
@@ -144,13 +166,23 @@ def run_worker(args) -> None:
                     layer_means.setdefault(name, []).append(statistics.mean(values))
         if rank == 0:
             print(f"  repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    per_pass = {str(f): {kind: [statistics.median(column) for column in zip(*costs[f][kind])] for kind in "FBO"}
-                for f in FRACTIONS}
+    per_pass = {
+        str(f): {kind: [statistics.median(column) for column in zip(*costs[f][kind])] for kind in "FBO"}
+        for f in FRACTIONS
+    }
     local_layers = sorted(int(name[5:]) for name in layer_means if name.startswith("layer"))
-    Path(args.worker, f"rank{rank}.json").write_text(json.dumps({
-        "stage": engine.stage_id, "parts": list(map(int, module.parts)), "layers": local_layers,
-        "seconds": {str(k): v for k, v in seconds.items()}, "pass_seconds": per_pass,
-        "layer_forward_seconds": {name: statistics.median(values) for name, values in layer_means.items()}}))
+    Path(args.worker, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "stage": engine.stage_id,
+                "parts": list(map(int, module.parts)),
+                "layers": local_layers,
+                "seconds": {str(k): v for k, v in seconds.items()},
+                "pass_seconds": per_pass,
+                "layer_forward_seconds": {name: statistics.median(values) for name, values in layer_means.items()},
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- parent
@@ -185,8 +217,13 @@ def attainable_time(pass_seconds: list[dict[str, list[float]]]) -> float:
             if position[stage] == len(orders[stage]):
                 continue
             kind, index = orders[stage][position[stage]]
-            needs = ([(stage - 1, "F", index)] if kind == "F" and stage > 0 else
-                     [(stage, "F", index)] + ([(stage + 1, "B", index)] if stage < 1 else []) if kind == "B" else [])
+            needs = (
+                [(stage - 1, "F", index)]
+                if kind == "F" and stage > 0
+                else [(stage, "F", index)] + ([(stage + 1, "B", index)] if stage < 1 else [])
+                if kind == "B"
+                else []
+            )
             if any(need not in done for need in needs):
                 continue
             start = max([clock[stage]] + [done[need] for need in needs])
@@ -206,11 +243,32 @@ def launch_workers(args, partition: str, result_dir: Path) -> list[dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               __file__, "--worker", str(result_dir), "--repeats", str(args.repeats),
-               "--micro-batches", str(args.micro_batches), "--micro-batch-size", str(args.micro_batch_size),
-               "--seq-len", str(args.seq_len), "--preset", args.preset, "--exit-layer", str(args.exit_layer),
-               "--partition", partition]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        __file__,
+        "--worker",
+        str(result_dir),
+        "--repeats",
+        str(args.repeats),
+        "--micro-batches",
+        str(args.micro_batches),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--preset",
+        args.preset,
+        "--exit-layer",
+        str(args.exit_layer),
+        "--partition",
+        partition,
+    ]
     print(f"launching 2 stages, partition {partition}", file=sys.stderr, flush=True)
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     workers = [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -233,29 +291,44 @@ def measured_profile(workers: list[dict], num_layers: int, exit_layer: int, frac
         if worker["stage"] == 0:
             first_stage_cost = forward + backward + step_share - sum(layer_cost[n - 1] for n in worker["layers"])
     reach = [1.0 if number <= exit_layer else 1.0 - fraction for number in range(1, num_layers + 1)]
-    return {"first_stage_cost": first_stage_cost, "layer_cost": layer_cost, "reach": reach,
-            "scenario": f"{fraction:.0%} of micro-batches exit entirely after layer {exit_layer}"}
+    return {
+        "first_stage_cost": first_stage_cost,
+        "layer_cost": layer_cost,
+        "reach": reach,
+        "scenario": f"{fraction:.0%} of micro-batches exit entirely after layer {exit_layer}",
+    }
 
 
 def summarize(name: str, workers: list[dict], baseline_seconds: float) -> dict:
     """Per fraction: measured, attainable and efficiency on this partition; and against `baseline_seconds`."""
-    medians = {fraction: statistics.median(max(a, b) for a, b in zip(workers[0]["seconds"][str(fraction)],
-                                                                      workers[1]["seconds"][str(fraction)]))
-               for fraction in FRACTIONS}
-    attainable = {fraction: attainable_time([worker["pass_seconds"][str(fraction)] for worker in workers])
-                  for fraction in FRACTIONS}
+    medians = {
+        fraction: statistics.median(
+            max(a, b) for a, b in zip(workers[0]["seconds"][str(fraction)], workers[1]["seconds"][str(fraction)])
+        )
+        for fraction in FRACTIONS
+    }
+    attainable = {
+        fraction: attainable_time([worker["pass_seconds"][str(fraction)] for worker in workers])
+        for fraction in FRACTIONS
+    }
     rows = {}
     for fraction in FRACTIONS:
         measured = medians[0.0] / medians[fraction]
         ideal = attainable[0.0] / attainable[fraction]
-        stage_costs = [sum(worker["pass_seconds"][str(fraction)]["F"]) + sum(worker["pass_seconds"][str(fraction)]["B"])
-                       for worker in workers]
-        rows[str(fraction)] = {"seconds_per_train_batch": medians[fraction], "speedup": measured,
-                               "attainable_seconds": attainable[fraction], "attainable_speedup": ideal,
-                               "efficiency": measured / ideal, "speedup_vs_default_unskipped": baseline_seconds
-                               / medians[fraction], "stage_compute_seconds": stage_costs}
-    return {"partition": name, "layers_per_stage": [len(worker["layers"]) for worker in workers],
-            "fractions": rows}
+        stage_costs = [
+            sum(worker["pass_seconds"][str(fraction)]["F"]) + sum(worker["pass_seconds"][str(fraction)]["B"])
+            for worker in workers
+        ]
+        rows[str(fraction)] = {
+            "seconds_per_train_batch": medians[fraction],
+            "speedup": measured,
+            "attainable_seconds": attainable[fraction],
+            "attainable_speedup": ideal,
+            "efficiency": measured / ideal,
+            "speedup_vs_default_unskipped": baseline_seconds / medians[fraction],
+            "stage_compute_seconds": stage_costs,
+        }
+    return {"partition": name, "layers_per_stage": [len(worker["layers"]) for worker in workers], "fractions": rows}
 
 
 def pooled(launches: list[list[dict]]) -> list[dict]:
@@ -263,15 +336,24 @@ def pooled(launches: list[list[dict]]) -> list[dict]:
     stages = []
     for stage_records in zip(*launches):
         merged = dict(stage_records[0])
-        merged["seconds"] = {key: [value for record in stage_records for value in record["seconds"][key]]
-                             for key in stage_records[0]["seconds"]}
+        merged["seconds"] = {
+            key: [value for record in stage_records for value in record["seconds"][key]]
+            for key in stage_records[0]["seconds"]
+        }
         merged["pass_seconds"] = {
-            key: {kind: [statistics.median(values) for values in
-                         zip(*(record["pass_seconds"][key][kind] for record in stage_records))] for kind in "FBO"}
-            for key in stage_records[0]["pass_seconds"]}
-        merged["layer_forward_seconds"] = {name: statistics.median(record["layer_forward_seconds"][name]
-                                                                   for record in stage_records)
-                                           for name in stage_records[0]["layer_forward_seconds"]}
+            key: {
+                kind: [
+                    statistics.median(values)
+                    for values in zip(*(record["pass_seconds"][key][kind] for record in stage_records))
+                ]
+                for kind in "FBO"
+            }
+            for key in stage_records[0]["pass_seconds"]
+        }
+        merged["layer_forward_seconds"] = {
+            name: statistics.median(record["layer_forward_seconds"][name] for record in stage_records)
+            for name in stage_records[0]["layer_forward_seconds"]
+        }
         stages.append(merged)
     return stages
 
@@ -282,7 +364,7 @@ def main() -> None:
         run_worker(args)
         return
     from dsexit.model import ElectraExitConfig
-    from dsexit.parallel.partition import expected_work_partition, stage_expected_costs
+    from dsexit.parallel.partition import stage_expected_costs
 
     num_layers = ElectraExitConfig.from_preset(args.preset).num_hidden_layers
     result_dir = Path(args.out).with_suffix(".workers")
@@ -302,44 +384,65 @@ def main() -> None:
                 continue
             launches[key].append(launch_workers(args, partitions[key], result_dir / f"{key}-{launch}"))
     workers = {key: pooled(records) for key, records in launches.items()}
-    balanced_unskipped = statistics.median(max(a, b) for a, b in zip(workers["balanced"][0]["seconds"]["0.0"],
-                                                                     workers["balanced"][1]["seconds"]["0.0"]))
+    balanced_unskipped = statistics.median(
+        max(a, b) for a, b in zip(workers["balanced"][0]["seconds"]["0.0"], workers["balanced"][1]["seconds"]["0.0"])
+    )
     skip_profile = profiles["skip-aware"]
-    results = {"preset": args.preset, "micro_batches": args.micro_batches, "micro_batch_size": args.micro_batch_size,
-               "seq_len": args.seq_len, "exit_layer": args.exit_layer, "launches": args.launches,
-               "profile": skip_profile, "partitions": {}}
+    results = {
+        "preset": args.preset,
+        "micro_batches": args.micro_batches,
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": args.seq_len,
+        "exit_layer": args.exit_layer,
+        "launches": args.launches,
+        "profile": skip_profile,
+        "partitions": {},
+    }
     for key, stages in workers.items():
         counts = [len(stage["layers"]) for stage in stages]
         summary = summarize(key, stages, balanced_unskipped)
-        summary["expected_stage_costs_at_50"] = stage_expected_costs(counts, skip_profile["first_stage_cost"],
-                                                                     skip_profile["layer_cost"], skip_profile["reach"])
+        summary["expected_stage_costs_at_50"] = stage_expected_costs(
+            counts, skip_profile["first_stage_cost"], skip_profile["layer_cost"], skip_profile["reach"]
+        )
         results["partitions"][key] = summary
-    print(f"\nper micro-batch (forward + backward, s): before layer 1 {skip_profile['first_stage_cost']:.3f}, "
-          f"layers {statistics.mean(skip_profile['layer_cost']):.3f} each on average; skipped micro-batches exit "
-          f"after layer {args.exit_layer}")
-    print(f"{'partition':<20}{'skipped':>8}{'s/batch':>9}{'speedup':>9}{'attainable':>11}{'efficiency':>11}"
-          f"{'vs balanced@0':>14}")
+    print(
+        f"\nper micro-batch (forward + backward, s): before layer 1 {skip_profile['first_stage_cost']:.3f}, "
+        f"layers {statistics.mean(skip_profile['layer_cost']):.3f} each on average; skipped micro-batches exit "
+        f"after layer {args.exit_layer}"
+    )
+    print(
+        f"{'partition':<20}{'skipped':>8}{'s/batch':>9}{'speedup':>9}{'attainable':>11}{'efficiency':>11}"
+        f"{'vs balanced@0':>14}"
+    )
     for key, partition in results["partitions"].items():
         label = f"{key} {'/'.join(map(str, partition['layers_per_stage']))}"
         for fraction, row in partition["fractions"].items():
-            print(f"{label:<20}{float(fraction):>8.0%}{row['seconds_per_train_batch']:>9.2f}{row['speedup']:>9.2f}"
-                  f"{row['attainable_speedup']:>11.2f}{row['efficiency']:>11.3f}"
-                  f"{row['speedup_vs_default_unskipped']:>14.2f}")
-    print("speedup, attainable: against the same partition with nothing skipped (attainable = 1F1B critical path of "
-          "the measured pass costs, no communication); vs balanced@0 = against the partition that balances measured "
-          "costs with nothing skipped (the best pipeline without exits)")
+            print(
+                f"{label:<20}{float(fraction):>8.0%}{row['seconds_per_train_batch']:>9.2f}{row['speedup']:>9.2f}"
+                f"{row['attainable_speedup']:>11.2f}{row['efficiency']:>11.3f}"
+                f"{row['speedup_vs_default_unskipped']:>14.2f}"
+            )
+    print(
+        "speedup, attainable: against the same partition with nothing skipped (attainable = 1F1B critical path of "
+        "the measured pass costs, no communication); vs balanced@0 = against the partition that balances measured "
+        "costs with nothing skipped (the best pipeline without exits)"
+    )
     at_50 = {key: partition["fractions"]["0.5"] for key, partition in results["partitions"].items()}
-    results.update(efficiency_at_50=at_50["skip-aware"]["efficiency"],
-                   efficiency_at_50_default=at_50["default"]["efficiency"],
-                   speedup_at_50=at_50["skip-aware"]["speedup_vs_default_unskipped"],
-                   speedup_at_50_default=at_50["default"]["speedup_vs_default_unskipped"])
+    results.update(
+        efficiency_at_50=at_50["skip-aware"]["efficiency"],
+        efficiency_at_50_default=at_50["default"]["efficiency"],
+        speedup_at_50=at_50["skip-aware"]["speedup_vs_default_unskipped"],
+        speedup_at_50_default=at_50["default"]["speedup_vs_default_unskipped"],
+    )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     layout = "/".join(map(str, results["partitions"]["skip-aware"]["layers_per_stage"]))
-    print(f"RESULT pipeline_skip efficiency_at_50={results['efficiency_at_50']:.3f} "
-          f"speedup_at_50={results['speedup_at_50']:.3f} efficiency_at_50_default="
-          f"{results['efficiency_at_50_default']:.3f} speedup_at_50_default={results['speedup_at_50_default']:.3f} "
-          f"skip_aware_partition={layout}")
+    print(
+        f"RESULT pipeline_skip efficiency_at_50={results['efficiency_at_50']:.3f} "
+        f"speedup_at_50={results['speedup_at_50']:.3f} efficiency_at_50_default="
+        f"{results['efficiency_at_50_default']:.3f} speedup_at_50_default={results['speedup_at_50_default']:.3f} "
+        f"skip_aware_partition={layout}"
+    )
 
 
 if __name__ == "__main__":

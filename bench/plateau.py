@@ -33,8 +33,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_vs_exit import (REPO, RESULTS, SCALES, SHARED, Arm, Run, machine_description,  # noqa: E402
-                              prepare_corpus, pretrain_all, summarize_run, tokenizer_spec)
+from pretrain_vs_exit import (
+    REPO,
+    RESULTS,
+    SCALES,
+    SHARED,
+    Arm,
+    Run,
+    machine_description,  # noqa: E402
+    prepare_corpus,
+    pretrain_all,
+    summarize_run,
+    tokenizer_spec,
+)
 
 VARIANTS = [
     Arm("plain", [], False),
@@ -48,9 +59,11 @@ VARIANTS = [
 
 
 def learns(final: dict) -> bool:
-    return (final["eval_mlm_loss"] <= final["unigram_entropy"] + 0.15
-            and final["eval_rtd_loss_uniform"] <= final["rtd_prior_entropy"] - 0.02
-            and final["eval_rtd_auc_generator"] >= 0.6)
+    return (
+        final["eval_mlm_loss"] <= final["unigram_entropy"] + 0.15
+        and final["eval_rtd_loss_uniform"] <= final["rtd_prior_entropy"] - 0.02
+        and final["eval_rtd_auc_generator"] >= 0.6
+    )
 
 
 def main(argv=None) -> int:
@@ -63,46 +76,80 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     scale = {**SCALES["quick"], "minutes": args.minutes, "eval_interval": 100}
-    data = prepare_corpus(SHARED / "corpus", None, REPO / "runs" / "bench_data" / "quick-heldout",
-                          tokenizer_spec(scale, SHARED / "tokenizer"), scale["seq_len"])
+    data = prepare_corpus(
+        SHARED / "corpus",
+        None,
+        REPO / "runs" / "bench_data" / "quick-heldout",
+        tokenizer_spec(scale, SHARED / "tokenizer"),
+        scale["seq_len"],
+    )
     work = args.work_dir
     # Later flags win over the scale's (--lr, --warmup-steps): the variant's own settings apply.
-    runs = [Run(Arm(v.name, ["--no-exit", *v.flags], False), args.seed, work / v.name)
-            for v in VARIANTS if v.name in args.variants]
+    runs = [
+        Run(Arm(v.name, ["--no-exit", *v.flags], False), args.seed, work / v.name)
+        for v in VARIANTS
+        if v.name in args.variants
+    ]
     pretrain_all(runs, scale, data, "mlm")
     summaries = [summarize_run(run) for run in runs]
     rows = []
     for summary in summaries:
         final = summary["final"]
         first = summary["curve"][0]
-        rows.append({"variant": summary["arm"], "steps": summary["final_step"], "minutes": summary["train_minutes"],
-                     "learns": learns(final), **{k: final[k] for k in (
-                         "eval_rtd_loss_uniform", "eval_rtd_auc_uniform", "eval_rtd_loss_generator",
-                         "eval_rtd_auc_generator", "eval_mlm_loss", "eval_mlm_accuracy", "rtd_prior_entropy",
-                         "unigram_entropy")},
-                     "start_rtd_loss_uniform": first["rtd_loss_uniform"], "curve": summary["curve"]})
-    header = (f"{'variant':<14} {'steps':>6} {'RTD unif':>8} {'prior':>6} {'AUC unif':>8} {'RTD gen':>8} "
-              f"{'AUC gen':>7} {'MLM':>6} {'unigram':>7} {'learns':>6}")
+        rows.append(
+            {
+                "variant": summary["arm"],
+                "steps": summary["final_step"],
+                "minutes": summary["train_minutes"],
+                "learns": learns(final),
+                **{
+                    k: final[k]
+                    for k in (
+                        "eval_rtd_loss_uniform",
+                        "eval_rtd_auc_uniform",
+                        "eval_rtd_loss_generator",
+                        "eval_rtd_auc_generator",
+                        "eval_mlm_loss",
+                        "eval_mlm_accuracy",
+                        "rtd_prior_entropy",
+                        "unigram_entropy",
+                    )
+                },
+                "start_rtd_loss_uniform": first["rtd_loss_uniform"],
+                "curve": summary["curve"],
+            }
+        )
+    header = (
+        f"{'variant':<14} {'steps':>6} {'RTD unif':>8} {'prior':>6} {'AUC unif':>8} {'RTD gen':>8} "
+        f"{'AUC gen':>7} {'MLM':>6} {'unigram':>7} {'learns':>6}"
+    )
     print()
-    print(f"plateau: MLM generator, quick scale, {args.minutes:.1f} training minutes per variant, 2 at a time, "
-          f"on {machine_description()} ({(time.time() - started) / 60:.1f} min in all)")
+    print(
+        f"plateau: MLM generator, quick scale, {args.minutes:.1f} training minutes per variant, 2 at a time, "
+        f"on {machine_description()} ({(time.time() - started) / 60:.1f} min in all)"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['variant']:<14} {row['steps']:>6} {row['eval_rtd_loss_uniform']:8.4f} {row['rtd_prior_entropy']:6.4f} "
-              f"{row['eval_rtd_auc_uniform']:8.4f} {row['eval_rtd_loss_generator']:8.4f} "
-              f"{row['eval_rtd_auc_generator']:7.4f} {row['eval_mlm_loss']:6.3f} {row['unigram_entropy']:7.3f} "
-              f"{'yes' if row['learns'] else 'no':>6}")
+        print(
+            f"{row['variant']:<14} {row['steps']:>6} {row['eval_rtd_loss_uniform']:8.4f} "
+            f"{row['rtd_prior_entropy']:6.4f} "
+            f"{row['eval_rtd_auc_uniform']:8.4f} {row['eval_rtd_loss_generator']:8.4f} "
+            f"{row['eval_rtd_auc_generator']:7.4f} {row['eval_mlm_loss']:6.3f} {row['unigram_entropy']:7.3f} "
+            f"{'yes' if row['learns'] else 'no':>6}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"minutes": args.minutes, "machine": machine_description(), "rows": rows},
-                                   indent=1))
+    args.out.write_text(json.dumps({"minutes": args.minutes, "machine": machine_description(), "rows": rows}, indent=1))
     plot(rows, args.out.with_suffix(".png"))
     winners = [row["variant"] for row in rows if row["learns"]]
     plain = next((row for row in rows if row["variant"] == "plain"), rows[0])
     best = max(rows, key=lambda row: row["eval_rtd_auc_generator"])
     print(f"plot: {args.out.with_suffix('.png')}; json: {args.out}")
-    print(f"RESULT plateau learns={','.join(winners) or 'none'} plain_auc_generator={plain['eval_rtd_auc_generator']:.4f} "
-          f"best_auc_generator={best['eval_rtd_auc_generator']:.4f} best={best['variant']}")
+    print(
+        f"RESULT plateau learns={','.join(winners) or 'none'} "
+        f"plain_auc_generator={plain['eval_rtd_auc_generator']:.4f} "
+        f"best_auc_generator={best['eval_rtd_auc_generator']:.4f} best={best['variant']}"
+    )
     return 0
 
 

@@ -65,49 +65,108 @@ ARMS = [
     Arm("exit-0.50", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin"], True),
     Arm("exit-0.50-conf", ["--exit", "--target-compute", "0.5", "--exit-criterion", "confidence"], True),
     Arm("generator-free", ["--no-exit", "--generator", "uniform"], False),
-    Arm("exit-0.75-linear", ["--exit", "--target-compute", "0.75", "--exit-criterion", "prior_margin",
-                             "--exit-head", "linear"], True),
-    Arm("exit-0.50-linear", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin",
-                             "--exit-head", "linear"], True),
+    Arm(
+        "exit-0.75-linear",
+        ["--exit", "--target-compute", "0.75", "--exit-criterion", "prior_margin", "--exit-head", "linear"],
+        True,
+    ),
+    Arm(
+        "exit-0.50-linear",
+        ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin", "--exit-head", "linear"],
+        True,
+    ),
 ]
 
 # A 6-layer, 128-wide discriminator (generator 32 wide, 2 layers): minutes on a CPU core, yet the
 # discriminator is most of a step's FLOPs, as in ELECTRA-Small, so early exit can show in time.
-QUICK_MODEL = dict(embedding_size=64, hidden_size=128, num_hidden_layers=6, num_attention_heads=2,
-                   intermediate_size=512, generator_hidden_size=32, generator_num_hidden_layers=2,
-                   generator_num_attention_heads=1, min_exit_layer=2, max_position_embeddings=128,
-                   head_bias_init="prior")
+QUICK_MODEL = dict(
+    embedding_size=64,
+    hidden_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    intermediate_size=512,
+    generator_hidden_size=32,
+    generator_num_hidden_layers=2,
+    generator_num_attention_heads=1,
+    min_exit_layer=2,
+    max_position_embeddings=128,
+    head_bias_init="prior",
+)
 
 SCALES = {
     # 2-core CPU: an 8192-piece SentencePiece trained on the corpus, 64-token samples; two runs at
     # a time, one thread each; generator-free replacement for every arm (an MLM generator's
     # discriminator stays at the replaced-token prior for the whole budget here: bench/plateau.py).
-    "quick": dict(tokenizer="train:8192", seq_len=64, corpus_files=None, model="electra-tiny", model_set=QUICK_MODEL,
-                  generator="uniform", lr=1e-3, global_batch=32, micro_batch=32, warmup_steps=100,
-                  exit_warmup_steps=100, eval_interval=100, eval_samples=256, minutes=7.0, concurrency=2, threads=1,
-                  seeds=2, arms=("baseline", "exit-0.75", "exit-0.50", "exit-0.50-conf"),
-                  finetune=dict(epochs=3, batch_size=32, max_seq_len=64, max_train_examples=2000),
-                  finetune_seeds=5, finetune_workers=2),
+    "quick": dict(
+        tokenizer="train:8192",
+        seq_len=64,
+        corpus_files=None,
+        model="electra-tiny",
+        model_set=QUICK_MODEL,
+        generator="uniform",
+        lr=1e-3,
+        global_batch=32,
+        micro_batch=32,
+        warmup_steps=100,
+        exit_warmup_steps=100,
+        eval_interval=100,
+        eval_samples=256,
+        minutes=7.0,
+        concurrency=2,
+        threads=1,
+        seeds=2,
+        arms=("baseline", "exit-0.75", "exit-0.50", "exit-0.50-conf"),
+        finetune=dict(epochs=3, batch_size=32, max_seq_len=64, max_train_examples=2000),
+        finetune_seeds=5,
+        finetune_workers=2,
+    ),
     # One H200-class GPU, whole comparison < 6 minutes: ELECTRA-Small shapes, BERT's WordPiece
     # vocabulary, 128-token samples from part of the shared corpus; arms one after another with an
     # MLM generator, plus the generator-free arm; full rt_sentiment fine-tuning.
-    "device": dict(tokenizer="wordpiece", seq_len=128,
-                   corpus_files=("brown", "janeausten", "moby_dick", "sword_engWEB2015eb", "fortunes"),
-                   model="electra-small", model_set={}, generator="mlm", lr=1e-3, global_batch=128, micro_batch=128,
-                   # The trainer ran ~4.4 steps/s on an H200 (bench/results/pretrain_vs_exit_device.log): ~210 steps
-                   # in 0.8 minutes, so exits start after 50 (they started after 200 in the first device run and
-                   # engaged for its last ~10 steps only).
-                   warmup_steps=50, exit_warmup_steps=50, eval_interval=50, eval_samples=1024, minutes=0.8,
-                   concurrency=1, threads=None, seeds=1,
-                   arms=("baseline", "exit-0.75", "exit-0.50", "generator-free"),
-                   finetune=dict(epochs=2, batch_size=32, max_seq_len=128, max_train_examples=None),
-                   finetune_seeds=3, finetune_workers=1),
+    "device": dict(
+        tokenizer="wordpiece",
+        seq_len=128,
+        corpus_files=("brown", "janeausten", "moby_dick", "sword_engWEB2015eb", "fortunes"),
+        model="electra-small",
+        model_set={},
+        generator="mlm",
+        lr=1e-3,
+        global_batch=128,
+        micro_batch=128,
+        # The trainer ran ~4.4 steps/s on an H200 (bench/results/pretrain_vs_exit_device.log): ~210 steps
+        # in 0.8 minutes, so exits start after 50 (they started after 200 in the first device run and
+        # engaged for its last ~10 steps only).
+        warmup_steps=50,
+        exit_warmup_steps=50,
+        eval_interval=50,
+        eval_samples=1024,
+        minutes=0.8,
+        concurrency=1,
+        threads=None,
+        seeds=1,
+        arms=("baseline", "exit-0.75", "exit-0.50", "generator-free"),
+        finetune=dict(epochs=2, batch_size=32, max_seq_len=128, max_train_examples=None),
+        finetune_seeds=3,
+        finetune_workers=1,
+    ),
 }
-DRY_RUN = dict(model_set=dict(max_position_embeddings=128), corpus_files=("moby_dick",), minutes=0.12,
-               global_batch=8, micro_batch=8, warmup_steps=5, exit_warmup_steps=5, eval_interval=10, eval_samples=16,
-               threads=1, finetune=dict(epochs=1, batch_size=16, max_seq_len=32, max_train_examples=64,
-                                        max_eval_examples=64),
-               finetune_seeds=2, model="electra-tiny", tokenizer="train:1024", seq_len=32)
+DRY_RUN = dict(
+    model_set=dict(max_position_embeddings=128),
+    corpus_files=("moby_dick",),
+    minutes=0.12,
+    global_batch=8,
+    micro_batch=8,
+    warmup_steps=5,
+    exit_warmup_steps=5,
+    eval_interval=10,
+    eval_samples=16,
+    threads=1,
+    finetune=dict(epochs=1, batch_size=16, max_seq_len=32, max_train_examples=64, max_eval_examples=64),
+    finetune_seeds=2,
+    model="electra-tiny",
+    tokenizer="train:1024",
+    seq_len=32,
+)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -117,8 +176,22 @@ def prepare_corpus(corpus: Path, files, cache: Path, tokenizer: str, seq_len: in
         return cache
     inputs = [str(corpus / f"{name}.jsonl.gz") for name in files] if files else [str(corpus / "*.jsonl.gz")]
     print(f"preparing {len(inputs)} input(s) from {corpus} -> {cache} (once)", flush=True)
-    subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--input", *inputs, "--out", str(cache),
-                    "--tokenizer", tokenizer, "--seq-len", str(seq_len), "--overwrite"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--input",
+            *inputs,
+            "--out",
+            str(cache),
+            "--tokenizer",
+            tokenizer,
+            "--seq-len",
+            str(seq_len),
+            "--overwrite",
+        ],
+        check=True,
+    )
     return cache
 
 
@@ -138,16 +211,54 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
     flags = list(run.arm.flags)
     if "--generator" not in flags:
         flags += ["--generator", generator]
-    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--preset", "smoke", "--model", scale["model"],
-            "--data", str(data), "--run-dir", str(run.run_dir), "--seed", str(run.seed),
-            "--max-minutes", f"{scale['minutes']:.3f}", "--max-steps", "1000000",
-            "--warmup-steps", str(scale["warmup_steps"]), "--exit-warmup-steps", str(scale["exit_warmup_steps"]),
-            "--save-interval", "1000000", "--keep-last", "1", "--eval-interval", str(scale["eval_interval"]),
-            "--eval-samples", str(scale["eval_samples"]), "--log-interval", "50", "--no-export-hf",
-            "--no-tensorboard", "--no-csv", "--progress", "lines", "--resume", "none", "--lr", str(scale["lr"]),
-            "--global-batch-size", str(scale["global_batch"]), "--micro-batch-size", str(scale["micro_batch"]),
-            # the arm's own flags last: a later --lr or --model-set FIELD=VALUE wins over the scale's
-            *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")], *flags]
+    return [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--preset",
+        "smoke",
+        "--model",
+        scale["model"],
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run.run_dir),
+        "--seed",
+        str(run.seed),
+        "--max-minutes",
+        f"{scale['minutes']:.3f}",
+        "--max-steps",
+        "1000000",
+        "--warmup-steps",
+        str(scale["warmup_steps"]),
+        "--exit-warmup-steps",
+        str(scale["exit_warmup_steps"]),
+        "--save-interval",
+        "1000000",
+        "--keep-last",
+        "1",
+        "--eval-interval",
+        str(scale["eval_interval"]),
+        "--eval-samples",
+        str(scale["eval_samples"]),
+        "--log-interval",
+        "50",
+        "--no-export-hf",
+        "--no-tensorboard",
+        "--no-csv",
+        "--progress",
+        "lines",
+        "--resume",
+        "none",
+        "--lr",
+        str(scale["lr"]),
+        "--global-batch-size",
+        str(scale["global_batch"]),
+        "--micro-batch-size",
+        str(scale["micro_batch"]),
+        # the arm's own flags last: a later --lr or --model-set FIELD=VALUE wins over the scale's
+        *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")],
+        *flags,
+    ]
 
 
 def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> None:
@@ -162,11 +273,15 @@ def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> No
             run = pending.pop(0)
             run.run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run.run_dir / "stdout.log", "w")
-            process = subprocess.Popen(trainer_command(run, scale, data, generator), stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            process = subprocess.Popen(
+                trainer_command(run, scale, data, generator), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
             active.append((run, process, time.time()))
-            print(f"[{run.arm.name} seed {run.seed}] pre-training {scale['minutes']:.2f} min (log {run.run_dir}/stdout.log)",
-                  flush=True)
+            print(
+                f"[{run.arm.name} seed {run.seed}] pre-training {scale['minutes']:.2f} min "
+                f"(log {run.run_dir}/stdout.log)",
+                flush=True,
+            )
         time.sleep(1.0)
         for entry in list(active):
             run, process, started = entry
@@ -178,8 +293,10 @@ def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> No
             if process.returncode != 0:
                 for _, other, _ in active:
                     other.terminate()
-                raise SystemExit(f"pretrain_vs_exit: the {run.arm.name} seed {run.seed} trainer failed "
-                                 f"(exit {process.returncode}); see {run.run_dir}/stdout.log")
+                raise SystemExit(
+                    f"pretrain_vs_exit: the {run.arm.name} seed {run.seed} trainer failed "
+                    f"(exit {process.returncode}); see {run.run_dir}/stdout.log"
+                )
             done += 1
             print(f"[{run.arm.name} seed {run.seed}] done ({done}/{total})", flush=True)
 
@@ -199,7 +316,7 @@ def time_to_reach_loss(curve: list[tuple[float, float]], target: float) -> float
 def extrapolated_time(curve: list[tuple[float, float]], target: float) -> float:
     """Minutes to `target` continuing the slope of the last third of the curve (never reached)."""
     curve = sorted(curve)
-    tail = curve[-max(2, len(curve) // 3):]
+    tail = curve[-max(2, len(curve) // 3) :]
     (t0, l0), (t1, l1) = tail[0], tail[-1]
     end = curve[-1][0]
     slope = (l0 - l1) / max(t1 - t0, 1e-12)  # loss fallen per minute
@@ -220,17 +337,30 @@ def summarize_run(run: Run) -> dict:
     histogram = [sum(column) for column in zip(*(record["exit_layer_counts"] for record in (warm or train[-1:])))]
     final = evals[-1]
     return {
-        "arm": run.arm.name, "seed": run.seed, "early_exit": run.arm.early_exit, "run_dir": str(run.run_dir),
-        "final_step": final["step"], "train_minutes": final["train_minutes"],
+        "arm": run.arm.name,
+        "seed": run.seed,
+        "early_exit": run.arm.early_exit,
+        "run_dir": str(run.run_dir),
+        "final_step": final["step"],
+        "train_minutes": final["train_minutes"],
         "final": {key: final[key] for key in final if key.startswith(("eval_", "rtd_", "unigram"))},
-        "compute_fraction": (sum(record["compute_fraction"] * record["steps"] for record in warm) / steps
-                             if steps else 1.0),
+        "compute_fraction": (
+            sum(record["compute_fraction"] * record["steps"] for record in warm) / steps if steps else 1.0
+        ),
         "tokens_seen": train[-1]["tokens_seen"] if train else 0,
         "exit_layer_histogram": histogram,
-        "curve": [{"minutes": record["train_minutes"], "step": record["step"],
-                   "rtd_loss_uniform": record["eval_rtd_loss_uniform"], "auc_uniform": record["eval_rtd_auc_uniform"],
-                   "rtd_loss_generator": record["eval_rtd_loss_generator"], "mlm_loss": record["eval_mlm_loss"],
-                   "compute_fraction": record["eval_compute_fraction"]} for record in evals],
+        "curve": [
+            {
+                "minutes": record["train_minutes"],
+                "step": record["step"],
+                "rtd_loss_uniform": record["eval_rtd_loss_uniform"],
+                "auc_uniform": record["eval_rtd_auc_uniform"],
+                "rtd_loss_generator": record["eval_rtd_loss_generator"],
+                "mlm_loss": record["eval_mlm_loss"],
+                "compute_fraction": record["eval_compute_fraction"],
+            }
+            for record in evals
+        ],
     }
 
 
@@ -263,10 +393,13 @@ def compare(summaries: list[dict]) -> dict:
         reach, reached = minutes_to_target(runs)
         finals = [run["final"]["eval_rtd_loss_uniform"] for run in runs]
         arms[name] = {
-            "early_exit": runs[0]["early_exit"], "seeds": len(runs),
+            "early_exit": runs[0]["early_exit"],
+            "seeds": len(runs),
             "heldout_rtd_loss": _spread(finals),
             "heldout_rtd_delta": statistics.fmean(finals) - target,
-            "minutes_to_target": _spread(reach), "reached_all": all(reached), "reached": reached,
+            "minutes_to_target": _spread(reach),
+            "reached_all": all(reached),
+            "reached": reached,
             "time_saved_pct": 100.0 * (1.0 - statistics.fmean(reach) / base_minutes),
             "time_saved_pct_per_seed": [100.0 * (1.0 - minutes / base_minutes) for minutes in reach],
             "compute_fraction": statistics.fmean(run["compute_fraction"] for run in runs),
@@ -277,8 +410,13 @@ def compare(summaries: list[dict]) -> dict:
         }
     exit_arms = [name for name, arm in arms.items() if arm["early_exit"]]
     best = max(exit_arms, key=lambda name: arms[name]["time_saved_pct"]) if exit_arms else None
-    return {"target_rtd_loss": target, "baseline_minutes": base_minutes, "arms": arms, "best_exit_arm": best,
-            "rtd_prior_entropy": baseline[0]["final"]["rtd_prior_entropy"]}
+    return {
+        "target_rtd_loss": target,
+        "baseline_minutes": base_minutes,
+        "arms": arms,
+        "best_exit_arm": best,
+        "rtd_prior_entropy": baseline[0]["final"]["rtd_prior_entropy"],
+    }
 
 
 # ---------------------------------------------------------------------------------- precondition
@@ -312,18 +450,29 @@ def precondition(baseline: Path, work: Path, task, scale: dict, seed: int) -> di
         config = FinetuneConfig(mode=mode, seeds=scale["finetune_seeds"], progress="none", **scale["finetune"])
         config.validate()
         started = time.time()
-        untrained_result, trained_result = finetune_many([untrained, trained], task, config,
-                                                         workers=scale["finetune_workers"])
-        medians = {name: result["median"] for name, result in (("untrained", untrained_result),
-                                                                 ("pretrained", trained_result))}
-        verdict[mode] = {**medians, "beats": medians["pretrained"]["dev"]["accuracy"] > medians["untrained"]["dev"]["accuracy"],
-                         "seeds": config.seeds, "minutes": (time.time() - started) / 60,
-                         "per_seed_dev": {"untrained": [r["dev"]["accuracy"] for r in untrained_result["per_seed"]],
-                                          "pretrained": [r["dev"]["accuracy"] for r in trained_result["per_seed"]]}}
-        print(f"  {mode}: untrained dev {medians['untrained']['dev']['accuracy']:.4f} test "
-              f"{medians['untrained']['test']['accuracy']:.4f} | pre-trained dev "
-              f"{medians['pretrained']['dev']['accuracy']:.4f} test {medians['pretrained']['test']['accuracy']:.4f} "
-              f"({verdict[mode]['minutes']:.1f} min)", flush=True)
+        untrained_result, trained_result = finetune_many(
+            [untrained, trained], task, config, workers=scale["finetune_workers"]
+        )
+        medians = {
+            name: result["median"] for name, result in (("untrained", untrained_result), ("pretrained", trained_result))
+        }
+        verdict[mode] = {
+            **medians,
+            "beats": medians["pretrained"]["dev"]["accuracy"] > medians["untrained"]["dev"]["accuracy"],
+            "seeds": config.seeds,
+            "minutes": (time.time() - started) / 60,
+            "per_seed_dev": {
+                "untrained": [r["dev"]["accuracy"] for r in untrained_result["per_seed"]],
+                "pretrained": [r["dev"]["accuracy"] for r in trained_result["per_seed"]],
+            },
+        }
+        print(
+            f"  {mode}: untrained dev {medians['untrained']['dev']['accuracy']:.4f} test "
+            f"{medians['untrained']['test']['accuracy']:.4f} | pre-trained dev "
+            f"{medians['pretrained']['dev']['accuracy']:.4f} test {medians['pretrained']['test']['accuracy']:.4f} "
+            f"({verdict[mode]['minutes']:.1f} min)",
+            flush=True,
+        )
     return verdict
 
 
@@ -340,14 +489,24 @@ def plot(summaries: list[dict], comparison: dict, out_prefix: Path) -> list[str]
     for summary in summaries:
         color = colors.setdefault(summary["arm"], f"C{len(colors)}")
         minutes = [point["minutes"] for point in summary["curve"]]
-        label = summary["arm"] if summary["seed"] == min(s["seed"] for s in summaries if s["arm"] == summary["arm"]) else None
-        loss_axis.plot(minutes, [point["rtd_loss_uniform"] for point in summary["curve"]], color=color, label=label,
-                       alpha=0.8)
-        auc_axis.plot(minutes, [point["auc_uniform"] for point in summary["curve"]], color=color, label=label, alpha=0.8)
+        label = (
+            summary["arm"]
+            if summary["seed"] == min(s["seed"] for s in summaries if s["arm"] == summary["arm"])
+            else None
+        )
+        loss_axis.plot(
+            minutes, [point["rtd_loss_uniform"] for point in summary["curve"]], color=color, label=label, alpha=0.8
+        )
+        auc_axis.plot(
+            minutes, [point["auc_uniform"] for point in summary["curve"]], color=color, label=label, alpha=0.8
+        )
     loss_axis.axhline(comparison["rtd_prior_entropy"], color="gray", linestyle="--", label="replaced-token prior")
     loss_axis.axhline(comparison["target_rtd_loss"], color="black", linestyle=":", label="baseline's final (target)")
-    loss_axis.set(xlabel="training minutes (held-out evaluation excluded)", ylabel="held-out RTD loss (uniform corruption)",
-                  title="held-out quality vs pre-training time")
+    loss_axis.set(
+        xlabel="training minutes (held-out evaluation excluded)",
+        ylabel="held-out RTD loss (uniform corruption)",
+        title="held-out quality vs pre-training time",
+    )
     auc_axis.set(xlabel="training minutes", ylabel="held-out RTD ROC-AUC", title="held-out ROC-AUC")
     loss_axis.legend(fontsize=8)
     paths.append(_save(figure, out_prefix.with_name(out_prefix.name + "_heldout.png")))
@@ -358,10 +517,18 @@ def plot(summaries: list[dict], comparison: dict, out_prefix: Path) -> list[str]
     for index, name in enumerate(arm_names):
         counts = [sum(column) for column in zip(*(s["exit_layer_histogram"] for s in summaries if s["arm"] == name))]
         total = max(sum(counts), 1)
-        axis.bar([layer + 1 + (index - len(arm_names) / 2 + 0.5) * width for layer in range(len(counts))],
-                 [count / total for count in counts], width=width, label=name, color=colors[name])
-    axis.set(xlabel="last layer a token ran through", ylabel="fraction of exitable tokens (after exit warmup)",
-             title="exit-layer histogram")
+        axis.bar(
+            [layer + 1 + (index - len(arm_names) / 2 + 0.5) * width for layer in range(len(counts))],
+            [count / total for count in counts],
+            width=width,
+            label=name,
+            color=colors[name],
+        )
+    axis.set(
+        xlabel="last layer a token ran through",
+        ylabel="fraction of exitable tokens (after exit warmup)",
+        title="exit-layer histogram",
+    )
     axis.legend(fontsize=8)
     paths.append(_save(figure, out_prefix.with_name(out_prefix.name + "_exit_layers.png")))
     return paths
@@ -377,8 +544,10 @@ def _save(figure, path: Path) -> str:
 
 
 def format_table(comparison: dict) -> str:
-    header = (f"{'arm':<15} {'seeds':>5} {'compute':>7} {'steps':>13} {'held-out RTD':>21} {'AUC':>6} "
-              f"{'exit rule':>9} {'min to target':>19} {'time saved':>17}")
+    header = (
+        f"{'arm':<15} {'seeds':>5} {'compute':>7} {'steps':>13} {'held-out RTD':>21} {'AUC':>6} "
+        f"{'exit rule':>9} {'min to target':>19} {'time saved':>17}"
+    )
     lines = [header, "-" * len(header)]
     for name, arm in comparison["arms"].items():
         loss, reach, steps = arm["heldout_rtd_loss"], arm["minutes_to_target"], arm["steps"]
@@ -389,7 +558,8 @@ def format_table(comparison: dict) -> str:
             f"({steps['min']:.0f}-{steps['max']:.0f}) {loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) "
             f"{arm['auc_uniform']['mean']:6.4f} {arm['heldout_rtd_loss_exit_rule']['mean']:9.4f} "
             f"{reach['mean']:5.2f}{marker:1} ({reach['min']:.2f}-{reach['max']:.2f}) "
-            f"{arm['time_saved_pct']:+6.1f}% ({min(saved):+.0f}..{max(saved):+.0f})")
+            f"{arm['time_saved_pct']:+6.1f}% ({min(saved):+.0f}..{max(saved):+.0f})"
+        )
     return "\n".join(lines)
 
 
@@ -411,18 +581,30 @@ def machine_description() -> str:
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--scale", choices=sorted(SCALES), default="quick")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="the scale's whole path with a tiny model, seconds per run (checks it on a CPU)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the scale's whole path with a tiny model, seconds per run (checks it on a CPU)",
+    )
     parser.add_argument("--minutes", type=float, help="training minutes per run (default: the scale's)")
     parser.add_argument("--seeds", type=int, help="pre-training seeds per arm (default: the scale's)")
     parser.add_argument("--arms", nargs="+", choices=[arm.name for arm in ARMS], help="default: the scale's")
-    parser.add_argument("--generator", choices=("mlm", "uniform", "unigram"),
-                        help="replacements of the baseline and exit arms (default: the scale's)")
-    parser.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="extra model field for every arm (e.g. a recipe from bench/plateau.py)")
+    parser.add_argument(
+        "--generator",
+        choices=("mlm", "uniform", "unigram"),
+        help="replacements of the baseline and exit arms (default: the scale's)",
+    )
+    parser.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="extra model field for every arm (e.g. a recipe from bench/plateau.py)",
+    )
     parser.add_argument("--no-precondition", action="store_true", help="skip the downstream precondition")
     parser.add_argument("--corpus", type=Path, default=SHARED / "corpus")
     parser.add_argument("--vocab", type=Path, default=SHARED / "tokenizer" / "bert-base-uncased-vocab.txt")
@@ -431,8 +613,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="default: runs/bench_pretrain_vs_exit/SCALE")
     parser.add_argument("--out", type=Path, help="default: bench/results/pretrain_vs_exit[_SCALE].json")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--report", type=Path, metavar="JSON",
-                        help="recompute the comparison, table and plots of a finished run from its JSON (no training)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="recompute the comparison, table and plots of a finished run from its JSON (no training)",
+    )
     args = parser.parse_args(argv)
     return args
 
@@ -463,25 +649,45 @@ def main(argv=None) -> int:
     started = time.time()
     scale = resolve_scale(args)
     tag = args.scale + ("-dry-run" if args.dry_run else "")
-    out = args.out or RESULTS / ("pretrain_vs_exit.json" if args.scale == "quick" and not args.dry_run
-                                 else f"pretrain_vs_exit_{tag}.json")
+    out = args.out or RESULTS / (
+        "pretrain_vs_exit.json" if args.scale == "quick" and not args.dry_run else f"pretrain_vs_exit_{tag}.json"
+    )
     work = args.work_dir or REPO / "runs" / "bench_pretrain_vs_exit" / tag
     from dsexit.eval import load_task
 
     task = load_task(str(args.task))  # a bad task fails before any pre-training
-    data = prepare_corpus(args.corpus, scale["corpus_files"], args.data_cache or REPO / "runs" / "bench_data" / (
-        f"{tag}-heldout"), tokenizer_spec(scale, args.vocab), scale["seq_len"])
+    data = prepare_corpus(
+        args.corpus,
+        scale["corpus_files"],
+        args.data_cache or REPO / "runs" / "bench_data" / (f"{tag}-heldout"),
+        tokenizer_spec(scale, args.vocab),
+        scale["seq_len"],
+    )
     arms = [arm for arm in ARMS if arm.name in scale["arms"]]
-    runs = [Run(arm, args.seed + offset, work / f"{arm.name}-seed{args.seed + offset}")
-            for offset in range(scale["seeds"]) for arm in arms]
-    print(f"pretrain_vs_exit: {len(arms)} arms x {scale['seeds']} seeds, {scale['minutes']:.2f} training minutes each, "
-          f"{scale['concurrency']} at a time, generator {scale['generator']}", flush=True)
+    runs = [
+        Run(arm, args.seed + offset, work / f"{arm.name}-seed{args.seed + offset}")
+        for offset in range(scale["seeds"])
+        for arm in arms
+    ]
+    print(
+        f"pretrain_vs_exit: {len(arms)} arms x {scale['seeds']} seeds, {scale['minutes']:.2f} training minutes each, "
+        f"{scale['concurrency']} at a time, generator {scale['generator']}",
+        flush=True,
+    )
     pretrain_all(runs, scale, data, scale["generator"])
     summaries = [summarize_run(run) for run in runs]
     comparison = compare(summaries)
-    results = {"scale": args.scale, "dry_run": args.dry_run, "generator": scale["generator"],
-               "minutes_per_run": scale["minutes"], "concurrency": scale["concurrency"],
-               "model_set": scale["model_set"], "machine": machine_description(), "runs": summaries, **comparison}
+    results = {
+        "scale": args.scale,
+        "dry_run": args.dry_run,
+        "generator": scale["generator"],
+        "minutes_per_run": scale["minutes"],
+        "concurrency": scale["concurrency"],
+        "model_set": scale["model_set"],
+        "machine": machine_description(),
+        "runs": summaries,
+        **comparison,
+    }
     results["benchmark_minutes"] = (time.time() - started) / 60
     out.parent.mkdir(parents=True, exist_ok=True)
     results["plots"] = plot(summaries, comparison, out.with_suffix(""))
@@ -491,8 +697,11 @@ def main(argv=None) -> int:
         from dsexit.train.distributed import select_accelerator
 
         select_accelerator()
-        print("precondition: untrained vs pre-trained (baseline, first seed), downstream "
-              f"{task.name}, median of {scale['finetune_seeds']} seeds", flush=True)
+        print(
+            "precondition: untrained vs pre-trained (baseline, first seed), downstream "
+            f"{task.name}, median of {scale['finetune_seeds']} seeds",
+            flush=True,
+        )
         results["precondition"] = precondition(Path(summaries[0]["run_dir"]), work, task, scale, args.seed)
     results["benchmark_minutes"] = (time.time() - started) / 60
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -504,25 +713,33 @@ def main(argv=None) -> int:
 
 def report(results: dict, out: Path) -> None:
     print()
-    print(f"pretrain_vs_exit: scale={results['scale']}{' (dry run)' if results['dry_run'] else ''}, "
-          f"generator={results['generator']}, {results['minutes_per_run']:.2f} training minutes per run, "
-          f"{results['concurrency']} run(s) at a time, whole benchmark {results['benchmark_minutes']:.1f} min on "
-          f"{results['machine']}")
+    print(
+        f"pretrain_vs_exit: scale={results['scale']}{' (dry run)' if results['dry_run'] else ''}, "
+        f"generator={results['generator']}, {results['minutes_per_run']:.2f} training minutes per run, "
+        f"{results['concurrency']} run(s) at a time, whole benchmark {results['benchmark_minutes']:.1f} min on "
+        f"{results['machine']}"
+    )
     print(format_table(results))
-    print(f"target = baseline's final held-out RTD loss {results['target_rtd_loss']:.4f} at full depth (mean over "
-          f"seeds; replaced-token prior {results['rtd_prior_entropy']:.4f}); min to target = training minutes to reach "
-          f"it (* = not reached by every seed: extrapolated); time saved = 1 - min to target / the baseline's "
-          f"{results['baseline_minutes']:.2f}; exit rule = the held-out loss with the arm's exits at its last tau; "
-          f"compute = executed / full token-layers of exitable tokens")
+    print(
+        f"target = baseline's final held-out RTD loss {results['target_rtd_loss']:.4f} at full depth (mean over "
+        f"seeds; replaced-token prior {results['rtd_prior_entropy']:.4f}); min to target = training minutes to reach "
+        f"it (* = not reached by every seed: extrapolated); time saved = 1 - min to target / the baseline's "
+        f"{results['baseline_minutes']:.2f}; exit rule = the held-out loss with the arm's exits at its last tau; "
+        f"compute = executed / full token-layers of exitable tokens"
+    )
     for name, arm in results["arms"].items():
         if arm["early_exit"] and not arm["reached_all"]:
-            print(f"{name}: did not reach the target in {sum(not r for r in arm['reached'])} of {arm['seeds']} seeds; "
-                  f"gap at equal time {arm['heldout_rtd_delta']:+.4f}")
+            print(
+                f"{name}: did not reach the target in {sum(not r for r in arm['reached'])} of {arm['seeds']} seeds; "
+                f"gap at equal time {arm['heldout_rtd_delta']:+.4f}"
+            )
     verdict = results.get("precondition")
     if verdict:
-        parts = [f"{mode}: pre-trained dev {v['pretrained']['dev']['accuracy']:.4f} vs untrained "
-                 f"{v['untrained']['dev']['accuracy']:.4f} ({'beats' if v['beats'] else 'does not beat'})"
-                 for mode, v in verdict.items()]
+        parts = [
+            f"{mode}: pre-trained dev {v['pretrained']['dev']['accuracy']:.4f} vs untrained "
+            f"{v['untrained']['dev']['accuracy']:.4f} ({'beats' if v['beats'] else 'does not beat'})"
+            for mode, v in verdict.items()
+        ]
         beats = all(v["beats"] for v in verdict.values())
         print(f"PRECONDITION pretraining_beats_untrained={'yes' if beats else 'no'} " + "; ".join(parts))
         if not beats:
@@ -531,8 +748,10 @@ def report(results: dict, out: Path) -> None:
     best = results["best_exit_arm"]
     arm = results["arms"][best]
     seeds = min(a["seeds"] for a in results["arms"].values())
-    print(f"RESULT pretrain_vs_exit time_saved_pct={arm['time_saved_pct']:.1f} "
-          f"heldout_rtd_delta={arm['heldout_rtd_delta']:+.4f} seeds={seeds} best_arm={best}")
+    print(
+        f"RESULT pretrain_vs_exit time_saved_pct={arm['time_saved_pct']:.1f} "
+        f"heldout_rtd_delta={arm['heldout_rtd_delta']:+.4f} seeds={seeds} best_arm={best}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,13 +42,46 @@ def read_steps(run_dir: Path) -> dict[int, dict]:
 
 
 def trainer(run_dir: Path, args: argparse.Namespace, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--deepspeed", args.deepspeed,
-            "--model", args.model, "--run-dir", str(run_dir), "--max-steps", str(args.steps),
-            "--save-interval", str(args.save_at), "--keep-last", "3", "--log-interval", "1", "--seed", "7",
-            "--global-batch-size", str(args.batch), "--micro-batch-size", str(args.batch),
-            "--warmup-steps", "5", "--eval-interval", "0", "--no-export-hf", "--no-tensorboard", "--no-csv",
-            "--progress", "lines", "--exit", "--target-compute", "0.75", "--exit-warmup-steps", "5",
-            *args.trainer_args, *extra]
+    return [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--deepspeed",
+        args.deepspeed,
+        "--model",
+        args.model,
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        str(args.steps),
+        "--save-interval",
+        str(args.save_at),
+        "--keep-last",
+        "3",
+        "--log-interval",
+        "1",
+        "--seed",
+        "7",
+        "--global-batch-size",
+        str(args.batch),
+        "--micro-batch-size",
+        str(args.batch),
+        "--warmup-steps",
+        "5",
+        "--eval-interval",
+        "0",
+        "--no-export-hf",
+        "--no-tensorboard",
+        "--no-csv",
+        "--progress",
+        "lines",
+        "--exit",
+        "--target-compute",
+        "0.75",
+        "--exit-warmup-steps",
+        "5",
+        *args.trainer_args,
+        *extra,
+    ]
 
 
 def run(command: list[str], log: Path) -> None:
@@ -100,8 +133,7 @@ def main(argv=None) -> int:
     print(f"resume_check: uninterrupted {args.steps} steps ({args.model}, {args.deepspeed})", flush=True)
     run(trainer(straight, args), args.work_dir / "straight.log")
     print(f"resume_check: killed after step {args.save_at + 3}, then --resume auto", flush=True)
-    run_and_kill(trainer(interrupted, args), interrupted, args.save_at + 3, args.steps,
-                 args.work_dir / "killed.log")
+    run_and_kill(trainer(interrupted, args), interrupted, args.save_at + 3, args.steps, args.work_dir / "killed.log")
     killed = read_steps(interrupted)  # the steps it logged past the checkpoint before the kill
     run(trainer(interrupted, args, "--resume", "auto"), args.work_dir / "resumed.log")
     reference, resumed = read_steps(straight), read_steps(interrupted)
@@ -109,28 +141,46 @@ def main(argv=None) -> int:
     own_diff = max((abs(killed[s]["loss"] - resumed[s]["loss"]) for s in own), default=float("nan"))
     compared = [step for step in range(args.save_at + 1, args.steps + 1) if step in reference and step in resumed]
     if len(compared) != args.steps - args.save_at:
-        raise SystemExit(f"resume_check: expected steps {args.save_at + 1}..{args.steps} in both runs, "
-                         f"compared {len(compared)}")
+        raise SystemExit(
+            f"resume_check: expected steps {args.save_at + 1}..{args.steps} in both runs, compared {len(compared)}"
+        )
     same_order = all(reference[s]["samples_digest"] == resumed[s]["samples_digest"] for s in compared)
     differences = [abs(reference[s]["loss"] - resumed[s]["loss"]) for s in compared]
     max_diff = max(differences)
     ok = same_order and max_diff <= tolerance
-    results = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "model": args.model,
-               "deepspeed": args.deepspeed, "steps": args.steps, "save_at": args.save_at,
-               "steps_compared": len(compared), "exact_order": same_order, "max_loss_diff": max_diff,
-               "tolerance": tolerance, "deterministic": "--deterministic" in args.trainer_args,
-               "steps_compared_with_killed_run": len(own), "max_loss_diff_vs_killed_run": own_diff, "passed": ok, "seconds": time.time() - started,
-               "losses": {s: [reference[s]["loss"], resumed[s]["loss"]] for s in compared}}
+    results = {
+        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+        "model": args.model,
+        "deepspeed": args.deepspeed,
+        "steps": args.steps,
+        "save_at": args.save_at,
+        "steps_compared": len(compared),
+        "exact_order": same_order,
+        "max_loss_diff": max_diff,
+        "tolerance": tolerance,
+        "deterministic": "--deterministic" in args.trainer_args,
+        "steps_compared_with_killed_run": len(own),
+        "max_loss_diff_vs_killed_run": own_diff,
+        "passed": ok,
+        "seconds": time.time() - started,
+        "losses": {s: [reference[s]["loss"], resumed[s]["loss"]] for s in compared},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'step':>5} {'uninterrupted':>14} {'resumed':>10} {'same samples':>13}")
     for step in compared:
-        print(f"{step:>5} {reference[step]['loss']:>14.6f} {resumed[step]['loss']:>10.6f} "
-              f"{str(reference[step]['samples_digest'] == resumed[step]['samples_digest']):>13}")
-    print(f"the killed run's own steps {own[0] if own else '-'}..{own[-1] if own else '-'} against the resumed ones: "
-          f"max loss difference {own_diff:.3g}")
-    print(f"RESULT resume_check exact_order={'yes' if same_order else 'no'} max_loss_diff={max_diff:.3g} "
-          f"steps_compared={len(compared)} passed={'yes' if ok else 'no'}")
+        print(
+            f"{step:>5} {reference[step]['loss']:>14.6f} {resumed[step]['loss']:>10.6f} "
+            f"{str(reference[step]['samples_digest'] == resumed[step]['samples_digest']):>13}"
+        )
+    print(
+        f"the killed run's own steps {own[0] if own else '-'}..{own[-1] if own else '-'} against the resumed ones: "
+        f"max loss difference {own_diff:.3g}"
+    )
+    print(
+        f"RESULT resume_check exact_order={'yes' if same_order else 'no'} max_loss_diff={max_diff:.3g} "
+        f"steps_compared={len(compared)} passed={'yes' if ok else 'no'}"
+    )
     return 0 if ok else 1
 
 

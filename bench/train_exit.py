@@ -73,8 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--settle", type=int, default=20, help="untimed steps per arm before timing")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm per round")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--gain", type=float, default=1.0,
-                        help="the controller's gain (the trainer's default is 4; lower settles smoothly in few steps)")
+    parser.add_argument(
+        "--gain",
+        type=float,
+        default=1.0,
+        help="the controller's gain (the trainer's default is 4; lower settles smoothly in few steps)",
+    )
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--deepspeed", default="zero2.json")
     parser.add_argument("--out", default="bench/results/train_exit.json")
@@ -91,7 +95,7 @@ def batches(config, batch: int, seq_len: int, device):
         input_ids[:, seq_len // 2] = config.sep_token_id
         input_ids[:, -1] = config.sep_token_id
         token_type_ids = torch.zeros_like(input_ids)
-        token_type_ids[:, seq_len // 2 + 1:] = 1
+        token_type_ids[:, seq_len // 2 + 1 :] = 1
         yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "token_type_ids": token_type_ids}
         step += 1
 
@@ -111,6 +115,16 @@ def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
     arm.config = config
 
 
+def _recording(add, outputs: list):
+    """`StepStats.add` that also keeps each micro-batch's output (its FLOP report)."""
+
+    def recorded(output, batch):
+        outputs.append(output)
+        add(output, batch)
+
+    return recorded
+
+
 def run_steps(arm: Arm, count: int, timed: bool) -> None:
     from dsexit.train.step_stats import StepStats
 
@@ -118,8 +132,7 @@ def run_steps(arm: Arm, count: int, timed: bool) -> None:
         threshold = arm.controller.threshold(arm.step) if arm.target not in (None, 1.0) else None
         stats = StepStats(arm.config.num_hidden_layers)
         outputs = []
-        original_add = stats.add
-        stats.add = lambda output, batch: (outputs.append(output), original_add(output, batch))
+        stats.add = _recording(stats.add, outputs)
         started = time.perf_counter()
         arm.runner.run(threshold, None, stats)
         summary = stats.reduce(preempted=False, time_limit=False)
@@ -139,7 +152,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
         started = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - started)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def main(argv=None) -> int:
@@ -153,23 +166,34 @@ def main(argv=None) -> int:
     from dsexit.train.config import TrainConfig
     from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
 
-    train_config = TrainConfig.from_dict({"training": {"global_batch_size": args.batch, "micro_batch_size": args.batch,
-                                                       "precision": args.precision}})
+    train_config = TrainConfig.from_dict(
+        {"training": {"global_batch_size": args.batch, "micro_batch_size": args.batch, "precision": args.precision}}
+    )
     with tempfile.TemporaryDirectory() as monitor_dir:
-        ds_config = resolve_ds_config(load_ds_config(find_ds_config(args.deepspeed)), train_config, dp_size=1,
-                                      total_steps=10**6, monitor_dir=monitor_dir)
+        ds_config = resolve_ds_config(
+            load_ds_config(find_ds_config(args.deepspeed)),
+            train_config,
+            dp_size=1,
+            total_steps=10**6,
+            monitor_dir=monitor_dir,
+        )
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arms = [Arm("plain", {}, None)]
     for variant in args.variants:
         arms += [Arm(f"{variant}@{target:.2f}", VARIANTS[variant], target) for target in TARGETS]
-    print(f"train_exit: {len(arms)} arms, {args.preset}, batch {args.batch} x {args.seq_len}, {precision}, "
-          f"{torch.get_num_threads()} threads; settling {args.settle} steps each", file=sys.stderr, flush=True)
+    print(
+        f"train_exit: {len(arms)} arms, {args.preset}, batch {args.batch} x {args.seq_len}, {precision}, "
+        f"{torch.get_num_threads()} threads; settling {args.settle} steps each",
+        file=sys.stderr,
+        flush=True,
+    )
     for arm in arms:
         build_arm(arm, args, ds_config, device)
         run_steps(arm, args.settle, timed=False)
-        print(f"  {arm.name}: settled at compute {arm.controller.last_compute_fraction:.3f}", file=sys.stderr,
-              flush=True)
+        print(
+            f"  {arm.name}: settled at compute {arm.controller.last_compute_fraction:.3f}", file=sys.stderr, flush=True
+        )
     for round_number in range(args.rounds):
         for arm in arms:
             run_steps(arm, args.steps, timed=True)
@@ -182,9 +206,11 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}")
     best = results["best_variant"]
     row75, row50 = results["arms"][f"{best}@0.75"], results["arms"][f"{best}@0.50"]
-    print(f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
-          f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
-          f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f}")
+    print(
+        f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
+        f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
+        f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f}"
+    )
     return 0
 
 
@@ -196,27 +222,51 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
     for arm in arms:
         seconds, flops = statistics.median(arm.seconds), statistics.mean(arm.flops)
         speedup, ideal = plain_seconds / seconds, plain_flops / flops
-        rows[arm.name] = dict(target=arm.target, seconds_per_step=seconds, compute_fraction=statistics.mean(arm.compute),
-                              training_flops=flops, speedup=speedup, ideal_speedup=ideal, efficiency=speedup / ideal,
-                              flops_per_s=flops / seconds, overrides=arm.overrides)
+        rows[arm.name] = dict(
+            target=arm.target,
+            seconds_per_step=seconds,
+            compute_fraction=statistics.mean(arm.compute),
+            training_flops=flops,
+            speedup=speedup,
+            ideal_speedup=ideal,
+            efficiency=speedup / ideal,
+            flops_per_s=flops / seconds,
+            overrides=arm.overrides,
+        )
     variants = sorted({name.split("@")[0] for name in rows if "@" in name})
     best = max(variants, key=lambda variant: rows[f"{variant}@0.75"]["speedup"])
-    return {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "precision": precision,
-            "threads": torch.get_num_threads(), "matmul_peak_flops_per_s": peak,
-            "peak_share": rows["plain"]["flops_per_s"] / peak, "arms": rows, "best_variant": best,
-            "rounds": args.rounds, "steps_per_round": args.steps, "settle_steps": args.settle}
+    return {
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "matmul_peak_flops_per_s": peak,
+        "peak_share": rows["plain"]["flops_per_s"] / peak,
+        "arms": rows,
+        "best_variant": best,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "settle_steps": args.settle,
+    }
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{results['preset']}, batch {results['batch']} x {results['seq_len']}, {results['precision']}, "
-          f"{results['threads']} threads; matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
-          f"plain at {results['peak_share']:.3f} of it")
+    print(
+        f"\n{results['preset']}, batch {results['batch']} x {results['seq_len']}, {results['precision']}, "
+        f"{results['threads']} threads; matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
+        f"plain at {results['peak_share']:.3f} of it"
+    )
     print(f"{'arm':<16}{'compute':>9}{'s/step':>9}{'speedup':>9}{'ideal':>8}{'efficiency':>12}")
     for name, row in results["arms"].items():
-        print(f"{name:<16}{row['compute_fraction']:>9.3f}{row['seconds_per_step']:>9.3f}{row['speedup']:>9.3f}"
-              f"{row['ideal_speedup']:>8.3f}{row['efficiency']:>12.3f}")
-    print("speedup and ideal are against the plain arm (no heads); compute = executed / full token-layers of "
-          "exitable tokens (the controller's measure); ideal = training FLOPs (FLOP counter) plain / arm")
+        print(
+            f"{name:<16}{row['compute_fraction']:>9.3f}{row['seconds_per_step']:>9.3f}{row['speedup']:>9.3f}"
+            f"{row['ideal_speedup']:>8.3f}{row['efficiency']:>12.3f}"
+        )
+    print(
+        "speedup and ideal are against the plain arm (no heads); compute = executed / full token-layers of "
+        "exitable tokens (the controller's measure); ideal = training FLOPs (FLOP counter) plain / arm"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers.servers import DUMMY_CREDENTIALS, S3Server
 
+
 @pytest.fixture(scope="session")
 def dummy_aws_credentials():
     """Only for botocore's signing in this process; moto accepts anything. Never real credentials."""

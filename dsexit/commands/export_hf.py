@@ -21,8 +21,15 @@ import zipfile
 def _weight_errors() -> tuple[type[BaseException], ...]:
     """What reading missing, truncated or foreign weight files raises (torch.load, safetensors,
     DeepSpeed's ZeRO consolidation, the checkpoint's own checks)."""
-    errors: list[type[BaseException]] = [OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError,
-                                         zipfile.BadZipFile]
+    errors: list[type[BaseException]] = [
+        OSError,
+        ValueError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ]
     try:
         from safetensors import SafetensorError
 
@@ -41,7 +48,9 @@ def describe_weight_error(path: str, error: BaseException) -> str:
     text = lines[-1] if lines else type(error).__name__
     if isinstance(error, (OSError, ValueError)) and not text.startswith("[Errno"):
         return text  # a sentence of dsexit's own (CheckpointError is a ValueError)
-    return f"the weights in {path!r} could not be read ({type(error).__name__}: {text}); expected a complete checkpoint."
+    return (
+        f"the weights in {path!r} could not be read ({type(error).__name__}: {text}); expected a complete checkpoint."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise NotADirectoryError(f"OUT_DIR {args.out_dir!r} is a file; expected a directory to write the export to.")
+            raise NotADirectoryError(
+                f"OUT_DIR {args.out_dir!r} is a file; expected a directory to write the export to."
+            )
         export_hf(args.checkpoint, args.out_dir, with_generator=not args.no_generator)  # reads all, then writes
     except WEIGHT_ERRORS as error:
         print(f"export_hf.py: error: {redact_text(describe_weight_error(args.checkpoint, error))}", file=sys.stderr)

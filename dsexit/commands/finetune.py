@@ -37,37 +37,66 @@ def build_parser() -> argparse.ArgumentParser:
     from dsexit.eval.finetune import MODES, PRECISIONS, SELECT_MODES, FinetuneConfig
 
     defaults = FinetuneConfig()
-    parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = parser.add_argument
     add("--model", required=True, help="HF ELECTRA export directory or dsexit checkpoint directory")
     add("--task", required=True, help="directory with train/dev/test .jsonl")
     add("--seeds", type=int, default=defaults.seeds, help="fine-tuning runs (seeds first-seed, first-seed+1, ...)")
     add("--first-seed", type=int, default=defaults.first_seed)
-    add("--mode", choices=MODES, default=defaults.mode,
-        help="fine-tune the whole model, or fit a linear probe on frozen final-layer [CLS] features")
+    add(
+        "--mode",
+        choices=MODES,
+        default=defaults.mode,
+        help="fine-tune the whole model, or fit a linear probe on frozen final-layer [CLS] features",
+    )
     add("--lr", type=float, default=defaults.lr)
-    add("--layerwise-lr-decay", type=float, default=defaults.layerwise_lr_decay,
-        help="ELECTRA's rule: the head gets --lr, each encoder layer down one factor less; 1.0 disables")
-    add("--epochs", type=epoch_count, default=TASK_DEFAULT,
-        help="passes over the train split; by default ELECTRA's per task: 10 for RTE/STS, else 3")
+    add(
+        "--layerwise-lr-decay",
+        type=float,
+        default=defaults.layerwise_lr_decay,
+        help="ELECTRA's rule: the head gets --lr, each encoder layer down one factor less; 1.0 disables",
+    )
+    add(
+        "--epochs",
+        type=epoch_count,
+        default=TASK_DEFAULT,
+        help="passes over the train split; by default ELECTRA's per task: 10 for RTE/STS, else 3",
+    )
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--max-seq-len", type=int, default=defaults.max_seq_len)
     add("--weight-decay", type=float, default=defaults.weight_decay)
     add("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-    add("--select", choices=SELECT_MODES, default=defaults.select,
-        help="per seed: metrics after the last epoch, or the best-dev epoch's")
+    add(
+        "--select",
+        choices=SELECT_MODES,
+        default=defaults.select,
+        help="per seed: metrics after the last epoch, or the best-dev epoch's",
+    )
     add("--precision", choices=PRECISIONS, default=defaults.precision, help="bf16 autocast where native ('auto')")
     add("--max-train-examples", type=int, help="train on N examples, a stratified subsample (quick runs)")
     add("--max-eval-examples", type=int, help="evaluate on N dev/test examples, a stratified subsample (smoke runs)")
-    add("--subsample-seed", type=int, default=defaults.subsample_seed,
-        help="draws the subsamples; the same for every fine-tuning seed")
+    add(
+        "--subsample-seed",
+        type=int,
+        default=defaults.subsample_seed,
+        help="draws the subsamples; the same for every fine-tuning seed",
+    )
     add("--probe-l2", type=float, default=defaults.probe_l2, help="--mode probe: L2 penalty on the weights")
-    add("--probe-max-iterations", type=int, default=defaults.probe_max_iterations,
-        help="--mode probe: L-BFGS iterations at most")
+    add(
+        "--probe-max-iterations",
+        type=int,
+        default=defaults.probe_max_iterations,
+        help="--mode probe: L-BFGS iterations at most",
+    )
     add("--progress", choices=("auto", "bar", "lines", "none"), default=defaults.progress)
-    add("--workers", type=int, default=1,
-        help="seeds run in this many processes at once, sharing the threads (several seeds on a many-core CPU)")
+    add(
+        "--workers",
+        type=int,
+        default=1,
+        help="seeds run in this many processes at once, sharing the threads (several seeds on a many-core CPU)",
+    )
     add("--export-dir", help="where a checkpoint given as --model is exported (default: a temporary directory)")
     add("--out", help="write per-seed and median metrics to this JSON file")
     return parser
@@ -94,8 +123,10 @@ def check_weights(model_dir: str) -> None:
 
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, name))]
     if not present:
-        raise ModelDirError(f"model {model_dir!r} has no weights ({' or '.join(WEIGHT_FILES)}); expected a complete "
-                            f"export as launch/export_hf.py writes it.")
+        raise ModelDirError(
+            f"model {model_dir!r} has no weights ({' or '.join(WEIGHT_FILES)}); expected a complete "
+            f"export as launch/export_hf.py writes it."
+        )
     path = os.path.join(model_dir, present[0])
     try:
         if path.endswith(".safetensors"):
@@ -113,8 +144,10 @@ def print_summary(result: dict) -> None:
     print(f"{'':>8} | {'dev acc':>7} {'dev F1':>7} {'dev MCC':>7} | {'test acc':>8} {'test F1':>7} {'test MCC':>8}")
     for name, metrics in rows:
         dev, test = metrics["dev"], metrics["test"]
-        print(f"{name:>8} | {dev['accuracy']:7.4f} {dev['f1']:7.4f} {dev['mcc']:7.4f} | "
-              f"{test['accuracy']:8.4f} {test['f1']:7.4f} {test['mcc']:8.4f}")
+        print(
+            f"{name:>8} | {dev['accuracy']:7.4f} {dev['f1']:7.4f} {dev['mcc']:7.4f} | "
+            f"{test['accuracy']:8.4f} {test['f1']:7.4f} {test['mcc']:8.4f}"
+        )
     print(f"({result['protocol']})")
 
 
@@ -129,12 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [finetune] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("dsexit").setLevel(logging.INFO)
     config = FinetuneConfig(
-        mode=args.mode, lr=args.lr, layerwise_lr_decay=args.layerwise_lr_decay, epochs=args.epochs,
-        batch_size=args.batch_size, max_seq_len=args.max_seq_len, weight_decay=args.weight_decay,
-        warmup_fraction=args.warmup_fraction, seeds=args.seeds, first_seed=args.first_seed, select=args.select,
-        precision=args.precision, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples, subsample_seed=args.subsample_seed, probe_l2=args.probe_l2,
-        probe_max_iterations=args.probe_max_iterations, progress=args.progress)
+        mode=args.mode,
+        lr=args.lr,
+        layerwise_lr_decay=args.layerwise_lr_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        weight_decay=args.weight_decay,
+        warmup_fraction=args.warmup_fraction,
+        seeds=args.seeds,
+        first_seed=args.first_seed,
+        select=args.select,
+        precision=args.precision,
+        max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples,
+        subsample_seed=args.subsample_seed,
+        probe_l2=args.probe_l2,
+        probe_max_iterations=args.probe_max_iterations,
+        progress=args.progress,
+    )
     # A checkpoint given as --model is exported here unless --export-dir says where; removed at the end,
     # also when the export fails.
     scratch_export = tempfile.mkdtemp(prefix="dsexit-finetune-export-") if args.export_dir is None else None

@@ -1,6 +1,6 @@
 """Draw PNG plots of a training run: losses, compute fraction and tau, exit-layer histogram.
 
-    python launch/plot_run.py RUN_DIR [--out DIR]      # default DIR: RUN_DIR/plots
+python launch/plot_run.py RUN_DIR [--out DIR]      # default DIR: RUN_DIR/plots
 """
 
 from __future__ import annotations

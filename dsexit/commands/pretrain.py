@@ -58,8 +58,11 @@ def check_shards(run, local_rank: int) -> None:
                 break
             to_hash.add(shard.name)
             wanted -= shard.num_samples
-    check_shard_files(index.url, [(shard.name, shard.num_bytes, shard.sha256)
-                                  for shard in index.shards + index.validation_shards], hash_names=to_hash)
+    check_shard_files(
+        index.url,
+        [(shard.name, shard.num_bytes, shard.sha256) for shard in index.shards + index.validation_shards],
+        hash_names=to_hash,
+    )
 
 
 def report_stop(reason: str, local_rank: int) -> None:
@@ -72,8 +75,14 @@ def report_stop(reason: str, local_rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsexit.train.distributed import (configure_threads, describe_peer_failure, destroy_process_group,
-                                          discover_world, init_process_group, select_accelerator)
+    from dsexit.train.distributed import (
+        configure_threads,
+        describe_peer_failure,
+        destroy_process_group,
+        discover_world,
+        init_process_group,
+        select_accelerator,
+    )
 
     select_accelerator()  # before DeepSpeed is imported anywhere
     from dsexit.data import DatasetFormatError, ShardCorruptError

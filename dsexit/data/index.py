@@ -145,7 +145,7 @@ class DatasetIndex:
         except json.JSONDecodeError as error:
             raise DatasetFormatError(f"{where} is not valid JSON ({error}).") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-            raise DatasetFormatError(f"{where} is not a dsexit dataset index (expected \"format\": \"{FORMAT_NAME}\").")
+            raise DatasetFormatError(f'{where} is not a dsexit dataset index (expected "format": "{FORMAT_NAME}").')
         if body.get("format_version") != FORMAT_VERSION:
             raise DatasetFormatError(
                 f"{where} has format_version {body.get('format_version')!r}; this reader understands {FORMAT_VERSION}."
@@ -153,7 +153,7 @@ class DatasetIndex:
         try:
             validation = body.get("validation", {})
             if not isinstance(validation, dict):
-                raise TypeError(f"validation is {type(validation).__name__}, expected an object with \"shards\"")
+                raise TypeError(f'validation is {type(validation).__name__}, expected an object with "shards"')
             index = cls(
                 seq_len=int(body["seq_len"]),
                 dtype=str(body["dtype"]),
@@ -173,14 +173,20 @@ class DatasetIndex:
         if self.dtype not in ("uint16", "int32"):
             raise DatasetFormatError(f"{where} has dtype {self.dtype!r}; expected 'uint16' or 'int32'.")
         if self.dtype == "uint16" and self.vocab_size > 65536:
-            raise DatasetFormatError(f"{where} stores vocab_size {self.vocab_size} as uint16, which cannot hold its ids.")
+            raise DatasetFormatError(
+                f"{where} stores vocab_size {self.vocab_size} as uint16, which cannot hold its ids."
+            )
         if self.seq_len < 8:
             raise DatasetFormatError(f"{where} has seq_len {self.seq_len}; expected at least 8.")
         if self.tokenizer["kind"] not in TOKENIZER_KINDS:
-            raise DatasetFormatError(f"{where} has tokenizer kind {self.tokenizer['kind']!r}; expected one of {TOKENIZER_KINDS}.")
+            raise DatasetFormatError(
+                f"{where} has tokenizer kind {self.tokenizer['kind']!r}; expected one of {TOKENIZER_KINDS}."
+            )
         for name, token_id in self.special_tokens.items():
             if not 0 <= token_id < self.vocab_size:
-                raise DatasetFormatError(f"{where} has special token {name}={token_id} outside vocab_size {self.vocab_size}.")
+                raise DatasetFormatError(
+                    f"{where} has special token {name}={token_id} outside vocab_size {self.vocab_size}."
+                )
         if not self.shards:
             raise DatasetFormatError(f"{where} lists no shards.")
         for shard in self.shards + self.validation_shards:

@@ -31,7 +31,9 @@ class EpochOrder:
             shards = [int(s) for s in shard_order[first : first + shuffle_window]]
             self.window_shards.append(shards)
             self._window_samples.append(
-                np.concatenate([np.arange(shard_starts[s], shard_starts[s] + index.shards[s].num_samples) for s in shards])
+                np.concatenate(
+                    [np.arange(shard_starts[s], shard_starts[s] + index.shards[s].num_samples) for s in shards]
+                )
             )
         self._window_starts = np.cumsum([0] + [len(samples) for samples in self._window_samples]).tolist()
         self._permuted: dict[int, np.ndarray] = {}

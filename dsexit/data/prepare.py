@@ -73,8 +73,9 @@ class Progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=self.total_inputs, file=self.stream, desc="prepare_data", unit="input",
-                                dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=self.total_inputs, file=self.stream, desc="prepare_data", unit="input", dynamic_ncols=True
+                )
             self.bar.update(inputs_done - self.bar.n)
             self.bar.set_postfix_str(counts, refresh=True)
             if final:
@@ -193,7 +194,9 @@ def prepare_dataset(
             progress.message(f"training SentencePiece ({tokenizer_spec}) on {len(sources)} inputs")
         started = time.monotonic()
         tokenizer = load_tokenizer(tokenizer_spec, lambda: _sentences(sources), work_dir)
-        progress.message(f"tokenizer {tokenizer.kind} vocab {tokenizer.vocab_size} ready in {time.monotonic() - started:.1f}s")
+        progress.message(
+            f"tokenizer {tokenizer.kind} vocab {tokenizer.vocab_size} ready in {time.monotonic() - started:.1f}s"
+        )
         with output:
             writer = ShardWriter(output.staging_url, tokenizer, seq_len, int(shard_mb * (1 << 20)), storage_options)
             skipped = SkipReport()
@@ -201,21 +204,34 @@ def prepare_dataset(
             index = output.publish(writer.finish())
     progress.update(len(sources), documents, index.num_samples, len(index.shards), final=True)
     if skipped.lines:
-        progress.message(f"skipped {skipped.lines} line(s) holding bytes that are not {encoding} (first: {skipped.first})")
-    progress.message(f"wrote {index.num_samples} samples, {index.num_tokens} tokens, {len(index.shards)} shards to {out_url}")
+        progress.message(
+            f"skipped {skipped.lines} line(s) holding bytes that are not {encoding} (first: {skipped.first})"
+        )
+    progress.message(
+        f"wrote {index.num_samples} samples, {index.num_tokens} tokens, {len(index.shards)} shards to {out_url}"
+    )
     if index.validation_shards:
-        progress.message(f"held out {validation_documents} of {documents} documents for validation: "
-                         f"{index.num_validation_samples} samples, {len(index.validation_shards)} shards")
+        progress.message(
+            f"held out {validation_documents} of {documents} documents for validation: "
+            f"{index.num_validation_samples} samples, {len(index.validation_shards)} shards"
+        )
     return index
 
 
-def _pack(sources: list[TextSource], writer: ShardWriter, seed: int, validation_fraction: float,
-          skipped: SkipReport, progress: Progress) -> tuple[int, int]:
+def _pack(
+    sources: list[TextSource],
+    writer: ShardWriter,
+    seed: int,
+    validation_fraction: float,
+    skipped: SkipReport,
+    progress: Progress,
+) -> tuple[int, int]:
     """Tokenize and pack every document into the writer's two splits; returns (documents, held-out documents)."""
     special = writer.tokenizer.special_tokens
     packer = SequencePacker(writer.index.seq_len, special["cls"], special["sep"], special["pad"], seed=seed)
-    validation_packer = SequencePacker(writer.index.seq_len, special["cls"], special["sep"], special["pad"],
-                                       seed=_validation_packer_seed(seed))
+    validation_packer = SequencePacker(
+        writer.index.seq_len, special["cls"], special["sep"], special["pad"], seed=_validation_packer_seed(seed)
+    )
     documents = validation_documents = 0
     validation = False  # the side of the document the current piece belongs to
     # The latest training piece waits here, unpacked, until the next one arrives: if the draw holds out
@@ -250,11 +266,15 @@ def _pack(sources: list[TextSource], writer: ShardWriter, seed: int, validation_
         progress.update(source_number, documents, samples, len(writer.index.shards))
     if held_back is not None and validation_fraction > 0 and validation_documents == 0 and documents >= 2:
         if held_back_is_whole:
-            progress.message(f"no document was drawn for validation at fraction {validation_fraction} "
-                             f"of {documents} documents; holding out the last document instead")
+            progress.message(
+                f"no document was drawn for validation at fraction {validation_fraction} "
+                f"of {documents} documents; holding out the last document instead"
+            )
             writer.add_validation_rows(validation_packer.add_document(held_back))
             return documents, 1
-        progress.message(f"no document was drawn for validation at fraction {validation_fraction} of {documents} "
-                         f"documents, and the last one is too long to hold out whole; no validation split")
+        progress.message(
+            f"no document was drawn for validation at fraction {validation_fraction} of {documents} "
+            f"documents, and the last one is too long to hold out whole; no validation split"
+        )
     pack_held_back()
     return documents, validation_documents

@@ -85,7 +85,8 @@ def read_validation_samples(
 
 
 class StreamingShardReader:
-    """Iterate forever over micro-batches `{"input_ids", "token_type_ids", "attention_mask"}` (LongTensor [micro, T])."""
+    """Iterate forever over micro-batches `{"input_ids", "token_type_ids", "attention_mask"}`
+    (LongTensor [micro, T])."""
 
     def __init__(
         self,
@@ -109,7 +110,8 @@ class StreamingShardReader:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size}).")
         if micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
             raise ValueError(
-                f"global_batch_size={global_batch_size} must be a multiple of micro_batch_size={micro_batch_size} x dp_size={dp_size}."
+                f"global_batch_size={global_batch_size} must be a multiple of "
+                f"micro_batch_size={micro_batch_size} x dp_size={dp_size}."
             )
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 micro-batches, got {prefetch}.")
@@ -122,7 +124,8 @@ class StreamingShardReader:
         self.steps_per_epoch = self.index.num_samples // global_batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"Dataset {self.index.url} has {self.index.num_samples} samples, fewer than one global batch of {global_batch_size}."
+                f"Dataset {self.index.url} has {self.index.num_samples} samples, "
+                f"fewer than one global batch of {global_batch_size}."
             )
         largest = max(shard.num_bytes for shard in self.index.shards)
         if cache_max_bytes < largest:
@@ -158,7 +161,9 @@ class StreamingShardReader:
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position; dp_size and micro_batch_size may differ when the saved step was complete."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"Cannot resume data reader: state version {state.get('version')!r}, expected {STATE_VERSION}.")
+            raise ValueError(
+                f"Cannot resume data reader: state version {state.get('version')!r}, expected {STATE_VERSION}."
+            )
         must_match = {
             "global_batch_size": self.global_batch_size,
             "seed": self.seed,
@@ -167,14 +172,19 @@ class StreamingShardReader:
         }
         for key, mine in must_match.items():
             if state.get(key) != mine:
-                raise ValueError(f"Cannot resume data reader: saved {key}={state.get(key)!r} but this run has {mine!r}.")
+                raise ValueError(
+                    f"Cannot resume data reader: saved {key}={state.get(key)!r} but this run has {mine!r}."
+                )
         consumed, epoch_samples = int(state["samples_consumed"]), self.steps_per_epoch * self.global_batch_size
         if not 0 <= consumed < epoch_samples:
-            raise ValueError(f"Cannot resume data reader: samples_consumed={consumed} lies outside an epoch of {epoch_samples}.")
+            raise ValueError(
+                f"Cannot resume data reader: samples_consumed={consumed} lies outside an epoch of {epoch_samples}."
+            )
         saved_layout = (state.get("dp_size"), state.get("micro_batch_size"))
         if consumed % self.global_batch_size and saved_layout != (self.dp_size, self.micro_batch_size):
             raise ValueError(
-                f"Cannot resume data reader mid-step (samples_consumed={consumed}, global_batch_size={self.global_batch_size}) "
+                f"Cannot resume data reader mid-step (samples_consumed={consumed}, "
+                f"global_batch_size={self.global_batch_size}) "
                 f"with dp_size={self.dp_size}, micro_batch_size={self.micro_batch_size}; it was saved with "
                 f"dp_size={saved_layout[0]}, micro_batch_size={saved_layout[1]}."
             )
@@ -209,7 +219,9 @@ class StreamingShardReader:
         """Epoch positions of this rank's micro-batch at a global consumed count."""
         step, in_step = divmod(consumed, self.global_batch_size)
         micro_index = in_step // (self.micro_batch_size * self.dp_size)
-        start = step * self.global_batch_size + self.dp_rank * self.rank_batch_size + micro_index * self.micro_batch_size
+        start = (
+            step * self.global_batch_size + self.dp_rank * self.rank_batch_size + micro_index * self.micro_batch_size
+        )
         return start, start + self.micro_batch_size
 
     def _order(self, epoch: int) -> EpochOrder:
@@ -269,7 +281,10 @@ class StreamingShardReader:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._worker = threading.Thread(
-            target=self._produce, args=(self._epoch, self._consumed, self._queue, self._stop), daemon=True, name="dsexit-prefetch"
+            target=self._produce,
+            args=(self._epoch, self._consumed, self._queue, self._stop),
+            daemon=True,
+            name="dsexit-prefetch",
         )
         self._worker.start()
 

@@ -175,17 +175,23 @@ def _check_text(text: str, url: str, encoding: str, undecodable: str, start_byte
 
     nul = text.find("\x00")
     if nul >= 0:
-        raise NotTextError(f"{url} is not text: a NUL character at {where(nul)}; binary files cannot be prepared "
-                           "(UTF-16 text needs --encoding utf-16).")
+        raise NotTextError(
+            f"{url} is not text: a NUL character at {where(nul)}; binary files cannot be prepared "
+            "(UTF-16 text needs --encoding utf-16)."
+        )
     controls = len(text) - len(_CONTROL_CHARS.sub("", text))
     if controls > max(3, MAX_CONTROL_SHARE * len(text)):
         first = _CONTROL_CHARS.search(text).start()
-        raise NotTextError(f"{url} is not text: {controls} of {len(text)} characters from {where(first)} on are "
-                           "control characters; binary files cannot be prepared.")
+        raise NotTextError(
+            f"{url} is not text: {controls} of {len(text)} characters from {where(first)} on are "
+            "control characters; binary files cannot be prepared."
+        )
     bad = text.find(_UNDECODABLE_MARK) if undecodable == "error" else -1
     if bad >= 0:
-        raise NotTextError(f"{url} is not valid {encoding}: undecodable bytes at {where(bad)}; "
-                           "pass its --encoding (e.g. latin-1) or --undecodable skip.")
+        raise NotTextError(
+            f"{url} is not valid {encoding}: undecodable bytes at {where(bad)}; "
+            "pass its --encoding (e.g. latin-1) or --undecodable skip."
+        )
 
 
 def _cut(text: str, start: int, max_chars: int) -> int:
@@ -206,7 +212,9 @@ def _pieces(text: str, max_chars: int | None = None) -> Iterator[tuple[str, bool
     yield text[start:], start > 0
 
 
-def _lines(chunks: Iterator[str], url: str, max_chars: int | None, skipped: SkipReport | None) -> Iterator[tuple[str, bool, int]]:
+def _lines(
+    chunks: Iterator[str], url: str, max_chars: int | None, skipped: SkipReport | None
+) -> Iterator[tuple[str, bool, int]]:
     """(piece, ends_line, line number): each line without its newline; with max_chars, longer lines in pieces.
 
     Pieces holding undecodable bytes (only present with undecodable="skip") are dropped and counted.
@@ -294,7 +302,9 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
         try:
             dataset = datasets.load_dataset(name, split=split or None)
         except Exception as error:  # datasets raises many types; all mean "not available offline"
-            raise ValueError(f"Dataset hf:{spec} is neither a saved dataset directory nor in the local datasets cache ({error}).") from None
+            raise ValueError(
+                f"Dataset hf:{spec} is neither a saved dataset directory nor in the local datasets cache ({error})."
+            ) from None
     if isinstance(dataset, datasets.DatasetDict):
         split = split or "train"
         if split not in dataset:
@@ -313,8 +323,13 @@ def _format_of(url: str) -> str:
     return "jsonl" if name.endswith(_JSON_LINES_SUFFIXES) else "text"
 
 
-def resolve_inputs(inputs: list[str], text_field: str = "text", storage_options: dict | None = None,
-                   encoding: str = "utf-8", undecodable: str = "error") -> list[TextSource]:
+def resolve_inputs(
+    inputs: list[str],
+    text_field: str = "text",
+    storage_options: dict | None = None,
+    encoding: str = "utf-8",
+    undecodable: str = "error",
+) -> list[TextSource]:
     """Expand paths, globs and directories into sources; raises naming the input that matches nothing."""
     encoding = check_encoding(encoding)
     if undecodable not in UNDECODABLE_CHOICES:
@@ -325,8 +340,10 @@ def resolve_inputs(inputs: list[str], text_field: str = "text", storage_options:
             try:
                 import datasets  # noqa: F401  (checked before any work; read in _hf_documents)
             except ImportError:
-                raise ValueError(f"Input {spec!r} needs the datasets package, which is not installed; "
-                                 f"install it with: pip install 'dsexit[hf]'.") from None
+                raise ValueError(
+                    f"Input {spec!r} needs the datasets package, which is not installed; "
+                    f"install it with: pip install 'dsexit[hf]'."
+                ) from None
             sources.append(TextSource(spec[3:], "hf", text_field))
             continue
         fs, path = open_url_fs(spec, storage_options)
@@ -342,8 +359,17 @@ def resolve_inputs(inputs: list[str], text_field: str = "text", storage_options:
         if not paths:
             raise FileNotFoundError(f"Input {spec!r} matches no file.")
         local = "file" in fs.protocol  # plain paths read better in messages than file:// URLs
-        sources += [TextSource(p if local else fs.unstrip_protocol(p), _format_of(p), text_field, storage_options,
-                               encoding, undecodable) for p in paths]
+        sources += [
+            TextSource(
+                p if local else fs.unstrip_protocol(p),
+                _format_of(p),
+                text_field,
+                storage_options,
+                encoding,
+                undecodable,
+            )
+            for p in paths
+        ]
     return sources
 
 

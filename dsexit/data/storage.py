@@ -52,8 +52,11 @@ def _access_errors() -> tuple[type[BaseException], ...]:
     try:
         import botocore.exceptions
 
-        return (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
-                botocore.exceptions.ParamValidationError)
+        return (
+            botocore.exceptions.NoCredentialsError,
+            botocore.exceptions.PartialCredentialsError,
+            botocore.exceptions.ParamValidationError,
+        )
     except ImportError:
         return ()
 
@@ -84,12 +87,16 @@ def open_url_fs(url: str, storage_options: dict | None = None):
     """(filesystem, path) for a local path or any fsspec URL; StorageAccessError when none can open it."""
     protocol = None if "::" in url else fsspec.core.split_protocol(url)[0]  # chained URLs: fsspec checks them
     if protocol and protocol not in fsspec.available_protocols():
-        raise StorageAccessError(f"{url} has an unknown protocol {protocol!r}; expected a local path or an fsspec URL "
-                                 f"(file://, s3://, gs://, memory://, ...).")
+        raise StorageAccessError(
+            f"{url} has an unknown protocol {protocol!r}; expected a local path or an fsspec URL "
+            f"(file://, s3://, gs://, memory://, ...)."
+        )
     if protocol in _URL_CREDENTIALS_UNREAD and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        raise StorageAccessError(f"{url} has credentials in it, which {protocol}:// URLs never carry; give them "
-                                 f"through the environment (AWS_ACCESS_KEY_ID, ...), a credentials file or an "
-                                 f"instance role, and the URL without them.")
+        raise StorageAccessError(
+            f"{url} has credentials in it, which {protocol}:// URLs never carry; give them "
+            f"through the environment (AWS_ACCESS_KEY_ID, ...), a credentials file or an "
+            f"instance role, and the URL without them."
+        )
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except ImportError as error:  # fsspec knows the protocol, but its package is not installed
@@ -99,8 +106,11 @@ def open_url_fs(url: str, storage_options: dict | None = None):
 def access_error(what: str, error: BaseException) -> StorageAccessError:
     """One line for an error of ACCESS_ERRORS."""
     text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    hint = (" (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a credentials file or an instance role)"
-            if "Credentials" in type(error).__name__ else "")
+    hint = (
+        " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a credentials file or an instance role)"
+        if "Credentials" in type(error).__name__
+        else ""
+    )
     return StorageAccessError(f"cannot read {what}: {text}{hint}.")
 
 
@@ -163,8 +173,14 @@ def _remote_sha256(fs, path: str) -> str:
     return digest.hexdigest()
 
 
-def check_shard_files(base_url: str, shards: list[tuple[str, int, str]], *, hash_names=frozenset(),
-                      storage_options: dict | None = None, retries: int = 3) -> None:
+def check_shard_files(
+    base_url: str,
+    shards: list[tuple[str, int, str]],
+    *,
+    hash_names=frozenset(),
+    storage_options: dict | None = None,
+    retries: int = 3,
+) -> None:
     """Before a run starts: every (name, num_bytes, sha256) shard is under `base_url` with its size
     (one listing), and the shards in `hash_names` hash to their sha256. Raises ShardCorruptError,
     one line naming the shard and both hashes (a shard of the wrong size is hashed to say so)."""
@@ -175,12 +191,16 @@ def check_shard_files(base_url: str, shards: list[tuple[str, int, str]], *, hash
     for name, num_bytes, sha256 in shards:
         url, path = join_url(base_url, name), f"{root.rstrip('/')}/{name}"
         if name not in sizes:
-            raise ShardCorruptError(f"Shard {url} is missing: index.json lists it with sha256 {sha256} ({num_bytes} bytes).")
+            raise ShardCorruptError(
+                f"Shard {url} is missing: index.json lists it with sha256 {sha256} ({num_bytes} bytes)."
+            )
         if sizes[name] != num_bytes or name in hash_names:
-            got = policy.call(lambda: _remote_sha256(fs, path), url)
+            got = policy.call(lambda path=path: _remote_sha256(fs, path), url)
             if got != sha256 or sizes[name] != num_bytes:
-                raise ShardCorruptError(f"Shard {url} is corrupt: sha256 is {got} ({sizes[name]} bytes), "
-                                        f"index.json lists {sha256} ({num_bytes} bytes).")
+                raise ShardCorruptError(
+                    f"Shard {url} is corrupt: sha256 is {got} ({sizes[name]} bytes), "
+                    f"index.json lists {sha256} ({num_bytes} bytes)."
+                )
 
 
 def temporary_name(path: str) -> str:

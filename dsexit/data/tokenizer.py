@@ -97,7 +97,9 @@ class TextTokenizer:
         return cls("sentencepiece", model_path, processor.get_piece_size(), special, processor)
 
 
-def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path: str, max_sentences: int = 3_000_000) -> str:
+def train_sentencepiece(
+    sentences: Iterable[str], vocab_size: int, model_path: str, max_sentences: int = 3_000_000
+) -> str:
     """Train a unigram SentencePiece model on (a sample of) the sentences; returns model_path."""
     import sentencepiece
 
@@ -121,8 +123,12 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path: s
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             max_sentence_length=16384,
-            pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
-            pad_piece="[PAD]", unk_piece="[UNK]",
+            pad_id=0,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece="[PAD]",
+            unk_piece="[UNK]",
             control_symbols=["[CLS]", "[SEP]", "[MASK]"],
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
@@ -162,15 +168,19 @@ def _sentencepiece_backend(model_path: str, special_tokens: dict[str, int]):
     with open(model_path, "rb") as handle:
         proto.ParseFromString(handle.read())
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        raise ValueError(f"SentencePiece model {model_path} is not a unigram model; only unigram exports to Hugging Face here.")
+        raise ValueError(
+            f"SentencePiece model {model_path} is not a unigram model; only unigram exports to Hugging Face here."
+        )
     pieces = [(piece.piece, piece.score) for piece in proto.pieces]
     backend = Tokenizer(Unigram(pieces, proto.trainer_spec.unk_id, proto.trainer_spec.byte_fallback))
     # SentencePiece's own normalization: its compiled NFKC map, collapsed and stripped whitespace.
-    backend.normalizer = normalizers.Sequence([
-        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
-        normalizers.Replace(Regex(" {2,}"), " "),
-        normalizers.Strip(),
-    ])
+    backend.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+            normalizers.Replace(Regex(" {2,}"), " "),
+            normalizers.Strip(),
+        ]
+    )
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     cls_piece, sep_piece = pieces[special_tokens["cls"]][0], pieces[special_tokens["sep"]][0]

@@ -29,7 +29,15 @@ import secrets
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from dsexit.data.index import INDEX_FILE, DatasetFormatError, DatasetIndex, ShardInfo, dtype_for_vocab, shard_name, validation_shard_name
+from dsexit.data.index import (
+    INDEX_FILE,
+    DatasetFormatError,
+    DatasetIndex,
+    ShardInfo,
+    dtype_for_vocab,
+    shard_name,
+    validation_shard_name,
+)
 from dsexit.data.storage import ACCESS_ERRORS, access_error, join_url, open_url_fs
 from dsexit.data.tokenizer import TextTokenizer, copy_tokenizer_file
 
@@ -71,7 +79,7 @@ def inspect_output(out_url: str, storage_options: dict | None = None) -> Dataset
         raise access_error(out_url, error) from None
     except (OSError, ValueError) as error:
         raise OutputRefusedError(f"Cannot list --out {out_url}: {error}".replace("\n", " ")) from None
-    names = sorted({entry.rstrip("/")[len(root) + 1:] for entry in entries if entry.startswith(root + "/")} - {""})
+    names = sorted({entry.rstrip("/")[len(root) + 1 :] for entry in entries if entry.startswith(root + "/")} - {""})
     names = [name for name in names if not name.startswith(STAGING_PREFIX)]
     if not names:
         return None
@@ -156,8 +164,12 @@ class StagedOutput:
         try:
             if self.fs.exists(self._staging_path):
                 self.fs.rm(self._staging_path, recursive=True)
-            if not self._root_existed and isinstance(self.fs, LocalFileSystem) and self.fs.isdir(self._root) \
-                    and not self.fs.ls(self._root):
+            if (
+                not self._root_existed
+                and isinstance(self.fs, LocalFileSystem)
+                and self.fs.isdir(self._root)
+                and not self.fs.ls(self._root)
+            ):
                 self.fs.rmdir(self._root)
         except OSError as error:  # the original error matters more than a failed cleanup
             log.warning("could not remove the staging prefix %s: %r", self.staging_url, error)
@@ -176,7 +188,8 @@ class StagedOutput:
         except OSError as error:
             raise OutputRefusedError(
                 f"Moving the new dataset into --out {self.out_url} failed midway ({error!r}); files moved so far sit "
-                f"under the old {INDEX_FILE}, the rest of the new dataset ({INDEX_FILE} included) is in {self.staging_url}."
+                f"under the old {INDEX_FILE}, the rest of the new dataset ({INDEX_FILE} included) "
+                f"is in {self.staging_url}."
             ) from None
         stale = listed_files(self.previous) - new_names if self.previous else set()
         for name in sorted(stale):
@@ -193,7 +206,14 @@ class StagedOutput:
 class ShardWriter:
     """Writes shards, the tokenizer file and index.json (last) directly under out_url."""
 
-    def __init__(self, out_url: str, tokenizer: TextTokenizer, seq_len: int, shard_bytes: int, storage_options: dict | None = None):
+    def __init__(
+        self,
+        out_url: str,
+        tokenizer: TextTokenizer,
+        seq_len: int,
+        shard_bytes: int,
+        storage_options: dict | None = None,
+    ):
         self.out_url = out_url.rstrip("/")
         self.storage_options = storage_options
         self.tokenizer = tokenizer
@@ -208,7 +228,10 @@ class ShardWriter:
         self.rows_per_shard = max(1, shard_bytes // self.index.row_bytes)
         self._row_dtype = np.dtype(self.index.dtype).newbyteorder("<")
         # Each split: the shard list it fills in the index and how its shards are named.
-        self._splits = {"train": (self.index.shards, shard_name), "validation": (self.index.validation_shards, validation_shard_name)}
+        self._splits = {
+            "train": (self.index.shards, shard_name),
+            "validation": (self.index.validation_shards, validation_shard_name),
+        }
         # Unwritten rows as arrays, not lists of Python ints, which take ~18x the bytes of the shard they buffer.
         self._pending: dict[str, list[np.ndarray]] = {split: [] for split in self._splits}
         self._pending_rows = dict.fromkeys(self._splits, 0)

@@ -13,5 +13,16 @@ from dsexit.eval.metrics import classification_metrics, median_metrics
 from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
 from dsexit.eval.tasks import Task, TaskError, load_task, stratified_subset
 
-__all__ = ["FinetuneConfig", "ModelDirError", "Task", "TaskError", "classification_metrics", "finetune",
-           "finetune_many", "load_task", "median_metrics", "resolve_model_dir", "stratified_subset"]
+__all__ = [
+    "FinetuneConfig",
+    "ModelDirError",
+    "Task",
+    "TaskError",
+    "classification_metrics",
+    "finetune",
+    "finetune_many",
+    "load_task",
+    "median_metrics",
+    "resolve_model_dir",
+    "stratified_subset",
+]

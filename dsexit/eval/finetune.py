@@ -165,9 +165,12 @@ class EncodedSplit:
             input_ids[row, :length] = torch.tensor(self.input_ids[i])
             token_type_ids[row, :length] = torch.tensor(self.token_type_ids[i])
             attention_mask[row, :length] = 1
-        return {"input_ids": input_ids.to(device), "token_type_ids": token_type_ids.to(device),
-                "attention_mask": attention_mask.to(device),
-                "labels": torch.tensor([self.labels[i] for i in indices], device=device)}
+        return {
+            "input_ids": input_ids.to(device),
+            "token_type_ids": token_type_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "labels": torch.tensor([self.labels[i] for i in indices], device=device),
+        }
 
 
 def encode_task(model_dir: str, task: Task, config: FinetuneConfig) -> dict[str, EncodedSplit]:
@@ -175,8 +178,10 @@ def encode_task(model_dir: str, task: Task, config: FinetuneConfig) -> dict[str,
 
     max_positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     if config.max_seq_len > max_positions:
-        raise ValueError(f"max_seq_len={config.max_seq_len} is invalid; expected at most the model's "
-                         f"max_position_embeddings={max_positions}.")
+        raise ValueError(
+            f"max_seq_len={config.max_seq_len} is invalid; expected at most the model's "
+            f"max_position_embeddings={max_positions}."
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return {split: EncodedSplit(tokenizer, task, config.examples(task, split), config.max_seq_len) for split in SPLITS}
 
@@ -232,8 +237,9 @@ def _optimizer(model, config: FinetuneConfig, total_steps: int):
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
-def finetune_seed(model_dir: str, task: Task, data: dict[str, EncodedSplit], config: FinetuneConfig,
-                  seed: int) -> dict[str, Any]:
+def finetune_seed(
+    model_dir: str, task: Task, data: dict[str, EncodedSplit], config: FinetuneConfig, seed: int
+) -> dict[str, Any]:
     """One fine-tuning run; returns per-epoch history and the selected epoch's metrics."""
     from transformers import ElectraForSequenceClassification
 
@@ -254,7 +260,7 @@ def finetune_seed(model_dir: str, task: Task, data: dict[str, EncodedSplit], con
             order = torch.randperm(len(train), generator=order_rng).tolist()
             loss_sum = 0.0
             for start in range(0, len(order), config.batch_size):
-                batch = train.batch(order[start:start + config.batch_size], device)
+                batch = train.batch(order[start : start + config.batch_size], device)
                 with _autocast(device, use_bf16):
                     loss = model(**batch).loss
                 loss.backward()
@@ -271,13 +277,27 @@ def finetune_seed(model_dir: str, task: Task, data: dict[str, EncodedSplit], con
                 record[split] = evaluate(model, data[split], task.num_labels, config.eval_batch_size, use_bf16)
             history.append(record)
             if config.progress != "none":
-                log.info("seed=%d epoch=%d/%d train_loss=%.4f dev_acc=%.4f test_acc=%.4f", seed, epoch, epochs,
-                         record["train_loss"], record["dev"]["accuracy"], record["test"]["accuracy"])
+                log.info(
+                    "seed=%d epoch=%d/%d train_loss=%.4f dev_acc=%.4f test_acc=%.4f",
+                    seed,
+                    epoch,
+                    epochs,
+                    record["train_loss"],
+                    record["dev"]["accuracy"],
+                    record["test"]["accuracy"],
+                )
     if bar is not None:
         bar.close()
     chosen = history[-1] if config.select == "final" else max(history, key=lambda r: r["dev"]["accuracy"])
-    return {"seed": seed, "selected_epoch": chosen["epoch"], "dev": chosen["dev"], "test": chosen["test"],
-            "epochs": history, "seconds": time.perf_counter() - started, "bf16": use_bf16}
+    return {
+        "seed": seed,
+        "selected_epoch": chosen["epoch"],
+        "dev": chosen["dev"],
+        "test": chosen["test"],
+        "epochs": history,
+        "seconds": time.perf_counter() - started,
+        "bf16": use_bf16,
+    }
 
 
 @contextlib.contextmanager
@@ -305,8 +325,13 @@ def finetune(model_dir: str, task: Task, config: FinetuneConfig, workers: int = 
     return finetune_many([model_dir], task, config, workers)[0]
 
 
-def finetune_many(model_dirs: list[str], task: Task, config: FinetuneConfig, workers: int = 1,
-                  on_done: Callable[[str, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def finetune_many(
+    model_dirs: list[str],
+    task: Task,
+    config: FinetuneConfig,
+    workers: int = 1,
+    on_done: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Fine-tune (or probe) every model with every seed; one result per model, as `finetune` returns it.
 
     Fine-tuning makes each (model, seed) pair one job; a probe makes each model one job,
@@ -331,20 +356,26 @@ def finetune_many(model_dirs: list[str], task: Task, config: FinetuneConfig, wor
         for model_dir in model_dirs:
             run_model_seeds(model_dir, task, config, seeds, on_seed=functools.partial(record, model_dir))
     else:
-        jobs = ([(model_dir, seeds) for model_dir in model_dirs] if config.mode == "probe"
-                else [(model_dir, [seed]) for model_dir in model_dirs for seed in seeds])
+        jobs = (
+            [(model_dir, seeds) for model_dir in model_dirs]
+            if config.mode == "probe"
+            else [(model_dir, [seed]) for model_dir in model_dirs for seed in seeds]
+        )
         threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(_worker_job, model_dir, task, config, job_seeds, threads): model_dir
-                       for model_dir, job_seeds in jobs}
+            pending = {
+                pool.submit(_worker_job, model_dir, task, config, job_seeds, threads): model_dir
+                for model_dir, job_seeds in jobs
+            }
             for future in as_completed(pending):
                 for run in future.result():
                     record(pending[future], run)
     return [_summary(model_dir, task, config, [runs[model_dir, seed] for seed in seeds]) for model_dir in model_dirs]
 
 
-def run_model_seeds(model_dir: str, task: Task, config: FinetuneConfig, seeds,
-                    on_seed: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def run_model_seeds(
+    model_dir: str, task: Task, config: FinetuneConfig, seeds, on_seed: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
     """The runs of one model, one per seed; the task is tokenized (and probe features extracted) once."""
     data = encode_task(model_dir, task, config)
     if config.mode == "probe":
@@ -376,21 +407,32 @@ def _quiet_transformers() -> None:
 
 def _protocol(task: Task, config: FinetuneConfig) -> str:
     if config.mode == "probe":
-        method = (f"linear probe on frozen final-layer [CLS] features (logistic regression, L-BFGS, "
-                  f"L2 {config.probe_l2:g})")
+        method = (
+            f"linear probe on frozen final-layer [CLS] features (logistic regression, L-BFGS, L2 {config.probe_l2:g})"
+        )
     else:
-        method = (f"fine-tuning (lr {config.lr:g}, layer-wise decay {config.layerwise_lr_decay:g}, "
-                  f"{config.epochs_for(task)} epochs)")
-        method += "; per seed the " + ("metrics after the last epoch (dev selects nothing)" if config.select == "final"
-                                       else "epoch with the best dev accuracy")
+        method = (
+            f"fine-tuning (lr {config.lr:g}, layer-wise decay {config.layerwise_lr_decay:g}, "
+            f"{config.epochs_for(task)} epochs)"
+        )
+        method += "; per seed the " + (
+            "metrics after the last epoch (dev selects nothing)"
+            if config.select == "final"
+            else "epoch with the best dev accuracy"
+        )
     return f"mode {config.mode}: {method}; median over {config.seeds} seeds of each metric"
 
 
 def _summary(model_dir: str, task: Task, config: FinetuneConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     median = median_metrics([{split: run[split] for split in ("dev", "test")} for run in runs])
     return {
-        "model_dir": model_dir, "task": task.directory, "num_labels": task.num_labels, "labels": task.labels,
+        "model_dir": model_dir,
+        "task": task.directory,
+        "num_labels": task.num_labels,
+        "labels": task.labels,
         "examples": {split: len(config.examples(task, split)) for split in SPLITS},
         "config": {**dataclasses.asdict(config), "epochs": config.epochs_for(task)},
-        "protocol": _protocol(task, config), "per_seed": runs, "median": median,
+        "protocol": _protocol(task, config),
+        "per_seed": runs,
+        "median": median,
     }

@@ -48,7 +48,9 @@ def matthews_corrcoef(counts: list[list[int]]) -> float:
     predicted = [sum(row[k] for row in counts) for k in range(len(counts))]
     actual = [sum(row) for row in counts]
     numerator = correct * total - sum(p * t for p, t in zip(predicted, actual))
-    denominator = math.sqrt(total * total - sum(p * p for p in predicted)) * math.sqrt(total * total - sum(t * t for t in actual))
+    denominator = math.sqrt(total * total - sum(p * p for p in predicted)) * math.sqrt(
+        total * total - sum(t * t for t in actual)
+    )
     return numerator / denominator if denominator else 0.0
 
 
@@ -64,5 +66,7 @@ def median_metrics(per_seed: Sequence[dict[str, dict[str, float]]]) -> dict[str,
     """Median over seeds of every {split: {metric: value}} entry (the ELECTRA/GLUE protocol)."""
     if not per_seed:
         return {}
-    return {split: {name: statistics.median(run[split][name] for run in per_seed) for name in per_seed[0][split]}
-            for split in per_seed[0]}
+    return {
+        split: {name: statistics.median(run[split][name] for run in per_seed) for name in per_seed[0][split]}
+        for split in per_seed[0]
+    }

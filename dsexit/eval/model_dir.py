@@ -24,11 +24,15 @@ def _check_export(path: str) -> str:
         except json.JSONDecodeError:
             model_type = None
     if model_type != "electra":
-        raise ModelDirError(f"model {path!r} is not an ELECTRA export (config.json has model_type={model_type!r}); "
-                            f"expected a directory written by launch/export_hf.py or a dsexit checkpoint.")
+        raise ModelDirError(
+            f"model {path!r} is not an ELECTRA export (config.json has model_type={model_type!r}); "
+            f"expected a directory written by launch/export_hf.py or a dsexit checkpoint."
+        )
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise ModelDirError(f"model {path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); expected an export "
-                            f"with its tokenizer, as launch/export_hf.py writes it.")
+        raise ModelDirError(
+            f"model {path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); expected an export "
+            f"with its tokenizer, as launch/export_hf.py writes it."
+        )
     return path
 
 
@@ -39,14 +43,18 @@ def resolve_model_dir(path: str, export_dir: str | None = None) -> tuple[str, st
     fresh temporary directory that the caller may delete.
     """
     if not os.path.isdir(path):
-        raise ModelDirError(f"model {path!r} does not exist; expected an ELECTRA export directory or a dsexit checkpoint.")
+        raise ModelDirError(
+            f"model {path!r} does not exist; expected an ELECTRA export directory or a dsexit checkpoint."
+        )
     if os.path.isfile(os.path.join(path, "config.json")):
         return _check_export(path), "export"
     from dsexit.train.checkpoint import MARKER, newest_complete, read_marker
 
     if read_marker(path) is None and newest_complete(path) is None:
-        raise ModelDirError(f"model {path!r} is not an ELECTRA export (no config.json) nor a dsexit checkpoint "
-                            f"(no {MARKER}); expected a directory written by launch/export_hf.py or a checkpoint.")
+        raise ModelDirError(
+            f"model {path!r} is not an ELECTRA export (no config.json) nor a dsexit checkpoint "
+            f"(no {MARKER}); expected a directory written by launch/export_hf.py or a checkpoint."
+        )
     from dsexit.train.distributed import select_accelerator
 
     select_accelerator()  # before DeepSpeed is imported (ZeRO checkpoints are consolidated by it)

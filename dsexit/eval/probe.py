@@ -37,8 +37,9 @@ class Features:
     """[examples] class indices."""
 
 
-def extract_features(model_dir: str, data: dict[str, EncodedSplit], batch_size: int,
-                     device: torch.device | None = None) -> dict[str, Features]:
+def extract_features(
+    model_dir: str, data: dict[str, EncodedSplit], batch_size: int, device: torch.device | None = None
+) -> dict[str, Features]:
     """Final-layer first-token states of every split, standardised; the encoder is only read."""
     from transformers import ElectraModel
 
@@ -55,17 +56,26 @@ def extract_features(model_dir: str, data: dict[str, EncodedSplit], batch_size: 
             raw[name] = torch.cat(chunks)
     mean = raw["train"].mean(0)
     deviation = raw["train"].std(0, unbiased=False).clamp_min(1e-6)  # a constant feature stays zero
-    return {name: Features((inputs - mean) / deviation, torch.tensor(data[name].labels))
-            for name, inputs in raw.items()}
+    return {
+        name: Features((inputs - mean) / deviation, torch.tensor(data[name].labels)) for name, inputs in raw.items()
+    }
 
 
-def fit_linear_probe(train: Features, num_labels: int, l2: float, max_iterations: int,
-                     seed: int) -> tuple[torch.nn.Linear, float]:
+def fit_linear_probe(
+    train: Features, num_labels: int, l2: float, max_iterations: int, seed: int
+) -> tuple[torch.nn.Linear, float]:
     """Logistic regression: mean cross-entropy + l2 * |weights|^2 (bias free), by L-BFGS; returns it and its loss."""
     torch.manual_seed(seed)
     probe = torch.nn.Linear(train.inputs.shape[1], num_labels)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=max_iterations, history_size=20,
-                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        probe.parameters(),
+        lr=1.0,
+        max_iter=max_iterations,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
 
     def penalised_loss() -> torch.Tensor:
         return torch.nn.functional.cross_entropy(probe(train.inputs), train.labels) + l2 * probe.weight.square().sum()
@@ -84,15 +94,28 @@ def fit_linear_probe(train: Features, num_labels: int, l2: float, max_iterations
 def probe_seed(features: dict[str, Features], num_labels: int, config: FinetuneConfig, seed: int) -> dict[str, Any]:
     """One probe fit; the same run record as `finetune_seed` gives, with the fit as its single epoch."""
     started = time.perf_counter()
-    probe, train_loss = fit_linear_probe(features["train"], num_labels, config.probe_l2,
-                                         config.probe_max_iterations, seed)
+    probe, train_loss = fit_linear_probe(
+        features["train"], num_labels, config.probe_l2, config.probe_max_iterations, seed
+    )
     record: dict[str, Any] = {"epoch": 1, "train_loss": train_loss}
     with torch.no_grad():
         for split in ("dev", "test"):
             predictions = probe(features[split].inputs).argmax(-1).tolist()
             record[split] = classification_metrics(features[split].labels.tolist(), predictions, num_labels)
     if config.progress != "none":
-        log.info("seed=%d probe train_loss=%.4f dev_acc=%.4f test_acc=%.4f", seed, train_loss,
-                 record["dev"]["accuracy"], record["test"]["accuracy"])
-    return {"seed": seed, "selected_epoch": 1, "dev": record["dev"], "test": record["test"], "epochs": [record],
-            "seconds": time.perf_counter() - started, "bf16": False}
+        log.info(
+            "seed=%d probe train_loss=%.4f dev_acc=%.4f test_acc=%.4f",
+            seed,
+            train_loss,
+            record["dev"]["accuracy"],
+            record["test"]["accuracy"],
+        )
+    return {
+        "seed": seed,
+        "selected_epoch": 1,
+        "dev": record["dev"],
+        "test": record["test"],
+        "epochs": [record],
+        "seconds": time.perf_counter() - started,
+        "bf16": False,
+    }

@@ -62,7 +62,7 @@ def stratified_subset(examples: list[Example], limit: int | None, seed: int) -> 
     exact_shares = {label: limit * len(positions_by_label[label]) / len(examples) for label in labels}
     shares = {label: int(exact_shares[label]) for label in labels}
     by_remainder = sorted(labels, key=lambda label: shares[label] - exact_shares[label])
-    for label in by_remainder[:limit - sum(shares.values())]:
+    for label in by_remainder[: limit - sum(shares.values())]:
         shares[label] += 1
     rng = random.Random(seed)
     chosen = [position for label in labels for position in rng.sample(positions_by_label[label], shares[label])]
@@ -112,13 +112,16 @@ def _read_split(path: str) -> list[Example]:
 def load_task(directory: str) -> Task:
     """Read and check all three splits; raises TaskError on the first problem."""
     if not os.path.isdir(directory):
-        raise TaskError(f"task directory {directory!r} does not exist; expected a directory holding "
-                        f"train/dev/test .jsonl files.")
+        raise TaskError(
+            f"task directory {directory!r} does not exist; expected a directory holding train/dev/test .jsonl files."
+        )
     paths = {split: split_path(directory, split) for split in SPLITS}
     missing = [split for split, path in paths.items() if path is None]
     if missing:
-        raise TaskError(f"task directory {directory!r} has no {missing[0]} split; expected "
-                        f"{', '.join(split + '.jsonl' for split in SPLITS)}.")
+        raise TaskError(
+            f"task directory {directory!r} has no {missing[0]} split; expected "
+            f"{', '.join(split + '.jsonl' for split in SPLITS)}."
+        )
     splits = {split: _read_split(path) for split, path in paths.items()}
     labels = sorted({example.label for example in splits["train"]})
     if len(labels) < 2:
@@ -126,6 +129,8 @@ def load_task(directory: str) -> Task:
     for split in ("dev", "test"):
         for number, example in enumerate(splits[split], 1):
             if example.label not in labels:
-                raise TaskError(f"{paths[split]} example {number} has label {example.label}, which the train split "
-                                f"does not have; expected one of {labels}.")
+                raise TaskError(
+                    f"{paths[split]} example {number} has label {example.label}, which the train split "
+                    f"does not have; expected one of {labels}."
+                )
     return Task(os.path.basename(os.path.normpath(directory)), directory, splits, labels)

@@ -8,7 +8,17 @@ from .generator import ElectraGenerator
 from .pretraining import ElectraPreTrainingModel, PreTrainingOutput
 
 __all__ = [
-    "PRESETS", "ElectraExitConfig", "ElectraDiscriminator", "ExitDecision", "ExitState", "ExitController",
-    "ComputeLog", "FlopReport", "LayerWork", "count_flops", "ElectraGenerator", "ElectraPreTrainingModel",
+    "PRESETS",
+    "ElectraExitConfig",
+    "ElectraDiscriminator",
+    "ExitDecision",
+    "ExitState",
+    "ExitController",
+    "ComputeLog",
+    "FlopReport",
+    "LayerWork",
+    "count_flops",
+    "ElectraGenerator",
+    "ElectraPreTrainingModel",
     "PreTrainingOutput",
 ]

@@ -20,14 +20,22 @@ EXIT_KV_MODES = ("keep", "drop")
 EXIT_HEADS = ("dense", "linear")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 EXIT_CRITERIA = tuple(EXIT_RULES)
-CHOICES = {"hidden_act": ACTIVATIONS, "head_bias_init": HEAD_BIAS_INITS, "generator": GENERATOR_MODES,
-           "exit_criterion": EXIT_CRITERIA, "exit_kv": EXIT_KV_MODES,
-           "exit_head": EXIT_HEADS}
+CHOICES = {
+    "hidden_act": ACTIVATIONS,
+    "head_bias_init": HEAD_BIAS_INITS,
+    "generator": GENERATOR_MODES,
+    "exit_criterion": EXIT_CRITERIA,
+    "exit_kv": EXIT_KV_MODES,
+    "exit_head": EXIT_HEADS,
+}
 """Fields that take one of a few names (validated here; the command line offers them as choices)."""
 DATASET_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
 """Fields a pre-training run takes from its dataset's index, never from the user."""
-TRAINING_FIELDS = {"target_compute": "exit_control.target_compute", "controller_gain": "exit_control.controller_gain",
-                   "exit_warmup_steps": "exit_control.warmup_steps"}
+TRAINING_FIELDS = {
+    "target_compute": "exit_control.target_compute",
+    "controller_gain": "exit_control.controller_gain",
+    "exit_warmup_steps": "exit_control.warmup_steps",
+}
 """Fields that older runs stored in the model config and that now belong to the training config
 (`dsexit.train.config.ExitControlConfig`): `from_saved` drops them, `from_dict` names their new place."""
 RETIRED_FIELDS = ("extra", *TRAINING_FIELDS)
@@ -150,19 +158,31 @@ class ElectraExitConfig:
         def fail(name: str, value: Any, expected: str) -> None:
             raise ValueError(f"model config: {name}={value!r} is invalid; expected {expected}.")
 
-        for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size", "max_position_embeddings",
-                     "type_vocab_size", "generator_hidden_size", "generator_num_hidden_layers",
-                     "generator_num_attention_heads", "generator_intermediate_size"):
+        for name in (
+            "vocab_size",
+            "embedding_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "generator_hidden_size",
+            "generator_num_hidden_layers",
+            "generator_num_attention_heads",
+            "generator_intermediate_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, value, "a positive integer")
         if self.hidden_size % self.num_attention_heads:
-            fail("hidden_size", self.hidden_size,
-                 f"a multiple of num_attention_heads={self.num_attention_heads}")
+            fail("hidden_size", self.hidden_size, f"a multiple of num_attention_heads={self.num_attention_heads}")
         if self.generator_hidden_size % self.generator_num_attention_heads:
-            fail("generator_hidden_size", self.generator_hidden_size,
-                 f"a multiple of generator_num_attention_heads={self.generator_num_attention_heads}")
+            fail(
+                "generator_hidden_size",
+                self.generator_hidden_size,
+                f"a multiple of generator_num_attention_heads={self.generator_num_attention_heads}",
+            )
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
@@ -184,9 +204,12 @@ class ElectraExitConfig:
         if not (math.isfinite(self.exit_threshold) and 0.0 < self.exit_threshold <= 1.0):
             fail("exit_threshold", self.exit_threshold, "a confidence tau in (0, 1]")
         if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer < self.num_hidden_layers:
-            fail("min_exit_layer", self.min_exit_layer,
-                 f"a layer number in [1, {self.num_hidden_layers - 1}] "
-                 f"(the model has num_hidden_layers={self.num_hidden_layers})")
+            fail(
+                "min_exit_layer",
+                self.min_exit_layer,
+                f"a layer number in [1, {self.num_hidden_layers - 1}] "
+                f"(the model has num_hidden_layers={self.num_hidden_layers})",
+            )
         if not isinstance(self.exit_interval, int) or self.exit_interval < 1:
             fail("exit_interval", self.exit_interval, "a whole number of layers >= 1")
         if not 0.0 < self.exit_supervision <= 1.0:
@@ -233,12 +256,15 @@ class ElectraExitConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         moved = sorted(set(values) & set(TRAINING_FIELDS))
         if moved:
-            raise ValueError(f"model config: {', '.join(moved)} are training settings now; set "
-                             f"{', '.join(TRAINING_FIELDS[name] for name in moved)} in the training config.")
+            raise ValueError(
+                f"model config: {', '.join(moved)} are training settings now; set "
+                f"{', '.join(TRAINING_FIELDS[name] for name in moved)} in the training config."
+            )
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"model config: unknown field(s) {', '.join(unknown)}; "
-                             f"expected fields of ElectraExitConfig.")
+            raise ValueError(
+                f"model config: unknown field(s) {', '.join(unknown)}; expected fields of ElectraExitConfig."
+            )
         return cls(**values)
 
     @classmethod
@@ -255,15 +281,35 @@ class ElectraExitConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: for tests and smoke runs.
-    "electra-tiny": dict(embedding_size=32, hidden_size=64, num_hidden_layers=4,
-                         num_attention_heads=2, intermediate_size=128, generator_hidden_size=32,
-                         generator_num_hidden_layers=2, max_position_embeddings=128, min_exit_layer=1),
+    "electra-tiny": dict(
+        embedding_size=32,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=128,
+        generator_hidden_size=32,
+        generator_num_hidden_layers=2,
+        max_position_embeddings=128,
+        min_exit_layer=1,
+    ),
     # Clark et al. 2020, ELECTRA-Small (generator at hidden/4, as in the paper's best setting).
-    "electra-small": dict(embedding_size=128, hidden_size=256, num_hidden_layers=12,
-                          num_attention_heads=4, intermediate_size=1024, generator_hidden_size=64,
-                          min_exit_layer=4),
+    "electra-small": dict(
+        embedding_size=128,
+        hidden_size=256,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        generator_hidden_size=64,
+        min_exit_layer=4,
+    ),
     # ELECTRA-Base: generator hidden 256 (1/3 of 768), as released by google-research/electra.
-    "electra-base": dict(embedding_size=768, hidden_size=768, num_hidden_layers=12,
-                         num_attention_heads=12, intermediate_size=3072, generator_hidden_size=256,
-                         min_exit_layer=4),
+    "electra-base": dict(
+        embedding_size=768,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        generator_hidden_size=256,
+        min_exit_layer=4,
+    ),
 }

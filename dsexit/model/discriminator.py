@@ -25,8 +25,14 @@ from torch import nn
 from .config import ElectraExitConfig
 from .exit_rules import Confidence, ExitRule, build_exit_rule
 from .flops import LayerWork
-from .layers import (ElectraDiscriminatorPredictions, ElectraEmbeddings, ElectraEncoder,
-                     EncoderShape, TokenRouting, build_exit_head)
+from .layers import (
+    ElectraDiscriminatorPredictions,
+    ElectraEmbeddings,
+    ElectraEncoder,
+    EncoderShape,
+    TokenRouting,
+    build_exit_head,
+)
 
 
 @dataclass
@@ -44,15 +50,25 @@ class ExitState:
     work: list[LayerWork] = field(default_factory=list)
 
     @classmethod
-    def start(cls, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-              exitable: torch.Tensor | None = None) -> "ExitState":
+    def start(
+        cls,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        exitable: torch.Tensor | None = None,
+    ) -> "ExitState":
         """The state entering layer 1: every real token active, nothing exited yet."""
         real = attention_mask.bool()
-        return cls(hidden=hidden, attention_mask=real, active=real.clone(),
-                   logits=hidden.new_zeros(real.shape, dtype=torch.float32),
-                   exit_layer=torch.zeros(real.shape, dtype=torch.long, device=hidden.device),
-                   aux_loss=hidden.new_zeros((), dtype=torch.float32),
-                   exitable=real.clone() if exitable is None else exitable.bool() & real, labels=labels)
+        return cls(
+            hidden=hidden,
+            attention_mask=real,
+            active=real.clone(),
+            logits=hidden.new_zeros(real.shape, dtype=torch.float32),
+            exit_layer=torch.zeros(real.shape, dtype=torch.long, device=hidden.device),
+            aux_loss=hidden.new_zeros((), dtype=torch.float32),
+            exitable=real.clone() if exitable is None else exitable.bool() & real,
+            labels=labels,
+        )
 
     @property
     def dense(self) -> bool:
@@ -60,8 +76,7 @@ class ExitState:
         return bool(torch.equal(self.active, self.attention_mask))
 
 
-def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    config: ElectraExitConfig) -> torch.Tensor:
+def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: ElectraExitConfig) -> torch.Tensor:
     """Real tokens that a threshold may let exit: all but the pinned specials."""
     real = attention_mask.bool()
     pinned = config.pinned_token_ids
@@ -83,12 +98,14 @@ class ExitDecision:
     rule: ExitRule = field(default_factory=Confidence)  # `for_config` takes the model's rule
 
     @classmethod
-    def for_config(cls, config: ElectraExitConfig, threshold: float | None = None,
-                   plan: torch.Tensor | None = None) -> "ExitDecision":
+    def for_config(
+        cls, config: ElectraExitConfig, threshold: float | None = None, plan: torch.Tensor | None = None
+    ) -> "ExitDecision":
         return cls(threshold=threshold, plan=plan, rule=build_exit_rule(config))
 
-    def exits(self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor,
-              exitable: torch.Tensor) -> torch.Tensor:
+    def exits(
+        self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor, exitable: torch.Tensor
+    ) -> torch.Tensor:
         if self.plan is not None:
             return self.plan.reshape(-1).index_select(0, rows) <= layer_number
         if self.threshold is None:
@@ -132,8 +149,14 @@ class ElectraDiscriminator(nn.Module):
         for head in (self.discriminator_predictions, *self.exit_heads.values()):
             head.dense_prediction.bias.fill_(prior_logit)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-              labels: torch.Tensor | None = None, exitable: torch.Tensor | None = None) -> ExitState:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        exitable: torch.Tensor | None = None,
+    ) -> ExitState:
         """`exitable` defaults to the non-pinned real tokens of `input_ids`; pre-training passes the
         mask of the uncorrupted ids (a generator may sample a special token as a replacement)."""
         hidden = self.electra.project(self.electra.embeddings(input_ids, token_type_ids))
@@ -149,12 +172,24 @@ class ElectraDiscriminator(nn.Module):
 
     def run_layer(self, layer_number: int, state: ExitState, decision: ExitDecision) -> ExitState:
         """Run layer `layer_number` (1-based) and its head on the active tokens of `state`."""
-        return run_exit_layer(self.electra.encoder.layer[layer_number - 1], self.head_for(layer_number),
-                              layer_number, self.config, state, decision)
+        return run_exit_layer(
+            self.electra.encoder.layer[layer_number - 1],
+            self.head_for(layer_number),
+            layer_number,
+            self.config,
+            state,
+            decision,
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                labels: torch.Tensor | None = None, decision: ExitDecision | None = None,
-                exitable: torch.Tensor | None = None) -> ExitState:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        decision: ExitDecision | None = None,
+        exitable: torch.Tensor | None = None,
+    ) -> ExitState:
         decision = decision or ExitDecision.for_config(self.config)
         state = self.embed(input_ids, attention_mask, token_type_ids, labels, exitable)
         for layer_number in range(1, self.num_layers + 1):
@@ -162,8 +197,14 @@ class ElectraDiscriminator(nn.Module):
         return state
 
 
-def run_exit_layer(layer: nn.Module, head: nn.Module | None, layer_number: int, config: ElectraExitConfig,
-                   state: ExitState, decision: ExitDecision) -> ExitState:
+def run_exit_layer(
+    layer: nn.Module,
+    head: nn.Module | None,
+    layer_number: int,
+    config: ElectraExitConfig,
+    state: ExitState,
+    decision: ExitDecision,
+) -> ExitState:
     """One discriminator layer and its head on the active tokens of `state`.
 
     A free function so that a pipeline stage holding only some layers can run them.
@@ -172,29 +213,34 @@ def run_exit_layer(layer: nn.Module, head: nn.Module | None, layer_number: int, 
     if dense:
         routing = TokenRouting.all_positions(state.attention_mask)
     else:
-        routing = TokenRouting.active_tokens(state.active, state.attention_mask,
-                                             drop_exited_keys=config.exit_kv == "drop")
+        routing = TokenRouting.active_tokens(
+            state.active, state.attention_mask, drop_exited_keys=config.exit_kv == "drop"
+        )
     batch, seq_len = state.active.shape
     token_layers = int((state.active & state.exitable).sum())
     state.hidden = layer(state.hidden, routing)
     positions = batch * seq_len
-    work = LayerWork(token_layers=token_layers,
-                     rows=positions if dense else routing.rows,
-                     key_value_rows=positions if dense or not routing.drop_exited_keys else routing.rows,
-                     query_slots=positions if dense else batch * routing.slots,
-                     key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots)
+    work = LayerWork(
+        token_layers=token_layers,
+        rows=positions if dense else routing.rows,
+        key_value_rows=positions if dense or not routing.drop_exited_keys else routing.rows,
+        query_slots=positions if dense else batch * routing.slots,
+        key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots,
+    )
     if layer_number == config.num_hidden_layers:
         work.head_rows = _final_head(head, state, dense, config.num_hidden_layers)
     elif head is not None:
         work.head_kind = config.exit_head
-        work.head_rows, work.head_graph_rows, work.head_rows_rerun = _exit_head(head, layer_number, state, decision,
-                                                                                config.exit_supervision)
+        work.head_rows, work.head_graph_rows, work.head_rows_rerun = _exit_head(
+            head, layer_number, state, decision, config.exit_supervision
+        )
     state.work.append(work)
     return state
 
 
-def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: ExitDecision,
-               supervision: float = 1.0) -> tuple[int, int, int]:
+def _exit_head(
+    head: nn.Module, layer_number: int, state: ExitState, decision: ExitDecision, supervision: float = 1.0
+) -> tuple[int, int, int]:
     """Run `head` on the active tokens; returns (rows, rows run with autograd, rows run twice)."""
     rows = state.active.reshape(-1).nonzero().squeeze(1)
     hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, rows)
@@ -217,12 +263,13 @@ def _exit_head(head: nn.Module, layer_number: int, state: ExitState, decision: E
         targets = state.labels.reshape(-1).index_select(0, rows)
         if sampled:  # the head learns from the sampled tokens
             picked = supervised.nonzero().squeeze(1)
-            head_loss = (F.binary_cross_entropy_with_logits(head_logits.index_select(0, picked),
-                                                            targets.index_select(0, picked))
-                         if picked.numel() else head_logits.sum() * 0.0)
+            head_loss = (
+                F.binary_cross_entropy_with_logits(head_logits.index_select(0, picked), targets.index_select(0, picked))
+                if picked.numel()
+                else head_logits.sum() * 0.0
+            )
         else:  # deep supervision: the head learns from every token that reaches it
-            head_loss = (F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel()
-                         else head_logits.sum())
+            head_loss = F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel() else head_logits.sum()
         state.aux_loss = state.aux_loss + head_loss
     exiting_rows = rows[exits]
     state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)

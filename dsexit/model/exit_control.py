@@ -27,8 +27,13 @@ class ExitController:
     """tau per step. Its settings are training settings (`dsexit.train.config.ExitControlConfig`);
     the model config gives whether exits are on and tau's start."""
 
-    def __init__(self, config: ElectraExitConfig, target_compute: float | None = None, controller_gain: float = 4.0,
-                 warmup_steps: int = 0):
+    def __init__(
+        self,
+        config: ElectraExitConfig,
+        target_compute: float | None = None,
+        controller_gain: float = 4.0,
+        warmup_steps: int = 0,
+    ):
         self.enabled = config.exit_enabled
         self.warmup_steps = warmup_steps
         self.target_compute = target_compute
@@ -61,8 +66,11 @@ class ExitController:
         self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"threshold_logit": self.threshold_logit, "updates": self.updates,
-                "last_compute_fraction": self.last_compute_fraction}
+        return {
+            "threshold_logit": self.threshold_logit,
+            "updates": self.updates,
+            "last_compute_fraction": self.last_compute_fraction,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.threshold_logit = float(state["threshold_logit"])

@@ -45,9 +45,11 @@ def _linear(rows: int, fan_in: int, fan_out: int) -> int:
 
 
 def _layer_flops(work: LayerWork, hidden: int, intermediate: int) -> int:
-    projections = (_linear(work.rows, hidden, hidden) * 2  # query, attention output
-                   + _linear(work.key_value_rows, hidden, hidden) * 2  # key, value
-                   + _linear(work.rows, hidden, intermediate) * 2)  # feed-forward in and out
+    projections = (
+        _linear(work.rows, hidden, hidden) * 2  # query, attention output
+        + _linear(work.key_value_rows, hidden, hidden) * 2  # key, value
+        + _linear(work.rows, hidden, intermediate) * 2
+    )  # feed-forward in and out
     attention = 2 * 2 * work.query_slots * work.key_length * hidden  # scores and weighted sum
     return projections + attention
 
@@ -87,27 +89,39 @@ def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
     """The log the same batch would produce with no token exiting (dense layers)."""
     positions = log.batch_size * log.seq_len
     exit_layers = set(config.exit_layers)
-    dense = [LayerWork(token_layers=log.exitable_tokens, rows=positions, key_value_rows=positions,
-                       query_slots=positions, key_length=log.seq_len,
-                       head_rows=(log.real_tokens if number in exit_layers else
-                                  positions if number == config.num_hidden_layers else 0),
-                       head_kind=config.exit_head if number in exit_layers else "dense")
-             for number in range(1, config.num_hidden_layers + 1)]
-    return ComputeLog(log.batch_size, log.seq_len, log.real_tokens, log.exitable_tokens, dense, log.generator,
-                      log.generator_head_rows)
+    dense = [
+        LayerWork(
+            token_layers=log.exitable_tokens,
+            rows=positions,
+            key_value_rows=positions,
+            query_slots=positions,
+            key_length=log.seq_len,
+            head_rows=(
+                log.real_tokens if number in exit_layers else positions if number == config.num_hidden_layers else 0
+            ),
+            head_kind=config.exit_head if number in exit_layers else "dense",
+        )
+        for number in range(1, config.num_hidden_layers + 1)
+    ]
+    return ComputeLog(
+        log.batch_size, log.seq_len, log.real_tokens, log.exitable_tokens, dense, log.generator, log.generator_head_rows
+    )
 
 
 def discriminator_layer_flops(work: LayerWork, config: ElectraExitConfig) -> int:
     """Forward FLOPs of one discriminator layer and the head after it."""
-    return (_layer_flops(work, config.hidden_size, config.intermediate_size)
-            + _head_flops(work.head_rows + work.head_rows_rerun, config.hidden_size, work.head_kind))
+    return _layer_flops(work, config.hidden_size, config.intermediate_size) + _head_flops(
+        work.head_rows + work.head_rows_rerun, config.hidden_size, work.head_kind
+    )
 
 
 def discriminator_layer_backward_flops(work: LayerWork, config: ElectraExitConfig) -> int:
     """Backward FLOPs of one layer and its head: twice the forward of what ran with autograd."""
     graph_rows = work.head_rows if work.head_graph_rows < 0 else work.head_graph_rows
-    return 2 * (_layer_flops(work, config.hidden_size, config.intermediate_size)
-                + _head_flops(graph_rows, config.hidden_size, work.head_kind))
+    return 2 * (
+        _layer_flops(work, config.hidden_size, config.intermediate_size)
+        + _head_flops(graph_rows, config.hidden_size, work.head_kind)
+    )
 
 
 def embedding_and_generator_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
@@ -128,7 +142,8 @@ def embedding_and_generator_flops(log: ComputeLog, config: ElectraExitConfig) ->
 
 def _forward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
     return embedding_and_generator_flops(log, config) + sum(
-        discriminator_layer_flops(work, config) for work in log.discriminator)
+        discriminator_layer_flops(work, config) for work in log.discriminator
+    )
 
 
 def mean_exit_layer(exit_layer_counts) -> float:
@@ -139,7 +154,8 @@ def mean_exit_layer(exit_layer_counts) -> float:
 
 def _backward_flops(log: ComputeLog, config: ElectraExitConfig) -> int:
     return 2 * embedding_and_generator_flops(log, config) + sum(
-        discriminator_layer_backward_flops(work, config) for work in log.discriminator)
+        discriminator_layer_backward_flops(work, config) for work in log.discriminator
+    )
 
 
 def count_flops(log: ComputeLog, config: ElectraExitConfig) -> FlopReport:

@@ -38,9 +38,15 @@ class ElectraGenerator(nn.Module):
         self.generator_predictions = ElectraGeneratorPredictions(config)
         self.generator_lm_head = TiedLMHead(config.vocab_size)
 
-    def forward(self, embeddings: ElectraEmbeddings, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor, rows: torch.Tensor | None = None,
-                work: list[LayerWork] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: ElectraEmbeddings,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        work: list[LayerWork] | None = None,
+    ) -> torch.Tensor:
         """Vocabulary logits for `rows` (flattened b*T+t indices) or, if None, every position."""
         hidden = self.electra.project(embeddings(input_ids, token_type_ids))
         routing = TokenRouting.all_positions(attention_mask)
@@ -49,8 +55,15 @@ class ElectraGenerator(nn.Module):
             hidden = layer(hidden, routing)
             if work is not None:
                 positions = batch * seq_len
-                work.append(LayerWork(token_layers=int(attention_mask.sum()), rows=positions,
-                                      key_value_rows=positions, query_slots=positions, key_length=seq_len))
+                work.append(
+                    LayerWork(
+                        token_layers=int(attention_mask.sum()),
+                        rows=positions,
+                        key_value_rows=positions,
+                        query_slots=positions,
+                        key_length=seq_len,
+                    )
+                )
         hidden = hidden.reshape(batch * seq_len, -1)
         if rows is not None:
             hidden = hidden.index_select(0, rows)

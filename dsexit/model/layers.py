@@ -35,13 +35,16 @@ class EncoderShape:
 
     @classmethod
     def discriminator(cls, config: ElectraExitConfig) -> "EncoderShape":
-        return cls(config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                   config.intermediate_size)
+        return cls(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size)
 
     @classmethod
     def generator(cls, config: ElectraExitConfig) -> "EncoderShape":
-        return cls(config.generator_hidden_size, config.generator_num_hidden_layers,
-                   config.generator_num_attention_heads, config.generator_intermediate_size)
+        return cls(
+            config.generator_hidden_size,
+            config.generator_num_hidden_layers,
+            config.generator_num_attention_heads,
+            config.generator_intermediate_size,
+        )
 
 
 @dataclass
@@ -67,8 +70,9 @@ class TokenRouting:
         return cls(dense=True, key_mask=_key_mask(attention_mask))
 
     @classmethod
-    def active_tokens(cls, active: torch.Tensor, attention_mask: torch.Tensor,
-                      drop_exited_keys: bool) -> "TokenRouting":
+    def active_tokens(
+        cls, active: torch.Tensor, attention_mask: torch.Tensor, drop_exited_keys: bool
+    ) -> "TokenRouting":
         batch, seq_len = active.shape
         row_index = active.reshape(-1).nonzero().squeeze(1)
         batch_index = torch.div(row_index, seq_len, rounding_mode="floor")
@@ -84,11 +88,24 @@ class TokenRouting:
             if slots:
                 key_mask[:, 0] = True
         else:
-            return cls(dense=False, key_mask=_key_mask(attention_mask), row_index=row_index,
-                       batch_index=batch_index, slot_index=slot_index, slots=slots, drop_exited_keys=False)
-        return cls(dense=False, key_mask=key_mask[:, None, None, :], row_index=row_index,
-                   batch_index=batch_index, slot_index=slot_index, slots=slots,
-                   drop_exited_keys=drop_exited_keys)
+            return cls(
+                dense=False,
+                key_mask=_key_mask(attention_mask),
+                row_index=row_index,
+                batch_index=batch_index,
+                slot_index=slot_index,
+                slots=slots,
+                drop_exited_keys=False,
+            )
+        return cls(
+            dense=False,
+            key_mask=key_mask[:, None, None, :],
+            row_index=row_index,
+            batch_index=batch_index,
+            slot_index=slot_index,
+            slots=slots,
+            drop_exited_keys=drop_exited_keys,
+        )
 
     @property
     def rows(self) -> int:
@@ -107,8 +124,7 @@ class ElectraEmbeddings(nn.Module):
 
     def __init__(self, config: ElectraExitConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size,
-                                            padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.embedding_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.embedding_size)
         self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
@@ -117,8 +133,11 @@ class ElectraEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
         positions = torch.arange(seq_len, device=input_ids.device)
-        embeddings = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-                      + self.position_embeddings(positions)[None])
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(positions)[None]
+        )
         return self.dropout(self.LayerNorm(embeddings))
 
 
@@ -136,11 +155,13 @@ class ElectraSelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_mask: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
         dropout = self.dropout_prob if self.training else 0.0
-        context = F.scaled_dot_product_attention(self._heads(query), self._heads(key), self._heads(value),
-                                                 attn_mask=key_mask, dropout_p=dropout)
+        context = F.scaled_dot_product_attention(
+            self._heads(query), self._heads(key), self._heads(value), attn_mask=key_mask, dropout_p=dropout
+        )
         batch, heads, length, head_size = context.shape
         return context.transpose(1, 2).reshape(batch, length, heads * head_size)
 
@@ -165,8 +186,9 @@ class ElectraSelfAttention(nn.Module):
             return slotted.index_put((routing.batch_index, routing.slot_index), row_values)
 
         if routing.drop_exited_keys:
-            query, key, value = (to_slots(projected) for projected in
-                                 self._projected(rows, self.query, self.key, self.value))
+            query, key, value = (
+                to_slots(projected) for projected in self._projected(rows, self.query, self.key, self.value)
+            )
         else:
             # Exited tokens stay visible: their frozen states still serve as keys/values.
             query = to_slots(self.query(rows))

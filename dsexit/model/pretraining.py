@@ -70,8 +70,9 @@ class CorruptionMixin:
         return (candidates & (draws < self.config.mask_prob)).reshape(-1).nonzero().squeeze(1)
 
     @staticmethod
-    def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_from_logits(
+        logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """One draw from softmax(logits / temperature) per row (Gumbel-max)."""
         uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
         uniform = uniform.clamp_(min=1e-20, max=1.0 - 1e-7)
@@ -83,9 +84,14 @@ class CorruptionMixin:
             return torch.zeros(0, dtype=torch.long, device=self.replacement_probs.device)
         return torch.multinomial(self.replacement_probs, count, replacement=True, generator=generator)
 
-    def corrupt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                log: ComputeLog | None = None,
-                replacement_mix: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def corrupt(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        log: ComputeLog | None = None,
+        replacement_mix: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(corrupted ids, RTD labels as float, generator MLM loss) for one batch.
 
         `replacement_mix` (default: the config's value at step 0) is the share of masked
@@ -95,13 +101,19 @@ class CorruptionMixin:
         originals = input_ids.reshape(-1).index_select(0, masked_rows)
         if self.generator is not None:
             generator_input = input_ids.reshape(-1).index_fill(0, masked_rows, self.config.mask_token_id)
-            generator_logits = self.generator(self.embeddings, generator_input.view_as(input_ids), attention_mask,
-                                              token_type_ids, rows=masked_rows,
-                                              work=log.generator if log is not None else None).float()
+            generator_logits = self.generator(
+                self.embeddings,
+                generator_input.view_as(input_ids),
+                attention_mask,
+                token_type_ids,
+                rows=masked_rows,
+                work=log.generator if log is not None else None,
+            ).float()
             if log is not None:
                 log.generator_head_rows = int(masked_rows.numel())
-            generator_loss = (F.cross_entropy(generator_logits, originals) if masked_rows.numel()
-                              else generator_logits.sum())
+            generator_loss = (
+                F.cross_entropy(generator_logits, originals) if masked_rows.numel() else generator_logits.sum()
+            )
             replacements = self.sample_from_logits(generator_logits, self.config.generator_temperature)
             mix = self.config.replacement_mix if replacement_mix is None else replacement_mix
             if mix > 0:
@@ -115,8 +127,12 @@ class CorruptionMixin:
         return corrupted, (corrupted != input_ids).float(), generator_loss
 
 
-def objective_loss(config: ElectraExitConfig, generator_loss: torch.Tensor, discriminator_loss: torch.Tensor,
-                   mean_exit_head_loss: torch.Tensor) -> torch.Tensor:
+def objective_loss(
+    config: ElectraExitConfig,
+    generator_loss: torch.Tensor,
+    discriminator_loss: torch.Tensor,
+    mean_exit_head_loss: torch.Tensor,
+) -> torch.Tensor:
     """generator + disc_weight x ((1 - a) x final RTD + a x mean exit-head RTD).
 
     The exit heads take a share a = aux_weight of the discriminator term instead of adding to
@@ -140,8 +156,9 @@ class LossAndStatistics:
     exit_layer_counts: torch.Tensor  # [num_layers] long: real tokens whose last layer is l+1
 
 
-def loss_and_statistics(config: ElectraExitConfig, state: ExitState, rtd_labels: torch.Tensor,
-                        generator_loss: torch.Tensor) -> LossAndStatistics:
+def loss_and_statistics(
+    config: ElectraExitConfig, state: ExitState, rtd_labels: torch.Tensor, generator_loss: torch.Tensor
+) -> LossAndStatistics:
     """The one loss: used by `ElectraPreTrainingModel` and by the pipeline's last stage.
 
     `state` is the discriminator's state after its last layer (every logit set, `aux_loss` the
@@ -156,9 +173,14 @@ def loss_and_statistics(config: ElectraExitConfig, state: ExitState, rtd_labels:
     with torch.no_grad():
         rtd_accuracy = ((logits > 0).float() == labels).float().mean()
         counts = torch.bincount(state.exit_layer[real], minlength=config.num_hidden_layers + 1)[1:]
-    return LossAndStatistics(loss=loss, generator_loss=generator_loss.detach(),
-                             discriminator_loss=discriminator_loss.detach(), aux_loss=aux_loss.detach(),
-                             rtd_accuracy=rtd_accuracy, exit_layer_counts=counts)
+    return LossAndStatistics(
+        loss=loss,
+        generator_loss=generator_loss.detach(),
+        discriminator_loss=discriminator_loss.detach(),
+        aux_loss=aux_loss.detach(),
+        rtd_accuracy=rtd_accuracy,
+        exit_layer_counts=counts,
+    )
 
 
 def register_replacement_buffers(module: nn.Module, config: ElectraExitConfig) -> None:
@@ -188,8 +210,10 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
     def set_unigram_counts(self, counts: torch.Tensor) -> None:
         """Token frequencies for `generator="unigram"` (specials never drawn)."""
         if counts.shape != (self.config.vocab_size,):
-            raise ValueError(f"unigram counts have shape {tuple(counts.shape)}; expected "
-                             f"({self.config.vocab_size},), one count per vocabulary entry.")
+            raise ValueError(
+                f"unigram counts have shape {tuple(counts.shape)}; expected "
+                f"({self.config.vocab_size},), one count per vocabulary entry."
+            )
         probs = counts.double().clamp(min=0)
         probs[self.special_token_ids.cpu()] = 0
         if probs.sum() <= 0:
@@ -197,29 +221,50 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         self.replacement_probs.copy_((probs / probs.sum()).to(self.replacement_probs))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, exit_threshold: float | None = None,
-                exit_plan: torch.Tensor | None = None, replacement_mix: float | None = None) -> PreTrainingOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        exit_threshold: float | None = None,
+        exit_plan: torch.Tensor | None = None,
+        replacement_mix: float | None = None,
+    ) -> PreTrainingOutput:
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         exitable = exitable_tokens(input_ids, attention_mask, self.config)
-        log = ComputeLog(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1],
-                         real_tokens=int(attention_mask.sum()), exitable_tokens=int(exitable.sum()))
-        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids, log,
-                                                             replacement_mix)
+        log = ComputeLog(
+            batch_size=input_ids.shape[0],
+            seq_len=input_ids.shape[1],
+            real_tokens=int(attention_mask.sum()),
+            exitable_tokens=int(exitable.sum()),
+        )
+        corrupted, rtd_labels, generator_loss = self.corrupt(
+            input_ids, attention_mask, token_type_ids, log, replacement_mix
+        )
         decision = ExitDecision.for_config(self.config, threshold=exit_threshold, plan=exit_plan)
-        state = self.discriminator(corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision,
-                                   exitable=exitable)
+        state = self.discriminator(
+            corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision, exitable=exitable
+        )
         log.discriminator = state.work
         return self._finish(state, rtd_labels, generator_loss, log)
 
-    def _finish(self, state: ExitState, rtd_labels: torch.Tensor, generator_loss: torch.Tensor,
-                log: ComputeLog) -> PreTrainingOutput:
+    def _finish(
+        self, state: ExitState, rtd_labels: torch.Tensor, generator_loss: torch.Tensor, log: ComputeLog
+    ) -> PreTrainingOutput:
         result = loss_and_statistics(self.config, state, rtd_labels, generator_loss)
         return PreTrainingOutput(
-            loss=result.loss, generator_loss=result.generator_loss, discriminator_loss=result.discriminator_loss,
-            aux_loss=result.aux_loss, rtd_accuracy=result.rtd_accuracy, discriminator_logits=state.logits,
-            rtd_labels=rtd_labels, exit_layer=state.exit_layer, exit_layer_counts=result.exit_layer_counts,
-            flops=count_flops(log, self.config), compute_log=log)
+            loss=result.loss,
+            generator_loss=result.generator_loss,
+            discriminator_loss=result.discriminator_loss,
+            aux_loss=result.aux_loss,
+            rtd_accuracy=result.rtd_accuracy,
+            discriminator_logits=state.logits,
+            rtd_labels=rtd_labels,
+            exit_layer=state.exit_layer,
+            exit_layer_counts=result.exit_layer_counts,
+            flops=count_flops(log, self.config),
+            compute_log=log,
+        )

@@ -40,8 +40,10 @@ def parse_layer_counts(method: str, num_stages: int, num_layers: int) -> list[in
     except ValueError:
         raise PartitionError(f"pipeline_partition={method!r}: expected layers:N0,N1,... with whole numbers") from None
     if len(counts) != num_stages or min(counts) < 1 or sum(counts) != num_layers:
-        raise PartitionError(f"pipeline_partition={method!r}: expected {num_stages} positive layer counts (one per "
-                             f"stage) adding up to the discriminator's {num_layers} layers")
+        raise PartitionError(
+            f"pipeline_partition={method!r}: expected {num_stages} positive layer counts (one per "
+            f"stage) adding up to the discriminator's {num_layers} layers"
+        )
     return counts
 
 
@@ -51,16 +53,21 @@ def expected_work_partition_from_file(path: str, num_stages: int, num_layers: in
             profile = json.load(handle)
         first, layer_cost, reach = profile["first_stage_cost"], profile["layer_cost"], profile["reach"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise PartitionError(f"pipeline_partition=expected:{path}: cannot read a profile with first_stage_cost, "
-                             f"layer_cost and reach there ({error})") from None
+        raise PartitionError(
+            f"pipeline_partition=expected:{path}: cannot read a profile with first_stage_cost, "
+            f"layer_cost and reach there ({error})"
+        ) from None
     if len(layer_cost) != num_layers or len(reach) != num_layers:
-        raise PartitionError(f"pipeline_partition=expected:{path}: the profile has {len(layer_cost)} layer costs and "
-                             f"{len(reach)} reach values; the discriminator has {num_layers} layers")
+        raise PartitionError(
+            f"pipeline_partition=expected:{path}: the profile has {len(layer_cost)} layer costs and "
+            f"{len(reach)} reach values; the discriminator has {num_layers} layers"
+        )
     return expected_work_partition(first, layer_cost, reach, num_stages)
 
 
-def stage_expected_costs(counts: Sequence[int], first_stage_cost: float, layer_cost: Sequence[float],
-                         reach: Sequence[float]) -> list[float]:
+def stage_expected_costs(
+    counts: Sequence[int], first_stage_cost: float, layer_cost: Sequence[float], reach: Sequence[float]
+) -> list[float]:
     """Expected per-micro-batch cost of each stage under `counts`."""
     costs, start = [], 0
     for stage, count in enumerate(counts):
@@ -70,8 +77,9 @@ def stage_expected_costs(counts: Sequence[int], first_stage_cost: float, layer_c
     return costs
 
 
-def expected_work_partition(first_stage_cost: float, layer_cost: Sequence[float], reach: Sequence[float],
-                            num_stages: int) -> list[int]:
+def expected_work_partition(
+    first_stage_cost: float, layer_cost: Sequence[float], reach: Sequence[float], num_stages: int
+) -> list[int]:
     """Layer counts per stage that minimise the largest expected stage cost (ties: the most even counts).
 
     A stage runs a layer only for micro-batches with an active token entering it (probability

@@ -28,8 +28,19 @@ from ..model import ElectraExitConfig, ElectraPreTrainingModel, ExitDecision, Ex
 from ..model.discriminator import ElectraDiscriminator, exitable_tokens, run_exit_layer
 from ..model.pretraining import CorruptionMixin, loss_and_statistics
 
-PIPE_FIELDS = ("hidden", "logits", "losses", "attention_mask", "active", "exitable", "exit_layer", "rtd_labels",
-               "exit_plan", "token_layers", "settings")
+PIPE_FIELDS = (
+    "hidden",
+    "logits",
+    "losses",
+    "attention_mask",
+    "active",
+    "exitable",
+    "exit_layer",
+    "rtd_labels",
+    "exit_plan",
+    "token_layers",
+    "settings",
+)
 
 
 @dataclass
@@ -52,22 +63,54 @@ def encode_settings(exit_threshold: float | None, replacement_mix: float | None)
 
 def decode_settings(settings: torch.Tensor) -> tuple[float | None, float | None]:
     exit_threshold, replacement_mix = settings.detach().cpu().view(torch.float64).tolist()
-    return (None if math.isnan(exit_threshold) else exit_threshold,
-            None if math.isnan(replacement_mix) else replacement_mix)
+    return (
+        None if math.isnan(exit_threshold) else exit_threshold,
+        None if math.isnan(replacement_mix) else replacement_mix,
+    )
 
 
-def pack(state: ExitState, losses: torch.Tensor, exit_plan: torch.Tensor, token_layers: torch.Tensor,
-         settings: torch.Tensor):
-    return (state.hidden, state.logits, losses, state.attention_mask.long(), state.active.long(),
-            state.exitable.long(), state.exit_layer, state.labels.long(), exit_plan, token_layers, settings)
+def pack(
+    state: ExitState, losses: torch.Tensor, exit_plan: torch.Tensor, token_layers: torch.Tensor, settings: torch.Tensor
+):
+    return (
+        state.hidden,
+        state.logits,
+        losses,
+        state.attention_mask.long(),
+        state.active.long(),
+        state.exitable.long(),
+        state.exit_layer,
+        state.labels.long(),
+        exit_plan,
+        token_layers,
+        settings,
+    )
 
 
 def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    (hidden, logits, losses, attention_mask, active, exitable, exit_layer, rtd_labels, exit_plan, token_layers,
-     settings) = inputs
-    state = ExitState(hidden=hidden, attention_mask=attention_mask.bool(), active=active.bool(), logits=logits,
-                      exit_layer=exit_layer, aux_loss=losses.new_zeros(()), exitable=exitable.bool(),
-                      labels=rtd_labels.float())
+    (
+        hidden,
+        logits,
+        losses,
+        attention_mask,
+        active,
+        exitable,
+        exit_layer,
+        rtd_labels,
+        exit_plan,
+        token_layers,
+        settings,
+    ) = inputs
+    state = ExitState(
+        hidden=hidden,
+        attention_mask=attention_mask.bool(),
+        active=active.bool(),
+        logits=logits,
+        exit_layer=exit_layer,
+        aux_loss=losses.new_zeros(()),
+        exitable=exitable.bool(),
+        labels=rtd_labels.float(),
+    )
     return state, losses, exit_plan, token_layers, settings
 
 
@@ -92,13 +135,15 @@ class EmbedAndCorrupt(CorruptionMixin, nn.Module):
 
     def forward(self, inputs):
         input_ids, attention_mask, token_type_ids, exit_plan, settings = inputs
-        corrupted, rtd_labels, generator_loss = self.corrupt(input_ids, attention_mask, token_type_ids,
-                                                             replacement_mix=decode_settings(settings)[1])
+        corrupted, rtd_labels, generator_loss = self.corrupt(
+            input_ids, attention_mask, token_type_ids, replacement_mix=decode_settings(settings)[1]
+        )
         hidden = self.embeddings(corrupted, token_type_ids)
         if hasattr(self, "embeddings_project"):
             hidden = self.embeddings_project(hidden)
-        state = ExitState.start(hidden, attention_mask, rtd_labels,
-                                exitable_tokens(input_ids, attention_mask, self.config))
+        state = ExitState.start(
+            hidden, attention_mask, rtd_labels, exitable_tokens(input_ids, attention_mask, self.config)
+        )
         # Leaves that require grad: DeepSpeed calls backward on every float output.
         state.logits.requires_grad_(True)
         losses = torch.stack([generator_loss.float(), state.aux_loss])
@@ -133,8 +178,9 @@ class DiscriminatorLayerPipe(nn.Module):
                 self.counters.skipped_micro_batches += 1
             return inputs  # every token exited upstream: nothing to compute here
         forced = bool((exit_plan <= self.config.num_hidden_layers).any())
-        decision = ExitDecision.for_config(self.config, threshold=decode_settings(settings)[0],
-                                           plan=exit_plan if forced else None)
+        decision = ExitDecision.for_config(
+            self.config, threshold=decode_settings(settings)[0], plan=exit_plan if forced else None
+        )
         state = run_exit_layer(self.layer, self.head, self.layer_number, self.config, state, decision)
         executed = state.work[-1].token_layers
         self.counters.token_layers += executed
@@ -172,25 +218,40 @@ class PipelineLoss:
         state, losses, _plan, token_layers, _settings = unpack(outputs)
         state.aux_loss = losses[1]
         result = loss_and_statistics(self.config, state, state.labels, losses[0])
-        self.results.append(MicroBatchResult(
-            loss=result.loss.detach(), generator_loss=float(result.generator_loss),
-            discriminator_loss=float(result.discriminator_loss), rtd_accuracy=float(result.rtd_accuracy),
-            tokens_executed=int(token_layers.sum()),
-            tokens_full=int(state.exitable.sum()) * self.config.num_hidden_layers,
-            exit_layer_counts=result.exit_layer_counts))
+        self.results.append(
+            MicroBatchResult(
+                loss=result.loss.detach(),
+                generator_loss=float(result.generator_loss),
+                discriminator_loss=float(result.discriminator_loss),
+                rtd_accuracy=float(result.rtd_accuracy),
+                tokens_executed=int(token_layers.sum()),
+                tokens_full=int(state.exitable.sum()) * self.config.num_hidden_layers,
+                exit_layer_counts=result.exit_layer_counts,
+            )
+        )
         # The hidden states reach the loss only through active tokens; when none is left,
         # this keeps them in the graph so DeepSpeed can send their (zero) gradient back.
         return result.loss + 0.0 * state.hidden.sum()
 
 
-def micro_batch_inputs(batch: dict[str, torch.Tensor], config: ElectraExitConfig, exit_threshold: float | None,
-                       replacement_mix: float | None, exit_plan: torch.Tensor | None = None):
+def micro_batch_inputs(
+    batch: dict[str, torch.Tensor],
+    config: ElectraExitConfig,
+    exit_threshold: float | None,
+    replacement_mix: float | None,
+    exit_plan: torch.Tensor | None = None,
+):
     """One item of the data iterator `train_batch` reads: (first stage's inputs, dummy labels)."""
     input_ids = batch["input_ids"]
     if exit_plan is None:
         exit_plan = torch.full_like(input_ids, config.num_hidden_layers + 1)  # no forced exit
-    inputs = (input_ids, batch["attention_mask"], batch["token_type_ids"], exit_plan,
-              encode_settings(exit_threshold, replacement_mix))
+    inputs = (
+        input_ids,
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        exit_plan,
+        encode_settings(exit_threshold, replacement_mix),
+    )
     return inputs, torch.zeros(1)
 
 
@@ -206,15 +267,20 @@ def _pipeline_module_class():
                 return super()._partition_layers(method)
             counts = parse_layer_counts(method, self.num_stages, len(self._layer_specs) - 1)
             # pipe layer 0 is EmbedAndCorrupt, on stage 0; then the discriminator layers in order
-            self.parts = [0] + [1 + sum(counts[:stage + 1]) for stage in range(self.num_stages)]
+            self.parts = [0] + [1 + sum(counts[: stage + 1]) for stage in range(self.num_stages)]
             stage_id = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
     return ExitPipelineModule
 
 
-def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_method: str = "type:DiscriminatorLayerPipe",
-                          model: ElectraPreTrainingModel | None = None, **pipeline_kwargs):
+def build_pipeline_module(
+    config: ElectraExitConfig,
+    num_stages: int,
+    partition_method: str = "type:DiscriminatorLayerPipe",
+    model: ElectraPreTrainingModel | None = None,
+    **pipeline_kwargs,
+):
     """A `deepspeed.pipe.PipelineModule` holding the same parameters as `ElectraPreTrainingModel`.
 
     Each process builds the whole model once on the CPU (for identical initial weights)
@@ -223,10 +289,17 @@ def build_pipeline_module(config: ElectraExitConfig, num_stages: int, partition_
     model = model or ElectraPreTrainingModel(config)
     counters = StageCounters()
     layers = [EmbedAndCorrupt(model)]
-    layers += [DiscriminatorLayerPipe(model.discriminator, number, counters)
-               for number in range(1, config.num_hidden_layers + 1)]
-    module = _pipeline_module_class()(layers=layers, num_stages=num_stages, loss_fn=PipelineLoss(config),
-                                      partition_method=partition_method, **pipeline_kwargs)
+    layers += [
+        DiscriminatorLayerPipe(model.discriminator, number, counters)
+        for number in range(1, config.num_hidden_layers + 1)
+    ]
+    module = _pipeline_module_class()(
+        layers=layers,
+        num_stages=num_stages,
+        loss_fn=PipelineLoss(config),
+        partition_method=partition_method,
+        **pipeline_kwargs,
+    )
     module.stage_counters = counters
     local = [layer for layer in module.forward_funcs if isinstance(layer, DiscriminatorLayerPipe)]
     if local:
@@ -247,16 +320,22 @@ def pipeline_state_dict_to_model(layer_states: dict[int, dict[str, torch.Tensor]
     for index, state in layer_states.items():
         for name, tensor in state.items():
             if index == 0:
-                for prefix, target in (("embeddings.", "discriminator.electra.embeddings."),
-                                       ("embeddings_project.", "discriminator.electra.embeddings_project."),
-                                       ("generator.", "generator."), ("replacement_probs", "replacement_probs")):
+                for prefix, target in (
+                    ("embeddings.", "discriminator.electra.embeddings."),
+                    ("embeddings_project.", "discriminator.electra.embeddings_project."),
+                    ("generator.", "generator."),
+                    ("replacement_probs", "replacement_probs"),
+                ):
                     if name.startswith(prefix):
-                        merged[target + name[len(prefix):]] = tensor
+                        merged[target + name[len(prefix) :]] = tensor
                 continue
             if name.startswith("layer."):
-                merged[f"discriminator.electra.encoder.layer.{index - 1}.{name[len('layer.'):]}"] = tensor
+                merged[f"discriminator.electra.encoder.layer.{index - 1}.{name[len('layer.') :]}"] = tensor
             elif name.startswith("head."):
-                owner = ("discriminator.discriminator_predictions" if index == config.num_hidden_layers
-                         else f"discriminator.exit_heads.{index}")
-                merged[f"{owner}.{name[len('head.'):]}"] = tensor
+                owner = (
+                    "discriminator.discriminator_predictions"
+                    if index == config.num_hidden_layers
+                    else f"discriminator.exit_heads.{index}"
+                )
+                merged[f"{owner}.{name[len('head.') :]}"] = tensor
     return merged

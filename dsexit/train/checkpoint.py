@@ -32,11 +32,25 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from dsexit.data.storage import RetryPolicy
-from dsexit.train.checkpoint_files import (LATEST, MARKER, TAG_PREFIX, UNIVERSAL_DIR, CheckpointError,  # noqa: F401
-                                           CheckpointRef, RemoteCheckpoints, atomic_write, complete_checkpoints,
-                                           file_digests, newest_complete, valid_marker, open_checkpoint, parse_marker,
-                                           read_latest, read_marker, resume_choice, step_of, tag_for,
-                                           verify_files)
+from dsexit.train.checkpoint_files import (
+    LATEST,
+    MARKER,
+    UNIVERSAL_DIR,
+    CheckpointError,  # noqa: F401
+    CheckpointRef,
+    RemoteCheckpoints,
+    atomic_write,
+    complete_checkpoints,
+    file_digests,
+    open_checkpoint,
+    read_latest,
+    read_marker,
+    resume_choice,
+    step_of,
+    tag_for,
+    valid_marker,
+    verify_files,
+)
 from dsexit.train.distributed import WorldInfo, barrier
 from dsexit.train.redact import redact_text
 from dsexit.train.store import file_owner, is_remote, local_path, no_space_message
@@ -97,8 +111,15 @@ def _is_out_of_space(error: BaseException, root: str) -> bool:
 class CheckpointManager:
     """Saves and finds checkpoints for one run; every rank holds one."""
 
-    def __init__(self, location: str, staging_dir: str, keep_last: int, world: WorldInfo,
-                 run_id: str | None = None, policy: RetryPolicy | None = None):
+    def __init__(
+        self,
+        location: str,
+        staging_dir: str,
+        keep_last: int,
+        world: WorldInfo,
+        run_id: str | None = None,
+        policy: RetryPolicy | None = None,
+    ):
         self.states: dict[str, Stateful] = {}
         self.remote_index = RemoteCheckpoints(location, policy) if is_remote(location) else None
         self.remote = self.remote_index.remote if self.remote_index else None
@@ -131,8 +152,9 @@ class CheckpointManager:
         try:
             self.remote.download(tag, root)
         except OSError as error:
-            raise CheckpointError(f"could not download checkpoint {tag} from {self.remote.shown}: "
-                                  f"{redact_text(str(error))}") from None
+            raise CheckpointError(
+                f"could not download checkpoint {tag} from {self.remote.shown}: {redact_text(str(error))}"
+            ) from None
 
     def _on_every_node(self, chosen: CheckpointRef | None) -> CheckpointRef | None:
         """Rank 0's choice, present and verified on every node. A node with its own disk fetches it
@@ -143,8 +165,11 @@ class CheckpointManager:
             if chosen is not None:
                 verify_files(chosen)
             return chosen
-        root, tag, in_own_root = _broadcast((chosen.root, chosen.tag, os.path.abspath(chosen.root) ==
-                                             os.path.abspath(self.root)) if chosen else (None, None, False))
+        root, tag, in_own_root = _broadcast(
+            (chosen.root, chosen.tag, os.path.abspath(chosen.root) == os.path.abspath(self.root))
+            if chosen
+            else (None, None, False)
+        )
         if tag is None:
             return None
         if in_own_root:  # each node's checkpoint directory (its staging copy of a mirror) by its own path
@@ -160,7 +185,8 @@ class CheckpointManager:
         if lacking:
             raise CheckpointError(
                 f"checkpoint {tag} chosen by rank 0 is missing from {root} on host(s) {', '.join(lacking)}; "
-                f"a multi-node run needs --checkpoint-dir on a filesystem every node shares, or a URL (s3://...).")
+                f"a multi-node run needs --checkpoint-dir on a filesystem every node shares, or a URL (s3://...)."
+            )
         ref = CheckpointRef(root, tag, meta)
         error = None
         if self.world.local_rank == 0:  # one check per node, before any rank opens a file
@@ -183,8 +209,9 @@ class CheckpointManager:
             try:
                 self.remote.put_text(LATEST, ref.tag)
             except OSError as error:
-                log.warning("could not point %s/%s at %s (%s)", self.remote.shown, LATEST, ref.tag,
-                            redact_text(str(error)))
+                log.warning(
+                    "could not point %s/%s at %s (%s)", self.remote.shown, LATEST, ref.tag, redact_text(str(error))
+                )
 
     # ------------------------------------------------------------------ save
     # ------------------------------------------------------------------ registered state
@@ -207,8 +234,10 @@ class CheckpointManager:
         saved = client[STATE_KEY]
         missing = [name for name in self.states if name not in saved]
         if missing:
-            raise RuntimeError(f"checkpoint {ref.path} has no state for {', '.join(missing)}; it was written by "
-                               f"another version of dsexit.")
+            raise RuntimeError(
+                f"checkpoint {ref.path} has no state for {', '.join(missing)}; it was written by "
+                f"another version of dsexit."
+            )
         for name, stateful in self.states.items():
             stateful.load_state_dict(saved[name])
 
@@ -320,25 +349,32 @@ class CheckpointManager:
         barrier()
 
     def _upload_failed(self, tag: str, error: BaseException) -> None:
-        log.warning("could not upload checkpoint %s to %s (%s); the local copy stays in %s and the next save "
-                    "uploads it", tag, self.remote.shown, redact_text(str(error)), self.root)
+        log.warning(
+            "could not upload checkpoint %s to %s (%s); the local copy stays in %s and the next save uploads it",
+            tag,
+            self.remote.shown,
+            redact_text(str(error)),
+            self.root,
+        )
 
     # ------------------------------------------------------------------ retention
     def _ours(self, meta: dict[str, Any]) -> bool:
         return self.run_id is None or meta.get("run_id") == self.run_id
 
     def _kept(self, complete: dict[str, dict[str, Any]], saved: CheckpointRef, latest: str | None) -> set[str]:
-        ours = sorted((meta["step"], tag) for tag, meta in complete.items()
-                      if self._ours(meta) and meta["step"] <= saved.step)
-        return {tag for _, tag in ours[-self.keep_last:]} | {saved.tag} | ({latest} if latest else set())
+        ours = sorted(
+            (meta["step"], tag) for tag, meta in complete.items() if self._ours(meta) and meta["step"] <= saved.step
+        )
+        return {tag for _, tag in ours[-self.keep_last :]} | {saved.tag} | ({latest} if latest else set())
 
     def _kept_locally(self, saved: CheckpointRef) -> list[CheckpointRef]:
         complete = {ref.tag: ref.meta for ref in complete_checkpoints(self.root)}
         kept = self._kept(complete, saved, read_latest(self.root))
         return [CheckpointRef(self.root, tag, complete[tag]) for tag in kept if tag in complete]
 
-    def _doomed(self, names: list[str], complete: dict[str, dict[str, Any]], kept: set[str],
-                saved: CheckpointRef) -> list[str]:
+    def _doomed(
+        self, names: list[str], complete: dict[str, dict[str, Any]], kept: set[str], saved: CheckpointRef
+    ) -> list[str]:
         """This run's complete checkpoints outside `kept`, and torn saves, no newer than `saved`."""
         doomed = []
         for name in names:
@@ -369,8 +405,11 @@ class CheckpointManager:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
                 shutil.rmtree(os.path.join(self.root, UNIVERSAL_DIR, name), ignore_errors=True)
         universal = os.path.join(self.root, UNIVERSAL_DIR)
-        if self.world.local_rank == 0 and os.path.isdir(universal) and \
-                not any(step_of(name) is not None for name in os.listdir(universal)):
+        if (
+            self.world.local_rank == 0
+            and os.path.isdir(universal)
+            and not any(step_of(name) is not None for name in os.listdir(universal))
+        ):
             shutil.rmtree(universal, ignore_errors=True)  # only DeepSpeed's latest_universal was left
         barrier()
 
@@ -384,8 +423,11 @@ class CheckpointManager:
             for name in self._doomed(self.remote.tags(), markers, kept, saved):
                 self.remote.delete(name)
         except OSError as error:
-            log.warning("could not prune %s (%s); it is tried again at the next save", self.remote.shown,
-                        redact_text(str(error)))
+            log.warning(
+                "could not prune %s (%s); it is tried again at the next save",
+                self.remote.shown,
+                redact_text(str(error)),
+            )
 
 
 def _fsync_dir(path: str) -> None:
@@ -397,4 +439,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
-

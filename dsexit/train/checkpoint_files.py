@@ -103,11 +103,13 @@ def parse_marker(text: str, where: str) -> dict[str, Any]:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"the completion marker {where} is malformed ({error}); expected the JSON a dsexit "
-                              f"save writes.") from None
+        raise CheckpointError(
+            f"the completion marker {where} is malformed ({error}); expected the JSON a dsexit save writes."
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        raise CheckpointError(f"the completion marker {where} is malformed (no integer \"step\"); expected the JSON "
-                              f"a dsexit save writes.")
+        raise CheckpointError(
+            f'the completion marker {where} is malformed (no integer "step"); expected the JSON a dsexit save writes.'
+        )
     return meta
 
 
@@ -176,8 +178,11 @@ def open_checkpoint(path: str) -> CheckpointRef:
         return CheckpointRef(os.path.dirname(path) or ".", os.path.basename(path), meta)
     ref = resume_choice(path)
     if ref is None:
-        what = "does not exist" if not os.path.exists(path) else f"is neither a complete checkpoint (no {MARKER}) " \
-                                                                  f"nor a directory holding one"
+        what = (
+            "does not exist"
+            if not os.path.exists(path)
+            else f"is neither a complete checkpoint (no {MARKER}) nor a directory holding one"
+        )
         raise FileNotFoundError(f"{path} {what}.")
     return ref
 
@@ -198,16 +203,21 @@ def verify_files(ref: CheckpointRef, allow_missing: bool = False) -> None:
         if got is None and allow_missing:
             continue
         if got is None:
-            raise CheckpointError(f"checkpoint file {os.path.join(ref.path, relative)} is missing; its completion "
-                                  f"marker lists it.")
+            raise CheckpointError(
+                f"checkpoint file {os.path.join(ref.path, relative)} is missing; its completion marker lists it."
+            )
         if got["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file {os.path.join(ref.path, relative)} has sha256 {got['sha256']}, "
-                                  f"but its completion marker records {expected['sha256']}; the file was changed or "
-                                  f"damaged after the save.")
+            raise CheckpointError(
+                f"checkpoint file {os.path.join(ref.path, relative)} has sha256 {got['sha256']}, "
+                f"but its completion marker records {expected['sha256']}; the file was changed or "
+                f"damaged after the save."
+            )
     unlisted = sorted(set(present) - set(listed))
     if unlisted:
-        raise CheckpointError(f"checkpoint file {os.path.join(ref.path, unlisted[0])} is not listed in the "
-                              f"completion marker; remove it (it was not written by this save).")
+        raise CheckpointError(
+            f"checkpoint file {os.path.join(ref.path, unlisted[0])} is not listed in the "
+            f"completion marker; remove it (it was not written by this save)."
+        )
 
 
 class RemoteCheckpoints:

@@ -28,8 +28,14 @@ from typing import Any, Sequence
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import CHOICES as MODEL_CHOICES
 from dsexit.model.config import DATASET_FIELDS
-from dsexit.train.config import (DEFAULT_PRESET, ConfigError, TrainConfig, move_training_fields, preset_config,
-                                 preset_values)
+from dsexit.train.config import (
+    DEFAULT_PRESET,
+    ConfigError,
+    TrainConfig,
+    move_training_fields,
+    preset_config,
+    preset_values,
+)
 
 SECTIONS = tuple(field.name for field in dataclasses.fields(TrainConfig))
 MODEL_FLAG_NAMES = {"exit_enabled": "--exit"}
@@ -70,8 +76,13 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     docs, body = {}, tree.body[0].body
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
 
@@ -94,12 +105,21 @@ def _converter(kind: type, optional: bool):
         if optional and text.lower() == NONE:
             return _SET_NONE
         return kind(text)
+
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
     return convert
 
 
-def _add_field_flag(group, section: str, field: dataclasses.Field, hint: Any, doc: str, default: Any,
-                    option: str | None, choices: Sequence[str] | None) -> Flag:
+def _add_field_flag(
+    group,
+    section: str,
+    field: dataclasses.Field,
+    hint: Any,
+    doc: str,
+    default: Any,
+    option: str | None,
+    choices: Sequence[str] | None,
+) -> Flag:
     options = {key: value for key, value in field.metadata.items() if key != "flag"}
     flag = Flag(option or field.metadata.get("flag") or "--" + field.name.replace("_", "-"), section, field.name)
     kind, optional = _base_type(hint)
@@ -123,18 +143,36 @@ def _add_field_flag(group, section: str, field: dataclasses.Field, hint: Any, do
     return flag
 
 
-def dataclass_flags(group, cls: type, section: str, defaults: Any = None, *, options: dict[str, str] | None = None,
-                    choices: dict[str, Sequence[str]] | None = None, skip: Sequence[str] = ()) -> list[Flag]:
+def dataclass_flags(
+    group,
+    cls: type,
+    section: str,
+    defaults: Any = None,
+    *,
+    options: dict[str, str] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
+    skip: Sequence[str] = (),
+) -> list[Flag]:
     """One flag per field of the dataclass `cls` (those in `skip` excepted), added to `group`: `--field-name`,
     or `options[field]`, or the field's metadata `flag`; other metadata (metavar, choices, nargs) goes to
     argparse. bool fields get --X / --no-X, optional numbers take "none", a dict field takes FIELD=VALUE
     (repeatable). The help is the field's docstring, with its value in `defaults` when given."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     options, choices = options or {}, choices or {}
-    return [_add_field_flag(group, section, field, hints[field.name], docs.get(field.name, ""),
-                            getattr(defaults, field.name) if defaults is not None else dataclasses.MISSING,
-                            options.get(field.name), choices.get(field.name))
-            for field in dataclasses.fields(cls) if field.name not in skip]
+    return [
+        _add_field_flag(
+            group,
+            section,
+            field,
+            hints[field.name],
+            docs.get(field.name, ""),
+            getattr(defaults, field.name) if defaults is not None else dataclasses.MISSING,
+            options.get(field.name),
+            choices.get(field.name),
+        )
+        for field in dataclasses.fields(cls)
+        if field.name not in skip
+    ]
 
 
 def _config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> list[Flag]:
@@ -146,18 +184,26 @@ def _config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> lis
         group = parser.add_argument_group(section.name, inspect.getdoc(type(values)))
         flags += dataclass_flags(group, type(values), section.name, values)
         if section.name == "model":
-            flags += dataclass_flags(group, ElectraExitConfig, "model.overrides", options=MODEL_FLAG_NAMES,
-                                     choices=MODEL_CHOICES, skip=DATASET_FIELDS)
+            flags += dataclass_flags(
+                group,
+                ElectraExitConfig,
+                "model.overrides",
+                options=MODEL_FLAG_NAMES,
+                choices=MODEL_CHOICES,
+                skip=DATASET_FIELDS,
+            )
     return flags
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[Flag]]:
     """The parser and the flags it generated from the config dataclasses."""
     parser = argparse.ArgumentParser(
-        prog="pretrain.py", argument_default=None,
+        prog="pretrain.py",
+        argument_default=None,
         description="Pre-train ELECTRA with token-level early exit on DeepSpeed. Each flag sets the config field "
-                    "it is named after; later layers win: defaults, the preset, --config, the flags. The defaults "
-                    f"shown are the {DEFAULT_PRESET} preset's; the model fields' come from the --model preset.")
+        "it is named after; later layers win: defaults, the preset, --config, the flags. The defaults "
+        f"shown are the {DEFAULT_PRESET} preset's; the model fields' come from the --model preset.",
+    )
     parser.add_argument("--config", metavar="JSON", help="a saved config.json to start from (flags still override it)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     # DeepSpeed's own spelling (deepspeed.add_config_arguments): --deepspeed alone, the file here.
@@ -198,8 +244,10 @@ def flag_values(args: argparse.Namespace, flags: list[Flag]) -> dict[str, dict[s
     if args.deepspeed_config is not None:
         given = values.setdefault("parallelism", {}).setdefault("deepspeed_config", args.deepspeed_config)
         if given != args.deepspeed_config:
-            raise ConfigError(f"--deepspeed {given!r} and --deepspeed_config {args.deepspeed_config!r} disagree; "
-                              f"expected one DeepSpeed config.")
+            raise ConfigError(
+                f"--deepspeed {given!r} and --deepspeed_config {args.deepspeed_config!r} disagree; "
+                f"expected one DeepSpeed config."
+            )
     overrides.update(_parse_model_set(model_set))  # after the named flags, as it is given after them
     if overrides:
         values.setdefault("model", {})["overrides"] = overrides
@@ -213,18 +261,23 @@ def load_config_file(path: str) -> dict[str, dict[str, Any]]:
         with open(path) as handle:
             saved = json.load(handle)
     except OSError as error:
-        raise ConfigError(f"config={path!r} cannot be read ({error.strerror or error}); "
-                          f"expected a config.json a run wrote.") from None
+        raise ConfigError(
+            f"config={path!r} cannot be read ({error.strerror or error}); expected a config.json a run wrote."
+        ) from None
     except ValueError as error:  # JSONDecodeError, or bytes that are not text
         raise ConfigError(f"config={path!r} is not valid JSON ({error}); expected a config.json a run wrote.") from None
     train = saved.get("train", saved) if isinstance(saved, dict) else saved
     if not isinstance(train, dict):
-        raise ConfigError(f"config={path!r} holds {json.dumps(train)[:60]} where an object of config sections "
-                          f"({', '.join(SECTIONS)}) was expected.")
+        raise ConfigError(
+            f"config={path!r} holds {json.dumps(train)[:60]} where an object of config sections "
+            f"({', '.join(SECTIONS)}) was expected."
+        )
     for section in SECTIONS:
         if section in train and not isinstance(train[section], dict):
-            raise ConfigError(f"config={path!r} has section {section!r} = {json.dumps(train[section])[:60]}; "
-                              f"expected an object of its fields.")
+            raise ConfigError(
+                f"config={path!r} has section {section!r} = {json.dumps(train[section])[:60]}; "
+                f"expected an object of its fields."
+            )
     return move_training_fields(train)
 
 

@@ -64,7 +64,8 @@ class ModelSection:
         least `seq_len` tokens); raises ConfigError naming a bad field."""
         values = {**self.overrides, **dataset_fields}
         positions = {**MODEL_PRESETS.get(self.preset, {}), **values}.get(
-            "max_position_embeddings", ElectraExitConfig.max_position_embeddings)
+            "max_position_embeddings", ElectraExitConfig.max_position_embeddings
+        )
         if isinstance(positions, int) and positions < seq_len:
             values["max_position_embeddings"] = seq_len
         try:
@@ -138,8 +139,9 @@ class TrainingConfig:
 class ParallelismConfig:
     """How the work is split."""
 
-    deepspeed_config: str = field(default="ds_configs/zero2.json", metadata={"flag": "--deepspeed", "metavar": "JSON",
-                                                                            "nargs": "?"})
+    deepspeed_config: str = field(
+        default="ds_configs/zero2.json", metadata={"flag": "--deepspeed", "metavar": "JSON", "nargs": "?"}
+    )
     """DeepSpeed config: a JSON file, or a shipped one by name (ds_configs/zero{1,2,3}.json, pipeline.json).
     DeepSpeed's own form, --deepspeed --deepspeed_config FILE, works too."""
     pipeline_stages: int = 1
@@ -238,21 +240,31 @@ class TrainConfig:
             _fail("exit_warmup_steps", control.warmup_steps, "a non-negative number of steps")
         if self.model.preset not in MODEL_PRESETS:
             _fail("model", self.model.preset, f"one of {', '.join(MODEL_PRESETS)}")
-        for name, value in (("global_batch_size", training.global_batch_size),
-                            ("micro_batch_size", training.micro_batch_size),
-                            ("log_interval", self.metrics.log_interval),
-                            ("save_interval", ckpt.interval), ("keep_last", ckpt.keep_last),
-                            ("pipeline_stages", self.parallelism.pipeline_stages)):
+        for name, value in (
+            ("global_batch_size", training.global_batch_size),
+            ("micro_batch_size", training.micro_batch_size),
+            ("log_interval", self.metrics.log_interval),
+            ("save_interval", ckpt.interval),
+            ("keep_last", ckpt.keep_last),
+            ("pipeline_stages", self.parallelism.pipeline_stages),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "a positive integer")
         partition = self.parallelism.pipeline_partition
         if partition not in ("parameters", "uniform") and not (
-                partition.startswith(("type:", "layers:", "expected:")) and len(partition.split(":", 1)[1]) > 0):
-            _fail("pipeline_partition", partition,
-                  '"parameters", "uniform", "type:REGEX", "layers:N0,N1,..." or "expected:PROFILE.json"')
+            partition.startswith(("type:", "layers:", "expected:")) and len(partition.split(":", 1)[1]) > 0
+        ):
+            _fail(
+                "pipeline_partition",
+                partition,
+                '"parameters", "uniform", "type:REGEX", "layers:N0,N1,..." or "expected:PROFILE.json"',
+            )
         if training.global_batch_size % training.micro_batch_size:
-            _fail("global_batch_size", training.global_batch_size,
-                  f"a multiple of micro_batch_size={training.micro_batch_size}")
+            _fail(
+                "global_batch_size",
+                training.global_batch_size,
+                f"a multiple of micro_batch_size={training.micro_batch_size}",
+            )
         if training.max_steps is None and training.max_tokens is None:
             _fail("max_steps", None, "a number of steps, or max_tokens to derive it from")
         for name, value in (("max_steps", training.max_steps), ("max_tokens", training.max_tokens)):
@@ -269,11 +281,15 @@ class TrainConfig:
         if optim.warmup_steps is not None and optim.warmup_steps < 2:
             _fail("warmup_steps", optim.warmup_steps, "at least 2 steps (DeepSpeed's WarmupDecayLR takes its log)")
         if optim.weight_decay < 0 or optim.grad_clip < 0:
-            name, value = ("weight_decay", optim.weight_decay) if optim.weight_decay < 0 else ("grad_clip", optim.grad_clip)
+            name, value = (
+                ("weight_decay", optim.weight_decay) if optim.weight_decay < 0 else ("grad_clip", optim.grad_clip)
+            )
             _fail(name, value, "a non-negative number")
-        for name, value, minimum in (("eval_interval", self.metrics.eval_interval, 0),
-                                     ("eval_samples", self.metrics.eval_samples, 1),
-                                     ("eval_batch_size", self.metrics.eval_batch_size, 1)):
+        for name, value, minimum in (
+            ("eval_interval", self.metrics.eval_interval, 0),
+            ("eval_samples", self.metrics.eval_samples, 1),
+            ("eval_batch_size", self.metrics.eval_batch_size, 1),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 _fail(name, value, "a positive integer" if minimum else "a non-negative integer (0: off)")
         if self.metrics.progress not in PROGRESS_MODES:
@@ -285,16 +301,17 @@ class TrainConfig:
         if not isinstance(ckpt.retries, int) or isinstance(ckpt.retries, bool) or ckpt.retries < 0:
             _fail("checkpoint_retries", ckpt.retries, "a non-negative integer")
         if self.data.shuffle_window < 1 or self.data.prefetch < 0:
-            _fail("shuffle_window" if self.data.shuffle_window < 1 else "prefetch",
-                  self.data.shuffle_window if self.data.shuffle_window < 1 else self.data.prefetch,
-                  "a positive window / a non-negative prefetch depth")
+            _fail(
+                "shuffle_window" if self.data.shuffle_window < 1 else "prefetch",
+                self.data.shuffle_window if self.data.shuffle_window < 1 else self.data.prefetch,
+                "a positive window / a non-negative prefetch depth",
+            )
         # The model overrides are checked once, when the model config is built for the dataset
         # (`ModelSection.build`, in dsexit.train.resolve): that needs its vocabulary and length.
 
     def schedule_steps(self, seq_len: int) -> int:
         """Optimizer steps the run (and its LR schedule) lasts."""
-        steps = [s for s in (self.training.max_steps,
-                             self._steps_for_tokens(seq_len)) if s is not None]
+        steps = [s for s in (self.training.max_steps, self._steps_for_tokens(seq_len)) if s is not None]
         return min(steps)
 
     def warmup_steps(self, total_steps: int) -> int:
@@ -323,8 +340,11 @@ class TrainConfig:
         return max(1, math.ceil(self.training.max_tokens / (self.training.global_batch_size * seq_len)))
 
 
-_MOVED_MODEL_FIELDS = {"target_compute": "target_compute", "controller_gain": "controller_gain",
-                       "exit_warmup_steps": "warmup_steps"}
+_MOVED_MODEL_FIELDS = {
+    "target_compute": "target_compute",
+    "controller_gain": "controller_gain",
+    "exit_warmup_steps": "warmup_steps",
+}
 
 
 def move_training_fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -61,8 +61,10 @@ def _from_mpi() -> WorldInfo:
     try:
         from mpi4py import MPI
     except ImportError:
-        raise RuntimeError("This process was started by mpirun, but mpi4py is not installed; "
-                           "install it with `pip install 'dsexit[mpi]'`.") from None
+        raise RuntimeError(
+            "This process was started by mpirun, but mpi4py is not installed; "
+            "install it with `pip install 'dsexit[mpi]'`."
+        ) from None
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -74,8 +76,14 @@ def _from_mpi() -> WorldInfo:
     else:
         rendezvous = None
     address, port = comm.bcast(rendezvous, root=0)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(local_world_size), MASTER_ADDR=address, MASTER_PORT=port)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(local_world_size),
+        MASTER_ADDR=address,
+        MASTER_PORT=port,
+    )
     return WorldInfo(rank, world_size, local_rank, local_world_size, "mpi")
 
 
@@ -138,8 +146,17 @@ def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:
 
 _ROSTER: dict = {}  # filled by init_process_group: {"timeout_s", "places": [(host, address, node) per rank]}
 _PEER_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:\d+")
-_PEER_FAILURE_HINTS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
-                       "broken pipe", "connection refused", "socket", "gloo", "nccl")
+_PEER_FAILURE_HINTS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "connection refused",
+    "socket",
+    "gloo",
+    "nccl",
+)
 
 
 def _own_address() -> str:
@@ -187,10 +204,14 @@ def describe_peer_failure(error: BaseException, world: WorldInfo) -> str | None:
         what = f"lost peer {describe(lost[0])}: the connection to it closed"
     else:
         others = [describe(label) for label in nodes if label != mine] or ["another rank on this node"]
-        what = (f"a collective got no answer within {_ROSTER['timeout_s']:g} s (--dist-timeout); "
-                f"lost peer among {'; '.join(others)}")
-    return (f"rank {world.rank} on {mine}: {what} ({first_line}). The job cannot continue; restart every "
-            f"node with --resume auto to continue from the last complete checkpoint.")
+        what = (
+            f"a collective got no answer within {_ROSTER['timeout_s']:g} s (--dist-timeout); "
+            f"lost peer among {'; '.join(others)}"
+        )
+    return (
+        f"rank {world.rank} on {mine}: {what} ({first_line}). The job cannot continue; restart every "
+        f"node with --resume auto to continue from the last complete checkpoint."
+    )
 
 
 def barrier() -> None:

@@ -21,8 +21,10 @@ from dsexit.train.config import ConfigError, TrainConfig
 
 AUTO = "auto"
 PIPELINE_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2
-SUPPORTED_COMBINATIONS = ("data parallel with ZeRO 0, 1, 2 or 3 (ds_configs/zero1.json, zero2.json, zero3.json); "
-                          "pipeline parallel (--pipeline-stages N) with ZeRO 0 or 1 (ds_configs/pipeline.json)")
+SUPPORTED_COMBINATIONS = (
+    "data parallel with ZeRO 0, 1, 2 or 3 (ds_configs/zero1.json, zero2.json, zero3.json); "
+    "pipeline parallel (--pipeline-stages N) with ZeRO 0 or 1 (ds_configs/pipeline.json)"
+)
 
 
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")
@@ -43,8 +45,10 @@ def find_ds_config(path: str) -> str:
 
 def load_ds_config(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config {path!r} does not exist; expected a JSON file, or one of the shipped "
-                          f"configs by name ({', '.join(PACKAGED_NAMES)}).")
+        raise ConfigError(
+            f"DeepSpeed config {path!r} does not exist; expected a JSON file, or one of the shipped "
+            f"configs by name ({', '.join(PACKAGED_NAMES)})."
+        )
     try:
         with open(path) as handle:
             config = json.load(handle)
@@ -59,7 +63,7 @@ def zero_stage(ds_config: dict[str, Any], path: str = "the DeepSpeed config") ->
     """zero_optimization.stage (0 when absent); ConfigError unless it is the integer 0, 1, 2 or 3."""
     section = ds_config.get("zero_optimization", {})
     if not isinstance(section, dict):
-        raise ConfigError(f"{path} sets zero_optimization={section!r}; expected an object such as {{\"stage\": 2}}.")
+        raise ConfigError(f'{path} sets zero_optimization={section!r}; expected an object such as {{"stage": 2}}.')
     stage = section.get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path} sets zero_optimization.stage={stage!r}; expected the integer 0, 1, 2 or 3.")
@@ -71,11 +75,15 @@ def check_parallelism(ds_config: dict[str, Any], pipeline_stages: int, path: str
     stage = zero_stage(ds_config, path)
     is_pipeline_config = "pipeline" in ds_config
     if pipeline_stages > 1 and stage not in PIPELINE_ZERO_STAGES:
-        raise ConfigError(f"--pipeline-stages {pipeline_stages} with ZeRO stage {stage} ({path}) is not supported; "
-                          f"supported combinations: {SUPPORTED_COMBINATIONS}.")
+        raise ConfigError(
+            f"--pipeline-stages {pipeline_stages} with ZeRO stage {stage} ({path}) is not supported; "
+            f"supported combinations: {SUPPORTED_COMBINATIONS}."
+        )
     if is_pipeline_config and pipeline_stages == 1:
-        raise ConfigError(f"{path} is a pipeline config; pass --pipeline-stages N with N >= 2, "
-                          f"or use ds_configs/zero1.json, zero2.json or zero3.json for data parallelism.")
+        raise ConfigError(
+            f"{path} is a pipeline config; pass --pipeline-stages N with N >= 2, "
+            f"or use ds_configs/zero1.json, zero2.json or zero3.json for data parallelism."
+        )
 
 
 def bf16_supported() -> bool:
@@ -101,21 +109,27 @@ def _fill(section: dict[str, Any], key: str, value: Any, where: str, source: str
     given = section.get(key, AUTO)
     if given == AUTO:
         section[key] = value
-    elif given != value and not (isinstance(given, (int, float)) and isinstance(value, (int, float))
-                                 and abs(given - value) <= 1e-12 * max(abs(given), abs(value))):
+    elif given != value and not (
+        isinstance(given, (int, float))
+        and isinstance(value, (int, float))
+        and abs(given - value) <= 1e-12 * max(abs(given), abs(value))
+    ):
         mismatches.append(f"{where}.{key}={given!r} but the trainer has {source}={value!r}")
 
 
 def resolve_precision(ds_config: dict[str, Any], requested: str, mismatches: list[str]) -> str:
     if ds_config.get("fp16", {}).get("enabled") in (True, AUTO):
-        raise ConfigError("the DeepSpeed config enables fp16; this trainer runs bf16 or fp32 (use \"bf16\": "
-                          "{\"enabled\": \"auto\"}).")
+        raise ConfigError(
+            'the DeepSpeed config enables fp16; this trainer runs bf16 or fp32 (use "bf16": {"enabled": "auto"}).'
+        )
     bf16 = ds_config.setdefault("bf16", {"enabled": AUTO})
     if requested == AUTO:
         requested = "bf16" if (bf16_supported() if bf16.get("enabled", AUTO) == AUTO else bf16["enabled"]) else "fp32"
     if requested == "bf16" and not bf16_supported():
-        raise ConfigError("precision='bf16' was requested but this hardware has no native bf16 "
-                          "(no CUDA bf16, no amx_bf16/avx512_bf16 CPU flag); use --precision fp32 or auto.")
+        raise ConfigError(
+            "precision='bf16' was requested but this hardware has no native bf16 "
+            "(no CUDA bf16, no amx_bf16/avx512_bf16 CPU flag); use --precision fp32 or auto."
+        )
     _fill(bf16, "enabled", requested == "bf16", "bf16", "precision", mismatches)
     return requested
 
@@ -125,23 +139,39 @@ def resolve_batch(ds_config: dict[str, Any], config: TrainConfig, dp_size: int, 
     training = config.training
     per_step = training.micro_batch_size * dp_size
     if training.global_batch_size % per_step:
-        raise ConfigError(f"global_batch_size={training.global_batch_size} is not a multiple of micro_batch_size="
-                          f"{training.micro_batch_size} x data-parallel size {dp_size}; train_batch_size must equal "
-                          f"micro_batch_size x gradient_accumulation_steps x data-parallel size.")
+        raise ConfigError(
+            f"global_batch_size={training.global_batch_size} is not a multiple of micro_batch_size="
+            f"{training.micro_batch_size} x data-parallel size {dp_size}; train_batch_size must equal "
+            f"micro_batch_size x gradient_accumulation_steps x data-parallel size."
+        )
     grad_accum = training.global_batch_size // per_step
     _fill(ds_config, "train_batch_size", training.global_batch_size, "<top level>", "global_batch_size", mismatches)
-    _fill(ds_config, "train_micro_batch_size_per_gpu", training.micro_batch_size, "<top level>", "micro_batch_size",
-          mismatches)
-    _fill(ds_config, "gradient_accumulation_steps", grad_accum, "<top level>",
-          f"global_batch_size / (micro_batch_size x dp {dp_size})", mismatches)
+    _fill(
+        ds_config,
+        "train_micro_batch_size_per_gpu",
+        training.micro_batch_size,
+        "<top level>",
+        "micro_batch_size",
+        mismatches,
+    )
+    _fill(
+        ds_config,
+        "gradient_accumulation_steps",
+        grad_accum,
+        "<top level>",
+        f"global_batch_size / (micro_batch_size x dp {dp_size})",
+        mismatches,
+    )
     return grad_accum
 
 
 def resolve_schedule(ds_config: dict[str, Any], config: TrainConfig, total_steps: int, mismatches: list[str]) -> None:
     optim, warmup_steps = config.optim, config.warmup_steps(total_steps)
     if optim.warmup_steps is not None and warmup_steps >= total_steps:  # a derived warmup always fits
-        raise ConfigError(f"warmup_steps={warmup_steps} is invalid; expected fewer than the schedule's "
-                          f"{total_steps} steps (max_steps / max_tokens).")
+        raise ConfigError(
+            f"warmup_steps={warmup_steps} is invalid; expected fewer than the schedule's "
+            f"{total_steps} steps (max_steps / max_tokens)."
+        )
     optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
     _fill(params, "lr", optim.lr, "optimizer.params", "lr", mismatches)
@@ -149,8 +179,10 @@ def resolve_schedule(ds_config: dict[str, Any], config: TrainConfig, total_steps
     _fill(ds_config, "gradient_clipping", optim.grad_clip, "<top level>", "grad_clip", mismatches)
     scheduler = ds_config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
     if scheduler.get("type") != "WarmupDecayLR":
-        raise ConfigError(f"the DeepSpeed config's scheduler.type={scheduler.get('type')!r} is unsupported; "
-                          f"expected \"WarmupDecayLR\" (linear warmup, then linear decay).")
+        raise ConfigError(
+            f"the DeepSpeed config's scheduler.type={scheduler.get('type')!r} is unsupported; "
+            f'expected "WarmupDecayLR" (linear warmup, then linear decay).'
+        )
     sched = scheduler.setdefault("params", {})
     _fill(sched, "warmup_min_lr", 0.0, "scheduler.params", "warmup_min_lr", mismatches)
     _fill(sched, "warmup_max_lr", optim.lr, "scheduler.params", "lr", mismatches)
@@ -182,8 +214,9 @@ def _find_auto(node: Any, path: str = "") -> list[str]:
     return []
 
 
-def resolve_ds_config(raw: dict[str, Any], config: TrainConfig, *, dp_size: int, total_steps: int,
-                      monitor_dir: str) -> dict[str, Any]:
+def resolve_ds_config(
+    raw: dict[str, Any], config: TrainConfig, *, dp_size: int, total_steps: int, monitor_dir: str
+) -> dict[str, Any]:
     """The DeepSpeed config with every "auto" filled; raises ConfigError on any conflict, one error
     naming every field where the JSON and the trainer disagree.
 
@@ -194,12 +227,16 @@ def resolve_ds_config(raw: dict[str, Any], config: TrainConfig, *, dp_size: int,
     resolve_schedule(ds_config, config, total_steps, mismatches)
     resolve_monitors(ds_config, config, monitor_dir, mismatches)
     if mismatches:
-        raise ConfigError(f"the DeepSpeed config disagrees with the trainer: it sets {'; '.join(mismatches)}; "
-                          f"set {'these' if len(mismatches) > 1 else 'it'} to \"auto\" in the JSON or make the two "
-                          f"agree.")
+        raise ConfigError(
+            f"the DeepSpeed config disagrees with the trainer: it sets {'; '.join(mismatches)}; "
+            f'set {"these" if len(mismatches) > 1 else "it"} to "auto" in the JSON or make the two '
+            f"agree."
+        )
     ds_config.setdefault("steps_per_print", 10**9)  # the trainer reports progress itself
     left = _find_auto(ds_config)
     if left:
-        raise ConfigError(f"the DeepSpeed config has \"auto\" at {', '.join(left)}, which the trainer does not fill; "
-                          f"give concrete values there.")
+        raise ConfigError(
+            f'the DeepSpeed config has "auto" at {", ".join(left)}, which the trainer does not fill; '
+            f"give concrete values there."
+        )
     return ds_config

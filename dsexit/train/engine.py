@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.train.param_groups import parameter_groups
 
@@ -20,16 +21,23 @@ def build_model(model_config: ElectraExitConfig, seed: int) -> ElectraPreTrainin
     return ElectraPreTrainingModel(model_config)
 
 
-def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipeline_stages: int = 1,
-                 pipeline_partition: str = "type:DiscriminatorLayerPipe"):
+def build_engine(
+    model: ElectraPreTrainingModel,
+    ds_config: dict[str, Any],
+    pipeline_stages: int = 1,
+    pipeline_partition: str = "type:DiscriminatorLayerPipe",
+):
     """`deepspeed.initialize` with our parameter groups; returns the engine.
 
     With `pipeline_stages > 1` the model becomes a `PipelineModule` (each process keeps
     its stage's layers) and the engine a `PipelineEngine`.
     """
     import deepspeed
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     if pipeline_stages > 1:
         from dsexit.parallel.pipeline import build_pipeline_module
@@ -39,6 +47,7 @@ def build_engine(model: ElectraPreTrainingModel, ds_config: dict[str, Any], pipe
     # DeepSpeed copies this module attribute into every checkpoint's model states.
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model.named_parameters(), weight_decay),
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model.named_parameters(), weight_decay), config=ds_config
+    )
     return engine

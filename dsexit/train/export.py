@@ -56,7 +56,7 @@ def _pipeline_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     layer_states = {}
     for name in sorted(os.listdir(ref.path)):
         if name.startswith("layer_") and name.endswith("-model_states.pt"):
-            index = int(name[len("layer_"):].split("-")[0])
+            index = int(name[len("layer_") :].split("-")[0])
             layer_states[index] = load_weights_only(os.path.join(ref.path, name))
     config = ElectraExitConfig.from_saved(saved_model_config(ref.meta))
     return {name: tensor.float() for name, tensor in pipeline_state_dict_to_model(layer_states, config).items()}

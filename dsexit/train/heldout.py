@@ -42,9 +42,19 @@ from dsexit.data.packing import token_type_ids as make_token_type_ids
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.discriminator import ExitDecision, exitable_tokens
 
-EVAL_FIELDS = ("eval_rtd_loss_uniform", "eval_rtd_acc_uniform", "eval_rtd_auc_uniform", "eval_rtd_loss_uniform_exit",
-               "eval_compute_fraction", "eval_rtd_loss_generator", "eval_rtd_auc_generator", "eval_mlm_loss",
-               "eval_mlm_accuracy", "rtd_prior_entropy", "unigram_entropy")
+EVAL_FIELDS = (
+    "eval_rtd_loss_uniform",
+    "eval_rtd_acc_uniform",
+    "eval_rtd_auc_uniform",
+    "eval_rtd_loss_uniform_exit",
+    "eval_compute_fraction",
+    "eval_rtd_loss_generator",
+    "eval_rtd_auc_generator",
+    "eval_mlm_loss",
+    "eval_mlm_accuracy",
+    "rtd_prior_entropy",
+    "unigram_entropy",
+)
 
 
 def binary_entropy(rate: float) -> float:
@@ -84,18 +94,29 @@ class _Corruption:
 
 
 class HeldOutEvaluator:
-    def __init__(self, samples: np.ndarray, config: ElectraExitConfig, *, unigram_counts: np.ndarray,
-                 seed: int = 0, batch_size: int = 64, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        samples: np.ndarray,
+        config: ElectraExitConfig,
+        *,
+        unigram_counts: np.ndarray,
+        seed: int = 0,
+        batch_size: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.config, self.batch_size, self.seed = config, batch_size, seed
         all_ids = torch.from_numpy(np.asarray(samples, dtype=np.int64))
         # Every rank runs the same number of batches: the slices are equal, a remainder is dropped.
         per_rank = len(all_ids) // world_size
         if per_rank == 0:
-            raise ValueError(f"{len(all_ids)} held-out samples cannot be split over {world_size} ranks; "
-                             f"expected at least one per rank.")
+            raise ValueError(
+                f"{len(all_ids)} held-out samples cannot be split over {world_size} ranks; "
+                f"expected at least one per rank."
+            )
         self.num_samples = per_rank * world_size
-        ids = all_ids[:self.num_samples]
-        self.input_ids = ids[rank * per_rank:(rank + 1) * per_rank]
+        ids = all_ids[: self.num_samples]
+        self.input_ids = ids[rank * per_rank : (rank + 1) * per_rank]
         self.attention_mask = (self.input_ids != config.pad_token_id).long()
         self.token_type_ids = make_token_type_ids(self.input_ids, config.sep_token_id, config.pad_token_id)
         self.exitable = exitable_tokens(self.input_ids, self.attention_mask, config)
@@ -120,8 +141,9 @@ class HeldOutEvaluator:
         uniform_ids = torch.where(masked, draws.view_as(ids), ids)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         self._all_masked, self._all_uniform_labels = masked, (uniform_ids != ids)
-        return _Corruption(masked=masked[mine], uniform_ids=uniform_ids[mine],
-                           uniform_labels=(uniform_ids != ids).float()[mine])
+        return _Corruption(
+            masked=masked[mine], uniform_ids=uniform_ids[mine], uniform_labels=(uniform_ids != ids).float()[mine]
+        )
 
     def _baselines(self, ids: torch.Tensor) -> dict[str, float]:
         real = ids != self.config.pad_token_id
@@ -136,8 +158,9 @@ class HeldOutEvaluator:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, model: ElectraPreTrainingModel, exit_threshold: float | None,
-                 device: torch.device | str = "cpu") -> dict[str, float]:
+    def evaluate(
+        self, model: ElectraPreTrainingModel, exit_threshold: float | None, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
         """The `EVAL_FIELDS` of `model` now (a collective when the world has more than one rank)."""
         was_training = model.training
         model.eval()
@@ -173,8 +196,10 @@ class HeldOutEvaluator:
                 sums[_SUMS.index("mlm_count")] += originals.numel()
         finally:
             model.train(was_training)
-        scores = {"uniform": (torch.cat(uniform_scores), torch.cat(uniform_targets)),
-                  "generator": (torch.cat(generator_scores), torch.cat(generator_targets))}
+        scores = {
+            "uniform": (torch.cat(uniform_scores), torch.cat(uniform_targets)),
+            "generator": (torch.cat(generator_scores), torch.cat(generator_targets)),
+        }
         sums, scores = _all_reduce(sums, scores, device)
         total = lambda name: float(sums[_SUMS.index(name)])  # noqa: E731
         tokens = max(1.0, total("tokens"))
@@ -207,14 +232,27 @@ class HeldOutEvaluator:
         else:  # a fixed distribution is its own generator
             log_probs = torch.log(model.replacement_probs.double().clamp(min=1e-30)).float()
             log_probs = log_probs.expand(rows.numel(), -1)
-            replacements = torch.multinomial(model.replacement_probs, max(1, rows.numel()), replacement=True,
-                                             generator=sampling)[:rows.numel()]
+            replacements = torch.multinomial(
+                model.replacement_probs, max(1, rows.numel()), replacement=True, generator=sampling
+            )[: rows.numel()]
         corrupted = ids.reshape(-1).index_copy(0, rows, replacements).view_as(ids)
         return corrupted, log_probs
 
 
-_SUMS = ("tokens", "uniform_loss", "uniform_correct", "uniform_exit_loss", "uniform_exit_correct", "generator_loss",
-         "generator_correct", "token_layers", "token_layers_full", "mlm_loss", "mlm_correct", "mlm_count")
+_SUMS = (
+    "tokens",
+    "uniform_loss",
+    "uniform_correct",
+    "uniform_exit_loss",
+    "uniform_exit_correct",
+    "generator_loss",
+    "generator_correct",
+    "token_layers",
+    "token_layers_full",
+    "mlm_loss",
+    "mlm_correct",
+    "mlm_count",
+)
 
 
 def _accumulate(sums: torch.Tensor, prefix: str, logits: torch.Tensor, labels: torch.Tensor) -> None:

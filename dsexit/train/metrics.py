@@ -30,11 +30,17 @@ log = logging.getLogger("dsexit")
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
-_LINE_KEYS = (("generator_loss", "gen_loss", "{:.4f}"), ("discriminator_loss", "disc_loss", "{:.4f}"),
-              ("rtd_accuracy", "rtd_acc", "{:.4f}"), ("mean_exit_layer", "exit_layer", "{:.2f}"),
-              ("compute_fraction", "compute", "{:.3f}"), ("exit_threshold", "tau", "{:.4f}"),
-              ("tokens_per_s", "tokens_per_s", "{:.0f}"), ("data_wait_pct", "data_wait_pct", "{:.1f}"),
-              ("lr", "lr", "{:.3e}"))
+_LINE_KEYS = (
+    ("generator_loss", "gen_loss", "{:.4f}"),
+    ("discriminator_loss", "disc_loss", "{:.4f}"),
+    ("rtd_accuracy", "rtd_acc", "{:.4f}"),
+    ("mean_exit_layer", "exit_layer", "{:.2f}"),
+    ("compute_fraction", "compute", "{:.3f}"),
+    ("exit_threshold", "tau", "{:.4f}"),
+    ("tokens_per_s", "tokens_per_s", "{:.0f}"),
+    ("data_wait_pct", "data_wait_pct", "{:.1f}"),
+    ("lr", "lr", "{:.3e}"),
+)
 
 
 def setup_logging(world: WorldInfo, run_dir: str | None) -> None:
@@ -83,8 +89,17 @@ class _Interval:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, world: WorldInfo, *, total_steps: int, start_step: int, log_interval: int,
-                 progress: str, monitor=None):
+    def __init__(
+        self,
+        run_dir: str,
+        world: WorldInfo,
+        *,
+        total_steps: int,
+        start_step: int,
+        log_interval: int,
+        progress: str,
+        monitor=None,
+    ):
         self.world, self.total_steps, self.log_interval, self.monitor = world, total_steps, log_interval, monitor
         self.path = os.path.join(run_dir, METRICS_FILE)
         self.interval = _Interval()
@@ -103,8 +118,18 @@ class MetricsLogger:
             self._redirect = logging_redirect_tqdm([log])  # other log lines print above the bar, not into it
             self._redirect.__enter__()
 
-    def record(self, step: int, summary: StepSummary, *, exit_threshold: float | None, lr: float,
-               seconds: float, data_wait_seconds: float, samples_seen: int, tokens_seen: int) -> None:
+    def record(
+        self,
+        step: int,
+        summary: StepSummary,
+        *,
+        exit_threshold: float | None,
+        lr: float,
+        seconds: float,
+        data_wait_seconds: float,
+        samples_seen: int,
+        tokens_seen: int,
+    ) -> None:
         """Account one finished step; rank 0 reports at every log interval and at the last step."""
         if not self.world.is_main:
             return
@@ -117,11 +142,14 @@ class MetricsLogger:
         interval.real_tokens += summary.real_tokens
         interval.seconds += seconds
         interval.data_wait_seconds += data_wait_seconds
-        interval.digest = hashlib.blake2b((interval.digest + summary.samples_digest).encode(), digest_size=8).hexdigest()
+        interval.digest = hashlib.blake2b(
+            (interval.digest + summary.samples_digest).encode(), digest_size=8
+        ).hexdigest()
         if summary.stage_counters is not None:
             previous = interval.stage_counters or [[0, 0, 0] for _ in summary.stage_counters]
-            interval.stage_counters = [[a + b for a, b in zip(mine, theirs)]
-                                       for mine, theirs in zip(previous, summary.stage_counters)]
+            interval.stage_counters = [
+                [a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(previous, summary.stage_counters)
+            ]
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_interval == 0 or step >= self.total_steps:
@@ -132,23 +160,42 @@ class MetricsLogger:
         counts = interval.exit_layer_counts
         record = {name: total / interval.steps for name, total in interval.sums.items()}
         record.update(
-            step=step, steps=interval.steps, exit_threshold=exit_threshold, lr=lr,
+            step=step,
+            steps=interval.steps,
+            exit_threshold=exit_threshold,
+            lr=lr,
             mean_exit_layer=mean_exit_layer(counts),
-            exit_layer_counts=counts, tokens_per_s=interval.real_tokens / max(interval.seconds, 1e-9),
+            exit_layer_counts=counts,
+            tokens_per_s=interval.real_tokens / max(interval.seconds, 1e-9),
             data_wait_pct=100.0 * interval.data_wait_seconds / max(interval.seconds, 1e-9),
-            samples_digest=interval.digest, samples_seen=samples_seen, tokens_seen=tokens_seen, time=time.time())
+            samples_digest=interval.digest,
+            samples_seen=samples_seen,
+            tokens_seen=tokens_seen,
+            time=time.time(),
+        )
         if interval.stage_counters is not None:
             record["pipeline_stages"] = [
-                {"stage": stage, "micro_batches": micro_batches, "skipped_micro_batches": skipped,
-                 "token_layers": token_layers}
-                for stage, (micro_batches, skipped, token_layers) in enumerate(interval.stage_counters)]
+                {
+                    "stage": stage,
+                    "micro_batches": micro_batches,
+                    "skipped_micro_batches": skipped,
+                    "token_layers": token_layers,
+                }
+                for stage, (micro_batches, skipped, token_layers) in enumerate(interval.stage_counters)
+            ]
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        line = " ".join([f"step={step}/{self.total_steps}"] + [
-            f"{short}={'none' if record[key] is None else fmt.format(record[key])}" for key, short, fmt in _LINE_KEYS])
+        line = " ".join(
+            [f"step={step}/{self.total_steps}"]
+            + [
+                f"{short}={'none' if record[key] is None else fmt.format(record[key])}"
+                for key, short, fmt in _LINE_KEYS
+            ]
+        )
         if interval.stage_counters is not None:
-            line += " skipped=" + ",".join(f"{skipped}/{micro_batches}"
-                                           for micro_batches, skipped, _ in interval.stage_counters)
+            line += " skipped=" + ",".join(
+                f"{skipped}/{micro_batches}" for micro_batches, skipped, _ in interval.stage_counters
+            )
         if self.bar is not None:
             self.bar.set_postfix_str(line.split(" ", 1)[1], refresh=True)
             for handler in log.handlers:  # the bar owns the terminal; the file still gets every line
@@ -157,8 +204,10 @@ class MetricsLogger:
         else:
             log.info(line)
         if self.monitor is not None and self.monitor.enabled:
-            self.monitor.write_events([(f"Train/{key}", float(record[key]), step) for key, _, _ in _LINE_KEYS
-                                       if record[key] is not None] + [("Train/loss", record["loss"], step)])
+            self.monitor.write_events(
+                [(f"Train/{key}", float(record[key]), step) for key, _, _ in _LINE_KEYS if record[key] is not None]
+                + [("Train/loss", record["loss"], step)]
+            )
 
     def record_eval(self, step: int, results: dict[str, float], *, exit_threshold: float | None) -> None:
         """One held-out evaluation: a metrics.jsonl record, a log line, monitor scalars (rank 0)."""
@@ -167,16 +216,23 @@ class MetricsLogger:
         record = {"kind": "eval", "step": step, "exit_threshold": exit_threshold, "time": time.time(), **results}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        line = (f"eval step={step} rtd_loss_uniform={results['eval_rtd_loss_uniform']:.4f} "
-                f"(prior {results['rtd_prior_entropy']:.4f}) auc_uniform={results['eval_rtd_auc_uniform']:.4f} "
-                f"rtd_loss_generator={results['eval_rtd_loss_generator']:.4f} "
-                f"mlm_loss={results['eval_mlm_loss']:.4f} (unigram {results['unigram_entropy']:.4f}) "
-                f"exit: rtd_loss={results['eval_rtd_loss_uniform_exit']:.4f} "
-                f"compute={results['eval_compute_fraction']:.3f}")
+        line = (
+            f"eval step={step} rtd_loss_uniform={results['eval_rtd_loss_uniform']:.4f} "
+            f"(prior {results['rtd_prior_entropy']:.4f}) auc_uniform={results['eval_rtd_auc_uniform']:.4f} "
+            f"rtd_loss_generator={results['eval_rtd_loss_generator']:.4f} "
+            f"mlm_loss={results['eval_mlm_loss']:.4f} (unigram {results['unigram_entropy']:.4f}) "
+            f"exit: rtd_loss={results['eval_rtd_loss_uniform_exit']:.4f} "
+            f"compute={results['eval_compute_fraction']:.3f}"
+        )
         log.info(line)
         if self.monitor is not None and self.monitor.enabled:
-            self.monitor.write_events([(f"Eval/{name}", float(value), step) for name, value in results.items()
-                                       if isinstance(value, (int, float)) and value == value])
+            self.monitor.write_events(
+                [
+                    (f"Eval/{name}", float(value), step)
+                    for name, value in results.items()
+                    if isinstance(value, (int, float)) and value == value
+                ]
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,8 +17,11 @@ def decays(name: str, parameter: torch.Tensor) -> bool:
     return not (parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
 
 
-def parameter_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
-                     lr_for: Callable[[str], float] | None = None) -> list[dict[str, Any]]:
+def parameter_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    weight_decay: float,
+    lr_for: Callable[[str], float] | None = None,
+) -> list[dict[str, Any]]:
     """One group per (learning rate, decays or not), in order of first appearance.
 
     `lr_for(name)` gives a parameter its own learning rate (fine-tuning's layer-wise decay);
@@ -32,7 +35,9 @@ def parameter_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
         if not parameter.requires_grad:
             continue
         lr, decayed = (None if lr_for is None else lr_for(name)), decays(name, parameter)
-        group = groups.setdefault((lr, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0,
-                                                  **({} if lr is None else {"lr": lr})})
+        group = groups.setdefault(
+            (lr, decayed),
+            {"params": [], "weight_decay": weight_decay if decayed else 0.0, **({} if lr is None else {"lr": lr})},
+        )
         group["params"].append(parameter)
     return list(groups.values())

@@ -1,10 +1,10 @@
 """PNG plots of a run from RUN_DIR/metrics.jsonl (matplotlib, Agg backend; no display needed).
 
-    losses.png        generator and discriminator loss, RTD accuracy
-    compute.png       fraction of token-layers executed, and the exit threshold tau
-    exit_layers.png   how many tokens left after each layer (whole run, and the last interval)
-    heldout.png       held-out RTD loss (uniform and generator corruption, full depth and under
-                      the exit rule) and MLM loss, with the trivial baselines as dashed lines
+losses.png        generator and discriminator loss, RTD accuracy
+compute.png       fraction of token-layers executed, and the exit threshold tau
+exit_layers.png   how many tokens left after each layer (whole run, and the last interval)
+heldout.png       held-out RTD loss (uniform and generator corruption, full depth and under
+                  the exit rule) and MLM loss, with the trivial baselines as dashed lines
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plotting needs matplotlib, which is not installed; install it with: "
-                          "pip install 'dsexit[plot]'.") from None
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed; install it with: pip install 'dsexit[plot]'."
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,8 +56,13 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     compute_axis.set_xlabel("step")
     compute_axis.set_ylabel("token-layers executed / full")
     tau_axis = compute_axis.twinx()
-    tau_axis.plot(steps, [r["exit_threshold"] if r["exit_threshold"] is not None else float("nan") for r in records],
-                  color="tab:red", linestyle="--", label="tau")
+    tau_axis.plot(
+        steps,
+        [r["exit_threshold"] if r["exit_threshold"] is not None else float("nan") for r in records],
+        color="tab:red",
+        linestyle="--",
+        label="tau",
+    )
     tau_axis.set_ylabel("exit threshold tau")
     figure.legend(loc="upper right", bbox_to_anchor=(0.88, 0.95))
     save(figure, "compute.png")
@@ -67,8 +73,12 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     figure, axis = plt.subplots(figsize=(7, 4))
     width = 0.4
     axis.bar([layer - width / 2 for layer in layers], [count / total for count in whole_run], width, label="whole run")
-    axis.bar([layer + width / 2 for layer in layers], [count / max(1, sum(last)) for count in last], width,
-             label=f"last interval (step {steps[-1]})")
+    axis.bar(
+        [layer + width / 2 for layer in layers],
+        [count / max(1, sum(last)) for count in last],
+        width,
+        label=f"last interval (step {steps[-1]})",
+    )
     axis.set_xlabel("exit layer (last layer executed)")
     axis.set_ylabel("fraction of tokens")
     axis.set_xticks(layers)
@@ -79,12 +89,15 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     if evals:
         eval_steps = [record["step"] for record in evals]
         figure, (rtd_axis, mlm_axis) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-        for key, label in (("eval_rtd_loss_uniform", "uniform corruption, full depth"),
-                           ("eval_rtd_loss_uniform_exit", "uniform corruption, exit rule"),
-                           ("eval_rtd_loss_generator", "run's generator, full depth")):
+        for key, label in (
+            ("eval_rtd_loss_uniform", "uniform corruption, full depth"),
+            ("eval_rtd_loss_uniform_exit", "uniform corruption, exit rule"),
+            ("eval_rtd_loss_generator", "run's generator, full depth"),
+        ):
             rtd_axis.plot(eval_steps, [record[key] for record in evals], marker=".", label=label)
-        rtd_axis.axhline(evals[-1]["rtd_prior_entropy"], color="gray", linestyle="--",
-                         label="replaced-token prior entropy")
+        rtd_axis.axhline(
+            evals[-1]["rtd_prior_entropy"], color="gray", linestyle="--", label="replaced-token prior entropy"
+        )
         rtd_axis.set_ylabel("held-out RTD loss")
         rtd_axis.legend(fontsize=8)
         mlm_axis.plot(eval_steps, [record["eval_mlm_loss"] for record in evals], marker=".", label="generator MLM loss")

@@ -87,8 +87,9 @@ class PreemptionHandler:
         lineage = launcher_lineage() if self._watch_launcher else []
         if lineage:
             self._watch_stop.clear()
-            self._watcher = threading.Thread(target=self._watch, args=(lineage,), daemon=True,
-                                             name="dsexit-launcher-watch")
+            self._watcher = threading.Thread(
+                target=self._watch, args=(lineage,), daemon=True, name="dsexit-launcher-watch"
+            )
             self._watcher.start()
         return self
 

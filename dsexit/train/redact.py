@@ -15,8 +15,9 @@ MASK = "***"
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
 # Whole names or suffixes such as "key", "secret", "aws_secret_access_key", "session_token";
 # not "max_tokens" or "mask_token_id".
-_SECRET_KEY = re.compile(r"(?:^|_)(key|secret|password|passwd|token|credentials?|secret_access_key|session_token)$",
-                         re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(?:^|_)(key|secret|password|passwd|token|credentials?|secret_access_key|session_token)$", re.IGNORECASE
+)
 
 
 def url_secrets(url: str) -> list[str]:
@@ -39,8 +40,10 @@ def redact_text(text: str, *urls: str) -> str:
 def redact(value: Any) -> Any:
     """A copy of a JSON-like value with URL credentials and secret-looking keys masked."""
     if isinstance(value, dict):
-        return {key: (MASK if isinstance(key, str) and _SECRET_KEY.search(key) and item not in (None, "")
-                      else redact(item)) for key, item in value.items()}
+        return {
+            key: (MASK if isinstance(key, str) and _SECRET_KEY.search(key) and item not in (None, "") else redact(item))
+            for key, item in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(redact(item) for item in value)
     if isinstance(value, str):

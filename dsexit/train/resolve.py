@@ -21,8 +21,7 @@ from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.data.storage import RetryPolicy
 from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
-from dsexit.train.checkpoint import (CheckpointError, CheckpointRef, open_checkpoint, resume_choice,
-                                     saved_model_config)
+from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpoint, resume_choice, saved_model_config
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
@@ -78,17 +77,26 @@ class ResolvedRun:
         """The resolved config, credentials masked: printed once, saved with every checkpoint."""
         train = self.config.to_dict()
         train["checkpoint"].pop("start_over")  # a one-off action: a saved config must not repeat it
-        return redact({
-            "train": train,
-            "model": self.model_config.to_dict(),
-            "deepspeed": self.ds_config,
-            "derived": {
-                "data_url": self.data_url, "seq_len": self.dataset.seq_len, "dataset_samples": self.dataset.num_samples,
-                "world_size": self.world.world_size, "dp_size": self.dp_size, "grad_accum": self.grad_accum,
-                "schedule_steps": self.total_steps, "precision": self.precision, "threads_per_rank": self.threads,
-                "launcher": self.world.launcher, "checkpoint_location": self.checkpoint_location,
-            },
-        })
+        return redact(
+            {
+                "train": train,
+                "model": self.model_config.to_dict(),
+                "deepspeed": self.ds_config,
+                "derived": {
+                    "data_url": self.data_url,
+                    "seq_len": self.dataset.seq_len,
+                    "dataset_samples": self.dataset.num_samples,
+                    "world_size": self.world.world_size,
+                    "dp_size": self.dp_size,
+                    "grad_accum": self.grad_accum,
+                    "schedule_steps": self.total_steps,
+                    "precision": self.precision,
+                    "threads_per_rank": self.threads,
+                    "launcher": self.world.launcher,
+                    "checkpoint_location": self.checkpoint_location,
+                },
+            }
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
@@ -104,14 +112,21 @@ def _open_dataset(url: str) -> DatasetIndex:
 def dataset_model_fields(dataset: DatasetIndex) -> dict[str, Any]:
     """The model fields a dataset owns (`dsexit.model.config.DATASET_FIELDS`)."""
     special = dataset.special_tokens
-    return dict(vocab_size=dataset.vocab_size, pad_token_id=special["pad"], cls_token_id=special["cls"],
-                sep_token_id=special["sep"], mask_token_id=special["mask"])
+    return dict(
+        vocab_size=dataset.vocab_size,
+        pad_token_id=special["pad"],
+        cls_token_id=special["cls"],
+        sep_token_id=special["sep"],
+        mask_token_id=special["mask"],
+    )
 
 
 def _check_resume_value(resume: str) -> None:
     if resume not in RESUME_KEYWORDS and is_remote(resume):
-        raise ConfigError(f"resume={resume!r} is invalid; a checkpoint in object storage is resumed with "
-                          f"--checkpoint-dir URL --resume auto (it is downloaded to RUN_DIR/checkpoints).")
+        raise ConfigError(
+            f"resume={resume!r} is invalid; a checkpoint in object storage is resumed with "
+            f"--checkpoint-dir URL --resume auto (it is downloaded to RUN_DIR/checkpoints)."
+        )
 
 
 def _model_shapes(model_config: ElectraExitConfig) -> dict[str, tuple[int, ...]]:
@@ -136,18 +151,23 @@ def check_fits(ref: CheckpointRef, model_config: ElectraExitConfig, seed: int) -
                 f"checkpoint {ref.path} holds a model of another shape: saved with "
                 f"{', '.join(f'{name}={then[name]!r}' for name in differ)}, this run has "
                 f"{', '.join(f'{name}={now.get(name)!r}' for name in differ)}; resume with the model it was saved "
-                f"with, or start a new run in another --run-dir.")
+                f"with, or start a new run in another --run-dir."
+            )
     saved_seed = ((ref.meta.get("config") or {}).get("train") or {}).get("job", {}).get("seed")
     if saved_seed is not None and saved_seed != seed:
-        raise ConfigError(f"seed={seed} is invalid; checkpoint {ref.path} was saved by a run with seed={saved_seed}, "
-                          f"which fixes its data order and masking; resume with --seed {saved_seed}.")
+        raise ConfigError(
+            f"seed={seed} is invalid; checkpoint {ref.path} was saved by a run with seed={saved_seed}, "
+            f"which fixes its data order and masking; resume with --seed {saved_seed}."
+        )
 
 
 def _probe_locations(run: "ResolvedRun", mirror: RemoteMirror | None) -> None:
     """Write and remove a small object in every location the run will write, before step 1."""
     probe_local_dir(run.run_dir, "run_dir")
-    probe_local_dir(run.checkpoint_root, "checkpoint_dir" if not mirror and run.config.checkpoint.dir
-                    else "the checkpoint staging directory")
+    probe_local_dir(
+        run.checkpoint_root,
+        "checkpoint_dir" if not mirror and run.config.checkpoint.dir else "the checkpoint staging directory",
+    )
     if mirror is not None:
         mirror.probe()
 
@@ -173,16 +193,24 @@ def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
 
     ckpt = run.config.checkpoint
     try:
-        mirror = RemoteCheckpoints(run.checkpoint_location, run.retry_policy()) \
-            if is_remote(run.checkpoint_location) else None
+        mirror = (
+            RemoteCheckpoints(run.checkpoint_location, run.retry_policy())
+            if is_remote(run.checkpoint_location)
+            else None
+        )
         _probe_locations(run, mirror.remote if mirror else None)
         chosen = _chosen_checkpoint(ckpt.resume, run.checkpoint_root, mirror)
         if chosen is not None:
             check_fits(chosen, run.model_config, run.config.job.seed)
-        return plan_run(run_dir=run.run_dir, checkpoint_root=run.checkpoint_root, resume=ckpt.resume,
-                        start_over=ckpt.start_over, chosen=chosen,
-                        remote_steps=mirror.steps() if mirror else [],
-                        remote_shown=mirror.remote.shown if mirror else None)
+        return plan_run(
+            run_dir=run.run_dir,
+            checkpoint_root=run.checkpoint_root,
+            resume=ckpt.resume,
+            start_over=ckpt.start_over,
+            chosen=chosen,
+            remote_steps=mirror.steps() if mirror else [],
+            remote_shown=mirror.remote.shown if mirror else None,
+        )
     except ConfigError:
         raise
     except (StorageError, RunDirError, CheckpointError) as error:
@@ -209,7 +237,9 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
     raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)
     check_parallelism(raw_ds_config, stages, config.parallelism.deepspeed_config)
     if world.world_size % stages:
-        raise ConfigError(f"pipeline_stages={stages} is invalid; expected a divisor of the world size {world.world_size}.")
+        raise ConfigError(
+            f"pipeline_stages={stages} is invalid; expected a divisor of the world size {world.world_size}."
+        )
     dp_size = world.world_size // stages
     if stages > 1 and is_layer_partition(config.parallelism.pipeline_partition):
         try:  # resolved once, here: every rank then builds the same split
@@ -218,14 +248,30 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
             raise ConfigError(str(error)) from None
         config.parallelism.pipeline_partition = "layers:" + ",".join(map(str, counts))
     total_steps = config.schedule_steps(dataset.seq_len)
-    ds_config = resolve_ds_config(raw_ds_config, config, dp_size=dp_size,
-                                  total_steps=total_steps, monitor_dir=os.path.join(config.job.run_dir, "monitor"))
+    ds_config = resolve_ds_config(
+        raw_ds_config,
+        config,
+        dp_size=dp_size,
+        total_steps=total_steps,
+        monitor_dir=os.path.join(config.job.run_dir, "monitor"),
+    )
     _check_resume_value(config.checkpoint.resume)
     if dataset.num_samples < config.training.global_batch_size:
-        raise ConfigError(f"global_batch_size={config.training.global_batch_size} is invalid; the dataset "
-                          f"{dataset.url} holds only {dataset.num_samples} samples.")
-    run = ResolvedRun(config=config, world=world, dataset=dataset, model_config=model_config, ds_config=ds_config,
-                      dp_size=dp_size, grad_accum=ds_config["gradient_accumulation_steps"], total_steps=total_steps,
-                      precision="bf16" if ds_config["bf16"]["enabled"] else "fp32", threads=threads)
+        raise ConfigError(
+            f"global_batch_size={config.training.global_batch_size} is invalid; the dataset "
+            f"{dataset.url} holds only {dataset.num_samples} samples."
+        )
+    run = ResolvedRun(
+        config=config,
+        world=world,
+        dataset=dataset,
+        model_config=model_config,
+        ds_config=ds_config,
+        dp_size=dp_size,
+        grad_accum=ds_config["gradient_accumulation_steps"],
+        total_steps=total_steps,
+        precision="bf16" if ds_config["bf16"]["enabled"] else "fp32",
+        threads=threads,
+    )
     run.run_plan = plan_checkpoints(run)
     return run

@@ -54,8 +54,9 @@ def recorded_run(run_dir: str) -> dict[str, Any] | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, json.JSONDecodeError) as error:
-        raise RunDirError(f"{os.path.join(run_dir, RUN_FILE)} is malformed ({error}); move it away or "
-                          f"choose another --run-dir.") from None
+        raise RunDirError(
+            f"{os.path.join(run_dir, RUN_FILE)} is malformed ({error}); move it away or choose another --run-dir."
+        ) from None
     return recorded if isinstance(recorded, dict) else None
 
 
@@ -78,8 +79,16 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def plan_run(*, run_dir: str, checkpoint_root: str, resume: str, start_over: bool, chosen: CheckpointRef | None,
-             remote_steps: list[int], remote_shown: str | None) -> RunPlan:
+def plan_run(
+    *,
+    run_dir: str,
+    checkpoint_root: str,
+    resume: str,
+    start_over: bool,
+    chosen: CheckpointRef | None,
+    remote_steps: list[int],
+    remote_shown: str | None,
+) -> RunPlan:
     """What this start is; raises RunDirError (one sentence) where it would mix two runs.
 
     `chosen` is the checkpoint `--resume` selects (None for 'none', or 'auto' with nothing to
@@ -91,26 +100,40 @@ def plan_run(*, run_dir: str, checkpoint_root: str, resume: str, start_over: boo
     rollback = explicit and chosen is not None and _inside(chosen.path, checkpoint_root)
     if start_over:
         if remote_steps:
-            raise RunDirError(f"--start-over cannot move the checkpoints at {remote_shown} aside; choose another "
-                              f"--checkpoint-dir for the new run.")
+            raise RunDirError(
+                f"--start-over cannot move the checkpoints at {remote_shown} aside; choose another "
+                f"--checkpoint-dir for the new run."
+            )
         if rollback:
-            raise RunDirError(f"--start-over with resume={resume!r} would move that checkpoint aside; resume it "
-                              f"without --start-over, or from its new place after the move.")
+            raise RunDirError(
+                f"--start-over with resume={resume!r} would move that checkpoint aside; resume it "
+                f"without --start-over, or from its new place after the move."
+            )
         aside = (run_dir,) if used is not None else ()
         if local and not _inside(checkpoint_root, run_dir):
             aside += (checkpoint_root,)
-        return RunPlan("fork" if explicit else "new", None, move_aside=aside,
-                       started_from=chosen.path if explicit and chosen else None, log_state=_log_state(run_dir))
-    aside = f"pass --start-over to move it aside to {run_dir}.old-TIMESTAMP (nothing is deleted), or choose " \
-            f"another --run-dir."
+        return RunPlan(
+            "fork" if explicit else "new",
+            None,
+            move_aside=aside,
+            started_from=chosen.path if explicit and chosen else None,
+            log_state=_log_state(run_dir),
+        )
+    aside = (
+        f"pass --start-over to move it aside to {run_dir}.old-TIMESTAMP (nothing is deleted), or choose "
+        f"another --run-dir."
+    )
     hint = f"resume it with --resume auto, or {aside}"
     if chosen is None:
         if used is not None and resume == "none":
-            raise RunDirError(f"run_dir={run_dir!r} already holds {used}; a new run (--resume none) would mix with "
-                              f"it: {hint}")
+            raise RunDirError(
+                f"run_dir={run_dir!r} already holds {used}; a new run (--resume none) would mix with it: {hint}"
+            )
         if used is not None:
-            raise RunDirError(f"run_dir={run_dir!r} already holds {used} but no complete checkpoint to resume; a new "
-                              f"run would mix with it: {aside}")
+            raise RunDirError(
+                f"run_dir={run_dir!r} already holds {used} but no complete checkpoint to resume; a new "
+                f"run would mix with it: {aside}"
+            )
         return RunPlan("new", None)
     theirs, ours = chosen.meta.get("run_id"), recorded.get("run_id")
     if rollback:  # newer steps of this run stay; `latest` will name the one resumed
@@ -118,13 +141,17 @@ def plan_run(*, run_dir: str, checkpoint_root: str, resume: str, start_over: boo
         return RunPlan("rollback" if newer else "continue", ours or theirs, started_from=chosen.path)
     if explicit:
         if used is not None:
-            raise RunDirError(f"run_dir={run_dir!r} already holds {used}; starting from another run's checkpoint "
-                              f"{chosen.path} there would mix the two: {hint}")
+            raise RunDirError(
+                f"run_dir={run_dir!r} already holds {used}; starting from another run's checkpoint "
+                f"{chosen.path} there would mix the two: {hint}"
+            )
         return RunPlan("fork", None, started_from=chosen.path)
     if ours and theirs and ours != theirs:
-        raise RunDirError(f"run_dir={run_dir!r} holds run {ours}, but the checkpoint --resume auto found "
-                          f"({chosen.tag}) belongs to run {theirs}; resume that run from its own run directory, "
-                          f"or {aside}")
+        raise RunDirError(
+            f"run_dir={run_dir!r} holds run {ours}, but the checkpoint --resume auto found "
+            f"({chosen.tag}) belongs to run {theirs}; resume that run from its own run directory, "
+            f"or {aside}"
+        )
     return RunPlan("continue", ours or theirs, started_from=chosen.path)
 
 
@@ -173,7 +200,15 @@ def claim(run_dir: str, plan: RunPlan, run_id: str) -> None:
     if recorded and recorded.get("run_id") == run_id:
         return
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write(os.path.join(run_dir, RUN_FILE), json.dumps(
-        {"run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         "started_from": plan.started_from, "mode": plan.mode}, indent=1))
-
+    atomic_write(
+        os.path.join(run_dir, RUN_FILE),
+        json.dumps(
+            {
+                "run_id": run_id,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "started_from": plan.started_from,
+                "mode": plan.mode,
+            },
+            indent=1,
+        ),
+    )

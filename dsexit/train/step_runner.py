@@ -32,8 +32,14 @@ class DataParallelSteps:
 
     supports_heldout = True
 
-    def __init__(self, engine, data: Iterator[dict[str, torch.Tensor]], grad_accum: int, device: torch.device,
-                 set_learning_rate: Callable[[], float]):
+    def __init__(
+        self,
+        engine,
+        data: Iterator[dict[str, torch.Tensor]],
+        grad_accum: int,
+        device: torch.device,
+        set_learning_rate: Callable[[], float],
+    ):
         self.engine, self.data, self.grad_accum, self.device = engine, data, grad_accum, device
         self.set_learning_rate = set_learning_rate
 
@@ -61,8 +67,16 @@ class PipelineSteps:
 
     supports_heldout = False  # held-out evaluation runs the whole model on one rank
 
-    def __init__(self, engine, data: Iterator[dict[str, torch.Tensor]], grad_accum: int, device: torch.device,
-                 set_learning_rate: Callable[[], float], model_config: ElectraExitConfig, num_stages: int):
+    def __init__(
+        self,
+        engine,
+        data: Iterator[dict[str, torch.Tensor]],
+        grad_accum: int,
+        device: torch.device,
+        set_learning_rate: Callable[[], float],
+        model_config: ElectraExitConfig,
+        num_stages: int,
+    ):
         self.engine, self.data, self.grad_accum, self.device = engine, data, grad_accum, device
         self.set_learning_rate = set_learning_rate
         self.model_config, self.num_stages = model_config, num_stages
@@ -79,8 +93,9 @@ class PipelineSteps:
             fetch_started = time.perf_counter()
             batches.append(next(self.data))
             data_wait += time.perf_counter() - fetch_started
-        feed = iter([micro_batch_inputs(batch, self.model_config, exit_threshold, replacement_mix)
-                     for batch in batches])
+        feed = iter(
+            [micro_batch_inputs(batch, self.model_config, exit_threshold, replacement_mix) for batch in batches]
+        )
         lr = self.set_learning_rate()
         self.engine.train_batch(data_iter=feed)
         last_stage = self.engine.is_last_stage()
@@ -94,8 +109,11 @@ class PipelineSteps:
     def _gather_stage_counters(self) -> list[list[int]]:
         """Per stage [micro-batches, skipped micro-batches, token-layers], summed over replicas."""
         counters = self.counters
-        mine = torch.tensor([self.engine.stage_id, counters.micro_batches, counters.skipped_micro_batches,
-                             counters.token_layers], dtype=torch.int64, device=self.device)
+        mine = torch.tensor(
+            [self.engine.stage_id, counters.micro_batches, counters.skipped_micro_batches, counters.token_layers],
+            dtype=torch.int64,
+            device=self.device,
+        )
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
         per_stage = [[0, 0, 0] for _ in range(self.num_stages)]
@@ -109,8 +127,15 @@ def data_parallel_rank(engine, pipeline_stages: int, world_rank: int) -> int:
     return engine.grid.get_data_parallel_rank() if pipeline_stages > 1 else world_rank
 
 
-def make_step_runner(engine, data, grad_accum: int, device: torch.device, set_learning_rate: Callable[[], float],
-                     model_config: ElectraExitConfig, pipeline_stages: int):
+def make_step_runner(
+    engine,
+    data,
+    grad_accum: int,
+    device: torch.device,
+    set_learning_rate: Callable[[], float],
+    model_config: ElectraExitConfig,
+    pipeline_stages: int,
+):
     if pipeline_stages > 1:
         return PipelineSteps(engine, data, grad_accum, device, set_learning_rate, model_config, pipeline_stages)
     return DataParallelSteps(engine, data, grad_accum, device, set_learning_rate)

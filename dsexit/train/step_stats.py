@@ -15,8 +15,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_SCALARS = ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "micro_batches",
-            "tokens_executed", "tokens_full", "real_tokens", "stop_preempted", "stop_time_limit", "minutes")
+_SCALARS = (
+    "generator_loss",
+    "discriminator_loss",
+    "loss",
+    "rtd_accuracy",
+    "micro_batches",
+    "tokens_executed",
+    "tokens_full",
+    "real_tokens",
+    "stop_preempted",
+    "stop_time_limit",
+    "minutes",
+)
 _FINGERPRINT_WEIGHTS: dict[int, torch.Tensor] = {}
 
 
@@ -66,13 +77,15 @@ class StepStats:
         self.exit_layer_counts += output.exit_layer_counts.detach().cpu().double()
         self.fingerprints.append(sample_fingerprints(batch["input_ids"]))
 
-    def reduce(self, *, preempted: bool, time_limit: bool, minutes: float = 0.0,
-               device: torch.device | str = "cpu") -> StepSummary:
+    def reduce(
+        self, *, preempted: bool, time_limit: bool, minutes: float = 0.0, device: torch.device | str = "cpu"
+    ) -> StepSummary:
         """Combine all ranks; `device` is where the backend's collectives run (CUDA for NCCL)."""
         self.values["stop_preempted"], self.values["stop_time_limit"] = float(preempted), float(time_limit)
         self.values["minutes"] = minutes
-        vector = torch.cat([torch.tensor([self.values[name] for name in _SCALARS], dtype=torch.float64),
-                            self.exit_layer_counts])
+        vector = torch.cat(
+            [torch.tensor([self.values[name] for name in _SCALARS], dtype=torch.float64), self.exit_layer_counts]
+        )
         fingerprints = torch.cat(self.fingerprints)
         if dist.is_initialized() and dist.get_world_size() > 1:
             vector, fingerprints = vector.to(device), fingerprints.to(device)
@@ -80,8 +93,8 @@ class StepStats:
             gathered = [torch.empty_like(fingerprints) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, fingerprints)
             vector, fingerprints = vector.cpu(), torch.cat(gathered).cpu()
-        totals = dict(zip(_SCALARS, vector[:len(_SCALARS)].tolist()))
-        counts = vector[len(_SCALARS):]
+        totals = dict(zip(_SCALARS, vector[: len(_SCALARS)].tolist()))
+        counts = vector[len(_SCALARS) :]
         micro_batches = max(totals["micro_batches"], 1.0)
         digest = hashlib.blake2b(fingerprints.sort().values.numpy().tobytes(), digest_size=8).hexdigest()
         return StepSummary(

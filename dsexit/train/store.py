@@ -67,9 +67,14 @@ def mount_of(path: str) -> str:
 
 
 def _describe(error: BaseException) -> str:
-    reasons = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.ENOTDIR: "a path component is a file, not a directory",
-               errno.EEXIST: "it exists and is not a directory", errno.ENOSPC: "no space left on the device"}
+    reasons = {
+        errno.EROFS: "the filesystem is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a path component is a file, not a directory",
+        errno.EEXIST: "it exists and is not a directory",
+        errno.ENOSPC: "no space left on the device",
+    }
     return reasons.get(getattr(error, "errno", None), f"{type(error).__name__}: {error}")
 
 
@@ -101,8 +106,10 @@ def probe_local_dir(path: str, what: str) -> None:
                     raise
         os.remove(probe)
     except OSError as error:
-        raise StorageError(f"{what} {redact_text(path)!r} is not writable ({_describe(error)}); "
-                           f"expected a directory this run can write.") from None
+        raise StorageError(
+            f"{what} {redact_text(path)!r} is not writable ({_describe(error)}); "
+            f"expected a directory this run can write."
+        ) from None
     finally:
         for directory in created:  # deepest first
             try:
@@ -112,8 +119,10 @@ def probe_local_dir(path: str, what: str) -> None:
 
 
 def no_space_message(path: str, what: str) -> str:
-    return f"no space left on {mount_of(path)} while writing {what} {redact_text(path)}; free space there or " \
-           f"choose another --checkpoint-dir."
+    return (
+        f"no space left on {mount_of(path)} while writing {what} {redact_text(path)}; free space there or "
+        f"choose another --checkpoint-dir."
+    )
 
 
 class RemoteMirror:
@@ -143,8 +152,10 @@ class RemoteMirror:
             self._call(lambda: self.fs.pipe_file(path, b"dsexit"), f"a write probe to {self.url}")
             self._call(lambda: self.fs.rm_file(path), f"removing the write probe from {self.url}")
         except OSError as error:
-            raise StorageError(f"checkpoint_dir={self.shown!r} is not writable ({redact_text(str(error))}); "
-                               f"expected a location this run can write (bucket, credentials, endpoint).") from None
+            raise StorageError(
+                f"checkpoint_dir={self.shown!r} is not writable ({redact_text(str(error))}); "
+                f"expected a location this run can write (bucket, credentials, endpoint)."
+            ) from None
 
     def files(self, tag: str) -> dict[str, int]:
         """{path relative to the tag: size} of what the mirror holds for `tag`."""
@@ -158,7 +169,7 @@ class RemoteMirror:
                 return {}
 
         found = self._call(listing, f"listing {self.url}/{tag}")
-        return {path[len(base):].lstrip("/"): int(info.get("size") or 0) for path, info in found.items()}
+        return {path[len(base) :].lstrip("/"): int(info.get("size") or 0) for path, info in found.items()}
 
     def upload_missing(self, local_tag_dir: str, tag: str, owned, skip: tuple[str, ...]) -> int:
         """Upload the files of a tag that `owned(name)` selects and the mirror lacks (or holds at
@@ -172,7 +183,10 @@ class RemoteMirror:
                 if name in skip or not owned(name) or held.get(relative) == os.path.getsize(local):
                     continue
                 remote = self._remote(tag, *relative.split("/"))
-                self._call(lambda: self.fs.put_file(local, remote), f"uploading {relative} to {self.url}/{tag}")
+                self._call(
+                    lambda local=local, remote=remote: self.fs.put_file(local, remote),
+                    f"uploading {relative} to {self.url}/{tag}",
+                )
                 uploaded += 1
         return uploaded
 
@@ -216,8 +230,9 @@ class RemoteMirror:
     def download(self, tag: str, local_root: str) -> str:
         target = os.path.join(local_root, tag)
         os.makedirs(target, exist_ok=True)
-        self._call(lambda: self.fs.get(self._remote(tag) + "/", target + "/", recursive=True),
-                   f"downloading {self.url}/{tag}")
+        self._call(
+            lambda: self.fs.get(self._remote(tag) + "/", target + "/", recursive=True), f"downloading {self.url}/{tag}"
+        )
         return target
 
     def delete(self, tag: str) -> None:

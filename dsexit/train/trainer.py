@@ -36,8 +36,8 @@ from dsexit.train.heldout import HeldOutEvaluator
 from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
-from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.rng import RngStates, rank_seed, seed_everything, use_deterministic_kernels
+from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
 from dsexit.train.universal import convert_to_universal, needs_universal
@@ -82,9 +82,14 @@ class Trainer:
         # --- runtime utilities
         self.preemption = PreemptionHandler().install()
         self.run_plan = run.run_plan or RunPlan("new", None)
-        self.checkpoints = CheckpointManager(run.checkpoint_location, os.path.join(run.run_dir, "checkpoints"),
-                                             self.config.checkpoint.keep_last, self.world,
-                                             run_id=self._run_id(), policy=run.retry_policy())
+        self.checkpoints = CheckpointManager(
+            run.checkpoint_location,
+            os.path.join(run.run_dir, "checkpoints"),
+            self.config.checkpoint.keep_last,
+            self.world,
+            run_id=self._run_id(),
+            policy=run.retry_policy(),
+        )
         self.started_at = time.monotonic()
         # --- progress counters (restored from a checkpoint)
         self.step = 0
@@ -101,35 +106,63 @@ class Trainer:
         self.latest_checkpoint: CheckpointRef | None = None
         load_dir = self._prepare_load(resume_from)
         self.pipeline_stages = self.config.parallelism.pipeline_stages
-        self.engine = build_engine(self._build_model(), run.ds_config, self.pipeline_stages,
-                                   self.config.parallelism.pipeline_partition)
+        self.engine = build_engine(
+            self._build_model(), run.ds_config, self.pipeline_stages, self.config.parallelism.pipeline_partition
+        )
         self.device = torch.device(self.engine.device)
         dp_rank = data_parallel_rank(self.engine, self.pipeline_stages, self.world.rank)
         self.data = StreamingShardReader(
-            run.data_url, global_batch_size=self.config.training.global_batch_size,
-            micro_batch_size=self.config.training.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp_size,
-            seed=self.config.job.seed, shuffle_window=self.config.data.shuffle_window,
-            prefetch=self.config.data.prefetch, index=run.dataset,
-            cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"))
-        self.steps = make_step_runner(self.engine, self.data, run.grad_accum, self.device, self._set_learning_rate,
-                                      run.model_config, self.pipeline_stages)
+            run.data_url,
+            global_batch_size=self.config.training.global_batch_size,
+            micro_batch_size=self.config.training.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=run.dp_size,
+            seed=self.config.job.seed,
+            shuffle_window=self.config.data.shuffle_window,
+            prefetch=self.config.data.prefetch,
+            index=run.dataset,
+            cache_dir=self.config.data.cache_dir or os.path.join(run.run_dir, "shard-cache"),
+        )
+        self.steps = make_step_runner(
+            self.engine,
+            self.data,
+            run.grad_accum,
+            self.device,
+            self._set_learning_rate,
+            run.model_config,
+            self.pipeline_stages,
+        )
         self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         self.rng = RngStates(self.config.job.seed, self.world.rank, self.world.world_size, lambda: self.step)
-        for name, stateful in (("progress", _Progress(self)), ("data", self.data),
-                               ("exit_controller", self.exit_controller), ("rng", self.rng)):
+        for name, stateful in (
+            ("progress", _Progress(self)),
+            ("data", self.data),
+            ("exit_controller", self.exit_controller),
+            ("rng", self.rng),
+        ):
             self.checkpoints.register(name, stateful)
         if resume_from is not None:
             self.restore(resume_from, load_dir)
             if self.run_plan.mode == "rollback":
                 self.checkpoints.point_latest(resume_from)
-                log.warning("rolled back to %s: --resume auto continues from here; newer checkpoints in %s are "
-                            "kept until you remove them", resume_from.tag, resume_from.root)
+                log.warning(
+                    "rolled back to %s: --resume auto continues from here; newer checkpoints in %s are "
+                    "kept until you remove them",
+                    resume_from.tag,
+                    resume_from.root,
+                )
         self.heldout = self._build_heldout()
         self.last_eval: dict[str, float] | None = None
-        self.metrics = MetricsLogger(run.run_dir, self.world, total_steps=run.total_steps, start_step=self.step,
-                                     log_interval=self.config.metrics.log_interval,
-                                     progress=self.config.metrics.progress, monitor=self.engine.monitor)
+        self.metrics = MetricsLogger(
+            run.run_dir,
+            self.world,
+            total_steps=run.total_steps,
+            start_step=self.step,
+            log_interval=self.config.metrics.log_interval,
+            progress=self.config.metrics.progress,
+            monitor=self.engine.monitor,
+        )
 
     @property
     def _cache_dir(self) -> str:
@@ -159,21 +192,31 @@ class Trainer:
             log.warning("held-out evaluation is not available with pipeline_stages > 1 (data-parallel runs only)")
             return None
         if not self.run.dataset.validation_shards:
-            log.warning("the dataset %s has no validation split: held-out evaluation is off "
-                        "(prepare_data --validation-fraction makes one)", self.run.dataset.url)
+            log.warning(
+                "the dataset %s has no validation split: held-out evaluation is off "
+                "(prepare_data --validation-fraction makes one)",
+                self.run.dataset.url,
+            )
             return None
         samples = read_validation_samples(self.run.dataset, metrics.eval_samples, cache_dir=self._cache_dir)
-        return HeldOutEvaluator(samples, self.run.model_config, unigram_counts=self._token_counts(BASELINE_SHARDS),
-                                seed=self.config.job.seed, batch_size=metrics.eval_batch_size,
-                                rank=self.world.rank, world_size=self.world.world_size)
+        return HeldOutEvaluator(
+            samples,
+            self.run.model_config,
+            unigram_counts=self._token_counts(BASELINE_SHARDS),
+            seed=self.config.job.seed,
+            batch_size=metrics.eval_batch_size,
+            rank=self.world.rank,
+            world_size=self.world.world_size,
+        )
 
     def evaluate(self) -> dict[str, float] | None:
         """Held-out metrics of the model now (every rank takes part); rank 0 records them."""
         if self.heldout is None:
             return None
         started = time.monotonic()
-        results = self.heldout.evaluate(self._evaluation_model(), self.exit_controller.threshold(self.step),
-                                        self.device)
+        results = self.heldout.evaluate(
+            self._evaluation_model(), self.exit_controller.threshold(self.step), self.device
+        )
         results["eval_seconds"] = time.monotonic() - started
         results["train_minutes"] = self._minutes_spent() if self.step else 0.0
         self.eval_seconds += results["eval_seconds"]
@@ -207,13 +250,28 @@ class Trainer:
         loss, prior = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"]
         auc = results["eval_rtd_auc_uniform"]
         if loss < prior - 0.01 and auc >= 0.6:
-            log.info("held-out RTD loss %.4f is below the replaced-token prior's %.4f (ROC-AUC %.3f): the "
-                     "discriminator learned", loss, prior, auc)
+            log.info(
+                "held-out RTD loss %.4f is below the replaced-token prior's %.4f (ROC-AUC %.3f): the "
+                "discriminator learned",
+                loss,
+                prior,
+                auc,
+            )
             return
-        hint = (" At CPU budgets an MLM generator stays at the unigram plateau and its discriminator at the prior;"
-                " --generator uniform learns within minutes." if self.run.model_config.generator == "mlm" else "")
-        log.warning("held-out RTD loss %.4f against the replaced-token prior's %.4f, ROC-AUC %.3f: the discriminator "
-                    "has not learned within this budget.%s", loss, prior, auc, hint)
+        hint = (
+            " At CPU budgets an MLM generator stays at the unigram plateau and its discriminator at the prior;"
+            " --generator uniform learns within minutes."
+            if self.run.model_config.generator == "mlm"
+            else ""
+        )
+        log.warning(
+            "held-out RTD loss %.4f against the replaced-token prior's %.4f, ROC-AUC %.3f: the discriminator "
+            "has not learned within this budget.%s",
+            loss,
+            prior,
+            auc,
+            hint,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _run_id(self) -> str:
@@ -243,10 +301,18 @@ class Trainer:
         return ref.root
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"dp_size": self.run.dp_size, "world_size": self.world.world_size, "zero_stage": self.run.zero_stage,
-                "pipeline_stages": self.pipeline_stages,
-                "precision": self.run.precision, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "data_url": self.config.data.url, "config": self.run.to_dict(), "saved_at": time.time()}
+        return {
+            "dp_size": self.run.dp_size,
+            "world_size": self.world.world_size,
+            "zero_stage": self.run.zero_stage,
+            "pipeline_stages": self.pipeline_stages,
+            "precision": self.run.precision,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "data_url": self.config.data.url,
+            "config": self.run.to_dict(),
+            "saved_at": time.time(),
+        }
 
     def save_checkpoint(self) -> CheckpointRef:
         started = time.monotonic()
@@ -262,8 +328,14 @@ class Trainer:
         self.checkpoints.load(self.engine, ref, load_dir)  # every registered component gets its state back
         self.minutes_at_start = self.budget_minutes
         self.latest_checkpoint = ref
-        log.info("resumed from %s at step %d (%d samples seen; saved at world size %d, now %d)",
-                 ref.path, self.step, self.samples_seen, self.rng.saved_world_size, self.world.world_size)
+        log.info(
+            "resumed from %s at step %d (%d samples seen; saved at world size %d, now %d)",
+            ref.path,
+            self.step,
+            self.samples_seen,
+            self.rng.saved_world_size,
+            self.world.world_size,
+        )
 
     # ------------------------------------------------------------------ the run
     def train(self) -> str:
@@ -330,19 +402,32 @@ class Trainer:
         exit_threshold = self.exit_controller.threshold(self.step)
         stats = StepStats(self.run.model_config.num_hidden_layers)
         ran = self.steps.run(exit_threshold, self.run.model_config.replacement_mix_at(self.step), stats)
-        summary = stats.reduce(preempted=self.preemption.requested, time_limit=self._time_limit_reached(),
-                               minutes=self._minutes_spent() if self.world.is_main else 0.0, device=self.device)
+        summary = stats.reduce(
+            preempted=self.preemption.requested,
+            time_limit=self._time_limit_reached(),
+            minutes=self._minutes_spent() if self.world.is_main else 0.0,
+            device=self.device,
+        )
         self.budget_minutes = summary.minutes  # rank 0's clock, the same on every rank
         summary.stage_counters = ran.stage_counters
         self.exit_controller.update(summary.compute_fraction, self.step)
         self.step += 1
         self.samples_seen += self.config.training.global_batch_size
         self.tokens_seen += summary.real_tokens
-        self.metrics.record(self.step, summary, exit_threshold=exit_threshold, lr=ran.lr,
-                            seconds=time.perf_counter() - step_started, data_wait_seconds=ran.data_wait_seconds,
-                            samples_seen=self.samples_seen, tokens_seen=self.tokens_seen)
+        self.metrics.record(
+            self.step,
+            summary,
+            exit_threshold=exit_threshold,
+            lr=ran.lr,
+            seconds=time.perf_counter() - step_started,
+            data_wait_seconds=ran.data_wait_seconds,
+            samples_seen=self.samples_seen,
+            tokens_seen=self.tokens_seen,
+        )
         if summary.stop_preempted and self.world.is_main:
-            log.warning("preemption requested (%s): saving a checkpoint at step %d, then exiting",
-                        self.preemption.signal_name or "signal on another rank", self.step)
+            log.warning(
+                "preemption requested (%s): saving a checkpoint at step %d, then exiting",
+                self.preemption.signal_name or "signal on another rank",
+                self.step,
+            )
         return summary
-

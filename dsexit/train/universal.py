@@ -36,15 +36,33 @@ def convert_to_universal(ref: CheckpointRef, world: WorldInfo) -> str:
     """Convert once (rank 0), wait for it everywhere; returns the load_dir to pass with ref.tag."""
     output = os.path.join(universal_root(ref), ref.tag)
     if world.is_main and not os.path.exists(os.path.join(output, _DONE)):
-        log.info("checkpoint %s was saved at data-parallel size %s (ZeRO %s); converting it to the universal "
-                 "format in %s", ref.tag, ref.meta["dp_size"], ref.meta["zero_stage"], output)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
-                   "--num_extract_workers", "1", "--num_merge_workers", "1",
-                   "--input_folder", ref.path, "--output_folder", output]
+        log.info(
+            "checkpoint %s was saved at data-parallel size %s (ZeRO %s); converting it to the universal format in %s",
+            ref.tag,
+            ref.meta["dp_size"],
+            ref.meta["zero_stage"],
+            output,
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--inject_missing_state",
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--input_folder",
+            ref.path,
+            "--output_folder",
+            output,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {ref.path} (exit {result.returncode}):\n"
-                               f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+            raise RuntimeError(
+                f"ds_to_universal failed on {ref.path} (exit {result.returncode}):\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            )
         atomic_write(os.path.join(output, _DONE), ref.tag)
     barrier()
     return universal_root(ref)

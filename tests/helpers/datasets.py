@@ -40,8 +40,12 @@ def decode_sample_numbers(input_ids) -> list[int]:
 
 def write_synthetic_dataset(url: str, num_samples: int, rows_per_shard: int, seq_len: int = 16, storage_options=None):
     """A dataset whose sample n is `[CLS] n//1000 n%1000 [SEP] [PAD]...` (offset by _ID_BASE)."""
-    tokenizer = TextTokenizer("wordpiece", os.path.join(DEFAULT_DATA_URL, "vocab.txt"), 30522,
-                              {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103})
+    tokenizer = TextTokenizer(
+        "wordpiece",
+        os.path.join(DEFAULT_DATA_URL, "vocab.txt"),
+        30522,
+        {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103},
+    )
     row_bytes = seq_len * 2
     with StagedOutput(url, overwrite=True, storage_options=storage_options) as output:
         writer = ShardWriter(output.staging_url, tokenizer, seq_len, rows_per_shard * row_bytes, storage_options)
@@ -69,8 +73,12 @@ def moby_sample(tmp_path_factory):
     return folder, documents
 
 
-SENTENCES = ["The whale swam past the ship at dawn.", "Every sailor on the deck watched it go.",
-             "The captain said nothing for a long time.", "Then the wind turned and the sails filled."]
+SENTENCES = [
+    "The whale swam past the ship at dawn.",
+    "Every sailor on the deck watched it go.",
+    "The captain said nothing for a long time.",
+    "Then the wind turned and the sails filled.",
+]
 
 
 def jsonl_corpus(path: Path, documents: int, bad_line: int | None = None) -> Path:

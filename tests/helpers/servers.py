@@ -18,8 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1"}  # for botocore's signing only; moto accepts anything
+DUMMY_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}  # for botocore's signing only; moto accepts anything
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -39,8 +42,16 @@ class S3Server:
     """moto's S3 server as a child process on `host:port`; `stop()` loses every bucket and `start()`
     brings it back, empty, on the same endpoint. `prefix` runs it elsewhere (`ip netns exec NS`)."""
 
-    def __init__(self, log_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 prefix: list[str] | None = None, key_id: str = "testing", secret: str = "testing"):
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: list[str] | None = None,
+        key_id: str = "testing",
+        secret: str = "testing",
+    ):
         self.log_dir, self.host, self.prefix = Path(log_dir), host, list(prefix or [])
         self.port = port or free_port(host)
         self.endpoint = f"http://{host}:{self.port}"
@@ -50,8 +61,12 @@ class S3Server:
     @property
     def env(self) -> dict[str, str]:
         """What a client process needs to reach this server through botocore's environment."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+        }
 
     @property
     def storage_options(self) -> dict:
@@ -64,14 +79,19 @@ class S3Server:
             raise RuntimeError("moto_server is not installed; run ./scripts/setup.sh (pip install -e '.[test]')")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"moto-{self.port}.log", "ab") as log:
-            self.process = subprocess.Popen([*self.prefix, program, "-H", self.host, "-p", str(self.port)],
-                                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+            self.process = subprocess.Popen(
+                [*self.prefix, program, "-H", self.host, "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"moto_server did not answer on {self.endpoint} within {timeout:.0f} s "
-                                   f"(log in {self.log_dir})")
+                raise RuntimeError(
+                    f"moto_server did not answer on {self.endpoint} within {timeout:.0f} s (log in {self.log_dir})"
+                )
             time.sleep(0.1)
         return self
 

@@ -13,11 +13,30 @@ from pathlib import Path
 
 import pytest
 
-
 POSITIVE = ("good", "great", "excellent", "wonderful", "fine", "happy")
 NEGATIVE = ("bad", "awful", "terrible", "horrible", "poor", "sad")
-FILLER = ("the", "movie", "was", "a", "story", "and", "it", "felt", "very", "quite", "plot", "actors",
-          "film", "of", "with", "really", "scene", "music", "ending", "overall")
+FILLER = (
+    "the",
+    "movie",
+    "was",
+    "a",
+    "story",
+    "and",
+    "it",
+    "felt",
+    "very",
+    "quite",
+    "plot",
+    "actors",
+    "film",
+    "of",
+    "with",
+    "really",
+    "scene",
+    "music",
+    "ending",
+    "overall",
+)
 
 
 def write_jsonl(path: Path, records) -> None:
@@ -55,8 +74,15 @@ def tiny_export(tmp_path_factory) -> Path:
 
     directory = tmp_path_factory.mktemp("tiny_export")
     torch.manual_seed(0)
-    config = ElectraConfig(vocab_size=30522, embedding_size=32, hidden_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)
+    config = ElectraConfig(
+        vocab_size=30522,
+        embedding_size=32,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     ElectraForPreTraining(config).save_pretrained(directory)
     save_hf_tokenizer(DEFAULT_DATA_URL, str(directory))
     return directory

@@ -12,8 +12,9 @@ import pytest
 @pytest.fixture(autouse=True)
 def no_child_processes(monkeypatch, request):
     def refuse(*args, **kwargs):
-        raise AssertionError(f"{request.node.nodeid} starts a child process; "
-                             "unit tests run in process (move it to tests/integration/)")
+        raise AssertionError(
+            f"{request.node.nodeid} starts a child process; unit tests run in process (move it to tests/integration/)"
+        )
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -18,11 +18,32 @@ def test_device_scale_dry_run_goes_through_the_whole_path(tmp_path):
     out = tmp_path / "device.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, str(Path(bench.__file__)), "--scale", "device", "--dry-run", "--arms", "baseline",
-         "exit-0.50", "generator-free", "--corpus", str(shared / "corpus"), "--task",
-         str(shared / "downstream" / "rt_sentiment"), "--data-cache", str(tmp_path / "data"),
-         "--work-dir", str(tmp_path / "work"), "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            str(Path(bench.__file__)),
+            "--scale",
+            "device",
+            "--dry-run",
+            "--arms",
+            "baseline",
+            "exit-0.50",
+            "generator-free",
+            "--corpus",
+            str(shared / "corpus"),
+            "--task",
+            str(shared / "downstream" / "rt_sentiment"),
+            "--data-cache",
+            str(tmp_path / "data"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = result.stdout.splitlines()
     assert lines[-1].startswith("RESULT pretrain_vs_exit time_saved_pct=") and "nan" not in lines[-1]

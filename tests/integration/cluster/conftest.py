@@ -24,14 +24,33 @@ VENV_BIN = Path(sys.executable).parent
 BUCKET = "dsexit-cluster"
 GLOBAL_BATCH = 8
 # What every cluster test trains: small, fast, one log line and one metrics record per step.
-TINY_RUN = ["--model", "electra-tiny", "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "4",
-            "--log-interval", "1", "--progress", "lines", "--no-export-hf", "--no-tensorboard", "--no-csv"]
+TINY_RUN = [
+    "--model",
+    "electra-tiny",
+    "--global-batch-size",
+    str(GLOBAL_BATCH),
+    "--micro-batch-size",
+    "4",
+    "--log-interval",
+    "1",
+    "--progress",
+    "lines",
+    "--no-export-hf",
+    "--no-tensorboard",
+    "--no-csv",
+]
 
 
 def node_env(node: Node, **extra: str) -> dict[str, str]:
     """Environment of a node's launcher: CPU DeepSpeed, one thread per rank, gloo on the node's interface."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "GLOO_SOCKET_IFNAME": node.interface, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "GLOO_SOCKET_IFNAME": node.interface,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+    }
     env.update(extra)
     return env
 
@@ -79,9 +98,17 @@ def reference_digests(steps: int, seed: int = 1234) -> list[str]:
     from dsexit.train.step_stats import sample_fingerprints
 
     digests = []
-    with tempfile.TemporaryDirectory() as cache, StreamingShardReader(
-            DEFAULT_DATA_URL, global_batch_size=GLOBAL_BATCH, micro_batch_size=GLOBAL_BATCH, seed=seed,
-            prefetch=0, cache_dir=cache) as reader:
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        StreamingShardReader(
+            DEFAULT_DATA_URL,
+            global_batch_size=GLOBAL_BATCH,
+            micro_batch_size=GLOBAL_BATCH,
+            seed=seed,
+            prefetch=0,
+            cache_dir=cache,
+        ) as reader,
+    ):
         for _ in range(steps):
             fingerprints = sample_fingerprints(next(reader)["input_ids"])
             step = hashlib.blake2b(fingerprints.sort().values.numpy().tobytes(), digest_size=8).hexdigest()
@@ -91,11 +118,18 @@ def reference_digests(steps: int, seed: int = 1234) -> list[str]:
 
 def seed_bucket(server: S3Server, node: Node) -> None:
     """Upload the embedded corpus to s3://BUCKET/data from node 0 (where the server is reachable)."""
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['seed_s3.py', 's3://{BUCKET}/data']\n"
-            f"runpy.run_path({str(REPO / 'docker' / 'seed_s3.py')!r}, run_name='__main__')")
-    result = subprocess.run(node.prefix + [sys.executable, "-c", code], env={**os.environ, **server.env},
-                            capture_output=True, text=True, timeout=120)
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['seed_s3.py', 's3://{BUCKET}/data']\n"
+        f"runpy.run_path({str(REPO / 'docker' / 'seed_s3.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        node.prefix + [sys.executable, "-c", code],
+        env={**os.environ, **server.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode:
         raise RuntimeError(f"seeding s3://{BUCKET}/data failed:\n{result.stderr}")
 
@@ -112,8 +146,12 @@ def two_hosts(request):
 def s3(two_hosts, tmp_path_factory):
     """moto's S3 server on node 0, with the embedded corpus uploaded to s3://BUCKET/data."""
     node = two_hosts.nodes[0]
-    server = S3Server(tmp_path_factory.mktemp("s3"), host=node.address,
-                      port=9000 if two_hosts.mode == "netns" else free_port(), prefix=node.prefix).start()
+    server = S3Server(
+        tmp_path_factory.mktemp("s3"),
+        host=node.address,
+        port=9000 if two_hosts.mode == "netns" else free_port(),
+        prefix=node.prefix,
+    ).start()
     seed_bucket(server, node)
     yield server
     server.stop()
@@ -123,10 +161,18 @@ def entrypoint_command(*args: str) -> list[str]:
     return [str(REPO / "docker" / "entrypoint.sh"), *args]
 
 
-def launch_node(node: Node, hosts: TwoHosts, s3: S3Server, master_port: int, log_path: Path, run_dir: Path,
-                *args: str) -> subprocess.Popen:
+def launch_node(
+    node: Node, hosts: TwoHosts, s3: S3Server, master_port: int, log_path: Path, run_dir: Path, *args: str
+) -> subprocess.Popen:
     """docker/entrypoint.sh on `node`: one DeepSpeed launcher, one rank, data and checkpoints on S3."""
-    env = node_env(node, **s3.env, NNODES="2", NODE_RANK=str(node.rank), MASTER_ADDR=hosts.nodes[0].address,
-                   MASTER_PORT=str(master_port), NPROC_PER_NODE="1")
+    env = node_env(
+        node,
+        **s3.env,
+        NNODES="2",
+        NODE_RANK=str(node.rank),
+        MASTER_ADDR=hosts.nodes[0].address,
+        MASTER_PORT=str(master_port),
+        NPROC_PER_NODE="1",
+    )
     command = entrypoint_command("--run-dir", str(run_dir), "--data", f"s3://{BUCKET}/data", *TINY_RUN, *args)
     return node.start(command, log_path, env, cwd=str(REPO))

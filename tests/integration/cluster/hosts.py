@@ -38,11 +38,14 @@ class Node:
         """Command prefix that runs a program on this node."""
         return ["ip", "netns", "exec", self.namespace] if self.namespace else []
 
-    def start(self, command: list[str], log_path: Path, env: dict[str, str], cwd: str | None = None) -> subprocess.Popen:
+    def start(
+        self, command: list[str], log_path: Path, env: dict[str, str], cwd: str | None = None
+    ) -> subprocess.Popen:
         """A process on this node, in its own session so the node's processes can be killed together."""
         log = open(log_path, "ab")
-        process = subprocess.Popen(self.prefix + command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            self.prefix + command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
         log.close()
         self.processes.append(process)
         return process
@@ -60,8 +63,9 @@ class Node:
     def set_link(self, up: bool) -> None:
         """Cut or restore this node's network (namespaces only)."""
         if self.namespace:
-            subprocess.run(["ip", "-n", self.namespace, "link", "set", self.interface, "up" if up else "down"],
-                           check=True)
+            subprocess.run(
+                ["ip", "-n", self.namespace, "link", "set", self.interface, "up" if up else "down"], check=True
+            )
 
 
 class TwoHosts:
@@ -78,8 +82,10 @@ class TwoHosts:
 
     def describe(self) -> str:
         if self.mode == "netns":
-            return (f"MODE netns: two hosts in network namespaces {self.nodes[0].namespace} ({self.nodes[0].address}) "
-                    f"and {self.nodes[1].namespace} ({self.nodes[1].address}) joined by a veth pair")
+            return (
+                f"MODE netns: two hosts in network namespaces {self.nodes[0].namespace} ({self.nodes[0].address}) "
+                f"and {self.nodes[1].namespace} ({self.nodes[1].address}) joined by a veth pair"
+            )
         return f"MODE loopback (fallback): both nodes on 127.0.0.1 - {self.reason}"
 
     def _namespace(self, rank: int) -> str:

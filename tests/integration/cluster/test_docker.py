@@ -19,8 +19,25 @@ from tests.helpers import REPO
 
 DOCKER = REPO / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu"]
-INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "ENTRYPOINT", "CMD", "LABEL", "USER",
-                "EXPOSE", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
+INSTRUCTIONS = {
+    "FROM",
+    "ARG",
+    "ENV",
+    "RUN",
+    "COPY",
+    "ADD",
+    "WORKDIR",
+    "ENTRYPOINT",
+    "CMD",
+    "LABEL",
+    "USER",
+    "EXPOSE",
+    "VOLUME",
+    "SHELL",
+    "HEALTHCHECK",
+    "STOPSIGNAL",
+    "ONBUILD",
+}
 CLUSTER_DOCS = {"README.md": REPO / "README.md", "docs/cluster.md": REPO / "docs" / "cluster.md"}
 
 
@@ -55,19 +72,26 @@ def test_dockerfile_parses_and_copies_existing_paths(dockerfile):
             parts = [part for part in shlex.split(arguments) if not part.startswith("--")]
             assert len(parts) >= 2, f"{dockerfile.name}: {keyword} {arguments} needs a source and a destination"
             for source in parts[:-1]:
-                assert (REPO / source).exists(), f"{dockerfile.name}: {keyword} source {source} is not in the repository"
+                assert (REPO / source).exists(), (
+                    f"{dockerfile.name}: {keyword} source {source} is not in the repository"
+                )
                 copied.append(source)
         if keyword in ("ENTRYPOINT", "CMD") and arguments.startswith("["):
             json.loads(arguments)  # exec form must be a JSON array
     entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
     workdir = dict(instructions)["WORKDIR"]
     # PID 1 is an init that passes docker stop's SIGTERM on (tests/train/test_preemption.py runs it so).
-    assert entrypoint[0] == "/usr/bin/tini" and "--" in entrypoint, f"{dockerfile.name}: ENTRYPOINT {entrypoint} has no init"
-    assert any(keyword == "RUN" and re.search(r"apt-get install [^&]*\btini\b", arguments)
-               for keyword, arguments in instructions), f"{dockerfile.name} does not install tini"
+    assert entrypoint[0] == "/usr/bin/tini" and "--" in entrypoint, (
+        f"{dockerfile.name}: ENTRYPOINT {entrypoint} has no init"
+    )
+    assert any(
+        keyword == "RUN" and re.search(r"apt-get install [^&]*\btini\b", arguments)
+        for keyword, arguments in instructions
+    ), f"{dockerfile.name} does not install tini"
     script = entrypoint[entrypoint.index("--") + 1]
-    assert script.startswith(workdir + "/") and script.removeprefix(workdir + "/") in \
-        {target for source in copied for target in (source, f"docker/{Path(source).name}")}, entrypoint
+    assert script.startswith(workdir + "/") and script.removeprefix(workdir + "/") in {
+        target for source in copied for target in (source, f"docker/{Path(source).name}")
+    }, entrypoint
     # Everything the entrypoint runs is in the image.
     for needed in ("launch", "ds_configs", "dsexit", "pyproject.toml", "docker/entrypoint.sh", "docker/seed_s3.py"):
         assert any(source == needed for source in copied), f"{dockerfile.name} does not COPY {needed}"
@@ -119,11 +143,12 @@ def _documented_launch(document: Path) -> list[str]:
     heading = re.search(r"^(#+) Run on a cluster\s*$", text, re.MULTILINE)
     assert heading, f"{document.name} has no 'Run on a cluster' section (paste it from docs/cluster.md)"
     level = len(heading.group(1))
-    rest = text[heading.end():]
+    rest = text[heading.end() :]
     following = re.search(rf"^#{{1,{level}}} ", rest, re.MULTILINE)
-    section = (rest[:following.start()] if following else rest).replace("\\\n", " ")
-    commands = [line.strip() for line in section.splitlines()
-                if line.strip().startswith("deepspeed ") and "--no_ssh" in line]
+    section = (rest[: following.start()] if following else rest).replace("\\\n", " ")
+    commands = [
+        line.strip() for line in section.splitlines() if line.strip().startswith("deepspeed ") and "--no_ssh" in line
+    ]
     assert len(commands) == 1, f"{document.name}: expected one `deepspeed --no_ssh` command, found {commands}"
     return shlex.split(commands[0])
 
@@ -151,14 +176,24 @@ def test_docker_build_and_two_node_compose_job(tmp_path):
     compose = ["docker", "compose", "-f", str(DOCKER / "compose.yaml"), "-p", f"dsexit-test-{tmp_path.name[-12:]}"]
     env = {**dict(__import__("os").environ), "MAX_STEPS": "4"}
     try:
-        result = subprocess.run(compose + ["up", "--build", "--abort-on-container-exit", "--exit-code-from", "node0"],
-                                capture_output=True, text=True, env=env, timeout=3600)
+        result = subprocess.run(
+            compose + ["up", "--build", "--abort-on-container-exit", "--exit-code-from", "node0"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=3600,
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-6000:]
         assert "step=4/4" in output and "stopping at step 4: finished" in output
         # Up again: both nodes resume from the checkpoint in S3 and stop at once.
-        result = subprocess.run(compose + ["up", "--abort-on-container-exit", "--exit-code-from", "node0",
-                                           "node0", "node1"], capture_output=True, text=True, env=env, timeout=1800)
+        result = subprocess.run(
+            compose + ["up", "--abort-on-container-exit", "--exit-code-from", "node0", "node0", "node1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
         assert result.returncode == 0 and "at step 4" in result.stdout + result.stderr
     finally:
         subprocess.run(compose + ["down", "-v"], capture_output=True, timeout=600)

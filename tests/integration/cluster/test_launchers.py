@@ -11,10 +11,8 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from tests.helpers.servers import free_port
 from tests.helpers import REPO
+from tests.helpers.servers import free_port
 from tests.integration.cluster.conftest import TINY_RUN, VENV_BIN, node_env, read_log, wait_all
 
 
@@ -32,7 +30,8 @@ class SshHosts:
         self.port = 22 if hosts.mode == "netns" else free_port()
         # In loopback mode both "hosts" are this machine under two names.
         self.names = [node.address for node in hosts.nodes] if hosts.mode == "netns" else ["localhost", "127.0.0.1"]
-        (tmp / "ssh_config").write_text(textwrap.dedent(f"""\
+        (tmp / "ssh_config").write_text(
+            textwrap.dedent(f"""\
             Host *
                 IdentityFile {tmp}/client_key
                 Port {self.port}
@@ -40,12 +39,14 @@ class SshHosts:
                 UserKnownHostsFile /dev/null
                 BatchMode yes
                 LogLevel ERROR
-            """))
+            """)
+        )
         ssh = self.bin / "ssh"
         ssh.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {tmp}/ssh_config "$@"\n')
         ssh.chmod(0o755)
         config = tmp / "sshd_config"
-        config.write_text(textwrap.dedent(f"""\
+        config.write_text(
+            textwrap.dedent(f"""\
             Port {self.port}
             HostKey {tmp}/host_key
             AuthorizedKeysFile {tmp}/authorized_keys
@@ -55,11 +56,15 @@ class SshHosts:
             UsePAM no
             StrictModes no
             PidFile none
-            """))
+            """)
+        )
         servers = hosts.nodes if hosts.mode == "netns" else hosts.nodes[:1]
         for node in servers:
-            node.start(["/usr/sbin/sshd", "-D", "-e", "-f", str(config), "-o", f"ListenAddress={node.address}"],
-                       tmp / f"sshd-{node.rank}.log", env=dict(os.environ))
+            node.start(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", str(config), "-o", f"ListenAddress={node.address}"],
+                tmp / f"sshd-{node.rank}.log",
+                env=dict(os.environ),
+            )
         for name in self.names:  # wait until each answers
             for _ in range(50):
                 probe = subprocess.run(hosts.nodes[0].prefix + [str(ssh), name, "true"], capture_output=True)
@@ -80,12 +85,29 @@ def test_hostfile_pdsh_two_hosts(two_hosts, tmp_path):
     hostfile.write_text("".join(f"{name} slots=1\n" for name in ssh.names))
     # pdsh's remote shells get only DeepSpeed's exports and .deepspeed_env (from the working directory).
     node0 = two_hosts.nodes[0]
-    (tmp_path / ".deepspeed_env").write_text(f"DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nGLOO_SOCKET_IFNAME={node0.interface}\n")
+    (tmp_path / ".deepspeed_env").write_text(
+        f"DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nGLOO_SOCKET_IFNAME={node0.interface}\n"
+    )
     run_dir = tmp_path / "run"
-    command = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--master_addr", node0.address,
-               "--master_port", str(29600 if two_hosts.mode == "netns" else free_port()),
-               str(REPO / "launch" / "pretrain.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"),
-               "--run-dir", str(run_dir), "--max-steps", "3", "--save-interval", "3", *TINY_RUN]
+    command = [
+        str(VENV_BIN / "deepspeed"),
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        node0.address,
+        "--master_port",
+        str(29600 if two_hosts.mode == "netns" else free_port()),
+        str(REPO / "launch" / "pretrain.py"),
+        "--deepspeed",
+        str(REPO / "ds_configs" / "zero2.json"),
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        "3",
+        "--save-interval",
+        "3",
+        *TINY_RUN,
+    ]
     env = node_env(node0, PATH=f"{ssh.bin}:{VENV_BIN}:{os.environ.get('PATH', '')}")
     log = tmp_path / "pdsh.log"
     launcher = node0.start(command, log, env, cwd=str(tmp_path))
@@ -98,4 +120,3 @@ def test_hostfile_pdsh_two_hosts(two_hosts, tmp_path):
     assert "step=3/3" in text and (run_dir / "checkpoints" / "global_step3" / "dsexit_checkpoint.json").exists()
     # Each host's rank wrote its own ZeRO-2 optimizer shard into the shared checkpoint.
     assert len(list((run_dir / "checkpoints" / "global_step3").glob("*zero_pp_rank_*optim_states.pt"))) == 2
-

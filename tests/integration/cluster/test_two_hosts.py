@@ -10,7 +10,14 @@ import re
 import shutil
 import time
 
-from tests.integration.cluster.conftest import launch_node, metrics, read_log, reference_digests, wait_all, wait_for_text
+from tests.integration.cluster.conftest import (
+    launch_node,
+    metrics,
+    read_log,
+    reference_digests,
+    wait_all,
+    wait_for_text,
+)
 
 FIRST_STEPS, TOTAL_STEPS, SAVE_INTERVAL = 4, 10, 2
 DIST_TIMEOUT_S = 20  # how long node 0 waits for a silent peer
@@ -19,8 +26,10 @@ LOSS_BOUND_S = 120  # node 0 must be gone this long after node 1 vanished
 
 def _launch_both(hosts, s3, tmp_path, name: str, master_port: int, *args: str):
     logs = [tmp_path / f"{name}-node{node.rank}.log" for node in hosts.nodes]
-    processes = [launch_node(node, hosts, s3, master_port, logs[node.rank], tmp_path / f"node{node.rank}", *args)
-                 for node in hosts.nodes]
+    processes = [
+        launch_node(node, hosts, s3, master_port, logs[node.rank], tmp_path / f"node{node.rank}", *args)
+        for node in hosts.nodes
+    ]
     return processes, logs
 
 
@@ -33,14 +42,22 @@ def _assert_succeeded(processes, logs, seconds=240):
 def _complete_steps(run_dir) -> list[int]:
     """Steps of the complete checkpoints in node 0's staging copy (marker written last)."""
     root = run_dir / "checkpoints"
-    return sorted(int(path.parent.name.removeprefix("global_step")) for path in root.glob("global_step*/dsexit_checkpoint.json"))
+    return sorted(
+        int(path.parent.name.removeprefix("global_step")) for path in root.glob("global_step*/dsexit_checkpoint.json")
+    )
 
 
 def test_zero2_two_hosts_resume_and_node_loss(two_hosts, s3, tmp_path):
     print(two_hosts.describe())
     hosts, node0_dir, node1_dir = two_hosts, tmp_path / "node0", tmp_path / "node1"
-    common = ("--deepspeed", "ds_configs/zero2.json", "--save-interval", str(SAVE_INTERVAL),
-              "--checkpoint-dir", f"s3://{'dsexit-cluster'}/{tmp_path.name}/checkpoints")
+    common = (
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        "--save-interval",
+        str(SAVE_INTERVAL),
+        "--checkpoint-dir",
+        f"s3://{'dsexit-cluster'}/{tmp_path.name}/checkpoints",
+    )
 
     # 1. Two hosts train FIRST_STEPS steps with ZeRO-2 and checkpoint to S3.
     processes, logs = _launch_both(hosts, s3, tmp_path, "first", 29500, *common, "--max-steps", str(FIRST_STEPS))
@@ -52,10 +69,21 @@ def test_zero2_two_hosts_resume_and_node_loss(two_hosts, s3, tmp_path):
 
     # 2. Both restarted, node 1 on an empty disk: it fetches the checkpoint from S3; both resume at step 4.
     shutil.rmtree(node1_dir)
-    processes, logs = _launch_both(hosts, s3, tmp_path, "second", 29501, *common, "--max-steps", str(TOTAL_STEPS),
-                                   "--dist-timeout", str(DIST_TIMEOUT_S))
-    assert f"resumed from {node0_dir}/checkpoints/global_step{FIRST_STEPS} at step {FIRST_STEPS}" in \
-        _wait_then_read(logs[0], "resumed from", processes)
+    processes, logs = _launch_both(
+        hosts,
+        s3,
+        tmp_path,
+        "second",
+        29501,
+        *common,
+        "--max-steps",
+        str(TOTAL_STEPS),
+        "--dist-timeout",
+        str(DIST_TIMEOUT_S),
+    )
+    assert f"resumed from {node0_dir}/checkpoints/global_step{FIRST_STEPS} at step {FIRST_STEPS}" in _wait_then_read(
+        logs[0], "resumed from", processes
+    )
     wait_for_text(logs[1], f"downloading checkpoint global_step{FIRST_STEPS}", 60, processes)
     assert f"step={FIRST_STEPS + 1}/{TOTAL_STEPS}" in _wait_then_read(logs[0], f"step={FIRST_STEPS + 1}/", processes)
 

@@ -24,7 +24,9 @@ def test_wordpiece_dataset_matches_the_electra_tokenizer_and_its_index(moby_samp
     folder, documents = moby_sample
     vocab = shared_file("tokenizer/bert-base-uncased-vocab.txt")
     out = tmp_path / "ds"
-    result = _run("--input", folder / "*.jsonl.gz", "--out", out, "--tokenizer", f"wordpiece:{vocab}", "--shard-mb", "0.02")
+    result = _run(
+        "--input", folder / "*.jsonl.gz", "--out", out, "--tokenizer", f"wordpiece:{vocab}", "--shard-mb", "0.02"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()  # off a terminal, progress is plain lines, not a redrawn bar
     assert lines and "\r" not in result.stderr and all(line.startswith("prepare_data: ") for line in lines)
@@ -50,8 +52,12 @@ def test_wordpiece_dataset_matches_the_electra_tokenizer_and_its_index(moby_samp
     }
     for validation, rows in sides.items():
         packed = [int(t) for t in rows.ravel() if t not in (0, 101, 102)]
-        expected = [t for d, side in zip(documents, held_out) if side == validation
-                    for t in hf(d, add_special_tokens=False)["input_ids"]]
+        expected = [
+            t
+            for d, side in zip(documents, held_out)
+            if side == validation
+            for t in hf(d, add_special_tokens=False)["input_ids"]
+        ]
         assert packed == expected and expected
     # Hugging Face's pair encoding has the segment ids the reader derives from the ids.
     pair = hf("Call me Ishmael.", "Some years ago.")

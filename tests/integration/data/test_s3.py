@@ -11,9 +11,7 @@ import torch
 
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex, ShardCorruptError, StreamingShardReader
 from dsexit.data.prepare import prepare_dataset
-
 from tests.helpers.datasets import decode_sample_numbers, shared_file, write_synthetic_dataset
-
 
 OUTAGE_S = 4.0
 
@@ -39,8 +37,10 @@ def test_prepare_to_s3_streams_back_the_same_samples_as_a_local_copy(s3_server, 
     assert DatasetIndex.load(url, s3_server.storage_options).to_json() == local.to_json()
 
     layout = dict(global_batch_size=32, micro_batch_size=16, dp_rank=1, dp_size=2, seed=3, shuffle_window=2)
-    with StreamingShardReader(url, storage_options=s3_server.storage_options, **layout) as from_s3, \
-         StreamingShardReader(str(tmp_path / "moby"), **layout) as from_disk:
+    with (
+        StreamingShardReader(url, storage_options=s3_server.storage_options, **layout) as from_s3,
+        StreamingShardReader(str(tmp_path / "moby"), **layout) as from_disk,
+    ):
         for _ in range(40):
             a, b = next(from_s3), next(from_disk)
             assert all(torch.equal(a[key], b[key]) for key in a)
@@ -80,8 +80,14 @@ def test_server_restart_mid_stream_loses_and_repeats_nothing(restartable_s3, tmp
 
     # botocore's own retries off, and an outage longer than s3fs's ~2 s of retries, so it reaches the reader's.
     storage_options = dict(restartable_s3.storage_options, config_kwargs={"retries": {"max_attempts": 1}})
-    reader = StreamingShardReader(url, storage_options=storage_options, retries=8,
-                                  retry_base_delay_s=0.1, cache_dir=str(tmp_path / "cache"), **options)
+    reader = StreamingShardReader(
+        url,
+        storage_options=storage_options,
+        retries=8,
+        retry_base_delay_s=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        **options,
+    )
     seen = [n for _ in range(10) for n in decode_sample_numbers(next(reader)["input_ids"])]
     restartable_s3.stop()
     outage_started = time.monotonic()
@@ -110,7 +116,9 @@ def test_corrupt_shard_on_s3_names_the_shard_url_and_both_hashes(s3_server, s3_b
     data = bytearray(fs.cat_file(path))
     data[40] ^= 0xFF
     fs.pipe_file(path, bytes(data))
-    with StreamingShardReader(url, global_batch_size=64, micro_batch_size=64, storage_options=s3_server.storage_options) as reader:
+    with StreamingShardReader(
+        url, global_batch_size=64, micro_batch_size=64, storage_options=s3_server.storage_options
+    ) as reader:
         with pytest.raises(ShardCorruptError) as error:
             next(reader)
     message = str(error.value)
@@ -120,8 +128,9 @@ def test_corrupt_shard_on_s3_names_the_shard_url_and_both_hashes(s3_server, s3_b
 
 def test_missing_url_and_malformed_index_on_s3_are_named(s3_server, s3_bucket):
     with pytest.raises(FileNotFoundError, match=f"No dataset at {s3_bucket}/absent"):
-        StreamingShardReader(f"{s3_bucket}/absent", global_batch_size=8, micro_batch_size=8,
-                             storage_options=s3_server.storage_options)
+        StreamingShardReader(
+            f"{s3_bucket}/absent", global_batch_size=8, micro_batch_size=8, storage_options=s3_server.storage_options
+        )
     url = f"{s3_bucket}/synthetic-malformed"
     write_synthetic_dataset(url, 16, 16, storage_options=s3_server.storage_options)
     _s3_fs(s3_server).pipe_file(f"{url.removeprefix('s3://')}/index.json", b'{"format": "something-else"}')

@@ -46,13 +46,21 @@ def test_two_processes_on_one_cache_download_each_shard_once_and_read_correct_by
     cache_dir, barrier = tmp_path / "node-cache", tmp_path / "barrier"
     barrier.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK, url, str(cache_dir), str(barrier), f"rank{rank}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for rank in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, url, str(cache_dir), str(barrier), f"rank{rank}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(2)
+    ]
     deadline = time.monotonic() + 120
     while not all((barrier / f"rank{rank}").exists() for rank in range(2)):
-        assert time.monotonic() < deadline and all(rank.poll() is None for rank in ranks), \
-            [rank.communicate() for rank in ranks if rank.poll() is not None]
+        assert time.monotonic() < deadline and all(rank.poll() is None for rank in ranks), [
+            rank.communicate() for rank in ranks if rank.poll() is not None
+        ]
         time.sleep(0.05)
     (barrier / "go").touch()
     results = []
@@ -64,6 +72,7 @@ def test_two_processes_on_one_cache_download_each_shard_once_and_read_correct_by
     assert sum(result["downloads"] for result in results) == len(index.shards)  # once per node, not per rank
     expected = [shard.sha256 for shard in index.shards]
     assert [result["digests"] for result in results] == [expected, expected]
-    assert sorted(name for name in os.listdir(cache_dir) if name.endswith(".bin")) == \
-        sorted(f"{sha256}.bin" for sha256 in expected)
+    assert sorted(name for name in os.listdir(cache_dir) if name.endswith(".bin")) == sorted(
+        f"{sha256}.bin" for sha256 in expected
+    )
     assert not [name for name in os.listdir(cache_dir) if name.endswith(".part")]

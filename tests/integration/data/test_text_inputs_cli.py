@@ -16,19 +16,38 @@ SCRIPT = REPO / "launch" / "prepare_data.py"
 WORDS = "the sea ship and a of to in was it he his with on that for as whale boat captain".split()
 
 
-@pytest.mark.parametrize("kind, encoding, expected", [
-    ("random", "utf-8", "NUL"),  # the one line names the file and what gave it away
-    ("random", "latin-1", "NUL"),
-    ("controls", "latin-1", "control characters"),
-    ("utf16", "utf-8", "--encoding utf-16"),  # and the flag that reads it
-])
+@pytest.mark.parametrize(
+    "kind, encoding, expected",
+    [
+        ("random", "utf-8", "NUL"),  # the one line names the file and what gave it away
+        ("random", "latin-1", "NUL"),
+        ("controls", "latin-1", "control characters"),
+        ("utf16", "utf-8", "--encoding utf-16"),  # and the flag that reads it
+    ],
+)
 def test_binary_input_exits_2_with_one_line_and_writes_nothing(tmp_path, kind, encoding, expected):
     path = tmp_path / "garbage.txt"
     path.write_bytes(_garbage(kind))
     out = tmp_path / "ds"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(path), "--out", str(out),
-                             "--tokenizer", "train:1000", "--encoding", encoding, "--undecodable", "skip"],
-                            capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--input",
+            str(path),
+            "--out",
+            str(out),
+            "--tokenizer",
+            "train:1000",
+            "--encoding",
+            encoding,
+            "--undecodable",
+            "skip",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("prepare_data: error:"), result.stderr
     assert str(path) in result.stderr
@@ -71,10 +90,26 @@ def _garbage(kind: str) -> bytes:
 
 
 def _peak_rss(tmp_path, text_path: Path, name: str) -> int:
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(SCRIPT.parent), "--input", str(text_path),
-                             "--out", str(tmp_path / name), "--tokenizer", f"wordpiece:{DEFAULT_VOCAB}", "--validation-fraction", "0"],
-                            capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _MEASURE,
+            str(SCRIPT.parent),
+            "--input",
+            str(text_path),
+            "--out",
+            str(tmp_path / name),
+            "--tokenizer",
+            f"wordpiece:{DEFAULT_VOCAB}",
+            "--validation-fraction",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"},
+    )
     code, peak = result.stdout.split()[-2:]
     assert code == "0", result.stderr
     return int(peak)

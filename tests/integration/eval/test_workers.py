@@ -9,11 +9,19 @@ from tests.helpers.tasks import first_word_task  # noqa: F401  (a fixture)
 
 def test_probe_through_workers_matches_the_sequential_run(tiny_export, first_word_task):
     task = load_task(str(first_word_task))
-    config = FinetuneConfig(mode="probe", seeds=2, max_seq_len=16, max_train_examples=40, max_eval_examples=20,
-                            precision="fp32", progress="none")
+    config = FinetuneConfig(
+        mode="probe",
+        seeds=2,
+        max_seq_len=16,
+        max_train_examples=40,
+        max_eval_examples=20,
+        precision="fp32",
+        progress="none",
+    )
     finished = []
-    parallel = finetune_many([str(tiny_export)], task, config, workers=2,
-                             on_done=lambda model_dir, run: finished.append(run["seed"]))[0]
+    parallel = finetune_many(
+        [str(tiny_export)], task, config, workers=2, on_done=lambda model_dir, run: finished.append(run["seed"])
+    )[0]
     sequential = finetune(str(tiny_export), task, config)
     assert sorted(finished) == [1, 2]
     assert parallel["median"]["dev"] == pytest.approx(sequential["median"]["dev"])
@@ -32,11 +40,24 @@ def test_parallel_workers_give_each_model_its_own_sequential_results(tiny_export
     reinitialised = ElectraForPreTraining(ElectraForPreTraining.config_class.from_pretrained(tiny_export))
     reinitialised.save_pretrained(other)
     task = load_task(str(synthetic_task))
-    config = FinetuneConfig(lr=2e-3, epochs=1, batch_size=16, max_seq_len=32, seeds=2, precision="fp32",
-                            max_train_examples=128, progress="none")
+    config = FinetuneConfig(
+        lr=2e-3,
+        epochs=1,
+        batch_size=16,
+        max_seq_len=32,
+        seeds=2,
+        precision="fp32",
+        max_train_examples=128,
+        progress="none",
+    )
     finished = []
-    parallel = finetune_many([str(tiny_export), str(other)], task, config, workers=2,
-                             on_done=lambda model_dir, run: finished.append((model_dir, run["seed"])))
+    parallel = finetune_many(
+        [str(tiny_export), str(other)],
+        task,
+        config,
+        workers=2,
+        on_done=lambda model_dir, run: finished.append((model_dir, run["seed"])),
+    )
     assert sorted(finished) == sorted((str(d), s) for d in (tiny_export, other) for s in (1, 2))
     sequential = [finetune(str(model_dir), task, config) for model_dir in (tiny_export, other)]
     losses = {}

@@ -24,15 +24,23 @@ def batches(config, micro_batches, batch_size=4, seq_len=32, exit_plans=None):
         input_ids = torch.randint(200, config.vocab_size, (batch_size, seq_len), generator=generator)
         input_ids[:, 0] = config.cls_token_id
         attention_mask = torch.ones_like(input_ids)
-        attention_mask[0, seq_len - 5:] = 0
-        input_ids[0, seq_len - 5:] = config.pad_token_id
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+        attention_mask[0, seq_len - 5 :] = 0
+        input_ids[0, seq_len - 5 :] = config.pad_token_id
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": torch.zeros_like(input_ids),
+        }
         yield batch, (exit_plans[index] if exit_plans else None)
 
 
 def feed(config, micro_batches, exit_plans=None, exit_threshold=None):
-    return iter([micro_batch_inputs(batch, config, exit_threshold, None, plan)
-                 for batch, plan in batches(config, micro_batches, exit_plans=exit_plans)])
+    return iter(
+        [
+            micro_batch_inputs(batch, config, exit_threshold, None, plan)
+            for batch, plan in batches(config, micro_batches, exit_plans=exit_plans)
+        ]
+    )
 
 
 def main():
@@ -42,8 +50,9 @@ def main():
     if mode.startswith("grads:"):
         _, exit_kv, zero_stage = mode.split(":")
         return compare_gradients(out_dir, rank, exit_kv, int(zero_stage))
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=1000, hidden_dropout_prob=0.0,
-                                           attention_probs_dropout_prob=0.0)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny", vocab_size=1000, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     micro_batches = 4
     plans = None
     if mode == "exits":
@@ -57,11 +66,16 @@ def main():
     model = ElectraPreTrainingModel(config)
     reference_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     module = build_pipeline_module(config, num_stages=2, model=model)
-    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": micro_batches,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-                 "zero_optimization": {"stage": 1 if mode != "zero0" else 0}, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config,
-                                           model_parameters=[p for p in module.parameters()])
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": micro_batches,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": 1 if mode != "zero0" else 0},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, config=ds_config, model_parameters=[p for p in module.parameters()]
+    )
     stage_counters = module.stage_counters
     torch.manual_seed(123)
     losses = []
@@ -78,12 +92,20 @@ def main():
     torch.manual_seed(123)
     reference_losses = []
     for batch, plan in batches(config, micro_batches, exit_plans=plans):
-        output = reference(**batch, exit_plan=plan if plan is not None and (plan <= config.num_hidden_layers).any()
-                           else None)
+        output = reference(
+            **batch, exit_plan=plan if plan is not None and (plan <= config.num_hidden_layers).any() else None
+        )
         reference_losses.append(float(output.loss))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump({"losses": losses, "counters": counters, "stage": engine.stage_id,
-                   "reference_first_loss": sum(reference_losses) / len(reference_losses)}, handle)
+        json.dump(
+            {
+                "losses": losses,
+                "counters": counters,
+                "stage": engine.stage_id,
+                "reference_first_loss": sum(reference_losses) / len(reference_losses),
+            },
+            handle,
+        )
 
 
 GRAD_CLIP = 0.5
@@ -97,8 +119,7 @@ def step_settings(config, step: int):
     if step == 0:
         return None, 0.5
     generator = torch.Generator().manual_seed(100 + step)
-    plans = [torch.randint(1, config.num_hidden_layers + 2, (4, 32), generator=generator)
-             for _ in range(MICRO_BATCHES)]
+    plans = [torch.randint(1, config.num_hidden_layers + 2, (4, 32), generator=generator) for _ in range(MICRO_BATCHES)]
     plans[1] = torch.ones_like(plans[1])  # skips stage 2 (it holds layers 3-4)
     return plans, None
 
@@ -113,16 +134,22 @@ def local_parameters(module, config) -> dict[str, torch.nn.Parameter]:
 
 
 def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) -> None:
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=1000, hidden_dropout_prob=0.0,
-                                           attention_probs_dropout_prob=0.0, exit_kv=exit_kv)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny", vocab_size=1000, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, exit_kv=exit_kv
+    )
     torch.manual_seed(0)
     model = ElectraPreTrainingModel(config)
     reference = ElectraPreTrainingModel(config)
     reference.load_state_dict(model.state_dict())
     module = build_pipeline_module(config, num_stages=2, model=model)
-    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": MICRO_BATCHES,
-                 "gradient_clipping": GRAD_CLIP, "zero_optimization": {"stage": zero_stage},
-                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": MICRO_BATCHES,
+        "gradient_clipping": GRAD_CLIP,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, optimizer=optimizer)
     mine = local_parameters(engine.module, config)
@@ -148,13 +175,33 @@ def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) ->
                 if parameter.grad is not None:
                     parameter -= parameter.grad
         # With SGD at lr 1 a parameter's change is its clipped gradient.
-        difference = sum(float(((before[name] - mine[name].detach())
-                                - (reference_before[name] - reference_parameters[name].detach())).pow(2).sum())
-                         for name in mine) ** 0.5
-        size = sum(float((reference_before[name] - reference_parameters[name].detach()).pow(2).sum())
-                   for name in mine) ** 0.5
-        steps.append({"loss": loss, "reference_loss": reference_loss, "norm_before_clipping": norm,
-                      "gradient_error": difference / max(size, 1e-12), "gradient_norm": size})
+        difference = (
+            sum(
+                float(
+                    (
+                        (before[name] - mine[name].detach())
+                        - (reference_before[name] - reference_parameters[name].detach())
+                    )
+                    .pow(2)
+                    .sum()
+                )
+                for name in mine
+            )
+            ** 0.5
+        )
+        size = (
+            sum(float((reference_before[name] - reference_parameters[name].detach()).pow(2).sum()) for name in mine)
+            ** 0.5
+        )
+        steps.append(
+            {
+                "loss": loss,
+                "reference_loss": reference_loss,
+                "norm_before_clipping": norm,
+                "gradient_error": difference / max(size, 1e-12),
+                "gradient_norm": size,
+            }
+        )
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"stage": engine.stage_id, "steps": steps}, handle)
 

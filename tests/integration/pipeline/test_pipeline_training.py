@@ -12,8 +12,19 @@ import torch
 
 from tests.integration.train.helpers import TINY, launch, resumed_at
 
-PIPE_ARGS = [*TINY, "--deepspeed", "ds_configs/pipeline.json", "--pipeline-stages", "2", "--max-steps", "12",
-             "--save-interval", "6", "--keep-last", "3"]
+PIPE_ARGS = [
+    *TINY,
+    "--deepspeed",
+    "ds_configs/pipeline.json",
+    "--pipeline-stages",
+    "2",
+    "--max-steps",
+    "12",
+    "--save-interval",
+    "6",
+    "--keep-last",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,7 @@ def test_two_stage_training_reduces_the_loss(pipeline_runs):
     first = sum(metrics[step]["loss"] for step in (1, 2, 3)) / 3
     last = sum(metrics[step]["loss"] for step in (10, 11, 12)) / 3
     assert last < 0.9 * first, (first, last)
-    for step, record in metrics.items():  # per-stage counters are logged with every step
+    for record in metrics.values():  # per-stage counters are logged with every step
         stages = record["pipeline_stages"]
         assert [stage["stage"] for stage in stages] == [0, 1]
         assert all(stage["micro_batches"] == 4 and 0 <= stage["skipped_micro_batches"] <= 4 for stage in stages)

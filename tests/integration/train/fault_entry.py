@@ -19,7 +19,7 @@ def _take_kill_step(argv: list[str]) -> int:
     """Remove `--kill-at-save STEP` from argv (launchers may put their own flags before it)."""
     at = argv.index("--kill-at-save")
     step = int(argv[at + 1])
-    del argv[at:at + 2]
+    del argv[at : at + 2]
     return step
 
 

@@ -28,14 +28,30 @@ ENV = {
     "OMP_NUM_THREADS": "1",  # two ranks on a 2-core machine
     # One extensions directory for every launch (torch's own default on a CPU build), so
     # DeepSpeed's shm op compiles once per machine, not once per launch or per test run.
-    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or str(
-        Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"),
+    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+    or str(Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"),
     "PYTHONUNBUFFERED": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 # electra-tiny, two micro-batches of 8 per rank per step: steps take a fraction of a second.
-TINY = ["--model", "electra-tiny", "--global-batch-size", "32", "--micro-batch-size", "8", "--lr", "2e-3",
-        "--warmup-steps", "3", "--log-interval", "1", "--exit-warmup-steps", "4", "--progress", "lines"]
+TINY = [
+    "--model",
+    "electra-tiny",
+    "--global-batch-size",
+    "32",
+    "--micro-batch-size",
+    "8",
+    "--lr",
+    "2e-3",
+    "--warmup-steps",
+    "3",
+    "--log-interval",
+    "1",
+    "--exit-warmup-steps",
+    "4",
+    "--progress",
+    "lines",
+]
 
 
 def command(launcher: str, nproc: int, args: list[str], kill_at_save: int | None = None) -> list[str]:
@@ -45,8 +61,15 @@ def command(launcher: str, nproc: int, args: list[str], kill_at_save: int | None
     if launcher == "deepspeed":
         return [executable("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script, *args]
     if launcher == "torchrun":
-        return [executable("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                *script, *args]
+        return [
+            executable("torchrun"),
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            *script,
+            *args,
+        ]
     if launcher == "mpirun":
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
         return [executable("mpirun"), *root, "-np", str(nproc), "--oversubscribe", sys.executable, *script, *args]
@@ -63,8 +86,11 @@ class Launch:
     metrics_text: str = ""  # metrics.jsonl as this launch left it (a later launch may rewrite the file)
 
     def _records(self, kind: str) -> dict[int, dict]:
-        return {record["step"]: record for record in map(json.loads, self.metrics_text.splitlines())
-                if record.get("kind", "train") == kind}
+        return {
+            record["step"]: record
+            for record in map(json.loads, self.metrics_text.splitlines())
+            if record.get("kind", "train") == kind
+        }
 
     @property
     def metrics(self) -> dict[int, dict]:
@@ -91,14 +117,26 @@ def _log_path(run_dir: Path) -> Path:
     return run_dir.parent / f"{run_dir.name}.launch{index}.out"
 
 
-def start(launcher: str, run_dir: Path, args: list[str], *, nproc: int = 2, env: dict | None = None,
-          kill_at_save: int | None = None):
+def start(
+    launcher: str,
+    run_dir: Path,
+    args: list[str],
+    *,
+    nproc: int = 2,
+    env: dict | None = None,
+    kill_at_save: int | None = None,
+):
     """A launch in its own session (so a test can signal it like a scheduler would)."""
     log_path = _log_path(run_dir)
     handle = open(log_path, "w")
-    process = subprocess.Popen(command(launcher, nproc, ["--run-dir", str(run_dir), *args], kill_at_save), cwd=REPO,
-                               env={**ENV, **(env or {})}, stdout=handle, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command(launcher, nproc, ["--run-dir", str(run_dir), *args], kill_at_save),
+        cwd=REPO,
+        env={**ENV, **(env or {})},
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     process.log_path = log_path
     return process
 
@@ -110,8 +148,12 @@ def finish(process, run_dir: Path, timeout: float = 420) -> Launch:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     metrics_path = run_dir / "metrics.jsonl"
-    return Launch(run_dir, process.returncode, Path(process.log_path).read_text(),
-                  metrics_path.read_text() if metrics_path.exists() else "")
+    return Launch(
+        run_dir,
+        process.returncode,
+        Path(process.log_path).read_text(),
+        metrics_path.read_text() if metrics_path.exists() else "",
+    )
 
 
 def resumed_at(before: Launch, after: Launch) -> int:
@@ -120,13 +162,22 @@ def resumed_at(before: Launch, after: Launch) -> int:
     old, new = before.metrics, after.metrics
     kept = sorted(step for step in new if step in old and new[step] == old[step])
     assert kept == list(range(1, len(kept) + 1)), f"kept records {kept} are not a prefix of the history"
-    assert all(new[step]["time"] > max(record["time"] for record in old.values())
-               for step in new if step not in kept), "a record past the resumed step is not new"
+    assert all(
+        new[step]["time"] > max(record["time"] for record in old.values()) for step in new if step not in kept
+    ), "a record past the resumed step is not new"
     return len(kept)
 
 
-def launch(launcher: str, run_dir: Path, args: list[str], *, nproc: int = 2, env: dict | None = None,
-           timeout: float = 420, kill_at_save: int | None = None) -> Launch:
+def launch(
+    launcher: str,
+    run_dir: Path,
+    args: list[str],
+    *,
+    nproc: int = 2,
+    env: dict | None = None,
+    timeout: float = 420,
+    kill_at_save: int | None = None,
+) -> Launch:
     return finish(start(launcher, run_dir, args, nproc=nproc, env=env, kill_at_save=kill_at_save), run_dir, timeout)
 
 
@@ -139,11 +190,22 @@ def wait_for_step(run_dir: Path, step: int, process, timeout: float = 300) -> in
         if lines and json.loads(lines[-1])["step"] >= step:
             return json.loads(lines[-1])["step"]
         if process.poll() is not None:
-            raise AssertionError(f"the run exited ({process.returncode}) before step {step}:\n"
-                                 f"{Path(process.log_path).read_text()[-4000:]}")
+            raise AssertionError(
+                f"the run exited ({process.returncode}) before step {step}:\n"
+                f"{Path(process.log_path).read_text()[-4000:]}"
+            )
         time.sleep(0.2)
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
-ZERO2_ARGS = [*TINY, "--deepspeed", "ds_configs/zero2.json", "--max-steps", "20", "--save-interval", "10",
-              "--keep-last", "3"]
+ZERO2_ARGS = [
+    *TINY,
+    "--deepspeed",
+    "ds_configs/zero2.json",
+    "--max-steps",
+    "20",
+    "--save-interval",
+    "10",
+    "--keep-last",
+    "3",
+]

@@ -4,9 +4,23 @@ from .helpers import TINY, launch
 
 
 def test_time_budget_run_finishes_its_decay(tmp_path):
-    budget = launch("python", tmp_path / "budget", [*TINY, "--max-steps", "100000", "--max-minutes", "0.25",
-                                                    "--save-interval", "100000", "--eval-interval", "0",
-                                                    "--no-export-hf"], nproc=1).check()
+    budget = launch(
+        "python",
+        tmp_path / "budget",
+        [
+            *TINY,
+            "--max-steps",
+            "100000",
+            "--max-minutes",
+            "0.25",
+            "--save-interval",
+            "100000",
+            "--eval-interval",
+            "0",
+            "--no-export-hf",
+        ],
+        nproc=1,
+    ).check()
     records = budget.metrics
     last = records[max(records)]
     assert max(records) < 100000  # time, not the step count, ended the run

@@ -38,8 +38,22 @@ def test_an_outage_mid_save_is_retried_and_the_next_save_uploads_what_is_missing
     bucket = f"outage-{uuid.uuid4().hex[:8]}"
     _bucket_fs(endpoint).mkdir(bucket)
     run_dir = tmp_path / "run"
-    args = [*TINY, "--max-steps", "20", "--save-interval", "2", "--keep-last", "2", "--eval-interval", "0",
-            "--no-export-hf", "--checkpoint-dir", f"s3://{bucket}/run", "--checkpoint-retries", "3"]
+    args = [
+        *TINY,
+        "--max-steps",
+        "20",
+        "--save-interval",
+        "2",
+        "--keep-last",
+        "2",
+        "--eval-interval",
+        "0",
+        "--no-export-hf",
+        "--checkpoint-dir",
+        f"s3://{bucket}/run",
+        "--checkpoint-retries",
+        "3",
+    ]
     process = start("python", run_dir, args, nproc=1, env=env)
     try:
         wait_for_step(run_dir, 4, process)  # step 4 is being saved now
@@ -56,8 +70,11 @@ def test_an_outage_mid_save_is_retried_and_the_next_save_uploads_what_is_missing
         assert (local / "latest").read_text() == "global_step20"
         fs.invalidate_cache()
         assert fs.cat(f"{bucket}/run/latest") == b"global_step20"
-        assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{bucket}/run")) == \
-            ["global_step18", "global_step20", "latest"]
+        assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{bucket}/run")) == [
+            "global_step18",
+            "global_step20",
+            "latest",
+        ]
         for tag in ("global_step18", "global_step20"):
             marker = json.loads((local / tag / MARKER).read_text())
             assert json.loads(fs.cat(f"{bucket}/run/{tag}/{MARKER}")) == marker
@@ -67,6 +84,7 @@ def test_an_outage_mid_save_is_retried_and_the_next_save_uploads_what_is_missing
         if process.poll() is None:
             process.kill()
         server.stop()
+
 
 def test_start_up_reads_of_the_checkpoint_location_are_retried(tmp_path, monkeypatch):
     import s3fs

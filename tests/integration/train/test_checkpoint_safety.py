@@ -20,8 +20,18 @@ import pytest
 from .helpers import TINY, launch
 from .test_run_identity import errors, without
 
-ARGS = [*without(TINY, "--warmup-steps"), "--max-steps", "2", "--save-interval", "1", "--keep-last", "2", "--eval-interval", "0",
-        "--no-export-hf"]
+ARGS = [
+    *without(TINY, "--warmup-steps"),
+    "--max-steps",
+    "2",
+    "--save-interval",
+    "1",
+    "--keep-last",
+    "2",
+    "--eval-interval",
+    "0",
+    "--no-export-hf",
+]
 
 
 @contextlib.contextmanager

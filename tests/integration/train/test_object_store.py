@@ -18,8 +18,12 @@ STEPS = [*TINY, "--max-steps", "9", "--save-interval", "3", "--keep-last", "2"]
 
 
 def _s3_env(endpoint: str, key_id: str, secret: str) -> dict:
-    return {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint}
+    return {
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
 
 
 def _files_containing(root, needle: bytes) -> list[str]:
@@ -43,8 +47,7 @@ def test_s3_checkpoints_resume_in_a_fresh_directory_and_never_hold_credentials(s
     fs.mkdir(bucket)
     url = f"s3://{bucket}/run"
 
-    first = launch("python", tmp_path / "first", [*STEPS, "--checkpoint-dir", url], nproc=1,
-                   env=env, kill_at_save=9)
+    first = launch("python", tmp_path / "first", [*STEPS, "--checkpoint-dir", url], nproc=1, env=env, kill_at_save=9)
     assert first.returncode != 0
     fs.invalidate_cache()
     assert fs.cat(f"{bucket}/run/latest") == b"global_step6"
@@ -57,16 +60,20 @@ def test_s3_checkpoints_resume_in_a_fresh_directory_and_never_hold_credentials(s
         assert abs(second.metrics[step]["loss"] - first.metrics[step]["loss"]) <= 1e-6 * first.metrics[step]["loss"]
     fs.invalidate_cache()
     assert fs.cat(f"{bucket}/run/latest") == b"global_step9"
-    assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{bucket}/run")) == \
-        ["global_step6", "global_step9", "latest"]  # keep-last 2 applies to the bucket too
+    assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{bucket}/run")) == [
+        "global_step6",
+        "global_step9",
+        "latest",
+    ]  # keep-last 2 applies to the bucket too
 
     # A file planted in the mirror (here a pickle that would leave a trace if loaded) is refused
     # before anything opens it: the completion marker lists every file of a step with its sha256.
     trace = tmp_path / "planted-pickle-ran"
     planted = f"{bucket}/run/global_step9/zz_planted.pt"
     fs.pipe(planted, b"cos\nsystem\n(S'touch " + str(trace).encode() + b"'\ntR.")
-    third = launch("python", tmp_path / "third", [*STEPS, "--max-steps", "12", "--checkpoint-dir", url], nproc=1,
-                   env=env)
+    third = launch(
+        "python", tmp_path / "third", [*STEPS, "--max-steps", "12", "--checkpoint-dir", url], nproc=1, env=env
+    )
     assert third.returncode == 2, third.output[-3000:]
     [error] = [line for line in third.output.splitlines() if line.startswith("pretrain.py: error:")]
     assert "zz_planted.pt" in error  # the one line names the file

@@ -31,8 +31,18 @@ from .helpers import ENV, TINY, start, wait_for_step
 
 MARKER = "dsexit_checkpoint.json"
 DOCKER_STOP_TIMEOUT_S = 10
-RUN_ARGS = [*TINY, "--max-steps", "1000", "--save-interval", "1000", "--eval-interval", "0", "--no-export-hf",
-            "--no-tensorboard", "--no-csv"]
+RUN_ARGS = [
+    *TINY,
+    "--max-steps",
+    "1000",
+    "--save-interval",
+    "1000",
+    "--eval-interval",
+    "0",
+    "--no-export-hf",
+    "--no-tensorboard",
+    "--no-csv",
+]
 
 
 def dockerfile_entrypoint() -> list[str]:
@@ -42,22 +52,30 @@ def dockerfile_entrypoint() -> list[str]:
         text = (REPO / "docker" / name).read_text()
         workdir = re.search(r"^WORKDIR (\S+)$", text, re.MULTILINE).group(1)
         entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.MULTILINE).group(1))
-        entrypoints.add(tuple(str(REPO) + part[len(workdir):] if part.startswith(workdir + "/") else part
-                              for part in entrypoint))
+        entrypoints.add(
+            tuple(str(REPO) + part[len(workdir) :] if part.startswith(workdir + "/") else part for part in entrypoint)
+        )
     assert len(entrypoints) == 1, f"the Dockerfiles' ENTRYPOINTs differ: {entrypoints}"
     return list(entrypoints.pop())
 
 
 def entrypoint_env(nproc: int = 2) -> dict[str, str]:
-    return {**ENV, "NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()),
-            "PATH": f"{Path(sys.executable).parent}:{ENV.get('PATH', '')}"}
+    return {
+        **ENV,
+        "NNODES": "1",
+        "NODE_RANK": "0",
+        "NPROC_PER_NODE": str(nproc),
+        "MASTER_PORT": str(free_port()),
+        "PATH": f"{Path(sys.executable).parent}:{ENV.get('PATH', '')}",
+    }
 
 
 def start_logged(command: list[str], run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"{run_dir.name}.out"
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     process.log_path = log_path
     return process
 
@@ -68,8 +86,11 @@ def output_of(process) -> str:
 
 def assert_checkpointed_at_last_step(run_dir: Path, output: str, cause: str) -> int:
     assert f"preemption requested ({cause}" in output, output[-4000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind", "train") == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("kind", "train") == "train"
+    ]
     last = max(steps)
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == f"global_step{last}", output[-4000:]
@@ -105,8 +126,16 @@ def test_docker_stop_as_pid_1_saves_and_exits_0(tmp_path):
     reason = _pid_namespace_unavailable()
     assert reason is None, reason  # scripts/setup_system.sh installs what it needs: a missing piece fails
     run_dir = tmp_path / "docker"
-    command = ["unshare", "--pid", "--fork", "--mount-proc", *dockerfile_entrypoint(), "--run-dir", str(run_dir),
-               *RUN_ARGS]
+    command = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        *dockerfile_entrypoint(),
+        "--run-dir",
+        str(run_dir),
+        *RUN_ARGS,
+    ]
     process = start_logged(command, run_dir, entrypoint_env())
     try:
         wait_for_step(run_dir, 3, process)
@@ -118,7 +147,9 @@ def test_docker_stop_as_pid_1_saves_and_exits_0(tmp_path):
         except subprocess.TimeoutExpired:
             pid_1.kill()  # docker's SIGKILL: the namespace dies with its PID 1
             process.wait(timeout=30)
-            raise AssertionError(f"still running {DOCKER_STOP_TIMEOUT_S} s after SIGTERM:\n{output_of(process)[-4000:]}")
+            raise AssertionError(
+                f"still running {DOCKER_STOP_TIMEOUT_S} s after SIGTERM:\n{output_of(process)[-4000:]}"
+            ) from None
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -174,8 +205,10 @@ print("requested:", handler.signal_name, flush=True)
 """
 # A process whose command line names deepspeed's per-node launcher, starting one "rank".
 LAUNCHER_CODE = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
-RUNNER_CODE = ("import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2], "
-               "'deepspeed.launcher.launch'])")
+RUNNER_CODE = (
+    "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2], "
+    "'deepspeed.launcher.launch'])"
+)
 
 
 def test_launcher_watch_turns_a_lost_runner_into_a_stop_request(tmp_path):
@@ -183,8 +216,15 @@ def test_launcher_watch_turns_a_lost_runner_into_a_stop_request(tmp_path):
     and the rank's handler asks for a stop, naming the runner."""
     log = tmp_path / "rank.out"
     with open(log, "w") as out:
-        runner = subprocess.Popen([sys.executable, "-c", RUNNER_CODE, LAUNCHER_CODE, RANK_CODE], cwd=REPO, env=ENV,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        runner = subprocess.Popen(
+            [sys.executable, "-c", RUNNER_CODE, LAUNCHER_CODE, RANK_CODE],
+            cwd=REPO,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def wait_for(text: str, seconds: float) -> str:
         deadline = time.monotonic() + seconds
         while text not in log.read_text() and time.monotonic() < deadline:

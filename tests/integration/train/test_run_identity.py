@@ -16,14 +16,13 @@ from .helpers import TINY, launch, resumed_at
 
 MARKER = "dsexit_checkpoint.json"
 RUN_FILE = "dsexit_run.json"
-ARGS = [*TINY, "--max-steps", "4", "--save-interval", "1", "--keep-last", "4", "--eval-interval", "0",
-        "--no-export-hf"]
+ARGS = [*TINY, "--max-steps", "4", "--save-interval", "1", "--keep-last", "4", "--eval-interval", "0", "--no-export-hf"]
 
 
 def without(args: list[str], flag: str) -> list[str]:
     """`args` less one flag and its value."""
     at = args.index(flag)
-    return args[:at] + args[at + 2:]
+    return args[:at] + args[at + 2 :]
 
 
 def errors(output: str) -> list[str]:
@@ -35,8 +34,11 @@ def tags(checkpoints) -> list[str]:
 
 
 def snapshot(root) -> dict[str, tuple[int, int]]:
-    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in root.rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,13 @@ def test_a_new_run_or_another_model_in_a_used_directory_is_one_line_and_touches_
 
 def test_rollback_keeps_newer_checkpoints_and_a_kill_mid_rewrite_falls_back_to_it(four_steps, used_run_dir):
     checkpoints = used_run_dir / "checkpoints"
-    rollback = launch("python", used_run_dir, [*ARGS, "--keep-last", "1", "--resume", str(checkpoints / "global_step2")],
-                      nproc=1, kill_at_save=3)
+    rollback = launch(
+        "python",
+        used_run_dir,
+        [*ARGS, "--keep-last", "1", "--resume", str(checkpoints / "global_step2")],
+        nproc=1,
+        kill_at_save=3,
+    )
     assert rollback.returncode != 0, "fault_entry.py did not kill the run"
     assert resumed_at(four_steps, rollback) == 2  # the rollback continued from the step it was given
     assert not (checkpoints / "global_step3" / MARKER).exists()  # the old marker went before the new files
@@ -90,7 +97,10 @@ def test_rollback_keeps_newer_checkpoints_and_a_kill_mid_rewrite_falls_back_to_i
     assert resumed_at(rollback, resumed) == 2  # the torn step 3 was skipped
     for step in (3, 4):  # the rolled-back line repeats the original one exactly
         assert resumed.metrics[step]["samples_digest"] == four_steps.metrics[step]["samples_digest"]
-        assert abs(resumed.metrics[step]["loss"] - four_steps.metrics[step]["loss"]) <= 1e-6 * four_steps.metrics[step]["loss"]
+        assert (
+            abs(resumed.metrics[step]["loss"] - four_steps.metrics[step]["loss"])
+            <= 1e-6 * four_steps.metrics[step]["loss"]
+        )
     assert sorted(resumed.metrics) == [1, 2, 3, 4]
     # keep-last 1 never took the checkpoint just saved: the run ends on a complete step 4
     assert tags(checkpoints) == ["global_step4"] and (checkpoints / "latest").read_text() == "global_step4"
@@ -101,8 +111,9 @@ def test_start_over_moves_the_old_run_aside_and_a_one_step_run_works(used_run_di
     old_id = json.loads((used_run_dir / RUN_FILE).read_text())["run_id"]
     before = snapshot(used_run_dir)
     no_warmup = without(ARGS, "--warmup-steps")  # derived, so that one step works
-    fresh = launch("python", used_run_dir, [*no_warmup, "--max-steps", "1", "--resume", "none", "--start-over"],
-                   nproc=1).check()
+    fresh = launch(
+        "python", used_run_dir, [*no_warmup, "--max-steps", "1", "--resume", "none", "--start-over"], nproc=1
+    ).check()
     [moved] = [path for path in used_run_dir.parent.iterdir() if path.name.startswith("run.old-")]
     assert snapshot(moved) == before  # nothing of the old run was lost or changed
     assert json.loads((used_run_dir / RUN_FILE).read_text())["run_id"] != old_id

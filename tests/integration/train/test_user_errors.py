@@ -26,8 +26,12 @@ EXPORT = [sys.executable, str(REPO / "launch" / "export_hf.py")]
 FINETUNE = [sys.executable, str(REPO / "launch" / "finetune.py")]
 # No credentials from anywhere, and no network: S3 goes to a closed local port, no metadata service.
 NO_AWS = {name: value for name, value in ENV.items() if not name.startswith("AWS_")} | {
-    "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent", "AWS_DEFAULT_REGION": "us-east-1"}
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass
@@ -72,8 +76,15 @@ def _tiny_export(directory: Path) -> Path:
     from dsexit.data import DEFAULT_DATA_URL, save_hf_tokenizer
 
     torch.manual_seed(0)
-    config = ElectraConfig(vocab_size=30522, embedding_size=32, hidden_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = ElectraConfig(
+        vocab_size=30522,
+        embedding_size=32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     ElectraForPreTraining(config).save_pretrained(directory)
     save_hf_tokenizer(DEFAULT_DATA_URL, str(directory))
     return directory
@@ -82,9 +93,12 @@ def _tiny_export(directory: Path) -> Path:
 def _task(directory: Path) -> Path:
     directory.mkdir()
     for split in ("train", "dev", "test"):
-        (directory / f"{split}.jsonl").write_text("".join(
-            json.dumps({"text": text, "label": label}) + "\n"
-            for text, label in (("good fine", 1), ("bad awful", 0)) * 4))
+        (directory / f"{split}.jsonl").write_text(
+            "".join(
+                json.dumps({"text": text, "label": label}) + "\n"
+                for text, label in (("good fine", 1), ("bad awful", 0)) * 4
+            )
+        )
     return directory
 
 
@@ -106,9 +120,19 @@ def _check(case: Case) -> None:
         assert not path.exists(), f"{path} was written by a start that failed"
 
 
-PRETRAIN_CASES = ["zero_stage_two", "config_malformed", "config_missing", "config_section_not_object",
-                  "config_not_object", "data_unknown_protocol", "data_gs_without_gcsfs", "data_s3_without_credentials",
-                  "data_s3_credentials_in_url", "shard_flipped", "shard_truncated"]
+PRETRAIN_CASES = [
+    "zero_stage_two",
+    "config_malformed",
+    "config_missing",
+    "config_section_not_object",
+    "config_not_object",
+    "data_unknown_protocol",
+    "data_gs_without_gcsfs",
+    "data_s3_without_credentials",
+    "data_s3_credentials_in_url",
+    "shard_flipped",
+    "shard_truncated",
+]
 
 
 @pytest.mark.parametrize("name", PRETRAIN_CASES)
@@ -122,9 +146,14 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
         case = Case([*base, "--deepspeed", str(config)], [str(config), "zero_optimization.stage='two'"], written)
     elif name.startswith("config_"):
         config = tmp_path / "config.json"
-        config.write_text({"config_malformed": '{"train": {"job": ', "config_missing": "",
-                           "config_section_not_object": json.dumps({"train": {"optim": [1, 2]}}),
-                           "config_not_object": "[1, 2]"}[name])
+        config.write_text(
+            {
+                "config_malformed": '{"train": {"job": ',
+                "config_missing": "",
+                "config_section_not_object": json.dumps({"train": {"optim": [1, 2]}}),
+                "config_not_object": "[1, 2]",
+            }[name]
+        )
         if name == "config_missing":
             config.unlink()
         named = {"config_section_not_object": "'optim'", "config_not_object": "[1, 2]"}.get(name, "config=")
@@ -140,8 +169,13 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
     elif name == "data_s3_without_credentials":
         case = Case([*base, "--data", "s3://bucket/data"], ["s3://bucket/data", "credentials"], written, env=NO_AWS)
     elif name == "data_s3_credentials_in_url":
-        case = Case([*base, "--data", "s3://AKIDEXAMPLE:s3cr3tVALUE@bucket/data"], ["s3://***@bucket/data"], written,
-                    secret="s3cr3tVALUE", env=NO_AWS)
+        case = Case(
+            [*base, "--data", "s3://AKIDEXAMPLE:s3cr3tVALUE@bucket/data"],
+            ["s3://***@bucket/data"],
+            written,
+            secret="s3cr3tVALUE",
+            env=NO_AWS,
+        )
     else:
         data, listed = _damaged_dataset(tmp_path / "data", _flip_byte if name == "shard_flipped" else _truncate)
         code, lines, output = _run(Case([*base, "--data", str(data)], []))
@@ -190,33 +224,73 @@ def test_finetune_damaged_weights_one_line(kind, tmp_path):
     else:
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "result.json"
-    _check(Case([*FINETUNE, "--model", str(export), "--task", str(_task(tmp_path / "task")), "--out", str(out)],
-                [str(export)], [out]))
+    _check(
+        Case(
+            [*FINETUNE, "--model", str(export), "--task", str(_task(tmp_path / "task")), "--out", str(out)],
+            [str(export)],
+            [out],
+        )
+    )
 
 
 def test_finetune_damaged_checkpoint_one_line(damaged_checkpoints, tmp_path):
     out, export_dir = tmp_path / "result.json", tmp_path / "export"
-    _check(Case([*FINETUNE, "--model", str(damaged_checkpoints["truncated"]), "--task", str(_task(tmp_path / "task")),
-                 "--export-dir", str(export_dir), "--out", str(out)], [str(damaged_checkpoints["truncated"])],
-                [out, export_dir]))
+    _check(
+        Case(
+            [
+                *FINETUNE,
+                "--model",
+                str(damaged_checkpoints["truncated"]),
+                "--task",
+                str(_task(tmp_path / "task")),
+                "--export-dir",
+                str(export_dir),
+                "--out",
+                str(out),
+            ],
+            [str(damaged_checkpoints["truncated"])],
+            [out, export_dir],
+        )
+    )
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="the entrypoint is a bash script")
-@pytest.mark.parametrize("variable, value", [("NNODES", "two"), ("NODE_RANK", "2"), ("NPROC_PER_NODE", "1.5"),
-                                             ("MASTER_PORT", "70000"), ("NNODES", "0")])
+@pytest.mark.parametrize(
+    "variable, value",
+    [("NNODES", "two"), ("NODE_RANK", "2"), ("NPROC_PER_NODE", "1.5"), ("MASTER_PORT", "70000"), ("NNODES", "0")],
+)
 def test_entrypoint_rejects_non_integer_layout(variable, value, tmp_path):
     env = {**ENV, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", variable: value}
     if variable != "NPROC_PER_NODE":
         env["NPROC_PER_NODE"] = "1"
-    _check(Case([str(REPO / "docker" / "entrypoint.sh"), "--run-dir", str(tmp_path / "run")],
-                [f"{variable}='{value}'"], [tmp_path / "run"], env=env))
+    _check(
+        Case(
+            [str(REPO / "docker" / "entrypoint.sh"), "--run-dir", str(tmp_path / "run")],
+            [f"{variable}='{value}'"],
+            [tmp_path / "run"],
+            env=env,
+        )
+    )
     assert os.listdir(tmp_path) == []
 
 
 def test_pipeline_with_zero3_fails_before_any_process_group(tmp_path):
-    result = subprocess.run([*PRETRAIN, "--deepspeed", "ds_configs/zero3.json", "--pipeline-stages",
-                             "2", "--run-dir", str(tmp_path / "run")], cwd=REPO, env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *PRETRAIN,
+            "--deepspeed",
+            "ds_configs/zero3.json",
+            "--pipeline-stages",
+            "2",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error:")]
     assert len(errors) == 1 and "ZeRO stage 3" in errors[0] and "pipeline parallel" in errors[0]

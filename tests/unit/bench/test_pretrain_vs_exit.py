@@ -9,20 +9,32 @@ bench = load_bench("pretrain_vs_exit")
 
 def _run(arm: str, seed: int, early_exit: bool, curve: list[tuple[float, float]]) -> dict:
     minutes, loss = curve[-1]
-    return {"arm": arm, "seed": seed, "early_exit": early_exit, "train_minutes": minutes, "final_step": 100,
-            "compute_fraction": 0.5 if early_exit else 1.0,
-            "final": {"eval_rtd_loss_uniform": loss, "eval_rtd_auc_uniform": 0.8, "rtd_prior_entropy": 0.4,
-                      "eval_rtd_loss_uniform_exit": loss},
-            "curve": [{"minutes": m, "rtd_loss_uniform": value} for m, value in curve]}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "early_exit": early_exit,
+        "train_minutes": minutes,
+        "final_step": 100,
+        "compute_fraction": 0.5 if early_exit else 1.0,
+        "final": {
+            "eval_rtd_loss_uniform": loss,
+            "eval_rtd_auc_uniform": 0.8,
+            "rtd_prior_entropy": 0.4,
+            "eval_rtd_loss_uniform_exit": loss,
+        },
+        "curve": [{"minutes": m, "rtd_loss_uniform": value} for m, value in curve],
+    }
 
 
 def test_exit_arm_that_reaches_the_baseline_sooner_saves_that_share_of_time():
-    comparison = bench.compare([
-        _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.24)]),
-        _run("baseline", 2, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.26)]),  # target: mean 0.25
-        _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.27), (10.0, 0.23)]),  # 0.25 at 7.5 min
-        _run("exit-0.50", 2, True, [(0.0, 0.40), (5.0, 0.25), (10.0, 0.22)]),  # 0.25 at 5.0 min
-    ])
+    comparison = bench.compare(
+        [
+            _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.24)]),
+            _run("baseline", 2, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.26)]),  # target: mean 0.25
+            _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.27), (10.0, 0.23)]),  # 0.25 at 7.5 min
+            _run("exit-0.50", 2, True, [(0.0, 0.40), (5.0, 0.25), (10.0, 0.22)]),  # 0.25 at 5.0 min
+        ]
+    )
     assert comparison["target_rtd_loss"] == pytest.approx(0.25)
     arm = comparison["arms"]["exit-0.50"]
     assert arm["minutes_to_target"]["values"] == pytest.approx([7.5, 5.0])
@@ -37,12 +49,14 @@ def test_exit_arm_that_reaches_the_baseline_sooner_saves_that_share_of_time():
 
 
 def test_an_arm_that_never_reaches_the_target_gets_a_number_and_its_gap():
-    comparison = bench.compare([
-        _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.25)]),
-        # still falling by 0.01 a minute over its last third: 0.27 -> 0.25 takes 2 more minutes
-        _run("exit-0.75", 1, True, [(0.0, 0.40), (4.0, 0.33), (6.0, 0.31), (8.0, 0.29), (10.0, 0.27)]),
-        _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.30)]),  # flat: counted as twice the budget
-    ])
+    comparison = bench.compare(
+        [
+            _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.25)]),
+            # still falling by 0.01 a minute over its last third: 0.27 -> 0.25 takes 2 more minutes
+            _run("exit-0.75", 1, True, [(0.0, 0.40), (4.0, 0.33), (6.0, 0.31), (8.0, 0.29), (10.0, 0.27)]),
+            _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.30)]),  # flat: counted as twice the budget
+        ]
+    )
     slow, flat = comparison["arms"]["exit-0.75"], comparison["arms"]["exit-0.50"]
     assert not slow["reached_all"] and slow["minutes_to_target"]["mean"] == pytest.approx(12.0)
     assert comparison["baseline_minutes"] == pytest.approx(10.0)  # the baseline reaches its final loss at the end

@@ -3,7 +3,6 @@
 import os
 
 from dsexit.data import DEFAULT_DATA_URL, DatasetIndex, StreamingShardReader, save_hf_tokenizer
-
 from tests.helpers.datasets import shared_file
 
 

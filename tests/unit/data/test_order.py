@@ -13,8 +13,10 @@ SHARD_SIZES = [7, 3, 10, 1, 8, 5, 6]  # uneven, as the last shard of each input 
 
 
 def _index(sizes=SHARD_SIZES) -> DatasetIndex:
-    shards = [ShardInfo(name=f"shard-{n:05d}.bin", num_samples=size, num_bytes=size * 32, sha256="0" * 64)
-              for n, size in enumerate(sizes)]
+    shards = [
+        ShardInfo(name=f"shard-{n:05d}.bin", num_samples=size, num_bytes=size * 32, sha256="0" * 64)
+        for n, size in enumerate(sizes)
+    ]
     return DatasetIndex(seq_len=16, dtype="uint16", vocab_size=100, special_tokens={}, tokenizer={}, shards=shards)
 
 
@@ -41,8 +43,9 @@ def test_positions_read_in_any_chunks_give_the_same_sequence(chunk):
     """What the reader relies on for world-size independence: ranks and resumes read slices."""
     whole = _epoch(seed=1, epoch=1)
     order = EpochOrder(_index(), 1, 1, 3)
-    pieces = [order.samples(start, min(start + chunk, order.num_samples))
-              for start in range(0, order.num_samples, chunk)]
+    pieces = [
+        order.samples(start, min(start + chunk, order.num_samples)) for start in range(0, order.num_samples, chunk)
+    ]
     assert np.array_equal(np.concatenate(pieces), whole)
     fresh = EpochOrder(_index(), 1, 1, 3)  # a resumed reader starts mid-epoch with nothing cached
     assert np.array_equal(fresh.samples(17, 30), whole[17:30])

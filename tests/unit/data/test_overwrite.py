@@ -11,15 +11,25 @@ from pathlib import Path
 import pytest
 
 from dsexit.commands.prepare_data import main as prepare_main  # the CLI in-process
-from dsexit.data import DatasetIndex, StreamingShardReader
-from dsexit.data import writer
+from dsexit.data import DatasetIndex, StreamingShardReader, writer
 from dsexit.data.writer import STAGING_PREFIX, listed_files
 from tests.helpers.datasets import DEFAULT_VOCAB, jsonl_corpus, one_error_line
 
 
 def _args(inputs, out, *extra, tokenizer=f"wordpiece:{DEFAULT_VOCAB}"):
-    return ["--input", *map(str, inputs), "--out", str(out), "--tokenizer", tokenizer, "--seq-len", "32",
-            "--shard-mb", "0.01", *extra]
+    return [
+        "--input",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--tokenizer",
+        tokenizer,
+        "--seq-len",
+        "32",
+        "--shard-mb",
+        "0.01",
+        *extra,
+    ]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -56,7 +66,10 @@ def test_vocab_inside_out_is_read_before_the_dataset_is_replaced(tmp_path, capsy
     out = tmp_path / "ds"
     assert prepare_main(_args([corpus], out)) == 0
     first = DatasetIndex.load(str(out))
-    assert prepare_main(_args([corpus], out, "--overwrite", "--seed", "1", tokenizer=f"wordpiece:{out / 'vocab.txt'}")) == 0
+    assert (
+        prepare_main(_args([corpus], out, "--overwrite", "--seed", "1", tokenizer=f"wordpiece:{out / 'vocab.txt'}"))
+        == 0
+    )
     assert (out / "vocab.txt").read_bytes() == Path(DEFAULT_VOCAB).read_bytes()
     second = _assert_is_exactly_a_dataset(out)
     assert second.vocab_size == first.vocab_size and second.fingerprint != first.fingerprint  # seed 1 packs differently
@@ -68,8 +81,11 @@ def test_bad_json_at_line_3001_leaves_the_old_dataset_byte_identical(tmp_path, c
     before = _snapshot(out)
     staged_at_failure = []
     discard = writer.StagedOutput._discard
-    monkeypatch.setattr(writer.StagedOutput, "_discard", lambda self: (
-        staged_at_failure.extend(p.name for p in Path(self._staging_path).glob("*")), discard(self)))
+    monkeypatch.setattr(
+        writer.StagedOutput,
+        "_discard",
+        lambda self: (staged_at_failure.extend(p.name for p in Path(self._staging_path).glob("*")), discard(self)),
+    )
     bad = jsonl_corpus(tmp_path / "bad.jsonl", 3001, bad_line=3001)
     capsys.readouterr()
     assert prepare_main(_args([bad], out, "--overwrite")) == 2
@@ -109,7 +125,9 @@ def test_a_previous_dataset_needs_overwrite_which_replaces_exactly_its_listed_fi
     capsys.readouterr()
     assert prepare_main(_args([jsonl_corpus(tmp_path / "small.jsonl", 20)], out, "--validation-fraction", "0")) == 2
     message = one_error_line(capsys)
-    assert message.endswith(f"--out {out} already holds a dsexit dataset; --overwrite replaces it (only the files its index.json lists).")
+    assert message.endswith(
+        f"--out {out} already holds a dsexit dataset; --overwrite replaces it (only the files its index.json lists)."
+    )
     assert _snapshot(out) == before
     assert prepare_main(_args([tmp_path / "small.jsonl"], out, "--validation-fraction", "0", "--overwrite")) == 0
     new = _assert_is_exactly_a_dataset(out)  # the old shards and validation-*.bin it no longer lists are gone

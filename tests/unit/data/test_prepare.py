@@ -14,8 +14,9 @@ from tests.helpers.datasets import moby_sample  # noqa: F401  (a fixture)
 
 def test_trained_sentencepiece_exports_a_tokenizer_that_loads_offline(moby_sample, tmp_path):
     folder, documents = moby_sample
-    index = prepare_dataset([str(folder / "moby.txt")], str(tmp_path / "ds"), "train:800", seq_len=64,
-                            progress_stream=io.StringIO())
+    index = prepare_dataset(
+        [str(folder / "moby.txt")], str(tmp_path / "ds"), "train:800", seq_len=64, progress_stream=io.StringIO()
+    )
     assert index.tokenizer == {"kind": "sentencepiece", "file": "tokenizer.model"} and index.vocab_size == 800
     assert index.special_tokens == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -32,15 +33,27 @@ def test_trained_sentencepiece_exports_a_tokenizer_that_loads_offline(moby_sampl
     import datasets
 
     datasets.Dataset.from_dict({"text": documents}).save_to_disk(str(tmp_path / "saved"))
-    again = prepare_dataset([f"hf:{tmp_path / 'saved'}"], str(tmp_path / "ds2"), f"spm:{tmp_path / 'ds' / 'tokenizer.model'}",
-                            seq_len=64, progress_stream=io.StringIO())
+    again = prepare_dataset(
+        [f"hf:{tmp_path / 'saved'}"],
+        str(tmp_path / "ds2"),
+        f"spm:{tmp_path / 'ds' / 'tokenizer.model'}",
+        seq_len=64,
+        progress_stream=io.StringIO(),
+    )
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in index.shards]
 
 
 def test_memory_url_output_streams_back(moby_sample):
     folder, _ = moby_sample
-    index = prepare_dataset([str(folder / "moby.jsonl.gz")], "memory://prepared/ds", "train:500", seq_len=32,
-                            shard_mb=0.01, overwrite=True, progress_stream=io.StringIO())
+    index = prepare_dataset(
+        [str(folder / "moby.jsonl.gz")],
+        "memory://prepared/ds",
+        "train:500",
+        seq_len=32,
+        shard_mb=0.01,
+        overwrite=True,
+        progress_stream=io.StringIO(),
+    )
     with StreamingShardReader("memory://prepared/ds", global_batch_size=8, micro_batch_size=8) as reader:
         batch = next(reader)
     assert batch["input_ids"].shape == (8, 32) and int(batch["input_ids"][:, 0].unique()) == index.special_tokens["cls"]
@@ -50,7 +63,16 @@ def test_existing_dataset_is_kept_unless_overwrite(moby_sample, tmp_path, capsys
     folder, _ = moby_sample
     out = tmp_path / "ds"
     vocab = Path(DEFAULT_DATA_URL) / "vocab.txt"
-    args = ["--input", str(folder / "moby.txt"), "--out", str(out), "--tokenizer", f"wordpiece:{vocab}", "--seq-len", "32"]
+    args = [
+        "--input",
+        str(folder / "moby.txt"),
+        "--out",
+        str(out),
+        "--tokenizer",
+        f"wordpiece:{vocab}",
+        "--seq-len",
+        "32",
+    ]
     assert prepare_main(args) == 0
     before = (out / "index.json").read_text()
     capsys.readouterr()
@@ -62,20 +84,25 @@ def test_existing_dataset_is_kept_unless_overwrite(moby_sample, tmp_path, capsys
     assert (out / "index.json").read_text() != before
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no_match", "'{folder}/*.nothing'"),  # each one line names the bad value
-    ("bad_json", "bad.jsonl line 2"),
-    ("no_field", "'text'"),
-    ("bad_spec", "'bpe:42'"),
-    ("missing_vocab", "'{folder}/none.txt'"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_match", "'{folder}/*.nothing'"),  # each one line names the bad value
+        ("bad_json", "bad.jsonl line 2"),
+        ("no_field", "'text'"),
+        ("bad_spec", "'bpe:42'"),
+        ("missing_vocab", "'{folder}/none.txt'"),
+    ],
+)
 def test_bad_input_gives_one_clear_error_naming_the_value(tmp_path, capsys, case, expected):
     folder = tmp_path
     (folder / "ok.txt").write_text("Some text here.\n")
     (folder / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n' if case == "bad_json" else '{"body": "x"}\n')
     inputs = {"no_match": f"{folder}/*.nothing", "bad_json": folder / "bad.jsonl", "no_field": folder / "bad.jsonl"}
     spec = {"bad_spec": "bpe:42", "missing_vocab": f"wordpiece:{folder}/none.txt"}.get(case, "train:100")
-    returncode = prepare_main(["--input", str(inputs.get(case, folder / "ok.txt")), "--out", str(folder / "out"), "--tokenizer", spec])
+    returncode = prepare_main(
+        ["--input", str(inputs.get(case, folder / "ok.txt")), "--out", str(folder / "out"), "--tokenizer", spec]
+    )
     stderr = capsys.readouterr().err
     assert returncode == 2
     lines = [line for line in stderr.splitlines() if line.startswith("prepare_data: error:")]

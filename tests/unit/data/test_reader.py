@@ -10,7 +10,6 @@ import torch
 
 from dsexit.data import DatasetFormatError, DatasetIndex, ShardCorruptError, StreamingShardReader
 from dsexit.data.storage import RetryPolicy, ShardCache
-
 from tests.helpers.datasets import decode_sample_numbers, write_synthetic_dataset
 
 NUM_SAMPLES, ROWS_PER_SHARD, GLOBAL_BATCH = 203, 16, 24  # 8 steps an epoch; 11 samples dropped
@@ -144,7 +143,10 @@ def test_cache_holds_at_most_its_bound_and_evicts_least_recently_used(dataset, t
     index = DatasetIndex.load(dataset)
     shard_bytes = index.shards[0].num_bytes
     cache = ShardCache(str(tmp_path / "cache"), 3 * shard_bytes, RetryPolicy(0))
-    get = lambda n: cache.get(index.shard_url(index.shards[n]), index.shards[n].sha256, index.shards[n].num_bytes)
+
+    def get(n):
+        return cache.get(index.shard_url(index.shards[n]), index.shards[n].sha256, index.shards[n].num_bytes)
+
     for number in (0, 1, 2):
         get(number)
     get(0)  # 0 becomes most recent, so 1 is the oldest
@@ -154,8 +156,10 @@ def test_cache_holds_at_most_its_bound_and_evicts_least_recently_used(dataset, t
     assert sum(os.path.getsize(tmp_path / "cache" / f) for f in os.listdir(tmp_path / "cache")) <= 3 * shard_bytes
     assert cache.downloads == 4
     # A reader through a small cache still yields exactly the samples of one with room for everything.
-    with _reader(dataset, cache_dir=str(tmp_path / "small"), cache_max_bytes=2 * shard_bytes, shuffle_window=1) as small, \
-         _reader(dataset, shuffle_window=1) as roomy:
+    with (
+        _reader(dataset, cache_dir=str(tmp_path / "small"), cache_max_bytes=2 * shard_bytes, shuffle_window=1) as small,
+        _reader(dataset, shuffle_window=1) as roomy,
+    ):
         assert _sample_numbers([next(small) for _ in range(60)]) == _sample_numbers([next(roomy) for _ in range(60)])
         assert small.cache.total_bytes <= 2 * shard_bytes
     with pytest.raises(ValueError, match="smaller than the largest shard"):

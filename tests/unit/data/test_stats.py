@@ -14,8 +14,12 @@ def test_token_counts_match_index_and_streamed_rows(tmp_path):
     assert counts.sum() - counts[pad] == index.num_tokens
     # One epoch streamed through the reader (every sample once) holds the same tokens.
     global_batch = 17
-    with StreamingShardReader(DEFAULT_DATA_URL, global_batch_size=global_batch, micro_batch_size=global_batch,
-                              cache_dir=str(tmp_path / "reader")) as reader:
+    with StreamingShardReader(
+        DEFAULT_DATA_URL,
+        global_batch_size=global_batch,
+        micro_batch_size=global_batch,
+        cache_dir=str(tmp_path / "reader"),
+    ) as reader:
         streamed = np.zeros_like(counts)
         for _ in range(reader.steps_per_epoch):
             streamed += np.bincount(next(reader)["input_ids"].numpy().ravel(), minlength=index.vocab_size)

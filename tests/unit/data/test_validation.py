@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
+from dsexit.commands.prepare_data import main as prepare_main  # the CLI in-process
 from dsexit.data import (
     DEFAULT_DATA_URL,
     DatasetFormatError,
@@ -22,7 +23,6 @@ from dsexit.data import (
     StreamingShardReader,
     read_validation_samples,
 )
-from dsexit.commands.prepare_data import main as prepare_main  # the CLI in-process
 from dsexit.data.prepare import is_validation_document, prepare_dataset
 
 VOCAB = os.path.join(DEFAULT_DATA_URL, "vocab.txt")
@@ -39,22 +39,34 @@ def vocab_ids():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, vocab_ids):
     """(jsonl path, marker word of each document): 1-6 sentences a document, each starting with its marker."""
-    words = [word for word, number in vocab_ids.items() if number >= 3000 and word.isascii() and word.isalpha()
-             and len(word) >= 4 and word not in FILLER]
+    words = [
+        word
+        for word, number in vocab_ids.items()
+        if number >= 3000 and word.isascii() and word.isalpha() and len(word) >= 4 and word not in FILLER
+    ]
     markers = words[:NUM_DOCUMENTS]
     rng = random.Random(1)
     path = tmp_path_factory.mktemp("corpus") / "documents.jsonl"
     with open(path, "w") as out:
         for marker in markers:
-            sentences = [" ".join([marker] + rng.choices(FILLER, k=rng.randint(4, 9))) + "."
-                         for _ in range(rng.randint(1, 6))]
+            sentences = [
+                " ".join([marker] + rng.choices(FILLER, k=rng.randint(4, 9))) + "." for _ in range(rng.randint(1, 6))
+            ]
             out.write(json.dumps({"text": "\n".join(sentences)}) + "\n")
     return path, markers
 
 
 def _prepare(corpus_path, out, seed=SEED, fraction=FRACTION, progress=None):
-    return prepare_dataset([str(corpus_path)], str(out), f"wordpiece:{VOCAB}", seq_len=32, shard_mb=0.004, seed=seed,
-                           validation_fraction=fraction, progress_stream=progress or io.StringIO())
+    return prepare_dataset(
+        [str(corpus_path)],
+        str(out),
+        f"wordpiece:{VOCAB}",
+        seq_len=32,
+        shard_mb=0.004,
+        seed=seed,
+        validation_fraction=fraction,
+        progress_stream=progress or io.StringIO(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +87,9 @@ def _documents_of_rows(rows, marker_of_id):
 
 def _all_training_rows(url, index):
     """One full epoch through the training reader: a single global batch holding every sample."""
-    with StreamingShardReader(str(url), global_batch_size=index.num_samples, micro_batch_size=index.num_samples,
-                              prefetch=0) as reader:
+    with StreamingShardReader(
+        str(url), global_batch_size=index.num_samples, micro_batch_size=index.num_samples, prefetch=0
+    ) as reader:
         assert reader.steps_per_epoch == 1
         return next(reader)["input_ids"].numpy()
 
@@ -99,7 +112,9 @@ def test_held_out_documents_are_never_in_a_training_sample(corpus, prepared, voc
 
 def test_validation_rows_are_the_shards_in_file_order(prepared):
     index, url = prepared
-    on_disk = np.concatenate([np.fromfile(url / shard.name, dtype="<u2").reshape(-1, 32) for shard in index.validation_shards])
+    on_disk = np.concatenate(
+        [np.fromfile(url / shard.name, dtype="<u2").reshape(-1, 32) for shard in index.validation_shards]
+    )
     rows = read_validation_samples(index)
     assert rows.dtype == np.int64 and rows.shape == (index.num_validation_samples, 32)
     assert np.array_equal(rows, on_disk)
@@ -155,7 +170,9 @@ def test_an_index_without_the_validation_key_loads_with_no_split(prepared, tmp_p
 
 def test_fraction_zero_writes_no_validation_key(corpus, tmp_path):
     index = _prepare(corpus[0], tmp_path / "ds", fraction=0)
-    assert index.validation_shards == [] and "validation" not in json.loads((tmp_path / "ds" / "index.json").read_text())
+    assert index.validation_shards == [] and "validation" not in json.loads(
+        (tmp_path / "ds" / "index.json").read_text()
+    )
     assert not any(name.startswith("validation-") for name in os.listdir(tmp_path / "ds"))
 
 
@@ -181,9 +198,21 @@ def test_a_flipped_byte_in_a_validation_shard_is_caught_and_training_never_reads
 @pytest.mark.parametrize("value", ["0.5", "-0.1", "1", "nan"])
 def test_a_bad_validation_fraction_is_one_error_line_naming_it(corpus, tmp_path, capsys, value):
     out = tmp_path / "out"
-    returncode = prepare_main(["--input", str(corpus[0]), "--out", str(out), "--tokenizer", f"wordpiece:{VOCAB}",
-                               "--validation-fraction", value])
+    returncode = prepare_main(
+        [
+            "--input",
+            str(corpus[0]),
+            "--out",
+            str(out),
+            "--tokenizer",
+            f"wordpiece:{VOCAB}",
+            "--validation-fraction",
+            value,
+        ]
+    )
     stderr = capsys.readouterr().err
     assert returncode == 2
-    assert stderr.splitlines() == [f"prepare_data: error: --validation-fraction must be in [0, 0.5), got {float(value)}."]
+    assert stderr.splitlines() == [
+        f"prepare_data: error: --validation-fraction must be in [0, 0.5), got {float(value)}."
+    ]
     assert not out.exists()  # refused before any work

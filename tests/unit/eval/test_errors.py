@@ -8,7 +8,6 @@ import pytest
 from dsexit.commands.finetune import main as finetune_main
 from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
 from dsexit.eval.tasks import TaskError, load_task
-
 from tests.helpers.tasks import write_jsonl
 
 GOOD = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]

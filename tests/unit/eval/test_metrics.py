@@ -61,8 +61,11 @@ def _reference(labels: list[int], predictions: list[int], num_classes: int) -> d
     x = np.eye(num_classes)[truth] - np.eye(num_classes)[truth].mean(0)
     y = np.eye(num_classes)[guess] - np.eye(num_classes)[guess].mean(0)
     denominator = math.sqrt(float(np.sum(x * x)) * float(np.sum(y * y)))
-    return {"accuracy": float(np.mean(truth == guess)), "f1": f1s[1] if num_classes == 2 else float(np.mean(f1s)),
-            "mcc": float(np.sum(x * y)) / denominator if denominator else 0.0}
+    return {
+        "accuracy": float(np.mean(truth == guess)),
+        "f1": f1s[1] if num_classes == 2 else float(np.mean(f1s)),
+        "mcc": float(np.sum(x * y)) / denominator if denominator else 0.0,
+    }
 
 
 @pytest.mark.parametrize("num_classes, seed", [(2, 0), (2, 1), (3, 2), (5, 3)])
@@ -74,4 +77,5 @@ def test_random_predictions_match_an_independent_computation(num_classes, seed):
     # Right about 60% of the time, so every metric is away from its degenerate value.
     predictions = [label if rng.random() < 0.6 else rng.randrange(num_classes) for label in labels]
     assert classification_metrics(labels, predictions, num_classes) == pytest.approx(
-        _reference(labels, predictions, num_classes), abs=1e-12)
+        _reference(labels, predictions, num_classes), abs=1e-12
+    )

@@ -3,18 +3,17 @@
 import hashlib
 import json
 
-
 from dsexit.commands.finetune import main as finetune_main
 from dsexit.eval import FinetuneConfig, finetune, load_task
 from dsexit.eval.finetune import encode_task
 from dsexit.eval.probe import extract_features
-
 from tests.helpers.tasks import first_word_task  # noqa: F401  (a fixture)
 
 
 def test_probe_returns_the_fine_tuning_result_format(tiny_export, synthetic_task):
-    config = FinetuneConfig(mode="probe", seeds=3, max_seq_len=32, max_train_examples=64, max_eval_examples=32,
-                            progress="none")
+    config = FinetuneConfig(
+        mode="probe", seeds=3, max_seq_len=32, max_train_examples=64, max_eval_examples=32, progress="none"
+    )
     result = finetune(str(tiny_export), load_task(str(synthetic_task)), config)
     assert "probe" in result["protocol"] and "median over 3 seeds" in result["protocol"]
     assert [run["seed"] for run in result["per_seed"]] == [1, 2, 3]
@@ -36,6 +35,7 @@ def test_probe_separates_first_word_labels_from_random_features(tiny_export, fir
 
 def test_features_come_from_a_frozen_encoder_in_eval_mode(tiny_export, first_word_task):
     """Extraction leaves the model files untouched and is deterministic (no dropout)."""
+
     def digest():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tiny_export.iterdir()}
 
@@ -53,8 +53,24 @@ def test_features_come_from_a_frozen_encoder_in_eval_mode(tiny_export, first_wor
 
 def test_cli_mode_probe(tiny_export, first_word_task, tmp_path):
     out = tmp_path / "result.json"
-    code = finetune_main(["--model", str(tiny_export), "--task", str(first_word_task), "--mode", "probe",
-                          "--seeds", "1", "--max-seq-len", "16", "--progress", "none", "--out", str(out)])
+    code = finetune_main(
+        [
+            "--model",
+            str(tiny_export),
+            "--task",
+            str(first_word_task),
+            "--mode",
+            "probe",
+            "--seeds",
+            "1",
+            "--max-seq-len",
+            "16",
+            "--progress",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["config"]["mode"] == "probe" and len(result["per_seed"]) == 1

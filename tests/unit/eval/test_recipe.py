@@ -8,7 +8,6 @@ from dsexit.commands.finetune import build_parser
 from dsexit.eval import FinetuneConfig, load_task, stratified_subset
 from dsexit.eval.finetune import parameter_groups
 from dsexit.eval.tasks import Example
-
 from tests.helpers.tasks import write_jsonl
 
 
@@ -19,15 +18,26 @@ def classifier():
     from transformers import ElectraConfig, ElectraForSequenceClassification
 
     torch.manual_seed(0)
-    config = ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
-                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    config = ElectraConfig(
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return ElectraForSequenceClassification(config)
 
 
 def learning_rates(model, config: FinetuneConfig) -> dict[str, tuple[float, float]]:
     """(lr, weight decay) of every named parameter, as the optimizer groups give them."""
-    by_id = {id(parameter): (group["lr"], group["weight_decay"])
-             for group in parameter_groups(model, config) for parameter in group["params"]}
+    by_id = {
+        id(parameter): (group["lr"], group["weight_decay"])
+        for group in parameter_groups(model, config)
+        for parameter in group["params"]
+    }
     return {name: by_id[id(parameter)] for name, parameter in model.named_parameters()}
 
 
@@ -46,7 +56,7 @@ def test_layerwise_learning_rates_follow_electras_depths(classifier):
         assert group_lr == pytest.approx(expected), name
         no_decay = name.endswith(".bias") or "LayerNorm" in name
         assert weight_decay == (0.0 if no_decay else 0.01), name
-    assert got["electra.encoder.layer.2.output.dense.weight"][0] == pytest.approx(lr * decay ** 2)
+    assert got["electra.encoder.layer.2.output.dense.weight"][0] == pytest.approx(lr * decay**2)
 
 
 def test_decay_one_gives_every_group_the_base_lr(classifier):
@@ -79,8 +89,10 @@ def test_cli_epochs_default_to_the_task_and_take_a_number():
     assert "task default" in parser.format_help()
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("layerwise_lr_decay", 0.0), ("layerwise_lr_decay", 1.5),
-                                          ("mode", "linear"), ("probe_l2", -1.0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("epochs", 0), ("layerwise_lr_decay", 0.0), ("layerwise_lr_decay", 1.5), ("mode", "linear"), ("probe_l2", -1.0)],
+)
 def test_invalid_recipe_values_are_refused(field, value):
     with pytest.raises(ValueError, match=rf"^{field}=.* is invalid; expected"):
         FinetuneConfig(**{field: value}).validate()
@@ -88,8 +100,9 @@ def test_invalid_recipe_values_are_refused(field, value):
 
 def test_stratified_subset_of_a_label_sorted_split():
     """600 negatives then 300 positives: the first 90 rows would be one class; the subset keeps 2:1."""
-    examples = [Example(f"negative {i}", None, 0) for i in range(600)] + \
-               [Example(f"positive {i}", None, 1) for i in range(300)]
+    examples = [Example(f"negative {i}", None, 0) for i in range(600)] + [
+        Example(f"positive {i}", None, 1) for i in range(300)
+    ]
     subset = stratified_subset(examples, 90, seed=0)
     assert collections.Counter(example.label for example in subset) == {0: 60, 1: 30}
     assert [e.text_a for e in subset] == [e.text_a for e in stratified_subset(examples, 90, seed=0)]
@@ -129,8 +142,9 @@ def test_learning_rate_schedule_is_linear_warmup_from_zero_then_linear_decay_to_
         used.append(optimizer.param_groups[0]["lr"])  # the rate this step's optimizer.step() applies
         optimizer.step()
         schedule.step()
-    expected = [lr * step / warmup if step < warmup else lr * (total - step) / (total - warmup)
-                for step in range(total)]
+    expected = [
+        lr * step / warmup if step < warmup else lr * (total - step) / (total - warmup) for step in range(total)
+    ]
     assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
     # The hand-written schedule this replaced decayed identically and warmed up one step earlier
     # ((step + 1) / warmup): its first step already used lr / warmup, this one starts from 0.

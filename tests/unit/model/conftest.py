@@ -15,7 +15,7 @@ def make_batch(batch_size: int = 4, seq_len: int = 32, pad_tail: bool = False, s
     input_ids[:, -1] = 102
     attention_mask = torch.ones_like(input_ids)
     token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, seq_len // 2:] = 1
+    token_type_ids[:, seq_len // 2 :] = 1
     if pad_tail:
         for row, length in enumerate(range(seq_len, 0, -max(1, seq_len // (batch_size + 1)))):
             if row >= batch_size:

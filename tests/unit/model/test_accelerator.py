@@ -19,8 +19,9 @@ TOLERANCE = 1e-4  # fp32 on different kernels (cuBLAS vs oneDNN) and summation o
 
 def _model(preset: str = "electra-tiny", seed: int = 1, **overrides) -> ElectraPreTrainingModel:
     torch.manual_seed(seed)
-    config = ElectraExitConfig.from_preset(preset, vocab_size=VOCAB, hidden_dropout_prob=0.0,
-                                           attention_probs_dropout_prob=0.0, **overrides)
+    config = ElectraExitConfig.from_preset(
+        preset, vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides
+    )
     model = ElectraPreTrainingModel(config).eval()
     with torch.no_grad():  # non-trivial biases and LayerNorms; spread the heads' confidences
         for name, parameter in model.named_parameters():
@@ -47,11 +48,13 @@ def test_exits_off_equal_hf_on_the_device(device, preset):
     input_ids, attention_mask, token_type_ids = _on(device, make_batch(4, 48, pad_tail=True, seed=3))
     with torch.no_grad():
         ours = model.discriminator(input_ids, attention_mask, token_type_ids).logits
-        theirs = hf_discriminator(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).logits
+        theirs = hf_discriminator(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
         ours_generator = model.generator(model.embeddings, input_ids, attention_mask, token_type_ids)
-        theirs_generator = hf_generator(input_ids=input_ids, attention_mask=attention_mask,
-                                        token_type_ids=token_type_ids).logits
+        theirs_generator = hf_generator(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
     assert ours.device.type == device.type
     assert (ours - theirs).abs().max() <= TOLERANCE
     assert (ours_generator - theirs_generator).abs().max() <= TOLERANCE
@@ -65,8 +68,9 @@ def test_forced_exits_route_the_same_on_the_device_as_on_the_cpu(device, exit_kv
     plan = torch.randint(1, 5, batch[0].shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         on_cpu = cpu_model.discriminator(*batch, decision=_plan_decision(cpu_model, plan))
-        on_device = device_model.discriminator(*_on(device, batch),
-                                               decision=_plan_decision(device_model, plan.to(device)))
+        on_device = device_model.discriminator(
+            *_on(device, batch), decision=_plan_decision(device_model, plan.to(device))
+        )
     real = batch[1].bool()
     assert torch.equal(on_device.exit_layer.cpu()[real], on_cpu.exit_layer[real])
     assert (on_device.logits.cpu()[real] - on_cpu.logits[real]).abs().max() <= TOLERANCE

@@ -10,19 +10,22 @@ from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from .conftest import VOCAB, make_batch
 
 
-@pytest.mark.parametrize("overrides, named", [
-    (dict(exit_threshold=0.0), "exit_threshold=0.0"),
-    (dict(exit_threshold=1.5), "exit_threshold=1.5"),
-    (dict(min_exit_layer=4), "min_exit_layer=4"),
-    (dict(min_exit_layer=0), "min_exit_layer=0"),
-    (dict(generator="bert"), "generator='bert'"),
-    (dict(hidden_size=65), "hidden_size=65"),
-    (dict(exit_kv="maybe"), "exit_kv='maybe'"),
-    (dict(mask_token_id=VOCAB), f"mask_token_id={VOCAB}"),
-    (dict(head_bias_init="random"), "head_bias_init='random'"),
-    (dict(exit_criterion="entropy"), "exit_criterion='entropy'"),
-    (dict(aux_weight=-0.1), "aux_weight=-0.1"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (dict(exit_threshold=0.0), "exit_threshold=0.0"),
+        (dict(exit_threshold=1.5), "exit_threshold=1.5"),
+        (dict(min_exit_layer=4), "min_exit_layer=4"),
+        (dict(min_exit_layer=0), "min_exit_layer=0"),
+        (dict(generator="bert"), "generator='bert'"),
+        (dict(hidden_size=65), "hidden_size=65"),
+        (dict(exit_kv="maybe"), "exit_kv='maybe'"),
+        (dict(mask_token_id=VOCAB), f"mask_token_id={VOCAB}"),
+        (dict(head_bias_init="random"), "head_bias_init='random'"),
+        (dict(exit_criterion="entropy"), "exit_criterion='entropy'"),
+        (dict(aux_weight=-0.1), "aux_weight=-0.1"),
+    ],
+)
 def test_bad_values_raise_one_clear_error_naming_the_value(overrides, named):
     with pytest.raises(ValueError) as error:
         ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, **overrides)
@@ -41,8 +44,13 @@ def test_unknown_preset_and_field_are_rejected():
 def test_training_settings_left_the_model_config_and_old_saved_configs_still_load():
     with pytest.raises(ValueError, match="exit_control.target_compute"):
         ElectraExitConfig.from_preset("electra-tiny", target_compute=0.6)
-    saved = {**ElectraExitConfig.from_preset("electra-tiny").to_dict(), "extra": {}, "target_compute": 0.7,
-             "controller_gain": 4.0, "exit_warmup_steps": 200}  # as runs before the move stored it
+    saved = {
+        **ElectraExitConfig.from_preset("electra-tiny").to_dict(),
+        "extra": {},
+        "target_compute": 0.7,
+        "controller_gain": 4.0,
+        "exit_warmup_steps": 200,
+    }  # as runs before the move stored it
     assert ElectraExitConfig.from_saved(saved) == ElectraExitConfig.from_preset("electra-tiny")
     with pytest.raises(ValueError, match="hiden_size"):
         ElectraExitConfig.from_saved({**saved, "hiden_size": 3})
@@ -50,8 +58,14 @@ def test_training_settings_left_the_model_config_and_old_saved_configs_still_loa
 
 def test_presets_have_the_documented_sizes():
     small = ElectraExitConfig.from_preset("electra-small")
-    assert (small.num_hidden_layers, small.hidden_size, small.embedding_size, small.num_attention_heads,
-            small.intermediate_size, small.generator_hidden_size) == (12, 256, 128, 4, 1024, 64)
+    assert (
+        small.num_hidden_layers,
+        small.hidden_size,
+        small.embedding_size,
+        small.num_attention_heads,
+        small.intermediate_size,
+        small.generator_hidden_size,
+    ) == (12, 256, 128, 4, 1024, 64)
     base = ElectraExitConfig.from_preset("electra-base")
     assert (base.hidden_size, base.num_hidden_layers) == (768, 12)
     assert ElectraExitConfig.from_dict(small.to_dict()) == small
@@ -86,8 +100,14 @@ def test_generator_share_of_the_loss_is_the_same_with_and_without_exits():
     zero here, is then the same share of both)."""
     losses = {}
     for exit_enabled in (True, False):
-        config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_enabled=exit_enabled,
-                                               aux_weight=0.3, head_bias_init="prior", generator="uniform")
+        config = ElectraExitConfig.from_preset(
+            "electra-tiny",
+            vocab_size=VOCAB,
+            exit_enabled=exit_enabled,
+            aux_weight=0.3,
+            head_bias_init="prior",
+            generator="uniform",
+        )
         torch.manual_seed(0)
         model = ElectraPreTrainingModel(config)
         with torch.no_grad():  # every RTD head outputs its bias alone: equal losses at every depth
@@ -133,8 +153,9 @@ def test_generator_free_modes_draw_replacements_without_a_generator(mode):
 
 @pytest.mark.parametrize("head_bias_init", ["prior", "zero"])
 def test_rtd_heads_start_at_the_replacement_prior_or_at_zero(head_bias_init):
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, mask_prob=0.2,
-                                           head_bias_init=head_bias_init)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny", vocab_size=VOCAB, mask_prob=0.2, head_bias_init=head_bias_init
+    )
     model = ElectraPreTrainingModel(config)
     heads = [model.discriminator.discriminator_predictions, *model.discriminator.exit_heads.values()]
     assert len(heads) == config.num_hidden_layers - config.min_exit_layer + 1
@@ -148,5 +169,6 @@ def test_rtd_heads_start_at_the_replacement_prior_or_at_zero(head_bias_init):
     input_ids, attention_mask, token_type_ids = make_batch(batch_size=4, seq_len=24)
     with torch.no_grad():
         probability = torch.sigmoid(model.discriminator(input_ids, attention_mask, token_type_ids).logits)
-    assert float(probability[attention_mask.bool()].mean()) == pytest.approx(0.2 if head_bias_init == "prior" else 0.5,
-                                                                            abs=0.08)
+    assert float(probability[attention_mask.bool()].mean()) == pytest.approx(
+        0.2 if head_bias_init == "prior" else 0.5, abs=0.08
+    )

@@ -10,8 +10,9 @@ from .conftest import VOCAB, make_batch
 
 def _discriminator(exit_kv="keep", seed=0):
     torch.manual_seed(seed)
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_kv=exit_kv,
-                                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny", vocab_size=VOCAB, exit_kv=exit_kv, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     return ElectraPreTrainingModel(config).discriminator.eval()
 
 
@@ -85,8 +86,9 @@ def test_dropped_exited_tokens_change_no_later_attention(exit_kv, changes_expect
 @pytest.mark.parametrize("target", [0.5, 0.75])
 def test_controller_reaches_target_compute_on_stationary_input(target):
     torch.manual_seed(0)
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_threshold=0.5, hidden_dropout_prob=0.0,
-                                           attention_probs_dropout_prob=0.0)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny", vocab_size=VOCAB, exit_threshold=0.5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     discriminator = ElectraPreTrainingModel(config).discriminator.eval()
     with torch.no_grad():  # spread the heads' confidences, as trained heads would have
         for head in discriminator.exit_heads.values():
@@ -96,8 +98,12 @@ def test_controller_reaches_target_compute_on_stationary_input(target):
     fractions = []
     with torch.no_grad():
         for step in range(150):
-            state = discriminator(input_ids, attention_mask, token_type_ids,
-                                  decision=ExitDecision.for_config(config, controller.threshold(step)))
+            state = discriminator(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                decision=ExitDecision.for_config(config, controller.threshold(step)),
+            )
             fraction = sum(work.token_layers for work in state.work) / (state.exitable.sum() * 4)
             controller.update(float(fraction), step)
             fractions.append(float(fraction))
@@ -124,10 +130,14 @@ def test_flop_counter_counts_rows_that_enter_the_matmuls(tiny_model):
     def record(name):
         def hook(module, inputs, output):
             rows_seen[name] = rows_seen.get(name, 0) + inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]
+
         return hook
 
-    handles = [module.register_forward_hook(record(name)) for name, module in tiny_model.named_modules()
-               if isinstance(module, torch.nn.Linear)]
+    handles = [
+        module.register_forward_hook(record(name))
+        for name, module in tiny_model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
     input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True)
     plan = torch.where(torch.rand(input_ids.shape) < 0.4, 1, torch.where(torch.rand(input_ids.shape) < 0.5, 2, 99))
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -146,8 +156,11 @@ def test_flop_counter_counts_rows_that_enter_the_matmuls(tiny_model):
         prefix = f"discriminator.electra.encoder.layer.{index}."
         assert rows_seen[prefix + "intermediate.dense"] == work.rows
         assert rows_seen[prefix + "output.dense"] == work.rows
-        head = ("discriminator.discriminator_predictions.dense" if index == 3
-                else f"discriminator.exit_heads.{index + 1}.dense")
+        head = (
+            "discriminator.discriminator_predictions.dense"
+            if index == 3
+            else f"discriminator.exit_heads.{index + 1}.dense"
+        )
         assert rows_seen[head] == work.head_rows
     assert rows_seen["generator.generator_predictions.dense"] == log.generator_head_rows
     real = int(attention_mask.sum())
@@ -197,16 +210,19 @@ def test_a_head_at_the_prior_never_exits_under_prior_margin_but_does_under_confi
     confidence 0 at any tau; `confidence` (|2p-1|) lets every token out once tau < |2 prior - 1|."""
     results = {}
     for criterion in ("prior_margin", "confidence"):
-        config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_criterion=criterion,
-                                               mask_prob=mask_prob, head_bias_init="prior")
+        config = ElectraExitConfig.from_preset(
+            "electra-tiny", vocab_size=VOCAB, exit_criterion=criterion, mask_prob=mask_prob, head_bias_init="prior"
+        )
         torch.manual_seed(0)
         model = ElectraPreTrainingModel(config)
         with torch.no_grad():
             for head in model.discriminator.exit_heads.values():
                 head.dense_prediction.weight.zero_()  # the head outputs the prior's log-odds
         input_ids, attention_mask, token_type_ids = make_batch(4, 32)
-        results[criterion] = [model(input_ids, attention_mask, token_type_ids, exit_threshold=tau).compute_fraction
-                              for tau in (1e-6, 0.1, 0.35)]
+        results[criterion] = [
+            model(input_ids, attention_mask, token_type_ids, exit_threshold=tau).compute_fraction
+            for tau in (1e-6, 0.1, 0.35)
+        ]
     assert results["prior_margin"] == [1.0] * 3
     # |2p - 1| at the prior is 0.7 (mask_prob 0.15) or 0.4 (0.3): above every tau here.
     assert results["confidence"] == [pytest.approx(0.25)] * 3

@@ -11,17 +11,27 @@ from .conftest import VOCAB, make_batch
 
 def _model(**overrides) -> ElectraPreTrainingModel:
     torch.manual_seed(0)
-    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, num_hidden_layers=6, min_exit_layer=1,
-                                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny",
+        vocab_size=VOCAB,
+        num_hidden_layers=6,
+        min_exit_layer=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **overrides,
+    )
     return ElectraPreTrainingModel(config)
 
 
-@pytest.mark.parametrize("overrides, named", [
-    ({"exit_head": "mlp"}, "exit_head='mlp'"),
-    ({"exit_interval": 0}, "exit_interval=0"),
-    ({"exit_supervision": 0.0}, "exit_supervision=0.0"),
-    ({"exit_supervision": 1.5}, "exit_supervision=1.5"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"exit_head": "mlp"}, "exit_head='mlp'"),
+        ({"exit_interval": 0}, "exit_interval=0"),
+        ({"exit_supervision": 0.0}, "exit_supervision=0.0"),
+        ({"exit_supervision": 1.5}, "exit_supervision=1.5"),
+    ],
+)
 def test_bad_head_options_name_the_value(overrides, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(")):
         ElectraExitConfig.from_preset("electra-tiny", **overrides)
@@ -93,6 +103,7 @@ def test_sampled_supervision_leaves_the_outputs_of_exiting_tokens_as_they_were()
     assert torch.equal(ours.exit_layer, reference.exit_layer)
     assert torch.allclose(ours.discriminator_logits, reference.discriminator_logits, atol=1e-6)
     real = attention_mask.bool()  # the final RTD loss alone: the head is in it through the exited tokens
-    torch.nn.functional.binary_cross_entropy_with_logits(ours.discriminator_logits[real],
-                                                         ours.rtd_labels[real]).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        ours.discriminator_logits[real], ours.rtd_labels[real]
+    ).backward()
     assert sampled.discriminator.exit_heads["1"].dense_prediction.weight.grad.abs().sum() > 0

@@ -25,14 +25,18 @@ from .conftest import VOCAB, make_batch
 
 def _model(exit_kv: str) -> ElectraPreTrainingModel:
     torch.manual_seed(0)
-    return ElectraPreTrainingModel(ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB,
-                                                                 exit_kv=exit_kv)).eval()
+    return ElectraPreTrainingModel(
+        ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_kv=exit_kv)
+    ).eval()
 
 
 def _counted(model, batch, math_attention: bool, **kwargs):
     """(our forward pass output, FlopCounterMode's counts); the same masking draws on every call."""
-    backends = [SDPBackend.MATH] if math_attention else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION,
-                                                         SDPBackend.EFFICIENT_ATTENTION]
+    backends = (
+        [SDPBackend.MATH]
+        if math_attention
+        else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    )
     torch.manual_seed(123)
     with torch.no_grad(), sdpa_kernel(backends), FlopCounterMode(display=False) as counter:
         output = model(*batch, **kwargs)
@@ -47,8 +51,9 @@ def _plan(batch) -> torch.Tensor:
 
 def _attention_flops(model, log) -> int:
     config = model.config
-    return (sum(4 * work.query_slots * work.key_length * config.hidden_size for work in log.discriminator)
-            + sum(4 * work.query_slots * work.key_length * config.generator_hidden_size for work in log.generator))
+    return sum(4 * work.query_slots * work.key_length * config.hidden_size for work in log.discriminator) + sum(
+        4 * work.query_slots * work.key_length * config.generator_hidden_size for work in log.generator
+    )
 
 
 CASES = [("keep", None), ("keep", "plan"), ("drop", None), ("drop", "plan")]
@@ -79,9 +84,10 @@ def test_every_discriminator_layer_and_its_head_match_per_module(exit_kv, exits)
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     layers = model.config.num_hidden_layers
     for number, work in enumerate(output.compute_log.discriminator, start=1):
-        head = ("discriminator.discriminator_predictions" if number == layers else f"discriminator.exit_heads.{number}")
-        counted = (per_module.get(f"ElectraPreTrainingModel.discriminator.electra.encoder.layer.{number - 1}", 0)
-                   + per_module.get(f"ElectraPreTrainingModel.{head}", 0))
+        head = "discriminator.discriminator_predictions" if number == layers else f"discriminator.exit_heads.{number}"
+        counted = per_module.get(
+            f"ElectraPreTrainingModel.discriminator.electra.encoder.layer.{number - 1}", 0
+        ) + per_module.get(f"ElectraPreTrainingModel.{head}", 0)
         assert counted == discriminator_layer_flops(work, model.config), number
 
 

@@ -30,11 +30,13 @@ def test_discriminator_and_generator_match_hf(preset, padded):
         assert (attention_mask == 0).any()
     with torch.no_grad():
         ours = model.discriminator(input_ids, attention_mask, token_type_ids).logits
-        theirs = hf_discriminator(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).logits
+        theirs = hf_discriminator(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
         ours_generator = model.generator(model.embeddings, input_ids, attention_mask, token_type_ids)
-        theirs_generator = hf_generator(input_ids=input_ids, attention_mask=attention_mask,
-                                        token_type_ids=token_type_ids).logits
+        theirs_generator = hf_generator(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max() <= 1e-5
     assert ours_generator.shape == theirs_generator.shape
@@ -49,8 +51,9 @@ def test_exit_model_without_exits_equals_hf():
     labels = torch.zeros(input_ids.shape)
     with torch.no_grad():
         state = model.discriminator(input_ids, attention_mask, token_type_ids, labels=labels)
-        theirs = hf_discriminator(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).logits
+        theirs = hf_discriminator(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
     assert (state.logits - theirs).abs().max() <= 1e-5
     assert state.aux_loss > 0  # the heads were still supervised
 

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from dsexit.parallel.partition import (PartitionError, expected_work_partition, parse_layer_counts,
-                                       stage_expected_costs)
+from dsexit.parallel.partition import PartitionError, expected_work_partition, parse_layer_counts, stage_expected_costs
 
 
 def test_layer_counts_are_checked_against_stages_and_depth():

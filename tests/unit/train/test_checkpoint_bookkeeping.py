@@ -15,8 +15,16 @@ import fsspec
 import pytest
 
 from dsexit.data.storage import RetryPolicy
-from dsexit.train.checkpoint import (LATEST, MARKER, CheckpointError, CheckpointManager, open_checkpoint,
-                                     resume_choice, tag_for, verify_files)
+from dsexit.train.checkpoint import (
+    LATEST,
+    MARKER,
+    CheckpointError,
+    CheckpointManager,
+    open_checkpoint,
+    resume_choice,
+    tag_for,
+    verify_files,
+)
 from dsexit.train.cli import parse_config
 from dsexit.train.config import ConfigError
 from dsexit.train.distributed import WorldInfo
@@ -44,8 +52,14 @@ class FakeEngine:
 
 
 def _manager(root, run_id="run-a", keep_last=2, location=None, retries=0):
-    return CheckpointManager(location or str(root), str(root), keep_last, SINGLE, run_id=run_id,
-                             policy=RetryPolicy(retries, base_delay_s=0.01))
+    return CheckpointManager(
+        location or str(root),
+        str(root),
+        keep_last,
+        SINGLE,
+        run_id=run_id,
+        policy=RetryPolicy(retries, base_delay_s=0.01),
+    )
 
 
 def _save(manager, engine, step):
@@ -173,8 +187,16 @@ def test_max_steps_1_derives_a_warmup_that_fits(tmp_path):
 
 def test_credentials_in_a_checkpoint_url_never_reach_the_message(tmp_path):
     with pytest.raises(ConfigError) as raised:
-        _resolve(["--run-dir", str(tmp_path / "r"), "--checkpoint-dir", "s3://AKIAX:hunter2@nobucket/x",
-                  "--checkpoint-retries", "0"])
+        _resolve(
+            [
+                "--run-dir",
+                str(tmp_path / "r"),
+                "--checkpoint-dir",
+                "s3://AKIAX:hunter2@nobucket/x",
+                "--checkpoint-retries",
+                "0",
+            ]
+        )
     message = str(raised.value)
     assert "hunter2" not in message and "AKIAX" not in message and "checkpoint_dir=" in message
     assert "\n" not in message
@@ -194,10 +216,24 @@ def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
     fresh = plan_run(resume="none", start_over=True, chosen=None, **common)
     assert fresh.mode == "new" and fresh.move_aside == (str(run_dir),)
     with pytest.raises(RunDirError, match="another run's checkpoint"):
-        plan_run(resume="/elsewhere/global_step3", start_over=False,
-                 chosen=open_checkpoint(ref.path).__class__("/elsewhere", "global_step3", {"step": 3}), **common)
-    assert plan_run(run_dir=str(tmp_path / "unused"), checkpoint_root=str(tmp_path / "unused" / "checkpoints"),
-                    remote_steps=[], remote_shown=None, resume="none", start_over=False, chosen=None).mode == "new"
+        plan_run(
+            resume="/elsewhere/global_step3",
+            start_over=False,
+            chosen=open_checkpoint(ref.path).__class__("/elsewhere", "global_step3", {"step": 3}),
+            **common,
+        )
+    assert (
+        plan_run(
+            run_dir=str(tmp_path / "unused"),
+            checkpoint_root=str(tmp_path / "unused" / "checkpoints"),
+            remote_steps=[],
+            remote_shown=None,
+            resume="none",
+            start_over=False,
+            chosen=None,
+        ).mode
+        == "new"
+    )
 
 
 def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
@@ -206,8 +242,11 @@ def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
     from dsexit.train.resolve import check_fits
 
     tiny = ElectraExitConfig.from_preset("electra-tiny")
-    ref = CheckpointRef(str(tmp_path), "global_step4", {"step": 4, "model_config": tiny.to_dict(),
-                                                          "config": {"train": {"job": {"seed": 7}}}})
+    ref = CheckpointRef(
+        str(tmp_path),
+        "global_step4",
+        {"step": 4, "model_config": tiny.to_dict(), "config": {"train": {"job": {"seed": 7}}}},
+    )
     check_fits(ref, ElectraExitConfig.from_preset("electra-tiny", exit_threshold=0.5), 7)  # not a shape
     with pytest.raises(ConfigError, match="another shape: saved with .*hidden_size=64.*this run has .*hidden_size=256"):
         check_fits(ref, ElectraExitConfig.from_preset("electra-small"), 7)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.helpers import REPO
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import DATASET_FIELDS
 from dsexit.train.cli import build_parser, dataclass_flags, parse_config
 from dsexit.train.config import ConfigError, TrainConfig
 from dsexit.train.ds_config import load_ds_config, resolve_ds_config
+from tests.helpers import REPO
 
 
 def test_every_config_field_has_a_flag_with_its_docstring_as_help():
@@ -50,10 +50,15 @@ def test_a_new_field_gets_a_flag_with_no_other_edit():
     parser = argparse.ArgumentParser()
     flags = dataclass_flags(parser.add_argument_group("throwaway"), Throwaway, "throwaway", Throwaway())
     assert [flag.option for flag in flags] == ["--beam-width", "--temperature", "--tracing", "--name", "--extra"]
-    args = parser.parse_args(["--beam-width", "8", "--temperature", "none", "--no-tracing", "--name", "y",
-                              "--extra", "a=1"])
-    assert (getattr(args, "throwaway.beam_width"), repr(getattr(args, "throwaway.temperature")),
-            getattr(args, "throwaway.tracing"), getattr(args, "throwaway.label")) == (8, "none", False, "y")
+    args = parser.parse_args(
+        ["--beam-width", "8", "--temperature", "none", "--no-tracing", "--name", "y", "--extra", "a=1"]
+    )
+    assert (
+        getattr(args, "throwaway.beam_width"),
+        repr(getattr(args, "throwaway.temperature")),
+        getattr(args, "throwaway.tracing"),
+        getattr(args, "throwaway.label"),
+    ) == (8, "none", False, "y")
     assert getattr(args, "throwaway.extra") == ["a=1"]
     assert "Beams kept per step. (default: 4)" in " ".join(parser.format_help().split())
     with pytest.raises(SystemExit):
@@ -62,12 +67,20 @@ def test_a_new_field_gets_a_flag_with_no_other_edit():
 
 def test_layers_apply_in_order_defaults_preset_file_flags(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"train": {
-        "job": {"preset": "small"},
-        "optim": {"lr": 1e-4, "weight_decay": 0.02},
-        "model": {"overrides": {"exit_kv": "drop", "mask_prob": 0.2}}}}))
-    config, _ = parse_config(["--config", str(path), "--lr", "3e-4", "--mask-prob", "0.1",
-                              "--model-set", "aux_weight=0.25"])
+    path.write_text(
+        json.dumps(
+            {
+                "train": {
+                    "job": {"preset": "small"},
+                    "optim": {"lr": 1e-4, "weight_decay": 0.02},
+                    "model": {"overrides": {"exit_kv": "drop", "mask_prob": 0.2}},
+                }
+            }
+        )
+    )
+    config, _ = parse_config(
+        ["--config", str(path), "--lr", "3e-4", "--mask-prob", "0.1", "--model-set", "aux_weight=0.25"]
+    )
     assert config.optim.lr == 3e-4  # flag over file
     assert config.optim.weight_decay == 0.02  # file over preset and default
     assert (config.job.preset, config.training.micro_batch_size, config.model.preset) == ("small", 128, "electra-small")
@@ -80,10 +93,32 @@ def test_layers_apply_in_order_defaults_preset_file_flags(tmp_path):
 
 
 def test_existing_spellings_keep_working():
-    config, args = parse_config(["--no-exit", "--target-compute", "none", "--resume", "none", "--max-steps", "none",
-                                 "--max-tokens", "4096", "--no-export-hf", "--no-tensorboard", "--start-over",
-                                 "--local_rank", "3", "--exit-warmup-steps", "5", "--data-cache-dir", "none",
-                                 "--model-set", "exit_kv=drop", "--exit-kv", "keep"])
+    config, args = parse_config(
+        [
+            "--no-exit",
+            "--target-compute",
+            "none",
+            "--resume",
+            "none",
+            "--max-steps",
+            "none",
+            "--max-tokens",
+            "4096",
+            "--no-export-hf",
+            "--no-tensorboard",
+            "--start-over",
+            "--local_rank",
+            "3",
+            "--exit-warmup-steps",
+            "5",
+            "--data-cache-dir",
+            "none",
+            "--model-set",
+            "exit_kv=drop",
+            "--exit-kv",
+            "keep",
+        ]
+    )
     assert config.model.overrides == {"exit_enabled": False, "exit_kv": "drop"}  # --model-set comes last
     assert config.exit_control.target_compute is None and config.checkpoint.resume == "none"
     assert (config.training.max_steps, config.training.max_tokens) == (None, 4096)
@@ -110,9 +145,11 @@ def test_every_deepspeed_mismatch_is_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as caught:
         resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
     message = str(caught.value)
-    for mismatch in ("train_batch_size=64 but the trainer has global_batch_size=32",
-                     "gradient_clipping=5.0 but the trainer has grad_clip=1.0",
-                     "optimizer.params.lr=0.1 but the trainer has lr=0.002"):
+    for mismatch in (
+        "train_batch_size=64 but the trainer has global_batch_size=32",
+        "gradient_clipping=5.0 but the trainer has grad_clip=1.0",
+        "optimizer.params.lr=0.1 but the trainer has lr=0.002",
+    ):
         assert mismatch in message
     assert len(message.splitlines()) == 1
 

@@ -14,8 +14,20 @@ from dsexit.train.distributed import WorldInfo
 from dsexit.train.redact import redact
 from dsexit.train.store import file_owner
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "OMP_NUM_THREADS")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_SIZE",
+    "MPI_LOCALNRANKS",
+    "OMP_NUM_THREADS",
+)
 
 
 @pytest.fixture
@@ -78,7 +90,14 @@ def test_every_rank_uploads_only_its_own_shards():
 
 
 def test_redaction_masks_credentials_but_not_ordinary_fields():
-    masked = redact({"data": "s3://AKIA:hunter2@bucket/x", "storage": {"key": "AKIA", "secret": "hunter2"},
-                     "max_tokens": 5, "mask_token_id": 103, "nested": ["https://u:p@h/p"]})
+    masked = redact(
+        {
+            "data": "s3://AKIA:hunter2@bucket/x",
+            "storage": {"key": "AKIA", "secret": "hunter2"},
+            "max_tokens": 5,
+            "mask_token_id": 103,
+            "nested": ["https://u:p@h/p"],
+        }
+    )
     assert "hunter2" not in json.dumps(masked) and "AKIA" not in json.dumps(masked)
     assert masked["max_tokens"] == 5 and masked["mask_token_id"] == 103

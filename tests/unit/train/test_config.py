@@ -42,9 +42,30 @@ def test_no_arguments_give_the_smoke_preset_on_the_embedded_corpus(tmp_path):
 
 
 def test_flags_reach_their_fields_and_model_overrides(tmp_path):
-    run = _resolve(["--run-dir", str(tmp_path), "--model", "electra-small", "--target-compute", "none",
-                    "--exit-threshold", "0.8", "--exit-kv", "drop", "--model-set", "hidden_dropout_prob=0.0",
-                    "--lr", "3e-4", "--grad-clip", "0.5", "--precision", "fp32", "--max-tokens", "40960"])
+    run = _resolve(
+        [
+            "--run-dir",
+            str(tmp_path),
+            "--model",
+            "electra-small",
+            "--target-compute",
+            "none",
+            "--exit-threshold",
+            "0.8",
+            "--exit-kv",
+            "drop",
+            "--model-set",
+            "hidden_dropout_prob=0.0",
+            "--lr",
+            "3e-4",
+            "--grad-clip",
+            "0.5",
+            "--precision",
+            "fp32",
+            "--max-tokens",
+            "40960",
+        ]
+    )
     model = run.model_config
     assert (model.hidden_size, model.exit_threshold, model.exit_kv) == (256, 0.8, "drop")
     assert run.config.exit_control.target_compute is None
@@ -54,21 +75,24 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
     assert run.total_steps == 10  # 40960 tokens / (32 samples x 128 tokens)
 
 
-@pytest.mark.parametrize("argv, names", [
-    (["--exit-threshold", "1.5"], "exit_threshold=1.5"),
-    (["--target-compute", "1.2"], "target_compute=1.2"),
-    (["--exit-warmup-steps", "-1"], "exit_warmup_steps=-1"),
-    (["--global-batch-size", "30"], "global_batch_size=30"),
-    (["--model", "electra-huge"], "model='electra-huge'"),
-    (["--model-set", "no_such_field=1"], "no_such_field"),
-    (["--max-steps", "0"], "max_steps=0"),
-    (["--warmup-steps", "2000"], "warmup_steps=2000"),
-    (["--lr", "-1"], "lr=-1.0"),
-    (["--data", "/nonexistent/dataset"], "/nonexistent/dataset"),
-    (["--deepspeed", "ds_configs/zero9.json"], "zero9.json"),
-    (["--resume", "/nonexistent/checkpoints"], "resume='/nonexistent/checkpoints'"),
-    (["--resume", "s3://bucket/run/global_step10"], "--checkpoint-dir URL --resume auto"),
-])
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--exit-threshold", "1.5"], "exit_threshold=1.5"),
+        (["--target-compute", "1.2"], "target_compute=1.2"),
+        (["--exit-warmup-steps", "-1"], "exit_warmup_steps=-1"),
+        (["--global-batch-size", "30"], "global_batch_size=30"),
+        (["--model", "electra-huge"], "model='electra-huge'"),
+        (["--model-set", "no_such_field=1"], "no_such_field"),
+        (["--max-steps", "0"], "max_steps=0"),
+        (["--warmup-steps", "2000"], "warmup_steps=2000"),
+        (["--lr", "-1"], "lr=-1.0"),
+        (["--data", "/nonexistent/dataset"], "/nonexistent/dataset"),
+        (["--deepspeed", "ds_configs/zero9.json"], "zero9.json"),
+        (["--resume", "/nonexistent/checkpoints"], "resume='/nonexistent/checkpoints'"),
+        (["--resume", "s3://bucket/run/global_step10"], "--checkpoint-dir URL --resume auto"),
+    ],
+)
 def test_bad_values_raise_one_error_naming_them(argv, names, tmp_path):
     with pytest.raises(ConfigError, match=names.replace("(", r"\(").replace("[", r"\[")):
         _resolve(["--run-dir", str(tmp_path), *argv])
@@ -89,8 +113,11 @@ def test_batch_sizes_must_factor_over_the_data_parallel_size(tmp_path):
     with pytest.raises(ConfigError, match="train_batch_size must equal micro_batch_size x gradient_accumulation_steps"):
         _resolve(["--run-dir", str(tmp_path), "--global-batch-size", "32", "--micro-batch-size", "16"], _world(3))
     run = _resolve(["--run-dir", str(tmp_path), "--global-batch-size", "32", "--micro-batch-size", "8"], _world(2))
-    assert (run.ds_config["train_batch_size"], run.ds_config["train_micro_batch_size_per_gpu"],
-            run.ds_config["gradient_accumulation_steps"]) == (32, 8, 2)
+    assert (
+        run.ds_config["train_batch_size"],
+        run.ds_config["train_micro_batch_size_per_gpu"],
+        run.ds_config["gradient_accumulation_steps"],
+    ) == (32, 8, 2)
 
 
 def test_concrete_deepspeed_values_must_agree_with_the_trainer(tmp_path):

@@ -34,7 +34,9 @@ def test_roc_auc_matches_the_pairwise_definition():
     scores = torch.randint(0, 6, (200,), generator=generator).float()  # many ties
     labels = torch.rand(200, generator=generator) < 0.3
     positives, negatives = scores[labels], scores[~labels]
-    pairs = (positives[:, None] > negatives[None, :]).double() + 0.5 * (positives[:, None] == negatives[None, :]).double()
+    pairs = (positives[:, None] > negatives[None, :]).double() + 0.5 * (
+        positives[:, None] == negatives[None, :]
+    ).double()
     assert roc_auc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
     assert math.isnan(roc_auc(scores, torch.zeros(200, dtype=torch.bool)))
 
@@ -55,7 +57,7 @@ def test_evaluation_reports_every_field_against_independent_computations():
     ids = torch.from_numpy(samples)
     real = ids != 0
     corrupted = ids.clone()
-    corrupted[:len(ids)] = evaluator.corruption.uniform_ids
+    corrupted[: len(ids)] = evaluator.corruption.uniform_ids
     labels = (corrupted != ids).float()
     model.eval()
     with torch.no_grad():
@@ -134,8 +136,10 @@ def test_slices_over_ranks_add_up_to_the_whole():
     samples = _samples(count=20)
     counts = np.bincount(samples.reshape(-1), minlength=VOCAB)
     whole = HeldOutEvaluator(samples, model.config, unigram_counts=counts, seed=1, world_size=1)
-    parts = [HeldOutEvaluator(samples, model.config, unigram_counts=counts, seed=1, rank=rank, world_size=2)
-             for rank in range(2)]
+    parts = [
+        HeldOutEvaluator(samples, model.config, unigram_counts=counts, seed=1, rank=rank, world_size=2)
+        for rank in range(2)
+    ]
     assert torch.equal(torch.cat([part.input_ids for part in parts]), whole.input_ids)
     assert torch.equal(torch.cat([part.corruption.uniform_ids for part in parts]), whole.corruption.uniform_ids)
     assert parts[0].baselines == whole.baselines

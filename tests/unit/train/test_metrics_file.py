@@ -14,20 +14,36 @@ MAIN = WorldInfo(0, 1, 0, 1, "single")
 
 
 def _summary(loss: float) -> StepSummary:
-    return StepSummary(generator_loss=loss / 2, discriminator_loss=loss / 2, loss=loss, rtd_accuracy=0.5,
-                       compute_fraction=1.0, exit_layer_counts=[0, 0, 4], real_tokens=4, samples_digest="ab" * 8,
-                       stop_preempted=False, stop_time_limit=False)
+    return StepSummary(
+        generator_loss=loss / 2,
+        discriminator_loss=loss / 2,
+        loss=loss,
+        rtd_accuracy=0.5,
+        compute_fraction=1.0,
+        exit_layer_counts=[0, 0, 4],
+        real_tokens=4,
+        samples_digest="ab" * 8,
+        stop_preempted=False,
+        stop_time_limit=False,
+    )
 
 
 def _logger(run_dir, start_step: int, world: WorldInfo = MAIN) -> MetricsLogger:
-    return MetricsLogger(str(run_dir), world, total_steps=10, start_step=start_step, log_interval=1,
-                         progress="lines")
+    return MetricsLogger(str(run_dir), world, total_steps=10, start_step=start_step, log_interval=1, progress="lines")
 
 
 def _train(logger: MetricsLogger, steps) -> None:
     for step in steps:
-        logger.record(step, _summary(float(step)), exit_threshold=None, lr=1e-3, seconds=0.1,
-                      data_wait_seconds=0.0, samples_seen=8 * step, tokens_seen=32 * step)
+        logger.record(
+            step,
+            _summary(float(step)),
+            exit_threshold=None,
+            lr=1e-3,
+            seconds=0.1,
+            data_wait_seconds=0.0,
+            samples_seen=8 * step,
+            tokens_seen=32 * step,
+        )
 
 
 def _history(run_dir) -> list[tuple[str, int]]:

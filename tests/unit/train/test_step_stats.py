@@ -16,10 +16,15 @@ LAYERS = 4
 
 
 def _output(loss: float, generator: float, accuracy: float, executed: int, full: int, counts: list[int]):
-    return SimpleNamespace(generator_loss=torch.tensor(generator), discriminator_loss=torch.tensor(loss - generator),
-                           loss=torch.tensor(loss, requires_grad=True) * 1.0, rtd_accuracy=torch.tensor(accuracy),
-                           tokens_executed=torch.tensor(executed), tokens_full=torch.tensor(full),
-                           exit_layer_counts=torch.tensor(counts))
+    return SimpleNamespace(
+        generator_loss=torch.tensor(generator),
+        discriminator_loss=torch.tensor(loss - generator),
+        loss=torch.tensor(loss, requires_grad=True) * 1.0,
+        rtd_accuracy=torch.tensor(accuracy),
+        tokens_executed=torch.tensor(executed),
+        tokens_full=torch.tensor(full),
+        exit_layer_counts=torch.tensor(counts),
+    )
 
 
 def _batch(rows: torch.Tensor, pad_from: int | None = None) -> dict[str, torch.Tensor]:

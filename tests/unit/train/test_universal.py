@@ -16,14 +16,17 @@ def _ref(root, dp_size, zero_stage) -> CheckpointRef:
     return CheckpointRef(str(root), "global_step10", {"step": 10, "dp_size": dp_size, "zero_stage": zero_stage})
 
 
-@pytest.mark.parametrize("saved, now, needed", [
-    ((2, 2), (2, 2), False),  # the same layout loads directly
-    ((2, 2), (4, 2), True),  # another data-parallel size: ZeRO's optimizer shards no longer match
-    ((4, 2), (1, 2), True),
-    ((2, 1), (2, 2), True),  # another ZeRO stage
-    ((2, 3), (2, 0), True),
-    (("2", "2"), (2, 2), False),  # a marker written by json keeps ints; strings still compare as numbers
-])
+@pytest.mark.parametrize(
+    "saved, now, needed",
+    [
+        ((2, 2), (2, 2), False),  # the same layout loads directly
+        ((2, 2), (4, 2), True),  # another data-parallel size: ZeRO's optimizer shards no longer match
+        ((4, 2), (1, 2), True),
+        ((2, 1), (2, 2), True),  # another ZeRO stage
+        ((2, 3), (2, 0), True),
+        (("2", "2"), (2, 2), False),  # a marker written by json keeps ints; strings still compare as numbers
+    ],
+)
 def test_needs_universal_when_the_data_parallel_size_or_zero_stage_changed(tmp_path, saved, now, needed):
     assert needs_universal(_ref(tmp_path, *saved), *now) is needed
 
