@@ -32,17 +32,20 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from dsexit.data.storage import RetryPolicy
-from dsexit.train.checkpoint_files import (
+from dsexit.train.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoint API in one module)
     LATEST,
     MARKER,
+    TAG_PREFIX,
     UNIVERSAL_DIR,
-    CheckpointError,  # noqa: F401
+    CheckpointError,
     CheckpointRef,
     RemoteCheckpoints,
     atomic_write,
     complete_checkpoints,
     file_digests,
+    newest_complete,
     open_checkpoint,
+    parse_marker,
     read_latest,
     read_marker,
     resume_choice,
