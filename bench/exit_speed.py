@@ -79,7 +79,15 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
 class OursStep:
     """One dsexit training step with a forced exit plan."""
 
-    def __init__(self, config: ElectraExitConfig, batch, exit_fraction: float, dtype: str, device: torch.device):
+    def __init__(
+        self,
+        config: ElectraExitConfig,
+        batch,
+        exit_fraction: float,
+        dtype: str,
+        device: torch.device,
+        compiled: bool = False,
+    ):
         torch.manual_seed(0)
         self.model = ElectraPreTrainingModel(config).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -88,10 +96,14 @@ class OursStep:
         exits = torch.rand(batch[0].shape, generator=torch.Generator().manual_seed(1)) < exit_fraction
         self.plan = torch.where(exits, middle, config.num_hidden_layers + 1).to(device)
         self.flops = None
+        self.compiled = compiled
+        if compiled:  # full depth: each encoder layer a compiled graph (compile time is in the warm-up)
+            for layer in [*self.model.discriminator.electra.encoder.layer, *self.model.generator.electra.encoder.layer]:
+                layer.compile()
 
     def __call__(self) -> None:
         with autocast(self.device, self.dtype):
-            output = self.model(*self.batch, exit_plan=self.plan)
+            output = self.model(*self.batch, exit_plan=None if self.compiled else self.plan)
         output.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -202,6 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
     parser.add_argument("--peak-size", type=int, help="matmul size for the peak (default: 2048 CPU, 8192 GPU)")
     parser.add_argument(
+        "--compile", action="store_true", help="also time ours at full depth with torch.compile'd layers"
+    )
+    parser.add_argument(
         "--full-depth-only",
         action="store_true",
         help="only ours at full depth and HF same-work (quick ablations of the dense path)",
@@ -225,6 +240,8 @@ def main(argv=None) -> None:
         steps[f"hf same-work {dtype}"] = HFStep(config, batch, dtype, device, same_work=True)
         if not args.full_depth_only:
             steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
+        if args.compile:
+            steps[f"ours {dtype} compiled"] = OursStep(config, batch, 0.0, dtype, device, compiled=True)
     if not args.full_depth_only:
         steps["ours bf16-params exit=0.00"] = OursBf16ParamsStep(config, batch, device)
     print(f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}", file=sys.stderr)
@@ -233,6 +250,13 @@ def main(argv=None) -> None:
         ratios = {dtype: seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES}
         for name, value in seconds.items():
             print(f"{name:<24}{value:>8.3f} s/step")
+        if args.compile:
+            for dtype in DTYPES:
+                compiled = seconds[f"ours {dtype} compiled"]
+                print(
+                    f"compiled {dtype}: {seconds[f'hf same-work {dtype}'] / compiled:.3f}x HF same-work, "
+                    f"{seconds[f'ours {dtype} exit=0.00'] / compiled:.3f}x eager"
+                )
         print(
             f"RESULT exit_speed_full_depth full_depth_vs_hf_same_work_fp32={ratios['fp32']:.3f} "
             f"full_depth_vs_hf_same_work_bf16={ratios['bf16']:.3f}"

@@ -435,14 +435,49 @@ def main() -> None:
         speedup_at_50_default=at_50["default"]["speedup_vs_default_unskipped"],
     )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    results.update(peak_share(args, results["partitions"]["balanced"]["fractions"]["0.0"]["seconds_per_train_batch"]))
+    print(
+        f"balanced, nothing skipped: {results['model_flops_per_s'] / 1e9:.1f} GFLOP/s of model work (FLOP counter, "
+        f"2 processes) = {results['peak_share_fp32']:.3f} of two cores' fp32 matmul peak "
+        f"({results['matmul_peak_fp32_per_core'] / 1e9:.1f} GFLOP/s per single-threaded core, measured now)"
+    )
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     layout = "/".join(map(str, results["partitions"]["skip-aware"]["layers_per_stage"]))
     print(
         f"RESULT pipeline_skip efficiency_at_50={results['efficiency_at_50']:.3f} "
         f"speedup_at_50={results['speedup_at_50']:.3f} efficiency_at_50_default="
         f"{results['efficiency_at_50_default']:.3f} speedup_at_50_default={results['speedup_at_50_default']:.3f} "
-        f"skip_aware_partition={layout}"
+        f"skip_aware_partition={layout} peak_share_fp32={results['peak_share_fp32']:.3f}"
     )
+
+
+def peak_share(args, seconds_per_train_batch: float) -> dict:
+    """The model's FLOP/s (FLOP counter, full depth) over this machine's fp32 matmul peak, one thread per
+    stage process as the workers run."""
+    import torch
+
+    from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+
+    torch.set_num_threads(1)
+    config = ElectraExitConfig.from_preset(args.preset, min_exit_layer=1)
+    input_ids = torch.randint(1000, config.vocab_size, (args.micro_batch_size, args.seq_len))
+    input_ids[:, 0] = config.cls_token_id
+    with torch.no_grad():
+        flops = ElectraPreTrainingModel(config)(input_ids).flops.training_flops
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(6):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    per_core = 2 * 1024**3 / best
+    model_flops_per_s = flops * args.micro_batches / seconds_per_train_batch
+    return {
+        "model_flops_per_s": model_flops_per_s,
+        "matmul_peak_fp32_per_core": per_core,
+        "peak_share_fp32": model_flops_per_s / (2 * per_core),
+    }
 
 
 if __name__ == "__main__":

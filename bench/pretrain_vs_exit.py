@@ -592,6 +592,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--minutes", type=float, help="training minutes per run (default: the scale's)")
     parser.add_argument("--seeds", type=int, help="pre-training seeds per arm (default: the scale's)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="runs at a time (default: the scale's; all arms at once shares the machine alike)",
+    )
     parser.add_argument("--arms", nargs="+", choices=[arm.name for arm in ARMS], help="default: the scale's")
     parser.add_argument(
         "--generator",
@@ -629,7 +634,7 @@ def resolve_scale(args: argparse.Namespace) -> dict:
     for item in args.model_set:
         name, _, value = item.partition("=")
         scale["model_set"][name] = value
-    for name in ("minutes", "seeds", "arms", "generator"):
+    for name in ("minutes", "seeds", "arms", "generator", "concurrency"):
         if getattr(args, name) is not None:
             scale[name] = getattr(args, name)
     if "baseline" not in scale["arms"]:
