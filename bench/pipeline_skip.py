@@ -448,7 +448,8 @@ def main() -> None:
         f"RESULT pipeline_skip efficiency_at_50={results['efficiency_at_50']:.3f} "
         f"speedup_at_50={results['speedup_at_50']:.3f} efficiency_at_50_default="
         f"{results['efficiency_at_50_default']:.3f} speedup_at_50_default={results['speedup_at_50_default']:.3f} "
-        f"skip_aware_partition={layout} peak_share_fp32={results['peak_share_fp32']:.3f}"
+        f"skip_aware_partition={layout} peak_share_fp32={results['peak_share_fp32']:.3f} "
+        f"speedup_at_50_same_partition={results['partitions']['skip-aware']['fractions']['0.5']['speedup']:.3f}"
     )
 
 
