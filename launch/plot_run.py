@@ -1,9 +1,7 @@
 """Draw PNG plots of a training run: losses, compute fraction and tau, exit-layer histogram.
 
-    python launch/plot_run.py RUN_DIR [--out DIR]      # default DIR: RUN_DIR/plots
-
-Thin wrapper for a source checkout: the program is dsexit/commands/plot_run.py
-(installed as `dsexit-plot`).
+Thin wrapper for a source checkout. The program, its usage and exit codes: dsexit/commands/plot_run.py
+(installed as a `dsexit-*` console script).
 """
 
 import sys

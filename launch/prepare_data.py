@@ -1,12 +1,7 @@
 """Command line for data preparation: raw text -> tokenizer -> packed shards + index.json.
 
-Example:
-    python launch/prepare_data.py --input 'corpus/*.jsonl.gz' --out s3://bucket/electra-128 \
-        --tokenizer train:30522 --seq-len 128 --validation-fraction 0.02
-See dsexit/data/prepare.py for the pipeline and dsexit/data/index.py for the format.
-
-Thin wrapper for a source checkout: the program is dsexit/commands/prepare_data.py
-(installed as `dsexit-prepare`).
+Thin wrapper for a source checkout. The program, its usage and exit codes: dsexit/commands/prepare_data.py
+(installed as a `dsexit-*` console script).
 """
 
 import sys
