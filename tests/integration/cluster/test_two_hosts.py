@@ -106,7 +106,9 @@ def test_zero2_two_hosts_resume_and_node_loss(two_hosts, s3, tmp_path):
     assert f"node 1 ({lost.address}" in error and "--resume auto" in error, error
     assert saved_before_loss >= FIRST_STEPS + SAVE_INTERVAL
     last_logged = max(int(step) for step in re.findall(rf"step=(\d+)/{TOTAL_STEPS}", survivor))
-    assert saved_before_loss < TOTAL_STEPS and last_logged > saved_before_loss  # work past it was lost
+    # Usually steps past the last checkpoint are lost with the node; when the loss lands just after a save,
+    # none are. Either way the resume below must consume exactly the data order.
+    assert saved_before_loss < TOTAL_STEPS and last_logged >= saved_before_loss
 
     # 4. Both restarted: they resume from the last complete checkpoint and finish.
     processes, logs = _launch_both(hosts, s3, tmp_path, "third", 29502, *common, "--max-steps", str(TOTAL_STEPS))
