@@ -434,7 +434,6 @@ def main() -> None:
         speedup_at_50=at_50["skip-aware"]["speedup_vs_default_unskipped"],
         speedup_at_50_default=at_50["default"]["speedup_vs_default_unskipped"],
     )
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     results.update(peak_share(args, results["partitions"]["balanced"]["fractions"]["0.0"]["seconds_per_train_batch"]))
     print(
         f"balanced, nothing skipped: {results['model_flops_per_s'] / 1e9:.1f} GFLOP/s of model work (FLOP counter, "

@@ -127,7 +127,12 @@ def main(argv=None) -> int:
         if path.exists():
             import shutil
 
-            shutil.rmtree(path)  # this script's own scratch runs
+            if any(path.iterdir()) and not (path / "metrics.jsonl").exists():
+                raise SystemExit(
+                    f"resume_check: {path} exists and is not a trainer run of this script; "
+                    f"expected an empty or absent directory (pick another --work-dir)"
+                )
+            shutil.rmtree(path)  # a trainer run this script left behind
         path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"resume_check: uninterrupted {args.steps} steps ({args.model}, {args.deepspeed})", flush=True)
