@@ -77,8 +77,10 @@ def run_worker(args) -> None:
         build_pipeline_module,
         micro_batch_inputs,
     )
+    from dsexit.train.distributed import release_shm_workspace
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_workspace()
     rank = torch.distributed.get_rank()
     config = ElectraExitConfig.from_preset(args.preset, min_exit_layer=1)
     torch.manual_seed(0)

@@ -137,19 +137,46 @@ class CheckpointManager:
         verified against its marker on every node; None for a new run."""
         if resume == "none":
             return None
-        local = None
+        if resume != "auto":
+            return self._on_every_node(open_checkpoint(resume) if self.world.is_main else None)
+        local = remote = None
+        mirrored: dict[str, Any] = {}
         if self.world.is_main:  # rank 0 chooses; nodes with their own disks may hold other steps
-            if resume != "auto":
-                local = open_checkpoint(resume)
-            else:
-                local = resume_choice(self.root)
-                remote = self.remote_choice()
-                if remote is not None and (local is None or remote.step > local.step):
-                    log.info("downloading checkpoint %s from %s", remote.tag, self.remote.shown)
-                    shutil.rmtree(os.path.join(self.root, remote.tag), ignore_errors=True)
-                    self._download(remote.tag, self.root)
-                    local = CheckpointRef(self.root, remote.tag, read_marker(os.path.join(self.root, remote.tag)))
+            local = resume_choice(self.root)
+            if self.remote_index:
+                mirrored = self.remote_index.markers()
+                remote = self.remote_index.choice(mirrored)
+        local = self._local_only_on_every_node(local, mirrored, remote)
+        if self.world.is_main and remote is not None and (local is None or remote.step > local.step):
+            log.info("downloading checkpoint %s from %s", remote.tag, self.remote.shown)
+            shutil.rmtree(os.path.join(self.root, remote.tag), ignore_errors=True)
+            self._download(remote.tag, self.root)
+            local = CheckpointRef(self.root, remote.tag, read_marker(os.path.join(self.root, remote.tag)))
         return self._on_every_node(local)
+
+    def _local_only_on_every_node(
+        self, local: CheckpointRef | None, mirrored: dict[str, Any], remote: CheckpointRef | None
+    ) -> CheckpointRef | None:
+        """Rank 0's local choice, unless the mirror lacks it and some node's checkpoint directory does
+        too: a save whose upload a lost node cut short is complete on rank 0's disk alone, and the
+        other nodes cannot load it. Then the mirror's choice stands (None: rank 0's, which then fails
+        in `_on_every_node` naming the hosts that lack it)."""
+        if not self.remote or not dist.is_initialized() or dist.get_world_size() == 1:
+            return local
+        tag = _broadcast(local.tag if self.world.is_main and local is not None and local.tag not in mirrored else None)
+        if tag is None:
+            return local
+        held = _gather(valid_marker(os.path.join(self.root, tag)) is not None if self.world.local_rank == 0 else True)
+        if all(held) or not self.world.is_main or remote is None:
+            return local
+        log.warning(
+            "checkpoint %s is complete on this node only (its upload to %s did not finish); "
+            "resuming from %s on the mirror",
+            tag,
+            self.remote.shown,
+            remote.tag,
+        )
+        return None
 
     def _download(self, tag: str, root: str) -> None:
         try:
@@ -199,9 +226,6 @@ class CheckpointManager:
                 error = str(failure)
         _raise_first(_gather(error))
         return ref
-
-    def remote_choice(self) -> CheckpointRef | None:
-        return self.remote_index.choice() if self.remote_index else None
 
     def point_latest(self, ref: CheckpointRef) -> None:
         """Make `ref` the checkpoint `--resume auto` continues from (a rollback); rank 0."""

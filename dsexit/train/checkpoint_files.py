@@ -237,10 +237,10 @@ class RemoteCheckpoints:
                     log.warning("%s", error)
         return markers
 
-    def choice(self) -> CheckpointRef | None:
-        """What `--resume auto` would take from the mirror: the tag its `latest` names if complete,
-        else the newest complete."""
-        markers = self.markers()
+    def choice(self, markers: dict[str, dict[str, Any]] | None = None) -> CheckpointRef | None:
+        """What `--resume auto` would take from the mirror (given its `markers`, else read): the tag its
+        `latest` names if complete, else the newest complete."""
+        markers = self.markers() if markers is None else markers
         if not markers:
             return None
         latest = (self.remote.read_text(LATEST) or "").strip()

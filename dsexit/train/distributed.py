@@ -142,6 +142,30 @@ def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:
     places: list = [None] * world.world_size
     dist.all_gather_object(places, (socket.gethostname(), _own_address(), os.environ.get("CROSS_RANK")))
     _ROSTER["places"] = places
+    _unlink_shm_workspace(world.rank)
+
+
+def _unlink_shm_workspace(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce workspace.
+
+    On CPU, when every rank is on one machine, DeepSpeed maps one 66 MiB segment per rank under
+    /dev/shm and never unlinks it: every run, finished or killed, leaves them behind, holding
+    memory until the machine restarts. Once every rank has passed the all-gather above, each
+    has mapped every peer's segment, so the names can go now; the memory itself is freed when
+    the last rank exits, however it exits."""
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+    try:
+        os.unlink(f"{name}_{os.environ.get('MASTER_PORT', '')}_{rank}")
+    except OSError:  # not on this machine's CPU path (a GPU, ranks on several nodes): nothing was created
+        pass
+
+
+def release_shm_workspace() -> None:
+    """`_unlink_shm_workspace` for programs that call `deepspeed.init_distributed` themselves."""
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has mapped every peer's segment
+    _unlink_shm_workspace(dist.get_rank())
 
 
 _ROSTER: dict = {}  # filled by init_process_group: {"timeout_s", "places": [(host, address, node) per rank]}

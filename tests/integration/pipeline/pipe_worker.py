@@ -16,6 +16,7 @@ import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.parallel.pipeline import build_pipeline_module, micro_batch_inputs, pipeline_state_dict_to_model
+from dsexit.train.distributed import release_shm_workspace
 
 
 def batches(config, micro_batches, batch_size=4, seq_len=32, exit_plans=None):
@@ -46,6 +47,7 @@ def feed(config, micro_batches, exit_plans=None, exit_threshold=None):
 def main():
     out_dir, mode = sys.argv[1], sys.argv[2]
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_workspace()
     rank = torch.distributed.get_rank()
     if mode.startswith("grads:"):
         _, exit_kv, zero_stage = mode.split(":")
