@@ -15,6 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import fsspec
+
 from dsexit.data.storage import RetryPolicy
 from dsexit.train.checkpoint import MARKER, CheckpointManager
 from dsexit.train.distributed import WorldInfo
@@ -29,6 +31,8 @@ def _saved_on_node0(url: str, root: Path, s3_server, monkeypatch) -> None:
     """Node 0 saves steps 2 and 4; step 4's upload fails (the link to the mirror went down)."""
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
+    # fsspec reuses an s3 filesystem made earlier in this process, which may hold another server's endpoint
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
     manager = CheckpointManager(url, str(root), 3, WorldInfo(0, 1, 0, 1, "single"), policy=RetryPolicy(0))
     engine = FakeEngine()
     manager.save(engine, 2, {})
