@@ -55,6 +55,9 @@ class TokenRouting:
     Otherwise only the `row_index` rows (flattened b*T+t) are computed; their queries are
     laid out as [B, slots, H] at (`batch_index`, `slot_index`) for attention, and keys are
     either all real positions (`exit_kv="keep"`) or only the active tokens (`"drop"`).
+    Rows move in and out of that layout through the flat index `slot_row` (b*slots+slot):
+    `index_copy`/`index_select` on one dimension, whose backward passes are the cheap
+    `index_select`/`index_add_` (a two-index `index_put` accumulates by sorting on CPU).
     """
 
     dense: bool
@@ -64,6 +67,11 @@ class TokenRouting:
     slot_index: torch.Tensor | None = None  # long [N]
     slots: int = 0
     drop_exited_keys: bool = False
+
+    @property
+    def slot_row(self) -> torch.Tensor:
+        """long [N]: each routed row's place in the flattened [B * slots] query layout."""
+        return self.batch_index * self.slots + self.slot_index
 
     @classmethod
     def all_positions(cls, attention_mask: torch.Tensor) -> "TokenRouting":
@@ -181,9 +189,11 @@ class ElectraSelfAttention(nn.Module):
             return context.reshape(-1, context.shape[-1])
         batch, hidden_size = hidden.shape[0], hidden.shape[2]
 
+        slot_row = routing.slot_row
+
         def to_slots(row_values: torch.Tensor) -> torch.Tensor:
-            slotted = row_values.new_zeros(batch, routing.slots, hidden_size)
-            return slotted.index_put((routing.batch_index, routing.slot_index), row_values)
+            slotted = row_values.new_zeros(batch * routing.slots, hidden_size).index_copy(0, slot_row, row_values)
+            return slotted.view(batch, routing.slots, hidden_size)
 
         if routing.drop_exited_keys:
             query, key, value = (
@@ -194,7 +204,7 @@ class ElectraSelfAttention(nn.Module):
             query = to_slots(self.query(rows))
             key, value = self._projected(hidden, self.key, self.value)
         context = self._attend(query, key, value, routing.key_mask)
-        return context[routing.batch_index, routing.slot_index]
+        return context.reshape(batch * routing.slots, hidden_size).index_select(0, slot_row)
 
 
 class ElectraSelfOutput(nn.Module):
