@@ -1,0 +1,86 @@
+"""The CPU dropout: torch's semantics (drop rate, scaling, gradient, seeding) with a cheaper mask,
+and attention in training computing what SDPA's math path computes with that mask."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsexit.model.layers import Dropout, ElectraSelfAttention, EncoderShape, dropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_drops_the_configured_fraction_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    inputs = torch.rand(1_000_000) + 0.5
+    outputs = dropout(inputs, p, training=True)
+    dropped = (outputs == 0).double().mean().item()
+    # binomial standard deviation at n = 1e6 is below 5e-4; p itself is rounded to a multiple of 2^-16
+    assert abs(dropped - p) < 3e-3, dropped
+    kept = outputs != 0
+    scale = (outputs[kept] / inputs[kept]).unique()
+    assert torch.allclose(scale, torch.tensor(1.0 / (1.0 - p)), rtol=1e-4), scale
+    assert abs(outputs.mean().item() / inputs.mean().item() - 1.0) < 5e-3
+
+
+def test_every_draw_is_used_alike_across_positions():
+    """The four 16-bit values of a 64-bit draw each decide one element: no position is favoured."""
+    torch.manual_seed(1)
+    outputs = dropout(torch.ones(400_000, 4), 0.25, training=True)
+    per_lane = (outputs == 0).double().mean(0)
+    assert (per_lane - 0.25).abs().max() < 5e-3, per_lane
+
+
+def test_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(2)
+    inputs = torch.randn(64, 32, requires_grad=True)
+    outputs = dropout(inputs, 0.3, training=True)
+    upstream = torch.randn_like(outputs)
+    outputs.backward(upstream)
+    kept = (outputs != 0).float()
+    scale = 1.0 / (1.0 - round(0.3 * 65536) / 65536)
+    assert torch.allclose(inputs.grad, upstream * kept * scale)
+
+
+def test_seeded_like_torch_and_off_outside_training():
+    inputs = torch.randn(8, 100)
+    torch.manual_seed(3)
+    first = dropout(inputs, 0.1, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(first, dropout(inputs, 0.1, training=True))
+    assert dropout(inputs, 0.1, training=False) is inputs
+    assert dropout(inputs, 0.0, training=True) is inputs
+    module = Dropout(0.1).eval()
+    assert module(inputs) is inputs and module.p == 0.1
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_in_training_is_the_math_path_with_the_same_mask(with_mask, tiny_config):
+    shape = EncoderShape.discriminator(tiny_config)
+    attention = ElectraSelfAttention(shape, tiny_config).train()
+    hidden = torch.randn(3, 10, shape.hidden_size)
+    key_mask = None
+    if with_mask:
+        key_mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+        key_mask[1, ..., 7:] = False
+    query, key, value = attention.query(hidden), attention.key(hidden), attention.value(hidden)
+    torch.manual_seed(4)
+    context = attention._attend(query, key, value, key_mask)
+
+    def heads(x):
+        return x.view(3, 10, shape.num_heads, -1).transpose(1, 2)
+
+    scores = heads(query) @ heads(key).transpose(-1, -2) / math.sqrt(shape.hidden_size // shape.num_heads)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    torch.manual_seed(4)  # the same draws: the mask is the attention's only use of the generator
+    probs = dropout(F.softmax(scores, dim=-1), tiny_config.attention_probs_dropout_prob, training=True)
+    expected = (probs @ heads(value)).transpose(1, 2).reshape(3, 10, shape.hidden_size)
+    assert torch.allclose(context, expected, atol=1e-6)
+    attention.eval()
+    assert torch.allclose(
+        attention._attend(query, key, value, key_mask),
+        (F.softmax(scores, -1) @ heads(value)).transpose(1, 2).reshape(3, 10, -1),
+        atol=1e-6,
+    )
