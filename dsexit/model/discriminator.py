@@ -218,7 +218,7 @@ def run_exit_layer(
         )
     batch, seq_len = state.active.shape
     token_layers = int((state.active & state.exitable).sum())
-    state.hidden = layer(state.hidden, routing)
+    state.hidden, computed = layer(state.hidden, routing)
     positions = batch * seq_len
     work = LayerWork(
         token_layers=token_layers,
@@ -228,22 +228,34 @@ def run_exit_layer(
         key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots,
     )
     if layer_number == config.num_hidden_layers:
-        work.head_rows = _final_head(head, state, dense, config.num_hidden_layers)
+        work.head_rows = _final_head(head, state, dense, config.num_hidden_layers, computed)
     elif head is not None:
         work.head_kind = config.exit_head
         work.head_rows, work.head_graph_rows, work.head_rows_rerun = _exit_head(
-            head, layer_number, state, decision, config.exit_supervision
+            head, layer_number, state, decision, computed, config.exit_supervision
         )
     state.work.append(work)
     return state
 
 
+def _active_rows(state: ExitState, computed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices of the active tokens, their hidden rows). The layer just computed `computed`: every
+    position when dense, else exactly the active tokens in index order; only a dense layer over padding
+    leaves rows to pick (every other time no gather, and no full-size scatter in its backward)."""
+    rows = state.active.reshape(-1).nonzero().squeeze(1)
+    return rows, computed if computed.shape[0] == rows.numel() else computed.index_select(0, rows)
+
+
 def _exit_head(
-    head: nn.Module, layer_number: int, state: ExitState, decision: ExitDecision, supervision: float = 1.0
+    head: nn.Module,
+    layer_number: int,
+    state: ExitState,
+    decision: ExitDecision,
+    computed: torch.Tensor,
+    supervision: float = 1.0,
 ) -> tuple[int, int, int]:
     """Run `head` on the active tokens; returns (rows, rows run with autograd, rows run twice)."""
-    rows = state.active.reshape(-1).nonzero().squeeze(1)
-    hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, rows)
+    rows, hidden_rows = _active_rows(state, computed)
     sampled = state.labels is not None and supervision < 1.0 and torch.is_grad_enabled()
     if sampled:
         # Deep supervision on a sample: the head's forward on the other rows runs without
@@ -282,7 +294,7 @@ def _exit_head(
     return int(rows.numel()), graph_count, rerun
 
 
-def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int) -> int:
+def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int, computed: torch.Tensor) -> int:
     if dense:
         # Every position, padding included, exactly as ElectraForPreTraining. `where` rather
         # than replacement keeps the incoming logits in the graph (a pipeline stage must
@@ -290,8 +302,7 @@ def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int)
         state.logits = torch.where(state.exit_layer == 0, head(state.hidden).float(), state.logits)
         rows = state.attention_mask.numel()
     else:
-        active_rows = state.active.reshape(-1).nonzero().squeeze(1)
-        hidden_rows = state.hidden.reshape(-1, state.hidden.shape[-1]).index_select(0, active_rows)
+        active_rows, hidden_rows = _active_rows(state, computed)
         head_logits = head(hidden_rows).float()
         state.logits = state.logits.reshape(-1).index_put((active_rows,), head_logits).view_as(state.logits)
         rows = int(active_rows.numel())

@@ -52,7 +52,7 @@ class ElectraGenerator(nn.Module):
         routing = TokenRouting.all_positions(attention_mask)
         batch, seq_len = input_ids.shape
         for layer in self.electra.encoder.layer:
-            hidden = layer(hidden, routing)
+            hidden, _ = layer(hidden, routing)
             if work is not None:
                 positions = batch * seq_len
                 work.append(

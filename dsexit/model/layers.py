@@ -308,7 +308,10 @@ class ElectraLayer(nn.Module):
         self.intermediate = ElectraIntermediate(shape, config)
         self.output = ElectraOutput(shape, config)
 
-    def forward(self, hidden: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, routing: TokenRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the new [B, T, H] states, the rows computed: [B*T, H] when dense, else [N, H] in `row_index`
+        order), so that a head reading those rows need not gather them again. (HF's layer returns a
+        tuple too.)"""
         batch, seq_len, hidden_size = hidden.shape
         flat = hidden.reshape(batch * seq_len, hidden_size)
         rows = flat if routing.dense else flat.index_select(0, routing.row_index)
@@ -316,9 +319,9 @@ class ElectraLayer(nn.Module):
         attended = self.attention.output(context, rows)
         updated = self.output(self.intermediate(attended), attended)
         if routing.dense:
-            return updated.view(batch, seq_len, hidden_size)
+            return updated.view(batch, seq_len, hidden_size), updated
         # Rows not routed keep their state: exited tokens are frozen.
-        return flat.index_copy(0, routing.row_index, updated).view(batch, seq_len, hidden_size)
+        return flat.index_copy(0, routing.row_index, updated).view(batch, seq_len, hidden_size), updated
 
 
 class ElectraEncoder(nn.Module):
