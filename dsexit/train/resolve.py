@@ -162,12 +162,15 @@ def check_fits(ref: CheckpointRef, model_config: ElectraExitConfig, seed: int) -
 
 
 def _probe_locations(run: "ResolvedRun", mirror: RemoteMirror | None) -> None:
-    """Write and remove a small object in every location the run will write, before step 1."""
-    probe_local_dir(run.run_dir, "run_dir")
-    probe_local_dir(
-        run.checkpoint_root,
-        "checkpoint_dir" if not mirror and run.config.checkpoint.dir else "the checkpoint staging directory",
-    )
+    """Write and remove a small object in every location the run will write, before step 1. Local
+    directories are probed once per node (local rank 0): a node's other ranks would race it, each
+    removing the directories its probe created while another creates or uses them."""
+    if run.world.local_rank == 0:
+        probe_local_dir(run.run_dir, "run_dir")
+        probe_local_dir(
+            run.checkpoint_root,
+            "checkpoint_dir" if not mirror and run.config.checkpoint.dir else "the checkpoint staging directory",
+        )
     if mirror is not None:
         mirror.probe()
 

@@ -92,16 +92,16 @@ def probe_local_dir(path: str, what: str) -> None:
     probe = os.path.join(path, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
     try:
         for attempt in range(5):
-            os.makedirs(path, exist_ok=True)
             try:
+                os.makedirs(path, exist_ok=True)
                 with open(probe, "wb") as handle:
                     handle.write(b"dsexit")
                     handle.flush()
                     os.fsync(handle.fileno())
                 break
             except FileNotFoundError:
-                # Ranks of several nodes probe one shared directory at once, and each removes the
-                # directories it created: another rank's clean-up came between makedirs and open.
+                # Nodes probe one shared directory at once, and each removes the directories it
+                # created: another node's clean-up came between two mkdirs, or between mkdir and open.
                 if attempt == 4:
                     raise
         os.remove(probe)

@@ -237,3 +237,26 @@ def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
         check_fits(ref, ElectraExitConfig.from_preset("electra-small"), 7)
     with pytest.raises(ConfigError, match="seed=8 is invalid; .* seed=7"):
         check_fits(ref, tiny, 8)
+
+
+def test_a_probe_outlives_another_nodes_clean_up_between_its_mkdirs(tmp_path, monkeypatch):
+    """Nodes on a shared filesystem probe the same new directories at once, and each removes what its
+    probe created: a parent can vanish between two of another probe's mkdirs (FileNotFoundError from
+    makedirs). The probe tries again rather than failing the run as unwritable."""
+    import dsexit.train.store as store
+
+    target = tmp_path / "runs" / "a" / "checkpoints"
+    real_makedirs, calls = os.makedirs, []
+
+    def parent_removed_once(path, exist_ok=False):
+        calls.append(path)
+        if len(calls) == 1:
+            real_makedirs(os.path.dirname(path), exist_ok=True)
+            os.rmdir(os.path.dirname(path))  # another node's clean-up, mid-chain
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_makedirs(path, exist_ok=exist_ok)
+
+    monkeypatch.setattr(store.os, "makedirs", parent_removed_once)
+    probe_local_dir(str(target), "checkpoint_dir")
+    assert len(calls) > 1  # it tried again
+    assert not (tmp_path / "runs").exists()  # what the probe created is gone again
