@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dsexit.eval.peak import matmul_peak
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
 
@@ -59,21 +60,6 @@ def make_batch(config: ElectraExitConfig, batch: int, seq_len: int, device: torc
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, seq_len // 2 + 1 :] = 1
     return tuple(t.to(device) for t in (input_ids, torch.ones_like(input_ids), token_type_ids))
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a square matmul of `size` on this device (the 'peak' a share is taken of)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
-            torch.mm(a, b)
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / (4 if device.type == "cuda" else 1))
-    return 2 * size**3 / best
 
 
 class OursStep:

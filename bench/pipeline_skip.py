@@ -459,6 +459,7 @@ def peak_share(args, seconds_per_train_batch: float) -> dict:
     stage process as the workers run."""
     import torch
 
+    from dsexit.eval.peak import matmul_peak
     from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 
     torch.set_num_threads(1)
@@ -467,13 +468,7 @@ def peak_share(args, seconds_per_train_batch: float) -> dict:
     input_ids[:, 0] = config.cls_token_id
     with torch.no_grad():
         flops = ElectraPreTrainingModel(config)(input_ids).flops.training_flops
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = float("inf")
-    for _ in range(6):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    per_core = 2 * 1024**3 / best
+    per_core = matmul_peak(torch.device("cpu"), torch.float32, 1024)
     model_flops_per_s = flops * args.micro_batches / seconds_per_train_batch
     return {
         "model_flops_per_s": model_flops_per_s,

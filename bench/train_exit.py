@@ -145,16 +145,6 @@ def run_steps(arm: Arm, count: int, timed: bool) -> None:
             arm.compute.append(summary.compute_fraction)
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dsexit.train.distributed import configure_threads, discover_world, init_process_group, select_accelerator
@@ -198,7 +188,9 @@ def main(argv=None) -> int:
         for arm in arms:
             run_steps(arm, args.steps, timed=True)
         print(f"  round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    from dsexit.eval.peak import matmul_peak
+
+    peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32, 2048)
     results = summarize(arms, args, precision, peak)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ What lives where:
     finetune.py   ElectraForSequenceClassification fine-tuning (ELECTRA's recipe), median over seeds
     probe.py      frozen-feature linear probe (mode="probe"): logistic regression on final [CLS] states
     metrics.py    accuracy, F1, MCC (no sklearn)
+    peak.py       this machine's matmul peak, the benchmarks' share-of-peak denominator
 """
 
 from dsexit.eval.finetune import FinetuneConfig, finetune, finetune_many

@@ -1,0 +1,26 @@
+"""This machine's matmul peak: the denominator of every "share of peak" (MFU) the benchmarks report."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul of `size` on `device`, with the threads torch has now; the first of
+    `repeats + 1` timings is a warm-up. On a GPU each timing covers four products (launch overhead)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    products = 4 if device.type == "cuda" else 1
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(products):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / products)
+    return 2 * size**3 / best
