@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from dsexit.eval.peak import matmul_peak
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
+from dsexit.train.host_allocator import keep_freed_memory
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
 DTYPES = ("fp32", "bf16")
@@ -213,6 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    keep_freed_memory()  # the host allocator as the trainer sets it (every configuration alike)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = args.batch or (256 if device.type == "cuda" else 32)
     config = ElectraExitConfig.from_preset(args.preset)

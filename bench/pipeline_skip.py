@@ -78,7 +78,9 @@ def run_worker(args) -> None:
         micro_batch_inputs,
     )
     from dsexit.train.distributed import release_shm_workspace
+    from dsexit.train.host_allocator import keep_freed_memory
 
+    keep_freed_memory()  # as the trainer's configure_threads does
     deepspeed.init_distributed(dist_backend="gloo")
     release_shm_workspace()
     rank = torch.distributed.get_rank()

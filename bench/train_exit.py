@@ -13,7 +13,9 @@ Arms, per exit-head variant (`--variants`):
     VARIANT@0.75, @0.50   the controller steers the compute fraction to the target
 Variants: dense (HF's H->H->1 head at every layer from min_exit_layer, the default), linear
 (`--exit-head linear`: H->1), linear-k2 (linear heads every 2nd layer), dense-s25 (dense heads,
-deep supervision on a 25% sample of the tokens).
+deep supervision on a 25% sample of the tokens), linear-drop and linear-k2-drop (the same with
+`--exit-kv drop`: exited tokens leave the keys and values of later layers, whose cost then falls
+with the active tokens alone).
 
 Speedup = the plain arm's step time / the arm's; ideal = the FLOP counter's training FLOPs of the
 plain arm / the arm's, over the same timed steps; efficiency = speedup / ideal. The ideal assumes
@@ -47,6 +49,8 @@ VARIANTS = {
     "linear": {"exit_head": "linear"},
     "linear-k2": {"exit_head": "linear", "exit_interval": 2},
     "dense-s25": {"exit_supervision": 0.25},
+    "linear-drop": {"exit_head": "linear", "exit_kv": "drop"},
+    "linear-k2-drop": {"exit_head": "linear", "exit_interval": 2, "exit_kv": "drop"},
 }
 TARGETS = (1.0, 0.75, 0.5)
 

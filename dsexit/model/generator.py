@@ -47,25 +47,36 @@ class ElectraGenerator(nn.Module):
         rows: torch.Tensor | None = None,
         work: list[LayerWork] | None = None,
     ) -> torch.Tensor:
-        """Vocabulary logits for `rows` (flattened b*T+t indices) or, if None, every position."""
+        """Vocabulary logits for `rows` (flattened b*T+t indices, ascending as `nonzero` gives them) or,
+        if None, every position.
+
+        With `rows`, the last layer computes only those rows (their queries; keys and values stay
+        every position's), since no other row of its output is read."""
         hidden = self.electra.project(embeddings(input_ids, token_type_ids))
-        routing = TokenRouting.all_positions(attention_mask)
         batch, seq_len = input_ids.shape
-        for layer in self.electra.encoder.layer:
-            hidden, _ = layer(hidden, routing)
+        positions = batch * seq_len
+        layers = self.electra.encoder.layer
+        for number, layer in enumerate(layers, start=1):
+            if rows is not None and number == len(layers):
+                wanted = torch.zeros(positions, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+                wanted = wanted.view(batch, seq_len)
+                routing = TokenRouting.active_tokens(wanted, attention_mask, drop_exited_keys=False)
+                hidden, selected = layer(hidden, routing)  # `selected`: the rows in `rows` order (both sorted)
+                layer_rows, query_slots = routing.rows, batch * routing.slots
+            else:
+                hidden, _ = layer(hidden, TokenRouting.all_positions(attention_mask))
+                layer_rows = query_slots = positions
             if work is not None:
-                positions = batch * seq_len
                 work.append(
                     LayerWork(
                         token_layers=int(attention_mask.sum()),
-                        rows=positions,
+                        rows=layer_rows,
                         key_value_rows=positions,
-                        query_slots=positions,
+                        query_slots=query_slots,
                         key_length=seq_len,
                     )
                 )
-        hidden = hidden.reshape(batch * seq_len, -1)
-        if rows is not None:
-            hidden = hidden.index_select(0, rows)
-        logits = self.generator_lm_head(self.generator_predictions(hidden), embeddings.word_embeddings.weight)
+        if rows is None:
+            selected = hidden.reshape(positions, -1)
+        logits = self.generator_lm_head(self.generator_predictions(selected), embeddings.word_embeddings.weight)
         return logits if rows is not None else logits.view(batch, seq_len, -1)

@@ -55,6 +55,34 @@ class PreTrainingOutput:
         return mean_exit_layer(self.exit_layer_counts.tolist())
 
 
+class MaskedLMLoss(torch.autograd.Function):
+    """`F.cross_entropy(logits, targets)` (mean over rows) that also returns softmax(logits), detached.
+
+    The generator's vocabulary tail is [masked tokens, 30,522] wide, and sampling needs the same
+    softmax the loss takes: computed once here, kept as the backward's saved tensor, whose gradient
+    is (softmax - one-hot) / rows in one pass. (Cross-entropy, a second softmax for sampling and
+    cross-entropy's two-kernel backward each make a full pass over that tensor.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        loss = -log_probs.gather(1, targets[:, None]).mean()
+        probs = log_probs.exp_()
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(probs)
+        return loss, probs
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_probs: torch.Tensor | None):
+        probs, targets = ctx.saved_tensors
+        scale = grad_loss / probs.shape[0]
+        grad = probs * scale
+        flat_targets = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + targets
+        grad.view(-1).index_add_(0, flat_targets, (-scale).expand(flat_targets.shape).to(grad.dtype))
+        return grad, None
+
+
 class CorruptionMixin:
     """Masking, the generator's MLM loss and replacement sampling.
 
@@ -73,12 +101,20 @@ class CorruptionMixin:
     def sample_from_logits(
         logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """One draw from softmax(logits / temperature) per row, by the inverse CDF: one uniform number
-        per row. (Gumbel-max needs one per vocabulary entry: 30,522 per masked token, two logarithms
-        each, which was 7% of an electra-small training step on a CPU.)"""
+        """One draw from softmax(logits / temperature) per row (`sample_from_probs`)."""
         if logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=logits.device)
-        probs = torch.softmax(logits.detach().float() / temperature, dim=-1)
+        return CorruptionMixin.sample_from_probs(
+            torch.softmax(logits.detach().float() / temperature, dim=-1), generator
+        )
+
+    @staticmethod
+    def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw per row of `probs` (rows need not sum to 1), by the inverse CDF: one uniform number
+        per row. (Gumbel-max needs one per vocabulary entry: 30,522 per masked token, two logarithms
+        each, which was 7% of an electra-small training step on a CPU.)"""
+        if probs.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=probs.device)
         cdf = probs.cumsum(-1)  # (torch.multinomial draws an exponential per entry: slower still)
         uniform = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
         return torch.searchsorted(cdf, uniform).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
@@ -116,10 +152,16 @@ class CorruptionMixin:
             ).float()
             if log is not None:
                 log.generator_head_rows = int(masked_rows.numel())
-            generator_loss = (
-                F.cross_entropy(generator_logits, originals) if masked_rows.numel() else generator_logits.sum()
+            if masked_rows.numel():
+                generator_loss, probs = MaskedLMLoss.apply(generator_logits, originals)
+            else:
+                generator_loss, probs = generator_logits.sum(), generator_logits.detach()
+            temperature = self.config.generator_temperature
+            replacements = (
+                self.sample_from_probs(probs)
+                if temperature == 1.0
+                else self.sample_from_logits(generator_logits, temperature)
             )
-            replacements = self.sample_from_logits(generator_logits, self.config.generator_temperature)
             mix = self.config.replacement_mix if replacement_mix is None else replacement_mix
             if mix > 0:
                 from_fixed = torch.rand(masked_rows.shape, device=input_ids.device) < mix

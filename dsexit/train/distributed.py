@@ -102,8 +102,11 @@ def discover_world() -> WorldInfo:
 
 
 def configure_threads(world: WorldInfo) -> int:
-    """CPU threads per rank: the user's OMP_NUM_THREADS if set, else usable cores / local ranks."""
+    """CPU threads per rank: the user's OMP_NUM_THREADS if set, else usable cores / local ranks.
+    The host allocator keeps freed tensor memory for reuse (`host_allocator`)."""
     import torch
+
+    from dsexit.train.host_allocator import keep_freed_memory
 
     if os.environ.get("OMP_NUM_THREADS"):
         threads = int(os.environ["OMP_NUM_THREADS"])
@@ -114,6 +117,7 @@ def configure_threads(world: WorldInfo) -> int:
     torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # subnormal floats can slow CPU kernels by orders of magnitude
+    keep_freed_memory()
     return threads
 
 

@@ -43,6 +43,23 @@ def test_discriminator_and_generator_match_hf(preset, padded):
     assert (ours_generator - theirs_generator).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["random", "padded"])
+def test_generator_on_selected_rows_equals_hf_at_those_rows(padded):
+    """Pre-training asks the generator for the masked rows only; its last layer then computes just
+    those. The logits equal HF's at the same positions."""
+    model, _, hf_generator = _models("electra-small")
+    input_ids, attention_mask, token_type_ids = make_batch(4, 48, pad_tail=padded, seed=5)
+    rows = (torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(6)) < 0.15) & attention_mask.bool()
+    rows = rows.reshape(-1).nonzero().squeeze(1)
+    with torch.no_grad():
+        ours = model.generator(model.embeddings, input_ids, attention_mask, token_type_ids, rows=rows)
+        theirs = hf_generator(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    theirs = theirs.reshape(-1, theirs.shape[-1]).index_select(0, rows)
+    assert 0 < rows.numel() < input_ids.numel() / 4
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
 def test_exit_model_without_exits_equals_hf():
     """Exit heads present and trained, but no token exits: logits still equal HF's."""
     model, hf_discriminator, _ = _models("electra-tiny", exit_enabled=True, min_exit_layer=1)

@@ -22,3 +22,27 @@ def test_no_rows_give_no_draws_and_a_seed_repeats_them():
     first = CorruptionMixin.sample_from_logits(logits, 1.0, torch.Generator().manual_seed(5))
     again = CorruptionMixin.sample_from_logits(logits, 1.0, torch.Generator().manual_seed(5))
     assert torch.equal(first, again) and first.max() < 1000
+
+
+def test_unnormalised_rows_sample_like_their_normalised_softmax():
+    probs = torch.tensor([[4.0, 1.0, 0.0, 3.0]]).repeat(40_000, 1)  # sums to 8: the CDF is rescaled
+    draws = CorruptionMixin.sample_from_probs(probs, torch.Generator().manual_seed(4))
+    counts = torch.bincount(draws, minlength=4).double()
+    assert (counts / counts.sum() - torch.tensor([0.5, 0.125, 0.0, 0.375], dtype=torch.double)).abs().max() < 0.01
+
+
+def test_the_fused_masked_lm_loss_is_cross_entropy_and_returns_its_softmax():
+    from dsexit.model.pretraining import MaskedLMLoss
+
+    logits = torch.randn(37, 301, dtype=torch.double, requires_grad=True)
+    targets = torch.randint(0, 301, (37,))
+    loss, probs = MaskedLMLoss.apply(logits, targets)
+    reference_logits = logits.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(reference_logits, targets)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(probs, torch.softmax(logits.detach(), -1))
+    assert not probs.requires_grad
+    (loss * 3.0).backward()
+    (reference * 3.0).backward()
+    torch.testing.assert_close(logits.grad, reference_logits.grad)
+    assert torch.autograd.gradcheck(lambda x: MaskedLMLoss.apply(x, targets)[0], (logits.detach().requires_grad_(),))
