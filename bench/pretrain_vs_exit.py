@@ -9,6 +9,8 @@ pre-training seeds per arm:
     exit-0.50       early exit, target 0.5, prior_margin
     exit-0.50-conf  early exit, target 0.5, exit_criterion confidence (|2p-1|, the earlier rule)
     exit-0.75-linear, exit-0.50-linear   the same with linear exit heads (`--exit-head linear`, H->1)
+    exit-0.75-linear-drop, exit-0.50-linear-drop   linear heads, and exited tokens leave later
+                    layers' keys and values (`--exit-kv drop`); -k2-drop: heads every 2nd layer too
     generator-free  no exit, uniform replacements (only where the other arms use an MLM generator)
 
 Quality is the trainer's held-out evaluation (`dsexit.train.heldout`): RTD loss on validation
@@ -74,6 +76,16 @@ ARMS = [
         "exit-0.50-linear",
         ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin", "--exit-head", "linear"],
         True,
+    ),
+    *(
+        Arm(
+            f"exit-{target}-linear{'-k2' if interval == 2 else ''}-drop",
+            ["--exit", "--target-compute", target, "--exit-criterion", "prior_margin", "--exit-head", "linear"]
+            + ["--exit-interval", str(interval), "--exit-kv", "drop"],
+            True,
+        )
+        for target in ("0.75", "0.50")
+        for interval in (1, 2)
     ),
 ]
 

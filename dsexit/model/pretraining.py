@@ -78,8 +78,10 @@ class MaskedLMLoss(torch.autograd.Function):
         probs, targets = ctx.saved_tensors
         scale = grad_loss / probs.shape[0]
         grad = probs * scale
+        flat_grad = grad.view(-1)
         flat_targets = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + targets
-        grad.view(-1).index_add_(0, flat_targets, (-scale).expand(flat_targets.shape).to(grad.dtype))
+        # One distinct entry per row: a plain (deterministic) write, not an accumulating scatter.
+        flat_grad.index_put_((flat_targets,), flat_grad.index_select(0, flat_targets) - scale)
         return grad, None
 
 
