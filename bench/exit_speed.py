@@ -214,8 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    keep_freed_memory()  # the host allocator as the trainer sets it (every configuration alike)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        keep_freed_memory()  # the host allocator as the trainer sets it on a CPU (every configuration alike)
     batch_size = args.batch or (256 if device.type == "cuda" else 32)
     config = ElectraExitConfig.from_preset(args.preset)
     batch = make_batch(config, batch_size, args.seq_len, device)

@@ -103,10 +103,10 @@ def discover_world() -> WorldInfo:
 
 def configure_threads(world: WorldInfo) -> int:
     """CPU threads per rank: the user's OMP_NUM_THREADS if set, else usable cores / local ranks.
-    The host allocator keeps freed tensor memory for reuse (`host_allocator`)."""
+    Training on a CPU, the host allocator keeps freed tensor memory for reuse (`host_allocator`)."""
     import torch
 
-    from dsexit.train.host_allocator import keep_freed_memory
+    from dsexit.train.host_allocator import keep_freed_memory, tuning_choice
 
     if os.environ.get("OMP_NUM_THREADS"):
         threads = int(os.environ["OMP_NUM_THREADS"])
@@ -117,7 +117,9 @@ def configure_threads(world: WorldInfo) -> int:
     torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # subnormal floats can slow CPU kernels by orders of magnitude
-    keep_freed_memory()
+        keep_freed_memory()
+    else:
+        tuning_choice()  # a bad value is an error on every machine (a GPU host keeps glibc's defaults)
     return threads
 
 

@@ -7,7 +7,9 @@ the freed top of its heap back to the kernel, so each step page-faults through m
 moment ago: copying the 70 MB vocabulary logits of an electra-small batch took 22 ms, 7 ms from
 memory kept. Here every block comes from the heap (no `mmap`) and freed memory is kept for reuse,
 as jemalloc and tcmalloc (which PyTorch's CPU tuning guide suggests preloading) keep theirs. The
-process holds on to no more than its own peak use (plus `_TOP_PAD`), which a step reaches anyway.
+process holds on to no more than its own peak use (plus `_TOP_PAD`), which a step reaches anyway. A
+process that trains on a GPU keeps glibc's defaults: its steps allocate little host memory, and a one-off
+peak (a checkpoint's host copy) should go back to the system.
 
 `DSEXIT_MALLOC_TUNING=off` leaves glibc's defaults; another allocator preloaded with
 `LD_PRELOAD` is unaffected either way (the settings only reach glibc's malloc).
