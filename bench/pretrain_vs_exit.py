@@ -261,6 +261,7 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         "lines",
         "--resume",
         "none",
+        "--start-over",  # a rerun moves the arm's previous run aside (nothing is deleted)
         "--lr",
         str(scale["lr"]),
         "--global-batch-size",
