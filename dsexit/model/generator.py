@@ -55,6 +55,8 @@ class ElectraGenerator(nn.Module):
         hidden = self.electra.project(embeddings(input_ids, token_type_ids))
         batch, seq_len = input_ids.shape
         positions = batch * seq_len
+        every_position = TokenRouting.all_positions(attention_mask)
+        real_tokens = int(attention_mask.sum()) if work is not None else 0
         layers = self.electra.encoder.layer
         for number, layer in enumerate(layers, start=1):
             if rows is not None and number == len(layers):
@@ -64,12 +66,12 @@ class ElectraGenerator(nn.Module):
                 hidden, selected = layer(hidden, routing)  # `selected`: the rows in `rows` order (both sorted)
                 layer_rows, query_slots = routing.rows, batch * routing.slots
             else:
-                hidden, _ = layer(hidden, TokenRouting.all_positions(attention_mask))
+                hidden, _ = layer(hidden, every_position)
                 layer_rows = query_slots = positions
             if work is not None:
                 work.append(
                     LayerWork(
-                        token_layers=int(attention_mask.sum()),
+                        token_layers=real_tokens,
                         rows=layer_rows,
                         key_value_rows=positions,
                         query_slots=query_slots,

@@ -104,8 +104,6 @@ class CorruptionMixin:
         logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """One draw from softmax(logits / temperature) per row (`sample_from_probs`)."""
-        if logits.shape[0] == 0:
-            return torch.zeros(0, dtype=torch.long, device=logits.device)
         return CorruptionMixin.sample_from_probs(
             torch.softmax(logits.detach().float() / temperature, dim=-1), generator
         )
