@@ -22,8 +22,11 @@ Three partitions, launched alternately (`--launches` each) so machine noise hits
                 for micro-batches with active tokens
 The profiles come from the first default launch's measured costs and are written beside the
 results (pipeline_profile_*.json; `dsexit/parallel/partition.py` reads them). `speedup_at_50` is
-skip-aware at 50% skipped against balanced with nothing skipped; `efficiency_at_50` is
-skip-aware's measured speedup over its attainable one.
+skip-aware at 50% skipped against balanced with nothing skipped; `speedup_at_50_same_partition`
+against itself with nothing skipped; `efficiency_at_50` is skip-aware's measured speedup over its
+attainable one. `work_bound_at_50` is the measured work per micro-batch, summed over the stages,
+with nothing skipped over that at 50% skipped: no partition can beat the best unskipped pipeline
+by more (perfect balance, no fill or drain).
 
     python bench/pipeline_skip.py [--repeats 3] [--micro-batches 8] [--micro-batch-size 8]
 """
@@ -431,6 +434,15 @@ def main() -> None:
         "the measured pass costs, no communication); vs balanced@0 = against the partition that balances measured "
         "costs with nothing skipped (the best pipeline without exits)"
     )
+    # No partition can beat the best unskipped pipeline by more than the step's own work ratio
+    # (perfectly balanced stages, no pipeline fill or drain).
+    work = sum(skip_profile["layer_cost"]) + skip_profile["first_stage_cost"]
+    work_at_50 = sum(c * r for c, r in zip(skip_profile["layer_cost"], skip_profile["reach"]))
+    results["work_bound_at_50"] = work / (work_at_50 + skip_profile["first_stage_cost"])
+    print(
+        f"work bound at 50% skipped: {results['work_bound_at_50']:.2f}x (all stages' measured work per micro-batch, "
+        f"nothing skipped over 50% skipped: the most any partition can gain over the best unskipped pipeline)"
+    )
     at_50 = {key: partition["fractions"]["0.5"] for key, partition in results["partitions"].items()}
     results.update(
         efficiency_at_50=at_50["skip-aware"]["efficiency"],
@@ -452,7 +464,8 @@ def main() -> None:
         f"speedup_at_50={results['speedup_at_50']:.3f} efficiency_at_50_default="
         f"{results['efficiency_at_50_default']:.3f} speedup_at_50_default={results['speedup_at_50_default']:.3f} "
         f"skip_aware_partition={layout} peak_share_fp32={results['peak_share_fp32']:.3f} "
-        f"speedup_at_50_same_partition={results['partitions']['skip-aware']['fractions']['0.5']['speedup']:.3f}"
+        f"speedup_at_50_same_partition={results['partitions']['skip-aware']['fractions']['0.5']['speedup']:.3f} "
+        f"work_bound_at_50={results['work_bound_at_50']:.3f}"
     )
 
 

@@ -34,10 +34,15 @@ class _MaskedScale(torch.autograd.Function):
     def forward(ctx, inputs: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
+        # No gradient in, none out (as torch's own ops): not a tensor of zeros that would set every
+        # node upstream computing on zeros.
+        ctx.set_materialize_grads(False)
         return inputs.mul(keep).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None, None, None
         (keep,) = ctx.saved_tensors
         return grad.mul(keep).mul_(ctx.scale), None, None
 

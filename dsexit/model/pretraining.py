@@ -71,10 +71,13 @@ class MaskedLMLoss(torch.autograd.Function):
         probs = log_probs.exp_()
         ctx.save_for_backward(probs, targets)
         ctx.mark_non_differentiable(probs)
+        ctx.set_materialize_grads(False)  # no gradient for the loss: none for the logits either
         return loss, probs
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_probs: torch.Tensor | None):
+    def backward(ctx, grad_loss: torch.Tensor | None, _grad_probs: torch.Tensor | None):
+        if grad_loss is None:
+            return None, None
         probs, targets = ctx.saved_tensors
         scale = grad_loss / probs.shape[0]
         grad = probs * scale

@@ -10,6 +10,13 @@ gradient back for every float tensor in the tuple, so each of them must take par
 on every stage; the step's settings (tau, the replacement mix) therefore travel as the bits of
 float64 values in an int64 tensor (`encode_settings`), fed in with every micro-batch.
 
+DeepSpeed's engine runs a non-last stage's backward as one `backward` call per float output,
+each with `retain_graph`, and each call walks everything its output depends on: a stage whose
+layers feed all three (hidden states; exit heads feed the logits and the losses) would run their
+backward three times per micro-batch. So the last layer of such a stage passes its float
+outputs through `join_stage_gradients`, whose backward holds the gradients until all have
+arrived and then sends them on together: one backward per micro-batch, the same gradients.
+
 A stage whose micro-batch has no active token runs none of its layers and returns its
 input unchanged. What the stages did (`StageCounters`) and what the last stage measured
 (`PipelineLoss.results`) live on objects the module carries (`module.stage_counters`,
@@ -67,6 +74,39 @@ def decode_settings(settings: torch.Tensor) -> tuple[float | None, float | None]
         None if math.isnan(exit_threshold) else exit_threshold,
         None if math.isnan(replacement_mix) else replacement_mix,
     )
+
+
+class _JoinedBackward(torch.autograd.Function):
+    """Identity on a stage's float outputs whose backward passes their gradients on only once every
+    output has received one (summed, should one arrive twice), and nothing before: DeepSpeed's
+    one-`backward`-per-output loop then walks the stage's graph once, with all the gradients."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.held = [None] * len(tensors)
+        return tuple(tensor.clone() for tensor in tensors)
+
+    @staticmethod
+    def backward(ctx, *gradients: torch.Tensor | None):
+        for index, gradient in enumerate(gradients):
+            if gradient is not None:
+                held = ctx.held[index]
+                ctx.held[index] = gradient if held is None else held + gradient
+        if any(held is None for held in ctx.held):
+            return (None,) * len(gradients)
+        joined, ctx.held = tuple(ctx.held), [None] * len(gradients)
+        return joined
+
+
+def join_stage_gradients(outputs: tuple) -> tuple:
+    """`outputs` with its float tensors passed through `_JoinedBackward` (for the last layer of a
+    stage that is not the pipeline's last: see the module docstring)."""
+    floats = [index for index, tensor in enumerate(outputs) if tensor.is_floating_point()]
+    joined = list(outputs)
+    for index, tensor in zip(floats, _JoinedBackward.apply(*(outputs[index] for index in floats))):
+        joined[index] = tensor
+    return tuple(joined)
 
 
 def pack(
@@ -132,6 +172,7 @@ class EmbedAndCorrupt(CorruptionMixin, nn.Module):
         self.register_buffer("special_token_ids", model.special_token_ids.clone(), persistent=False)
         self.register_buffer("replacement_probs", model.replacement_probs.clone())
         self.num_layers = model.config.num_hidden_layers
+        self.joins_gradients = False  # set on the last layer of a stage that is not the last stage
 
     def forward(self, inputs):
         input_ids, attention_mask, token_type_ids, exit_plan, settings = inputs
@@ -150,7 +191,8 @@ class EmbedAndCorrupt(CorruptionMixin, nn.Module):
         if not losses.requires_grad:
             losses.requires_grad_(True)
         token_layers = torch.zeros(self.num_layers, dtype=torch.long, device=input_ids.device)
-        return pack(state, losses, exit_plan, token_layers, settings)
+        outputs = pack(state, losses, exit_plan, token_layers, settings)
+        return join_stage_gradients(outputs) if self.joins_gradients else outputs
 
 
 class DiscriminatorLayerPipe(nn.Module):
@@ -168,8 +210,13 @@ class DiscriminatorLayerPipe(nn.Module):
         self.head = discriminator.head_for(layer_number)
         self.counters = counters
         self.first_of_stage = False
+        self.joins_gradients = False  # set on the last layer of a stage that is not the last stage
 
     def forward(self, inputs):
+        outputs = self._run(inputs)
+        return join_stage_gradients(outputs) if self.joins_gradients else outputs
+
+    def _run(self, inputs):
         state, losses, exit_plan, token_layers, settings = unpack(inputs)
         if self.first_of_stage:
             self.counters.micro_batches += 1
@@ -304,6 +351,8 @@ def build_pipeline_module(
     local = [layer for layer in module.forward_funcs if isinstance(layer, DiscriminatorLayerPipe)]
     if local:
         local[0].first_of_stage = True
+    if module.stage_id < module.num_stages - 1:
+        module.forward_funcs[-1].joins_gradients = True
     # Each stage holds its own parameters, none replicated: mark them so that DeepSpeed's
     # fp32 ZeRO-0 gradient clipping (`runtime.utils.clip_grad_norm_`) counts every stage's
     # norm. Without it only the model-parallel rank 0 (stage 0) contributes, and every stage

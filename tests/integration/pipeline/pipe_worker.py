@@ -156,10 +156,24 @@ def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) ->
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, optimizer=optimizer)
     mine = local_parameters(engine.module, config)
     reference_parameters = dict(reference.named_parameters())
+    # How often a gradient reaches the stage's first layer: once per micro-batch that ran it, however
+    # many float tensors the stage sends on.
+    first_layer = next(layer for layer in engine.module.forward_funcs if hasattr(layer, "layer_number")).layer
+    forward_passes, accumulations = [], []
+    first_layer.register_forward_hook(lambda _module, _inputs, _output: forward_passes.append(1))
+
+    def count_gradient(gradient):
+        # Also called, with None, where a backward pass reaches the weight without a gradient.
+        if gradient is not None:
+            accumulations.append(1)
+
+    first_layer.output.dense.weight.register_hook(count_gradient)
     steps = []
     for step in range(STEPS):
         plans, tau = step_settings(config, step)
         before = {name: parameter.detach().clone() for name, parameter in mine.items()}
+        accumulations.clear()
+        forward_passes.clear()
         reference_before = {name: reference_parameters[name].detach().clone() for name in mine}
         torch.manual_seed(1000 + step)
         loss = float(engine.train_batch(feed(config, MICRO_BATCHES, exit_plans=plans, exit_threshold=tau)))
@@ -202,6 +216,8 @@ def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) ->
                 "norm_before_clipping": norm,
                 "gradient_error": difference / max(size, 1e-12),
                 "gradient_norm": size,
+                "first_layer_backward_passes": len(accumulations),
+                "first_layer_forward_passes": len(forward_passes),
             }
         )
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
