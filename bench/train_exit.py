@@ -1,11 +1,11 @@
 """Do exits save time in real training? The trainer's step at target compute 1.0, 0.75 and 0.5.
 
-Each arm is a DeepSpeed engine in this one process (one rank, ZeRO-2 from ds_configs/zero2.json,
-the precision the trainer would pick: bf16 where the hardware has it) stepped by the trainer's own
-data-parallel step runner (`dsexit.train.step_runner.DataParallelSteps`: forward, backward,
-optimizer step), with its `StepStats` and the real `ExitController` steering tau toward the arm's
-target compute. Nothing is forced: tokens exit where their heads are confident enough, every exit
-head runs on every token that reaches it, deep supervision and routing included.
+Each arm is a DeepSpeed engine (one rank, ZeRO-2 from ds_configs/zero2.json, the precision the
+trainer would pick: bf16 where the hardware has it) stepped by the trainer's own data-parallel step
+runner (`dsexit.train.step_runner.DataParallelSteps`: forward, backward, optimizer step), with its
+`StepStats` and the real `ExitController` steering tau toward the arm's target compute. Nothing is
+forced: tokens exit where their heads are confident enough, every exit head runs on every token that
+reaches it, deep supervision and routing included.
 
 Arms, per exit-head variant (`--variants`):
     plain                 exits off, no heads: ELECTRA as HF computes it (the reference)
@@ -17,11 +17,16 @@ deep supervision on a 25% sample of the tokens), linear-drop and linear-k2-drop 
 `--exit-kv drop`: exited tokens leave the keys and values of later layers, whose cost then falls
 with the active tokens alone).
 
+Every arm runs in a process of its own, as a training run does: `--settle` untimed steps (the
+controller reaches its target), then `--steps` timed ones. The arms' processes take turns, one at a
+time, and the whole turn repeats `--launches` times, so machine noise hits all alike; each arm's
+figure pools its launches. (One process holding every arm's engine measured something else: with 13
+engines in it, plain ran 15% slower than alone and the exit arms 9% slower, which overstated the
+speedup at 0.75.)
+
 Speedup = the plain arm's step time / the arm's; ideal = the FLOP counter's training FLOPs of the
 plain arm / the arm's, over the same timed steps; efficiency = speedup / ideal. The ideal assumes
 time proportional to FLOPs (`bench/exit_speed.py` checks that assumption with forced exits).
-Every arm first runs `--settle` untimed steps (the controller reaches its target), then the arms
-take turns for `--rounds` rounds of `--steps` timed steps, so machine noise hits all alike.
 The same run measures the matmul peak and reports the plain arm's FLOP/s as a share of it.
 
     python bench/train_exit.py [--preset electra-small] [--batch 32] [--variants dense linear]
@@ -36,6 +41,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +72,7 @@ class Arm:
     seconds: list[float] = field(default_factory=list)
     flops: list[int] = field(default_factory=list)
     compute: list[float] = field(default_factory=list)
+    threads: int = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,9 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
-    parser.add_argument("--settle", type=int, default=20, help="untimed steps per arm before timing")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per arm per round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--settle", type=int, default=20, help="untimed steps per arm process before timing")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per arm process")
+    parser.add_argument("--launches", type=int, default=2, help="processes per arm, taking turns with the others")
     parser.add_argument(
         "--gain",
         type=float,
@@ -86,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--deepspeed", default="zero2.json")
     parser.add_argument("--out", default="bench/results/train_exit.json")
+    parser.add_argument("--worker", nargs=2, metavar=("ARM", "RESULT_FILE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -149,14 +157,39 @@ def run_steps(arm: Arm, count: int, timed: bool) -> None:
             arm.compute.append(summary.compute_fraction)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def arm_named(name: str) -> Arm:
+    """ "plain" or "VARIANT@TARGET"."""
+    if name == "plain":
+        return Arm("plain", {}, None)
+    variant, target = name.split("@")
+    return Arm(name, VARIANTS[variant], float(target))
+
+
+def run_worker(args) -> None:
+    """One arm in this process: settle, time `--steps` steps, write what was measured."""
     from dsexit.train.distributed import configure_threads, discover_world, init_process_group, select_accelerator
 
     select_accelerator()
     world = discover_world()
     configure_threads(world)
     init_process_group(world)
+    name, result_file = args.worker
+    arm = arm_named(name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    build_arm(arm, args, resolved_ds_config(args), device)
+    run_steps(arm, args.settle, timed=False)
+    run_steps(arm, args.steps, timed=True)
+    record = dict(
+        seconds=arm.seconds,
+        flops=arm.flops,
+        compute=arm.compute,
+        settled=arm.controller.last_compute_fraction,
+        threads=torch.get_num_threads(),
+    )
+    Path(result_file).write_text(json.dumps(record) + "\n")
+
+
+def resolved_ds_config(args) -> dict:
     from dsexit.train.config import TrainConfig
     from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
 
@@ -164,36 +197,65 @@ def main(argv=None) -> int:
         {"training": {"global_batch_size": args.batch, "micro_batch_size": args.batch, "precision": args.precision}}
     )
     with tempfile.TemporaryDirectory() as monitor_dir:
-        ds_config = resolve_ds_config(
+        return resolve_ds_config(
             load_ds_config(find_ds_config(args.deepspeed)),
             train_config,
             dp_size=1,
             total_steps=10**6,
             monitor_dir=monitor_dir,
         )
-    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+
+
+def launch_arm(args, name: str, result_file: Path, precision: str) -> dict:
+    """Run arm `name` in a process of its own (a fresh single-rank world) and read what it measured."""
+    # This process's own world (if any) is not the worker's.
+    env = {key: value for key, value in os.environ.items() if key not in _WORLD_VARS}
+    command = [sys.executable, __file__, "--worker", name, str(result_file), "--precision", precision]
+    for option in ("preset", "batch", "seq_len", "settle", "steps", "gain", "deepspeed"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(result_file.read_text())
+
+
+_WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    from dsexit.train.distributed import select_accelerator
+
+    select_accelerator()
+    precision = "bf16" if resolved_ds_config(args)["bf16"]["enabled"] else "fp32"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arms = [Arm("plain", {}, None)]
     for variant in args.variants:
         arms += [Arm(f"{variant}@{target:.2f}", VARIANTS[variant], target) for target in TARGETS]
     print(
-        f"train_exit: {len(arms)} arms, {args.preset}, batch {args.batch} x {args.seq_len}, {precision}, "
-        f"{torch.get_num_threads()} threads; settling {args.settle} steps each",
+        f"train_exit: {len(arms)} arms, {args.preset}, batch {args.batch} x {args.seq_len}, {precision}; each arm "
+        f"{args.launches} processes of {args.settle} settling and {args.steps} timed steps, taking turns",
         file=sys.stderr,
         flush=True,
     )
-    for arm in arms:
-        build_arm(arm, args, ds_config, device)
-        run_steps(arm, args.settle, timed=False)
-        print(
-            f"  {arm.name}: settled at compute {arm.controller.last_compute_fraction:.3f}", file=sys.stderr, flush=True
-        )
-    for round_number in range(args.rounds):
-        for arm in arms:
-            run_steps(arm, args.steps, timed=True)
-        print(f"  round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as result_dir:
+        for launch in range(args.launches):
+            for arm in arms:
+                record = launch_arm(args, arm.name, Path(result_dir, f"{arm.name}-{launch}.json"), precision)
+                arm.seconds += record["seconds"]
+                arm.flops += record["flops"]
+                arm.compute += record["compute"]
+                arm.threads = record["threads"]
+                print(
+                    f"  launch {launch + 1}/{args.launches} {arm.name}: settled at compute {record['settled']:.3f}, "
+                    f"{statistics.median(record['seconds']):.3f} s/step",
+                    file=sys.stderr,
+                    flush=True,
+                )
     from dsexit.eval.peak import matmul_peak
 
+    torch.set_num_threads(arms[0].threads)  # the workers' thread count
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32, 2048)
     results = summarize(arms, args, precision, peak)
     print_table(results)
@@ -236,13 +298,13 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
         "batch": args.batch,
         "seq_len": args.seq_len,
         "precision": precision,
-        "threads": torch.get_num_threads(),
+        "threads": plain.threads,
         "matmul_peak_flops_per_s": peak,
         "peak_share": rows["plain"]["flops_per_s"] / peak,
         "arms": rows,
         "best_variant": best,
-        "rounds": args.rounds,
-        "steps_per_round": args.steps,
+        "launches": args.launches,
+        "timed_steps_per_launch": args.steps,
         "settle_steps": args.settle,
     }
 
