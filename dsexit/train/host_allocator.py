@@ -11,7 +11,7 @@ thread allocates from that one heap (glibc's default gives threads arenas of the
 one thread frees waits in its arena, unusable by the others): an exit-training process, whose block
 sizes change every step, grew its arenas without bound that way (electra-small at target compute
 0.5: 12 GB after 80 steps for 445 MB in use, still climbing 50 MB a step); with one arena it levels
-off (4.8 GB from step 40: fragmentation, not growth). A process that trains on a GPU keeps glibc's
+off (4.9 GB from step 40: fragmentation, not growth). A process that trains on a GPU keeps glibc's
 defaults: its steps allocate little host memory, and a one-off peak (a checkpoint's host copy) should
 go back to the system.
 

@@ -41,7 +41,8 @@ def _stage_one(joined: bool):
     ]
     layers[-1].joins_gradients = joined
     passes = []
-    layers[1].layer.output.dense.weight.register_hook(lambda gradient: passes.append(gradient is not None) and None)
+    # (A tensor hook is also called, with None, where a backward pass reaches the weight without a gradient.)
+    layers[1].layer.output.dense.weight.register_hook(lambda gradient: passes.append(gradient is not None))
     input_ids = torch.randint(200, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "token_type_ids": input_ids * 0}
     outputs, _ = micro_batch_inputs(batch, config, None, None)
