@@ -36,10 +36,25 @@ from .layers import (
 
 
 @dataclass
-class ExitState:
-    """The discriminator's running state between layers (all tensors [B, T] unless noted)."""
+class RowStates:
+    """The newest hidden states of some tokens: `states[i]` belongs at flat position `index[i]` (b*T+t)."""
 
-    hidden: torch.Tensor  # [B, T, H]; exited tokens' rows are frozen
+    index: torch.Tensor  # long [N], ascending
+    states: torch.Tensor  # [N, H]
+
+
+@dataclass
+class ExitState:
+    """The discriminator's running state between layers (all tensors [B, T] unless noted).
+
+    Under `exit_kv="drop"` no later layer reads an exited token's state, so a routed layer's new rows
+    are not written into the [B, T, H] states at once (a full-size copy forward and backward, every
+    layer): they are `carried` straight into the next layer, and the rows of tokens that exit wait in
+    `deferred`. Reading `hidden` writes them all in one scatter; training, which reads only logits,
+    never does.
+    """
+
+    stored_hidden: torch.Tensor  # [B, T, H] as last written (`hidden` adds what is deferred and carried)
     attention_mask: torch.Tensor  # bool: real (non-padding) positions
     active: torch.Tensor  # bool: real tokens that have not exited
     logits: torch.Tensor  # RTD logit of each token that has exited (0 elsewhere until the end)
@@ -48,6 +63,9 @@ class ExitState:
     exitable: torch.Tensor  # bool: real tokens a threshold may let exit (pinned specials excluded)
     labels: torch.Tensor | None = None  # float: 1 where the token was replaced
     work: list[LayerWork] = field(default_factory=list)
+    deferred: list[RowStates] = field(default_factory=list)  # exited tokens' final states, not yet written
+    carried: RowStates | None = None  # the newest states of the tokens active when it was set
+    carried_for: torch.Tensor | None = None  # the `active` mask `carried` holds the rows of
 
     @classmethod
     def start(
@@ -60,7 +78,7 @@ class ExitState:
         """The state entering layer 1: every real token active, nothing exited yet."""
         real = attention_mask.bool()
         return cls(
-            hidden=hidden,
+            stored_hidden=hidden,
             attention_mask=real,
             active=real.clone(),
             logits=hidden.new_zeros(real.shape, dtype=torch.float32),
@@ -69,6 +87,47 @@ class ExitState:
             exitable=real.clone() if exitable is None else exitable.bool() & real,
             labels=labels,
         )
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[B, T, H]: every token's newest state (exited tokens' frozen at their exit)."""
+        updates = self.deferred + ([self.carried] if self.carried is not None else [])
+        if updates:
+            batch, seq_len, width = self.stored_hidden.shape
+            index = torch.cat([update.index for update in updates])
+            states = torch.cat([update.states for update in updates])
+            flat = self.stored_hidden.reshape(batch * seq_len, width)
+            self.stored_hidden = flat.index_copy(0, index, states).view(batch, seq_len, width)
+            self.deferred, self.carried, self.carried_for = [], None, None
+        return self.stored_hidden
+
+    @hidden.setter
+    def hidden(self, value: torch.Tensor) -> None:
+        self.stored_hidden, self.deferred, self.carried, self.carried_for = value, [], None, None
+
+    def carry(self, index: torch.Tensor, states: torch.Tensor) -> None:
+        """Hold `states` as the newest states of the active tokens (flat positions `index`)."""
+        self.carried, self.carried_for = RowStates(index, states), self.active
+
+    @property
+    def carries_active(self) -> bool:
+        return self.carried is not None and self.carried_for is self.active
+
+    def active_rows(self, row_index: torch.Tensor) -> torch.Tensor:
+        """The active tokens' states, [N, H] in flat order (`row_index`: their flat positions)."""
+        if self.carries_active:
+            return self.carried.states
+        hidden = self.hidden
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, row_index)
+
+    def retire(self, exiting: torch.Tensor) -> None:
+        """Tokens at `exiting` (positions in the carried rows) leave: their rows wait in `deferred`, the
+        others stay carried. Call before `active` changes."""
+        staying = (~exiting).nonzero().squeeze(1)
+        leaving = exiting.nonzero().squeeze(1)
+        carried = self.carried
+        self.deferred.append(RowStates(carried.index[leaving], carried.states.index_select(0, leaving)))
+        self.carried = RowStates(carried.index[staying], carried.states.index_select(0, staying))
 
     @property
     def dense(self) -> bool:
@@ -218,7 +277,12 @@ def run_exit_layer(
         )
     batch, seq_len = state.active.shape
     token_layers = int((state.active & state.exitable).sum())
-    state.hidden, computed = layer(state.hidden, routing)
+    if routing.drop_exited_keys:
+        # Keys and values are the active rows alone: the new rows go straight to the next layer.
+        _, computed = layer(state.stored_hidden, routing, rows=state.active_rows(routing.row_index))
+        state.carry(routing.row_index, computed)
+    else:
+        state.hidden, computed = layer(state.hidden, routing)
     positions = batch * seq_len
     work = LayerWork(
         token_layers=token_layers,
@@ -283,6 +347,8 @@ def _exit_head(
         else:  # deep supervision: the head learns from every token that reaches it
             head_loss = F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel() else head_logits.sum()
         state.aux_loss = state.aux_loss + head_loss
+    if state.carries_active:
+        state.retire(exits)
     exiting_rows = rows[exits]
     state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
     flat_exit_layer = state.exit_layer.reshape(-1).clone()

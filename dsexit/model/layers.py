@@ -221,11 +221,25 @@ class ElectraSelfAttention(nn.Module):
         if drop and query.device.type == "cpu":
             # SDPA's CPU kernel with dropout is its math path with a `bernoulli_` mask: the same
             # steps here, with `dropout`'s cheaper mask (softmax in fp32, as SDPA's own kernels).
-            scores = torch.matmul(query, key.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_size))
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask, float("-inf"))
+            # The scale and the key mask ride on the scores' matmul (one `baddbmm`), rather than
+            # two more passes over the scores forward and one more backward.
+            batch, heads, length, head_size = query.shape
+            keys = key.shape[2]
+            if key_mask is None:
+                key_bias, beta = query.new_zeros(1, 1, 1), 0.0
+            else:
+                key_bias = query.new_zeros(key_mask.shape).masked_fill_(~key_mask, float("-inf"))
+                key_bias, beta = key_bias.expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys), 1.0
+            scores = torch.baddbmm(
+                key_bias,
+                query.reshape(batch * heads, length, head_size),
+                key.reshape(batch * heads, keys, head_size).transpose(1, 2),
+                beta=beta,
+                alpha=1.0 / math.sqrt(self.head_size),
+            )
             probs = dropout(scores.float().softmax(-1).to(query.dtype), drop, True)
-            context = torch.matmul(probs, value)
+            context = torch.bmm(probs, value.reshape(batch * heads, keys, head_size))
+            context = context.view(batch, heads, length, head_size)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=drop)
         batch, heads, length, head_size = context.shape
@@ -234,11 +248,16 @@ class ElectraSelfAttention(nn.Module):
     def _projected(self, inputs: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
         """Several projections of the same inputs as one matmul (weights concatenated on the fly: the
         parameters keep HF's names and shapes), split back into one tensor each."""
+        return self._joined(inputs, *projections).split(projections[0].out_features, dim=-1)
+
+    @staticmethod
+    def _joined(inputs: torch.Tensor, *projections: nn.Linear) -> torch.Tensor:
+        """The projections' outputs side by side in the last dimension, from one matmul."""
         if len(projections) == 1:
-            return (projections[0](inputs),)
+            return projections[0](inputs)
         weight = torch.cat([projection.weight for projection in projections])
         bias = torch.cat([projection.bias for projection in projections])
-        return F.linear(inputs, weight, bias).split(projections[0].out_features, dim=-1)
+        return F.linear(inputs, weight, bias)
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
         """Context vectors for the routed rows: [B*T, H] when dense, [N, H] otherwise."""
@@ -250,12 +269,15 @@ class ElectraSelfAttention(nn.Module):
         slot_row = routing.slot_row
 
         def to_slots(row_values: torch.Tensor) -> torch.Tensor:
-            slotted = row_values.new_zeros(batch * routing.slots, hidden_size).index_copy(0, slot_row, row_values)
-            return slotted.view(batch, routing.slots, hidden_size)
+            # In place on fresh zeros: no copy of them (an out-of-place `index_copy` clones its input).
+            width = row_values.shape[-1]
+            slotted = row_values.new_zeros(batch * routing.slots, width)
+            return slotted.index_copy_(0, slot_row, row_values).view(batch, routing.slots, width)
 
         if routing.drop_exited_keys:
-            query, key, value = (
-                to_slots(projected) for projected in self._projected(rows, self.query, self.key, self.value)
+            # Query, key and value into the slot layout together: one scatter.
+            query, key, value = to_slots(self._joined(rows, self.query, self.key, self.value)).split(
+                hidden_size, dim=-1
             )
         else:
             # Exited tokens stay visible: their frozen states still serve as keys/values.
@@ -313,16 +335,24 @@ class ElectraLayer(nn.Module):
         self.intermediate = ElectraIntermediate(shape, config)
         self.output = ElectraOutput(shape, config)
 
-    def forward(self, hidden: torch.Tensor, routing: TokenRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, routing: TokenRouting, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the new [B, T, H] states, the rows computed: [B*T, H] when dense, else [N, H] in `row_index`
         order), so that a head reading those rows need not gather them again. (HF's layer returns a
-        tuple too.)"""
+        tuple too.) A caller that holds the routed rows' current states passes them as `rows`: the new
+        ones are then not written into `hidden` (None in their place), and `hidden` is read only for
+        keys and values that exited tokens keep (`exit_kv="keep"`)."""
         batch, seq_len, hidden_size = hidden.shape
         flat = hidden.reshape(batch * seq_len, hidden_size)
-        rows = flat if routing.dense else flat.index_select(0, routing.row_index)
+        holding = rows is not None
+        if not holding:
+            rows = flat if routing.dense else flat.index_select(0, routing.row_index)
         context = self.attention.self(hidden, rows, routing)
         attended = self.attention.output(context, rows)
         updated = self.output(self.intermediate(attended), attended)
+        if holding:
+            return None, updated
         if routing.dense:
             return updated.view(batch, seq_len, hidden_size), updated
         # Rows not routed keep their state: exited tokens are frozen.

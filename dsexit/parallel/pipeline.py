@@ -142,7 +142,7 @@ def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor,
         settings,
     ) = inputs
     state = ExitState(
-        hidden=hidden,
+        stored_hidden=hidden,
         attention_mask=attention_mask.bool(),
         active=active.bool(),
         logits=logits,

@@ -23,8 +23,9 @@ def _plan(shape, exit_after: int, rows: list[tuple[int, int]], never: int):
     return plan
 
 
-def test_exited_states_are_frozen_and_others_keep_changing():
-    discriminator = _discriminator()
+@pytest.mark.parametrize("exit_kv", ["keep", "drop"])
+def test_exited_states_are_frozen_and_others_keep_changing(exit_kv):
+    discriminator = _discriminator(exit_kv)
     input_ids, attention_mask, token_type_ids = make_batch(2, 16)
     exited = [(0, 3), (0, 4), (1, 9)]
     decision = ExitDecision(plan=_plan(input_ids.shape, 1, exited, never=99))
@@ -51,6 +52,58 @@ def test_gradients_reach_every_exit_head_and_early_layers(tiny_model):
         assert parameter.grad is not None, name
         if "exit_heads" in name or ".layer.0." in name or "word_embeddings" in name:
             assert parameter.grad.abs().sum() > 0, name
+
+
+def test_dropped_keys_equal_each_sequence_run_alone_on_its_active_tokens():
+    """exit_kv="drop": a sequence's active tokens attend only to each other, so every layer must equal
+    the plain layer run on that sequence's active tokens alone, packed as a sequence of their own.
+    Checked against that reference (logits, final states, every gradient), with tokens exiting after
+    layers 1, 2 and 3 (the model carries routed rows from layer to layer and writes exited tokens'
+    states only when `hidden` is read)."""
+    from dsexit.model.layers import TokenRouting
+
+    discriminator = _discriminator("drop")
+    input_ids, attention_mask, token_type_ids = make_batch(4, 24, pad_tail=True)
+    draw = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(4))
+    plan = torch.where(draw < 0.25, 1, torch.where(draw < 0.5, 2, torch.where(draw < 0.75, 3, 99)))
+    real = attention_mask.bool()
+    weights = torch.randn(input_ids.shape, generator=torch.Generator().manual_seed(5))
+    layers = discriminator.num_layers
+
+    def gradients_of(loss):
+        discriminator.zero_grad()
+        loss.backward()
+        return {name: parameter.grad.clone() for name, parameter in discriminator.named_parameters()}
+
+    state = discriminator(input_ids, attention_mask, token_type_ids, decision=ExitDecision(plan=plan))
+    model_logits, model_hidden = state.logits[real], state.hidden[real]
+    model_gradients = gradients_of((model_logits * weights[real]).sum() + (model_hidden**2).mean())
+
+    embedded = discriminator.electra.project(discriminator.electra.embeddings(input_ids, token_type_ids))
+    reference_logits, reference_hidden = [], []
+    for row in range(input_ids.shape[0]):
+        length = int(attention_mask[row].sum())
+        hidden = embedded[row, :length]
+        logits = torch.zeros(length)
+        active = torch.ones(length, dtype=torch.bool)
+        for number in range(1, layers + 1):
+            positions = active.nonzero().squeeze(1)
+            alone = TokenRouting.all_positions(torch.ones(1, len(positions), dtype=torch.long))
+            updated, _ = discriminator.electra.encoder.layer[number - 1](hidden[positions][None], alone)
+            hidden = hidden.index_copy(0, positions, updated[0])
+            leaving = positions if number == layers else positions[plan[row, positions] <= number]
+            head_logits = discriminator.head_for(number)(hidden[leaving]).float()
+            logits = logits.index_copy(0, leaving, head_logits)
+            active[leaving] = False
+        reference_logits.append(logits)
+        reference_hidden.append(hidden)
+    reference_logits, reference_hidden = torch.cat(reference_logits), torch.cat(reference_hidden)
+    reference_gradients = gradients_of((reference_logits * weights[real]).sum() + (reference_hidden**2).mean())
+
+    torch.testing.assert_close(model_logits, reference_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model_hidden, reference_hidden, rtol=1e-5, atol=1e-5)
+    for name, gradient in reference_gradients.items():
+        torch.testing.assert_close(model_gradients[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("exit_kv, changes_expected", [("drop", False), ("keep", True)])
