@@ -26,13 +26,21 @@ speedup at 0.75.)
 
 Speedup = the plain arm's step time / the arm's; ideal = the FLOP counter's training FLOPs of the
 plain arm / the arm's, over the same timed steps; efficiency = speedup / ideal. The ideal assumes
-time proportional to FLOPs (`bench/exit_speed.py` checks that assumption with forced exits).
+every FLOP of the step costs the same time. The run checks that: hooks time each step's
+discriminator layers and heads (forward from layer 1's input to the last layer's output, backward
+from the loss to the gradient at layer 1's input), and the FLOP counter splits the FLOPs the same
+way. Exits shrink only that part; the rest (generator, sampling, embeddings, optimizer step) is the
+same work in every arm. The measured ideal keeps the plain arm's rest as measured and scales its
+layers' time by the arm's layer FLOPs: plain / (plain rest + plain layers x arm layer FLOPs / plain
+layer FLOPs). Efficiency against it says what the exit machinery delivers of what is attainable;
+the FLOP ideal also charges the rest's lower FLOP rate to it.
 The same run measures the matmul peak and reports the plain arm's FLOP/s as a share of it.
 
     python bench/train_exit.py [--preset electra-small] [--batch 32] [--variants dense linear]
 
 Last line: RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X train_speedup_at_75=X
-(for the variant with the best speedup at 0.75, named in the same line).
+(for the variant with the best speedup at 0.75, named in the same line; also its efficiency against
+the measured ideal).
 """
 
 from __future__ import annotations
@@ -72,7 +80,10 @@ class Arm:
     seconds: list[float] = field(default_factory=list)
     flops: list[int] = field(default_factory=list)
     compute: list[float] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+    layer_flops: list[int] = field(default_factory=list)
     threads: int = 0
+    clock: object = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,6 +123,51 @@ def batches(config, batch: int, seq_len: int, device):
         step += 1
 
 
+class LayerClock:
+    """Seconds a step spends in the discriminator's layers and heads, from hooks: forward from layer 1's
+    input to the last layer's output, backward from the start of `engine.backward` (the loss and the
+    heads come first) to the gradient at layer 1's input. The generator's backward runs after it: its
+    nodes were all recorded before the discriminator's."""
+
+    def __init__(self, engine):
+        layers = engine.module.discriminator.electra.encoder.layer
+        layers[0].register_forward_pre_hook(self._enter)
+        layers[-1].register_forward_hook(self._leave)
+        self.seconds, self._forward_started, self._backward_started = 0.0, 0.0, 0.0
+        backward = engine.backward
+
+        def timed_backward(*args, **kwargs):
+            self._backward_started = time.perf_counter()
+            return backward(*args, **kwargs)
+
+        engine.backward = timed_backward
+
+    def _enter(self, module, inputs) -> None:
+        self._forward_started = time.perf_counter()
+        if inputs[0].requires_grad:
+            inputs[0].register_hook(self._reached_first_layer)
+
+    def _leave(self, module, inputs, output) -> None:
+        self.seconds += time.perf_counter() - self._forward_started
+
+    def _reached_first_layer(self, gradient) -> None:
+        self.seconds += time.perf_counter() - self._backward_started
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def layer_training_flops(output, config) -> int:
+    """The FLOP counter's forward + backward FLOPs of the discriminator's layers and heads."""
+    from dsexit.model.flops import discriminator_layer_backward_flops, discriminator_layer_flops
+
+    return sum(
+        discriminator_layer_flops(work, config) + discriminator_layer_backward_flops(work, config)
+        for work in output.compute_log.discriminator
+    )
+
+
 def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
     from dsexit.model import ElectraExitConfig
     from dsexit.model.exit_control import ExitController
@@ -125,6 +181,7 @@ def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
     target = arm.target if arm.target is not None and arm.target < 1.0 else None
     arm.controller = ExitController(config, target_compute=target, controller_gain=args.gain, warmup_steps=0)
     arm.config = config
+    arm.clock = LayerClock(engine)
 
 
 def _recording(add, outputs: list):
@@ -145,16 +202,20 @@ def run_steps(arm: Arm, count: int, timed: bool) -> None:
         stats = StepStats(arm.config.num_hidden_layers)
         outputs = []
         stats.add = _recording(stats.add, outputs)
+        arm.clock.take()
         started = time.perf_counter()
         arm.runner.run(threshold, None, stats)
         summary = stats.reduce(preempted=False, time_limit=False)
         elapsed = time.perf_counter() - started
+        layer_seconds = arm.clock.take()
         arm.controller.update(summary.compute_fraction, arm.step)
         arm.step += 1
         if timed:
             arm.seconds.append(elapsed)
             arm.flops.append(sum(output.flops.training_flops for output in outputs))
             arm.compute.append(summary.compute_fraction)
+            arm.layer_seconds.append(layer_seconds)
+            arm.layer_flops.append(sum(layer_training_flops(output, arm.config) for output in outputs))
 
 
 def arm_named(name: str) -> Arm:
@@ -183,6 +244,8 @@ def run_worker(args) -> None:
         seconds=arm.seconds,
         flops=arm.flops,
         compute=arm.compute,
+        layer_seconds=arm.layer_seconds,
+        layer_flops=arm.layer_flops,
         settled=arm.controller.last_compute_fraction,
         threads=torch.get_num_threads(),
     )
@@ -246,6 +309,8 @@ def main(argv=None) -> int:
                 arm.seconds += record["seconds"]
                 arm.flops += record["flops"]
                 arm.compute += record["compute"]
+                arm.layer_seconds += record["layer_seconds"]
+                arm.layer_flops += record["layer_flops"]
                 arm.threads = record["threads"]
                 print(
                     f"  launch {launch + 1}/{args.launches} {arm.name}: settled at compute {record['settled']:.3f}, "
@@ -267,7 +332,9 @@ def main(argv=None) -> int:
     print(
         f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
         f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
-        f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f}"
+        f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f} "
+        f"measured_efficiency_at_75={row75['measured_efficiency']:.3f} "
+        f"measured_efficiency_at_50={row50['measured_efficiency']:.3f}"
     )
     return 0
 
@@ -276,10 +343,17 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
     plain = arms[0]
     plain_seconds = statistics.median(plain.seconds)
     plain_flops = statistics.mean(plain.flops)
+    plain_layer_seconds, plain_layer_flops = statistics.median(plain.layer_seconds), statistics.mean(plain.layer_flops)
+    plain_rest_seconds = statistics.median(total - layer for total, layer in zip(plain.seconds, plain.layer_seconds))
     rows = {}
     for arm in arms:
         seconds, flops = statistics.median(arm.seconds), statistics.mean(arm.flops)
+        layer_seconds, layer_flops = statistics.median(arm.layer_seconds), statistics.mean(arm.layer_flops)
         speedup, ideal = plain_seconds / seconds, plain_flops / flops
+        # What the step would take if its layers cost their FLOP share of the plain arm's layers and the
+        # rest (the same work in every arm) what it took in the plain arm.
+        layers_at_plain_rate = plain_layer_seconds * layer_flops / plain_layer_flops
+        measured_ideal = plain_seconds / (plain_rest_seconds + layers_at_plain_rate)
         rows[arm.name] = dict(
             target=arm.target,
             seconds_per_step=seconds,
@@ -289,6 +363,14 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
             ideal_speedup=ideal,
             efficiency=speedup / ideal,
             flops_per_s=flops / seconds,
+            layer_seconds_per_step=layer_seconds,
+            layer_training_flops=layer_flops,
+            rest_seconds_per_step=statistics.median(
+                total - layer for total, layer in zip(arm.seconds, arm.layer_seconds)
+            ),
+            measured_ideal_speedup=measured_ideal,
+            measured_efficiency=speedup / measured_ideal,
+            layer_efficiency=layers_at_plain_rate / layer_seconds,
             overrides=arm.overrides,
         )
     variants = sorted({name.split("@")[0] for name in rows if "@" in name})
@@ -301,6 +383,10 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
         "threads": plain.threads,
         "matmul_peak_flops_per_s": peak,
         "peak_share": rows["plain"]["flops_per_s"] / peak,
+        "plain_layer_flops_per_s": plain_layer_flops / plain_layer_seconds,
+        "plain_rest_flops_per_s": (plain_flops - plain_layer_flops) / plain_rest_seconds,
+        "plain_layer_share_of_time": plain_layer_seconds / plain_seconds,
+        "plain_layer_share_of_flops": plain_layer_flops / plain_flops,
         "arms": rows,
         "best_variant": best,
         "launches": args.launches,
@@ -315,15 +401,27 @@ def print_table(results: dict) -> None:
         f"{results['threads']} threads; matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
         f"plain at {results['peak_share']:.3f} of it"
     )
-    print(f"{'arm':<16}{'compute':>9}{'s/step':>9}{'speedup':>9}{'ideal':>8}{'efficiency':>12}")
+    print(
+        f"{'arm':<20}{'compute':>8}{'s/step':>8}{'layers s':>9}{'speedup':>8}{'ideal':>7}{'efficiency':>11}"
+        f"{'measured ideal':>15}{'efficiency':>11}{'layers eff.':>12}"
+    )
     for name, row in results["arms"].items():
         print(
-            f"{name:<16}{row['compute_fraction']:>9.3f}{row['seconds_per_step']:>9.3f}{row['speedup']:>9.3f}"
-            f"{row['ideal_speedup']:>8.3f}{row['efficiency']:>12.3f}"
+            f"{name:<20}{row['compute_fraction']:>8.3f}{row['seconds_per_step']:>8.3f}"
+            f"{row['layer_seconds_per_step']:>9.3f}{row['speedup']:>8.3f}{row['ideal_speedup']:>7.3f}"
+            f"{row['efficiency']:>11.3f}{row['measured_ideal_speedup']:>15.3f}{row['measured_efficiency']:>11.3f}"
+            f"{row['layer_efficiency']:>12.3f}"
         )
     print(
-        "speedup and ideal are against the plain arm (no heads); compute = executed / full token-layers of "
-        "exitable tokens (the controller's measure); ideal = training FLOPs (FLOP counter) plain / arm"
+        "speedup and ideals are against the plain arm (no heads); compute = executed / full token-layers of "
+        "exitable tokens (the controller's measure); ideal = training FLOPs (FLOP counter) plain / arm; "
+        "layers = the discriminator's layers and heads, forward and backward"
+    )
+    print(
+        f"the FLOP ideal's assumption, measured in the plain arm: its layers ran at "
+        f"{results['plain_layer_flops_per_s'] / 1e9:.0f} GFLOP/s ({results['plain_layer_share_of_flops']:.3f} of "
+        f"the FLOPs, {results['plain_layer_share_of_time']:.3f} of the time), the rest at "
+        f"{results['plain_rest_flops_per_s'] / 1e9:.0f} GFLOP/s"
     )
 
 

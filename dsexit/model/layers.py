@@ -221,22 +221,19 @@ class ElectraSelfAttention(nn.Module):
         if drop and query.device.type == "cpu":
             # SDPA's CPU kernel with dropout is its math path with a `bernoulli_` mask: the same
             # steps here, with `dropout`'s cheaper mask (softmax in fp32, as SDPA's own kernels).
-            # The scale and the key mask ride on the scores' matmul (one `baddbmm`), rather than
-            # two more passes over the scores forward and one more backward.
+            # The scale, and the key mask as an additive bias, ride on the scores' matmul: no
+            # separate passes over the scores (a masked fill costs one forward and one backward).
             batch, heads, length, head_size = query.shape
             keys = key.shape[2]
+            scale = 1.0 / math.sqrt(self.head_size)
+            query = query.reshape(batch * heads, length, head_size)
+            key = key.reshape(batch * heads, keys, head_size).transpose(1, 2)
             if key_mask is None:
-                key_bias, beta = query.new_zeros(1, 1, 1), 0.0
+                scores = torch.bmm(query, key).mul_(scale)
             else:
                 key_bias = query.new_zeros(key_mask.shape).masked_fill_(~key_mask, float("-inf"))
-                key_bias, beta = key_bias.expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys), 1.0
-            scores = torch.baddbmm(
-                key_bias,
-                query.reshape(batch * heads, length, head_size),
-                key.reshape(batch * heads, keys, head_size).transpose(1, 2),
-                beta=beta,
-                alpha=1.0 / math.sqrt(self.head_size),
-            )
+                key_bias = key_bias.expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys)
+                scores = torch.baddbmm(key_bias, query, key, alpha=scale)
             probs = dropout(scores.float().softmax(-1).to(query.dtype), drop, True)
             context = torch.bmm(probs, value.reshape(batch * heads, keys, head_size))
             context = context.view(batch, heads, length, head_size)
