@@ -120,14 +120,15 @@ class ExitState:
         hidden = self.hidden
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, row_index)
 
-    def retire(self, exiting: torch.Tensor) -> None:
-        """Tokens at `exiting` (positions in the carried rows) leave: their rows wait in `deferred`, the
-        others stay carried. Call before `active` changes."""
+    def retire(self, exiting: torch.Tensor, active: torch.Tensor) -> None:
+        """The carried tokens at `exiting` (bool over the carried rows) leave, and `active` (the mask
+        without them) becomes the active mask: their rows wait in `deferred`, the others stay carried."""
         staying = (~exiting).nonzero().squeeze(1)
         leaving = exiting.nonzero().squeeze(1)
         carried = self.carried
         self.deferred.append(RowStates(carried.index[leaving], carried.states.index_select(0, leaving)))
-        self.carried = RowStates(carried.index[staying], carried.states.index_select(0, staying))
+        self.active = active
+        self.carry(carried.index[staying], carried.states.index_select(0, staying))
 
     @property
     def dense(self) -> bool:
@@ -347,8 +348,6 @@ def _exit_head(
         else:  # deep supervision: the head learns from every token that reaches it
             head_loss = F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel() else head_logits.sum()
         state.aux_loss = state.aux_loss + head_loss
-    if state.carries_active:
-        state.retire(exits)
     exiting_rows = rows[exits]
     state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
     flat_exit_layer = state.exit_layer.reshape(-1).clone()
@@ -356,7 +355,10 @@ def _exit_head(
     state.exit_layer = flat_exit_layer.view_as(state.exit_layer)
     flat_active = state.active.reshape(-1).clone()
     flat_active[exiting_rows] = False
-    state.active = flat_active.view_as(state.active)
+    if state.carries_active:
+        state.retire(exits, flat_active.view_as(state.active))
+    else:
+        state.active = flat_active.view_as(state.active)
     return int(rows.numel()), graph_count, rerun
 
 

@@ -76,6 +76,9 @@ def test_dropped_keys_equal_each_sequence_run_alone_on_its_active_tokens():
         return {name: parameter.grad.clone() for name, parameter in discriminator.named_parameters()}
 
     state = discriminator(input_ids, attention_mask, token_type_ids, decision=ExitDecision(plan=plan))
+    # Nothing was written into the [B, T, H] states since layer 1: the tokens that left after layers 2
+    # and 3 wait in `deferred`, the rest are carried.
+    assert [len(update.index) for update in state.deferred] == [((plan == k) & real).sum() for k in (2, 3)]
     model_logits, model_hidden = state.logits[real], state.hidden[real]
     model_gradients = gradients_of((model_logits * weights[real]).sum() + (model_hidden**2).mean())
 
