@@ -1,0 +1,67 @@
+"""bench/train_exit.py: the measured ideal's arithmetic, the layer FLOPs it uses, the layer clock's hooks."""
+
+import argparse
+
+import pytest
+import torch
+
+from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+from dsexit.model.flops import embedding_and_generator_flops
+from tests.helpers import load_bench
+
+bench = load_bench("train_exit")
+
+
+def _arm(name, target, seconds, layer_seconds, flops, layer_flops):
+    arm = bench.Arm(name, {}, target)
+    arm.seconds, arm.layer_seconds = [seconds] * 3, [layer_seconds] * 3
+    arm.flops, arm.layer_flops, arm.compute, arm.threads = [flops] * 3, [layer_flops] * 3, [1.0] * 3, 2
+    return arm
+
+
+def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_layer_flops():
+    # Plain: 1.5 s, of which layers 1.0 s for 800 of 1000 FLOPs. The exit arm runs half the layer
+    # FLOPs: attainable 0.5 + 1.0 / 2 = 1.0 s, i.e. 1.5x; the FLOP ideal promises 1000 / 600.
+    plain = _arm("plain", None, 1.5, 1.0, 1000, 800)
+    exiting = _arm("linear@0.50", 0.5, 1.2, 0.7, 600, 400)
+    args = argparse.Namespace(preset="p", batch=1, seq_len=8, launches=1, steps=3, settle=0)
+    results = bench.summarize([plain, exiting, _arm("linear@0.75", 0.75, 1.3, 0.8, 800, 600)], args, "fp32", 1e3)
+    row = results["arms"]["linear@0.50"]
+    assert row["speedup"] == pytest.approx(1.25)
+    assert row["ideal_speedup"] == pytest.approx(1000 / 600)
+    assert row["measured_ideal_speedup"] == pytest.approx(1.5)
+    assert row["measured_efficiency"] == pytest.approx(1.25 / 1.5)
+    assert row["layer_efficiency"] == pytest.approx(0.5 / 0.7)
+    assert results["arms"]["plain"]["measured_ideal_speedup"] == pytest.approx(1.0)
+    assert results["plain_layer_flops_per_s"] == pytest.approx(800)
+    assert results["plain_rest_flops_per_s"] == pytest.approx(200 / 0.5)
+
+
+class _Engine:
+    """What `LayerClock` reads of a DeepSpeed engine: `.module` and `.backward`."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def backward(self, loss):
+        loss.backward()
+
+
+@pytest.mark.parametrize("exit_kv", ["keep", "drop"])
+def test_layer_flops_are_the_training_flops_less_the_embedding_and_generator_part(exit_kv):
+    torch.manual_seed(0)
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=300, exit_kv=exit_kv)
+    model = ElectraPreTrainingModel(config).train()
+    input_ids = torch.randint(120, 300, (4, 24))
+    input_ids[:, 0], input_ids[:, -1] = 101, 102
+    engine = _Engine(model)
+    clock = bench.LayerClock(engine)
+    output = model(input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids), exit_threshold=0.3)
+    assert 0.0 < output.compute_fraction < 1.0  # tokens exited: the routed layers count their rows
+    assert clock.seconds > 0.0  # the forward's interval, from layer 1's input to the last layer's output
+    forward_only = clock.seconds
+    engine.backward(output.loss)
+    assert clock.seconds > forward_only  # and the backward's, up to the gradient at layer 1's input
+    assert clock.take() > 0.0 and clock.seconds == 0.0
+    rest = 3 * embedding_and_generator_flops(output.compute_log, config)
+    assert bench.layer_training_flops(output, config) == output.flops.training_flops - rest
