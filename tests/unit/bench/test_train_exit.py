@@ -19,7 +19,7 @@ def _arm(name, target, seconds, layer_seconds, flops, layer_flops):
     return arm
 
 
-def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_layer_flops():
+def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_layer_flops(capsys):
     # Plain: 1.5 s, of which layers 1.0 s for 800 of 1000 FLOPs. The exit arm runs half the layer
     # FLOPs: attainable 0.5 + 1.0 / 2 = 1.0 s, i.e. 1.5x; the FLOP ideal promises 1000 / 600.
     plain = _arm("plain", None, 1.5, 1.0, 1000, 800)
@@ -35,6 +35,8 @@ def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_laye
     assert results["arms"]["plain"]["measured_ideal_speedup"] == pytest.approx(1.0)
     assert results["plain_layer_flops_per_s"] == pytest.approx(800)
     assert results["plain_rest_flops_per_s"] == pytest.approx(200 / 0.5)
+    bench.print_table(results)  # the assumption's check: each exit arm's rest (0.5 s both) beside plain's
+    assert "it took 0.500-0.500 s per step in the exit arms, 0.500 in plain" in capsys.readouterr().out
 
 
 class _Engine:
