@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,43 +29,57 @@ _DRAW_LEVELS = 1 << 16  # a CPU dropout draw is 16 random bits
 
 
 class _MaskedScale(torch.autograd.Function):
-    """`inputs * keep * scale` whose backward applies the same bool mask (saved as bool, as torch's own)."""
+    """`inputs * mask * scale`, whose backward applies the same mask and scale. The mask is 0 or 1
+    in the inputs' dtype (a float times a bool mask takes torch's slower mixed-dtype path); in fp32
+    the scale is folded into it, so forward and backward are one pass each."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
+    def forward(ctx, inputs: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        if inputs.dtype in (torch.float32, torch.float64):
+            mask, scale = mask.mul_(scale), 1.0  # bf16 would round the scale by up to 0.4%
+        ctx.save_for_backward(mask)
         ctx.scale = scale
         # No gradient in, none out (as torch's own ops): not a tensor of zeros that would set every
         # node upstream computing on zeros.
         ctx.set_materialize_grads(False)
-        return inputs.mul(keep).mul_(scale)
+        return inputs.mul(mask) if scale == 1.0 else inputs.mul(mask).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor | None):
         if grad is None:
             return None, None, None
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
+        (mask,) = ctx.saved_tensors
+        return (grad.mul(mask) if ctx.scale == 1.0 else grad.mul(mask).mul_(ctx.scale)), None, None
+
+
+def _random_words(count: int) -> torch.Tensor:
+    """`count` uniform 64-bit integers from a PCG64 stream seeded by one draw of torch's default
+    generator, so the words follow `torch.manual_seed` and the generator's saved state. PCG64
+    makes them at twice the rate of torch's CPU generator (a Mersenne Twister)."""
+    seed = int(torch.randint(2**62, ()))
+    return torch.from_numpy(np.random.PCG64(seed).random_raw(count).view(np.int64))
 
 
 def dropout(inputs: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """`F.dropout`, with a cheaper mask on CPU.
 
     On CPU, torch draws dropout masks with one Mersenne-Twister call and a float compare per
-    element (`bernoulli_`): a fifth of an electra-small training step. Here each 64-bit draw of
-    torch's default generator gives four 16-bit values, and an element is dropped when its value
-    is below round(p * 2^16); the kept ones are scaled by 1 / (1 - that fraction). The drop rate
-    is p rounded to a multiple of 2^-16 (0.1 becomes 0.100006), the mask is seeded and resumed with
-    the generator as before, and GPUs keep torch's kernel."""
+    element (`bernoulli_`): a fifth of an electra-small training step. Here each 64-bit word
+    (`_random_words`) gives four 16-bit values, and an element is dropped when its value is below
+    round(p * 2^16); the kept ones are scaled by 1 / (1 - that fraction). The drop rate is p
+    rounded to a multiple of 2^-16 (0.1 becomes 0.100006). The mask kept for the backward is in the
+    inputs' dtype (`_MaskedScale`): 4 bytes per element in fp32 where torch keeps 1. GPUs keep
+    torch's kernel."""
     if not training or p == 0.0:
         return inputs
-    if inputs.device.type != "cpu" or p >= 1.0:
+    if inputs.device.type != "cpu" or p >= 1.0 or inputs.numel() == 0:
         return F.dropout(inputs, p, training=True)
     dropped_levels = round(p * _DRAW_LEVELS)
-    words = torch.randint(-(2**63), 2**63 - 1, ((inputs.numel() + 3) // 4,), dtype=torch.int64)
+    words = _random_words((inputs.numel() + 3) // 4)
     draws = words.view(torch.int16)[: inputs.numel()].view(inputs.shape)  # uniform on [-2^15, 2^15)
-    keep = draws >= dropped_levels - _DRAW_LEVELS // 2
-    return _MaskedScale.apply(inputs, keep, _DRAW_LEVELS / (_DRAW_LEVELS - dropped_levels))
+    mask = torch.empty(inputs.shape, dtype=inputs.dtype)
+    torch.ge(draws, dropped_levels - _DRAW_LEVELS // 2, out=mask)  # 1 where kept, 0 where dropped
+    return _MaskedScale.apply(inputs, mask, _DRAW_LEVELS / (_DRAW_LEVELS - dropped_levels))
 
 
 class Dropout(nn.Dropout):

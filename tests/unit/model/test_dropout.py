@@ -51,8 +51,36 @@ def test_seeded_like_torch_and_off_outside_training():
     assert torch.equal(first, dropout(inputs, 0.1, training=True))
     assert dropout(inputs, 0.1, training=False) is inputs
     assert dropout(inputs, 0.0, training=True) is inputs
+    assert dropout(torch.empty(0, 4), 0.1, training=True).shape == (0, 4)  # no rows active at a layer
     module = Dropout(0.1).eval()
     assert module(inputs) is inputs and module.p == 0.1
+
+
+def test_the_mask_follows_the_generator_state_a_checkpoint_saves():
+    inputs = torch.randn(50, 70)
+    torch.manual_seed(5)
+    dropout(inputs, 0.1, training=True)
+    state = torch.get_rng_state()
+    first = dropout(inputs, 0.1, training=True)
+    torch.set_rng_state(state)
+    assert torch.equal(first, dropout(inputs, 0.1, training=True))
+    assert not torch.equal(first, dropout(inputs, 0.1, training=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_elements_are_the_input_times_the_scale_rounded_once(dtype):
+    """The scale is 1 / 0.899994 in fp32, as torch's own dropout multiplies by. In bf16 it is not
+    folded into the mask: a bf16 mask would round it and shrink every kept element by 0.16%."""
+    torch.manual_seed(6)
+    inputs = (torch.rand(100_000) + 0.5).to(dtype).requires_grad_()
+    outputs = dropout(inputs, 0.1, training=True)
+    assert outputs.dtype == dtype
+    scale = torch.tensor(65536 / (65536 - round(0.1 * 65536)))
+    kept = outputs != 0
+    expected = (inputs.detach()[kept].float() * scale).to(dtype)
+    assert torch.equal(outputs[kept], expected)
+    outputs.backward(torch.ones_like(outputs))
+    assert torch.equal(inputs.grad[kept], torch.full_like(expected, scale.item())) and not inputs.grad[~kept].any()
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -46,3 +46,32 @@ def test_the_fused_masked_lm_loss_is_cross_entropy_and_returns_its_softmax():
     (reference * 3.0).backward()
     torch.testing.assert_close(logits.grad, reference_logits.grad)
     assert torch.autograd.gradcheck(lambda x: MaskedLMLoss.apply(x, targets)[0], (logits.detach().requires_grad_(),))
+
+
+def _full_cdf_draws(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The one-level inverse CDF in float64, the same uniform number per row."""
+    uniform = torch.rand(probs.shape[0], 1, generator=generator).double()
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:]).squeeze(-1)
+
+
+def test_the_two_level_cdf_draws_what_the_full_cdf_draws():
+    """Blocks of 128 entries, then the entries of one block: the token the one-level CDF (in float64)
+    gives for the same uniform number, but where rounding moves a boundary (about one row in 2,000)."""
+    torch.manual_seed(6)
+    for width in (30_522, 128, 300, 7):
+        probs = torch.softmax(torch.randn(4_000, width) * 3, dim=-1)
+        draws = CorruptionMixin.sample_from_probs(probs, torch.Generator().manual_seed(7))
+        reference = _full_cdf_draws(probs, torch.Generator().manual_seed(7))
+        assert (draws == reference).double().mean() > 0.997, width
+
+
+def test_the_two_level_cdf_never_draws_an_entry_of_zero_probability():
+    """Zero entries inside blocks, whole blocks of zeros, and the short last block (300 = 2 x 128 + 44)."""
+    probs = torch.rand(20_000, 300)
+    probs[:, 100:260] = 0.0
+    probs[:, 1::3] = 0.0
+    probs[:, 299] = 0.0
+    draws = CorruptionMixin.sample_from_probs(probs, torch.Generator().manual_seed(8))
+    assert bool((probs.gather(1, draws[:, None]) > 0).all())
+    assert draws.max() < 299 and draws.min() >= 0
