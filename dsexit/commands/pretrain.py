@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     world, run_dir, run_dir_existed = None, None, True
     try:
+        if argv is None and os.environ["DS_ACCELERATOR"] == "cpu":
+            from dsexit.train.host_allocator import preload_tcmalloc
+
+            preload_tcmalloc()  # re-executes this process (same PID) before it starts anything
         config, args = parse_config(argv)
         world = discover_world()
         threads = configure_threads(world)

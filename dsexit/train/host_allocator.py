@@ -17,6 +17,9 @@ go back to the system.
 
 `DSEXIT_MALLOC_TUNING=off` leaves glibc's defaults; another allocator preloaded with
 `LD_PRELOAD` is unaffected either way (the settings only reach glibc's malloc).
+
+Faster still on a CPU: tcmalloc, which the trainer preloads by re-executing itself when it is
+installed (`preload_tcmalloc`; `DSEXIT_TCMALLOC=off` keeps glibc).
 """
 
 from __future__ import annotations
@@ -69,3 +72,74 @@ def keep_freed_memory() -> bool:
             (_M_ARENA_MAX, 1),  # one heap for every thread (see the module docstring)
         )
     )
+
+
+TCMALLOC_ENV = "DSEXIT_TCMALLOC"
+_PRELOADED_ENV = "DSEXIT_TCMALLOC_PRELOADED"  # set in the re-executed process: it never re-executes again
+_PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # a user's own LD_PRELOAD choice stands
+
+
+def tcmalloc_choice() -> str:
+    """The user's `DSEXIT_TCMALLOC`: "auto" (default), "off", or the path of a tcmalloc library."""
+    from dsexit.train.config import ConfigError
+
+    choice = os.environ.get(TCMALLOC_ENV, "auto").strip()
+    if choice.lower() in ("auto", "off"):
+        return choice.lower()
+    if not os.path.isfile(choice):
+        raise ConfigError(
+            f"{TCMALLOC_ENV}={choice!r} is invalid; expected auto, off, or the path of a tcmalloc library "
+            "(e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)."
+        )
+    return choice
+
+
+def find_tcmalloc() -> str | None:
+    """The soname of the tcmalloc the dynamic linker can load (the minimal build first), or None."""
+    import ctypes.util
+
+    for name in ("tcmalloc_minimal", "tcmalloc"):
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def preload_tcmalloc() -> None:
+    """Re-run this process, same PID and arguments, with tcmalloc preloaded (`LD_PRELOAD`).
+
+    For a CPU training process: its steps allocate and free the same large temporaries, and exit
+    training's block sizes change every step. With tcmalloc, exit arms ran 5-8% faster than with
+    the tuned glibc (README, "Exit savings in real training"); plain ELECTRA ran alike. It must be
+    loaded before the interpreter starts, hence the `exec`, before anything else (no process group,
+    no MPI, no thread yet). Nothing happens when DSEXIT_TCMALLOC=off, when no tcmalloc is
+    installed (Debian/Ubuntu: libtcmalloc-minimal4), or when LD_PRELOAD already names an allocator."""
+    choice = tcmalloc_choice()
+    if choice == "off" or os.environ.get(_PRELOADED_ENV) or not sys.platform.startswith("linux"):
+        return
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in _PRELOADED_ALLOCATORS):
+        return
+    library = find_tcmalloc() if choice == "auto" else choice
+    if library is None:
+        return
+    env = {
+        **os.environ,
+        "LD_PRELOAD": f"{library}:{preload}" if preload else library,
+        _PRELOADED_ENV: library,
+        # tcmalloc reports every allocation over 1 GiB on stderr; a large batch's activations are not news.
+        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": os.environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),
+    }
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def allocator_in_use() -> str:
+    """What serves this process's malloc: "tcmalloc", "jemalloc", "mimalloc" (preloaded) or "glibc"."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = maps.read()
+    except OSError:
+        return "glibc"
+    return next((name for name in _PRELOADED_ALLOCATORS if f"lib{name}" in mapped), "glibc")

@@ -25,6 +25,7 @@ from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpo
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
+from dsexit.train.host_allocator import allocator_in_use
 from dsexit.train.redact import redact, redact_text
 from dsexit.train.rundir import RunDirError, RunPlan, plan_run
 from dsexit.train.store import RemoteMirror, StorageError, is_remote, local_path, probe_local_dir
@@ -92,6 +93,7 @@ class ResolvedRun:
                     "schedule_steps": self.total_steps,
                     "precision": self.precision,
                     "threads_per_rank": self.threads,
+                    "host_allocator": allocator_in_use(),
                     "launcher": self.world.launcher,
                     "checkpoint_location": self.checkpoint_location,
                 },

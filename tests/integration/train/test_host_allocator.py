@@ -82,3 +82,36 @@ def test_memory_one_thread_freed_is_reused_by_another():
     result = subprocess.run([sys.executable, "-c", _THREADS_PROBE], env=env, capture_output=True, text=True, check=True)
     grew = int(result.stdout.split()[-1])
     assert grew < 16 << 20, grew  # the worker reused the block the main thread freed
+
+
+# Prints its PID and allocator, preloads tcmalloc (re-executing itself, so these lines print twice),
+# then its PID, allocator and arguments once it goes on.
+_PRELOAD_PROBE = """
+import os, sys
+from dsexit.train.host_allocator import allocator_in_use, preload_tcmalloc
+print("start", os.getpid(), allocator_in_use(), flush=True)
+preload_tcmalloc()
+print("on", os.getpid(), allocator_in_use(), *sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is the Linux dynamic linker's")
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_tcmalloc_is_preloaded_into_the_same_process_with_the_same_arguments(setting):
+    if host_allocator.find_tcmalloc() is None:
+        pytest.fail("no tcmalloc library: install libtcmalloc-minimal4 (scripts/setup_system.sh does)")
+    env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", "DSEXIT_TCMALLOC_PRELOADED")}
+    env[host_allocator.TCMALLOC_ENV] = setting
+    command = [sys.executable, "-c", _PRELOAD_PROBE, "--flag", "two words"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    lines = [line.split(maxsplit=3) for line in result.stdout.splitlines()]
+    pid = lines[0][1]
+    if setting == "auto":
+        assert lines == [
+            ["start", pid, "glibc"],
+            ["start", pid, "tcmalloc"],
+            ["on", pid, "tcmalloc", "--flag two words"],
+        ]
+    else:
+        assert lines == [["start", pid, "glibc"], ["on", pid, "glibc", "--flag two words"]]
+    assert result.stderr == ""
