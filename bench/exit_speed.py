@@ -15,7 +15,9 @@ ElectraForPreTraining discriminator of the same sizes, shared embeddings) two wa
 Each runs in fp32 and under bf16 autocast. The same run measures this machine's matmul
 peak (bf16 and fp32, square products) and reports the model's FLOP/s (FLOP counter,
 forward + backward = 3 x forward) as a share of it. Configurations are timed round-robin
-so machine noise hits all alike; each figure is the median of the repetitions.
+so machine noise hits all alike; each figure is the median of the repetitions. On a CPU the process
+runs with the host allocator the trainer uses there (tcmalloc preloaded where it is installed, else
+glibc's malloc tuned; `DSEXIT_TCMALLOC=off`), every configuration alike.
 
     python bench/exit_speed.py [--repeats 5] [--batch 32] [--device cpu|cuda] [--out bench/results/exit_speed.json]
 """
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from dsexit.eval.peak import matmul_peak
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
-from dsexit.train.host_allocator import keep_freed_memory
+from dsexit.train.host_allocator import allocator_in_use, keep_freed_memory, preload_tcmalloc
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
 DTYPES = ("fp32", "bf16")
@@ -216,7 +218,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
-        keep_freed_memory()  # the host allocator as the trainer sets it on a CPU (every configuration alike)
+        preload_tcmalloc()  # as the trainer: re-executes this process
+        keep_freed_memory()  # as the trainer: glibc's, where tcmalloc is not installed
     batch_size = args.batch or (256 if device.type == "cuda" else 32)
     config = ElectraExitConfig.from_preset(args.preset)
     batch = make_batch(config, batch_size, args.seq_len, device)
@@ -233,7 +236,11 @@ def main(argv=None) -> None:
             steps[f"ours {dtype} compiled"] = OursStep(config, batch, 0.0, dtype, device, compiled=True)
     if not args.full_depth_only:
         steps["ours bf16-params exit=0.00"] = OursBf16ParamsStep(config, batch, device)
-    print(f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}", file=sys.stderr)
+    print(
+        f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}, "
+        f"{allocator_in_use()}'s malloc",
+        file=sys.stderr,
+    )
     seconds = time_round_robin(steps, args.repeats, device)
     if args.full_depth_only:
         ratios = {dtype: seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES}
@@ -324,6 +331,7 @@ def summarize(
     fastest = min(DTYPES, key=lambda dtype: seconds[f"ours {dtype} exit=0.00"])
     return {
         "device": device_name(device),
+        "host_allocator": allocator_in_use(),
         "configs": configs,
         "peak_flops_per_s": peaks,
         "full_depth_vs_hf_same_work": best["hf same-work"] / ours_best,

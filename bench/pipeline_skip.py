@@ -83,7 +83,8 @@ def run_worker(args) -> None:
     from dsexit.train.distributed import release_shm_workspace
     from dsexit.train.host_allocator import keep_freed_memory
 
-    keep_freed_memory()  # as the trainer's configure_threads does
+    # As the trainer's configure_threads does; glibc's malloc (the trainer preloads tcmalloc where installed).
+    keep_freed_memory()
     deepspeed.init_distributed(dist_backend="gloo")
     release_shm_workspace()
     rank = torch.distributed.get_rank()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class Arm:
     layer_flops: list[int] = field(default_factory=list)
     threads: int = 0
     host_allocator: str = ""
+    peak_rss_bytes: int = 0  # the largest resident set of its processes
     clock: object = None
 
 
@@ -248,7 +250,10 @@ def run_worker(args) -> None:
     run_steps(arm, args.steps, timed=True)
     record = {name: getattr(arm, name) for name in PER_STEP}
     record.update(
-        settled=arm.controller.last_compute_fraction, threads=torch.get_num_threads(), host_allocator=allocator_in_use()
+        settled=arm.controller.last_compute_fraction,
+        threads=torch.get_num_threads(),
+        host_allocator=allocator_in_use(),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux counts KiB
     )
     Path(result_file).write_text(json.dumps(record) + "\n")
 
@@ -310,6 +315,7 @@ def main(argv=None) -> int:
                 for name in PER_STEP:
                     getattr(arm, name).extend(record[name])
                 arm.threads, arm.host_allocator = record["threads"], record["host_allocator"]
+                arm.peak_rss_bytes = max(arm.peak_rss_bytes, record["peak_rss_bytes"])
                 print(
                     f"  launch {launch + 1}/{args.launches} {arm.name}: settled at compute {record['settled']:.3f}, "
                     f"{statistics.median(record['seconds']):.3f} s/step",
@@ -369,6 +375,7 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
             measured_ideal_speedup=measured_ideal,
             measured_efficiency=speedup / measured_ideal,
             layer_efficiency=layers_at_plain_rate / layer_seconds,
+            peak_rss_bytes=arm.peak_rss_bytes,
             overrides=arm.overrides,
         )
     variants = sorted({name.split("@")[0] for name in rows if "@" in name})
@@ -429,6 +436,8 @@ def print_table(results: dict) -> None:
         f"the measured ideal's assumption, that the rest takes the plain arm's time in every arm: it took "
         f"{min(exit_rests):.3f}-{max(exit_rests):.3f} s per step in the exit arms, {plain_rest:.3f} in plain"
     )
+    memory = ", ".join(f"{name} {row['peak_rss_bytes'] / 2**30:.1f}" for name, row in results["arms"].items())
+    print(f"peak resident memory of an arm's process, GiB: {memory}")
 
 
 if __name__ == "__main__":
