@@ -106,7 +106,7 @@ def configure_threads(world: WorldInfo) -> int:
     Training on a CPU, the host allocator keeps freed tensor memory for reuse (`host_allocator`)."""
     import torch
 
-    from dsexit.train.host_allocator import keep_freed_memory, tuning_choice
+    from dsexit.train.host_allocator import keep_freed_memory, tcmalloc_choice, tuning_choice
 
     if os.environ.get("OMP_NUM_THREADS"):
         threads = int(os.environ["OMP_NUM_THREADS"])
@@ -119,7 +119,8 @@ def configure_threads(world: WorldInfo) -> int:
         torch.set_flush_denormal(True)  # subnormal floats can slow CPU kernels by orders of magnitude
         keep_freed_memory()
     else:
-        tuning_choice()  # a bad value is an error on every machine (a GPU host keeps glibc's defaults)
+        tuning_choice()  # bad values are errors on every machine (a GPU host keeps glibc's defaults)
+        tcmalloc_choice()
     return threads
 
 
