@@ -38,7 +38,13 @@ the FLOP ideal also charges the rest's lower FLOP rate to it. The measured ideal
 takes the plain arm's time in every arm; the run prints what it took in each, as the check.
 The same run measures the matmul peak and reports the plain arm's FLOP/s as a share of it.
 
-    python bench/train_exit.py [--preset electra-small] [--batch 32] [--variants dense linear]
+The step has the shape of the training preset that trains `--preset` (electra-small: the `small`
+preset, one micro-batch of 128 x 128 per optimizer step, as Clark et al.): the optimizer step and
+ZeRO's bookkeeping cost the same per step whatever its batch, so a smaller batch than users run
+would hand them a larger share of the step than training gives them. `--batch` (and `--accumulation`)
+measure another shape.
+
+    python bench/train_exit.py [--preset electra-small] [--batch 128] [--variants dense linear]
 
 Last line: RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X train_speedup_at_75=X
 (for the variant with the best speedup at 0.75, named in the same line; also its efficiency against
@@ -95,11 +101,22 @@ class Arm:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="electra-small")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="micro-batch rows (default: the micro-batch of the training preset that trains --preset; "
+        "electra-small's `small`: 128, as Clark et al.)",
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        help="micro-batches per optimizer step (default: 1 with --batch, else that training preset's global / "
+        "micro batch)",
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
-    parser.add_argument("--settle", type=int, default=20, help="untimed steps per arm process before timing")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per arm process")
+    parser.add_argument("--settle", type=int, default=10, help="untimed steps per arm process before timing")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per arm process")
     parser.add_argument("--launches", type=int, default=2, help="processes per arm, taking turns with the others")
     parser.add_argument(
         "--gain",
@@ -111,7 +128,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", default="zero2.json")
     parser.add_argument("--out", default="bench/results/train_exit.json")
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "RESULT_FILE"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch is None:
+        args.batch, preset_accumulation = training_preset_batch(args.preset)
+        args.accumulation = args.accumulation or preset_accumulation
+    args.accumulation = args.accumulation or 1
+    return args
+
+
+def training_preset_batch(model_preset: str) -> tuple[int, int]:
+    """(micro-batch rows, micro-batches per step) of the training preset that trains `model_preset`.
+
+    The optimizer step and ZeRO's bookkeeping cost the same per step whatever the batch, so the
+    step's shape decides what share of it exits can reach: measured at the shape a user runs."""
+    from dsexit.train.config import TRAIN_PRESETS
+
+    for preset in TRAIN_PRESETS.values():
+        if preset["model"]["preset"] == model_preset:
+            training = preset["training"]
+            return training["micro_batch_size"], training["global_batch_size"] // training["micro_batch_size"]
+    raise SystemExit(f"--preset {model_preset}: no training preset trains it; pass --batch")
 
 
 def batches(config, batch: int, seq_len: int, device):
@@ -183,7 +219,7 @@ def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
     config = ElectraExitConfig.from_preset(args.preset, exit_enabled=arm.target is not None, **arm.overrides)
     engine = build_engine(build_model(config, seed=0), ds_config)
     data = batches(config, args.batch, args.seq_len, device)
-    arm.runner = DataParallelSteps(engine, data, 1, device, lambda: 1e-4)
+    arm.runner = DataParallelSteps(engine, data, args.accumulation, device, lambda: 1e-4)
     target = arm.target if arm.target is not None and arm.target < 1.0 else None
     arm.controller = ExitController(config, target_compute=target, controller_gain=args.gain, warmup_steps=0)
     arm.config = config
@@ -263,7 +299,13 @@ def resolved_ds_config(args) -> dict:
     from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
 
     train_config = TrainConfig.from_dict(
-        {"training": {"global_batch_size": args.batch, "micro_batch_size": args.batch, "precision": args.precision}}
+        {
+            "training": {
+                "global_batch_size": args.batch * args.accumulation,
+                "micro_batch_size": args.batch,
+                "precision": args.precision,
+            }
+        }
     )
     with tempfile.TemporaryDirectory() as monitor_dir:
         return resolve_ds_config(
@@ -280,7 +322,7 @@ def launch_arm(args, name: str, result_file: Path, precision: str) -> dict:
     # This process's own world (if any) is not the worker's.
     env = {key: value for key, value in os.environ.items() if key not in _WORLD_VARS}
     command = [sys.executable, __file__, "--worker", name, str(result_file), "--precision", precision]
-    for option in ("preset", "batch", "seq_len", "settle", "steps", "gain", "deepspeed"):
+    for option in ("preset", "batch", "accumulation", "seq_len", "settle", "steps", "gain", "deepspeed"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(result_file.read_text())
@@ -303,7 +345,8 @@ def main(argv=None) -> int:
     for variant in args.variants:
         arms += [Arm(f"{variant}@{target:.2f}", VARIANTS[variant], target) for target in TARGETS]
     print(
-        f"train_exit: {len(arms)} arms, {args.preset}, batch {args.batch} x {args.seq_len}, {precision}; each arm "
+        f"train_exit: {len(arms)} arms, {args.preset}, {shape(args.batch, args.accumulation, args.seq_len)}, "
+        f"{precision}; each arm "
         f"{args.launches} processes of {args.settle} settling and {args.steps} timed steps, taking turns",
         file=sys.stderr,
         flush=True,
@@ -383,6 +426,7 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
     return {
         "preset": args.preset,
         "batch": args.batch,
+        "accumulation": args.accumulation,
         "seq_len": args.seq_len,
         "precision": precision,
         "threads": plain.threads,
@@ -401,9 +445,15 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
     }
 
 
+def shape(batch: int, accumulation: int, seq_len: int) -> str:
+    steps = f" x {accumulation} micro-batches per step" if accumulation > 1 else " per step"
+    return f"batch {batch} x {seq_len}{steps}"
+
+
 def print_table(results: dict) -> None:
     print(
-        f"\n{results['preset']}, batch {results['batch']} x {results['seq_len']}, {results['precision']}, "
+        f"\n{results['preset']}, {shape(results['batch'], results['accumulation'], results['seq_len'])}, "
+        f"{results['precision']}, "
         f"{results['threads']} threads, {results['host_allocator']}'s malloc; "
         f"matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
         f"plain at {results['peak_share']:.3f} of it"

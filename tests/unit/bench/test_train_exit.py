@@ -24,7 +24,7 @@ def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_laye
     # FLOPs: attainable 0.5 + 1.0 / 2 = 1.0 s, i.e. 1.5x; the FLOP ideal promises 1000 / 600.
     plain = _arm("plain", None, 1.5, 1.0, 1000, 800)
     exiting = _arm("linear@0.50", 0.5, 1.2, 0.7, 600, 400)
-    args = argparse.Namespace(preset="p", batch=1, seq_len=8, launches=1, steps=3, settle=0)
+    args = argparse.Namespace(preset="p", batch=1, accumulation=1, seq_len=8, launches=1, steps=3, settle=0)
     results = bench.summarize([plain, exiting, _arm("linear@0.75", 0.75, 1.3, 0.8, 800, 600)], args, "fp32", 1e3)
     row = results["arms"]["linear@0.50"]
     assert row["speedup"] == pytest.approx(1.25)
@@ -47,6 +47,22 @@ class _Engine:
 
     def backward(self, loss):
         loss.backward()
+
+
+def test_the_step_has_the_shape_of_the_training_preset_that_trains_the_model():
+    from dsexit.train.config import preset_config
+
+    for model_preset, training_preset in (("electra-small", "small"), ("electra-tiny", "smoke")):
+        training = preset_config(training_preset).training
+        args = bench.parse_args(["--preset", model_preset])
+        assert (args.batch, args.batch * args.accumulation) == (training.micro_batch_size, training.global_batch_size)
+        ds_config = bench.resolved_ds_config(args)
+        assert ds_config["train_micro_batch_size_per_gpu"] == training.micro_batch_size
+        assert ds_config["train_batch_size"] == training.global_batch_size
+    # A batch given is one micro-batch per step unless told otherwise.
+    assert (bench.parse_args(["--batch", "32"]).accumulation, bench.parse_args([]).batch) == (1, 128)
+    with pytest.raises(SystemExit, match="no training preset"):
+        bench.training_preset_batch("electra-large")
 
 
 @pytest.mark.parametrize("exit_kv", ["keep", "drop"])
