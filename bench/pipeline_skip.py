@@ -455,7 +455,8 @@ def main() -> None:
     print(
         f"balanced, nothing skipped: {results['model_flops_per_s'] / 1e9:.1f} GFLOP/s of model work (FLOP counter, "
         f"2 processes) = {results['peak_share_fp32']:.3f} of two cores' fp32 matmul peak "
-        f"({results['matmul_peak_fp32_per_core'] / 1e9:.1f} GFLOP/s per single-threaded core, measured now)"
+        f"({results['matmul_peak_fp32_per_core'] / 1e9:.1f} GFLOP/s per single-threaded core, measured now; "
+        f"{results['peak_share_bf16']:.3f} of the bf16 peak, {results['matmul_peak_bf16_per_core'] / 1e9:.1f} per core)"
     )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -465,14 +466,15 @@ def main() -> None:
         f"speedup_at_50={results['speedup_at_50']:.3f} efficiency_at_50_default="
         f"{results['efficiency_at_50_default']:.3f} speedup_at_50_default={results['speedup_at_50_default']:.3f} "
         f"skip_aware_partition={layout} peak_share_fp32={results['peak_share_fp32']:.3f} "
+        f"peak_share_bf16={results['peak_share_bf16']:.3f} "
         f"speedup_at_50_same_partition={results['partitions']['skip-aware']['fractions']['0.5']['speedup']:.3f} "
         f"work_bound_at_50={results['work_bound_at_50']:.3f}"
     )
 
 
 def peak_share(args, seconds_per_train_batch: float) -> dict:
-    """The model's FLOP/s (FLOP counter, full depth) over this machine's fp32 matmul peak, one thread per
-    stage process as the workers run."""
+    """The model's FLOP/s (FLOP counter, full depth) over this machine's fp32 matmul peak (the precision the
+    stages run in), and over its bf16 peak beside it; one thread per stage process as the workers run."""
     import torch
 
     from dsexit.eval.peak import matmul_peak
@@ -484,13 +486,18 @@ def peak_share(args, seconds_per_train_batch: float) -> dict:
     input_ids[:, 0] = config.cls_token_id
     with torch.no_grad():
         flops = ElectraPreTrainingModel(config)(input_ids).flops.training_flops
-    per_core = matmul_peak(torch.device("cpu"), torch.float32, 1024)
-    model_flops_per_s = flops * args.micro_batches / seconds_per_train_batch
-    return {
-        "model_flops_per_s": model_flops_per_s,
-        "matmul_peak_fp32_per_core": per_core,
-        "peak_share_fp32": model_flops_per_s / (2 * per_core),
+    per_core = {
+        name: matmul_peak(torch.device("cpu"), getattr(torch, dtype), 1024) for name, dtype in _PEAK_DTYPES.items()
     }
+    model_flops_per_s = flops * args.micro_batches / seconds_per_train_batch
+    shares = {}
+    for name in _PEAK_DTYPES:
+        shares[f"matmul_peak_{name}_per_core"] = per_core[name]
+        shares[f"peak_share_{name}"] = model_flops_per_s / (2 * per_core[name])
+    return {"model_flops_per_s": model_flops_per_s, **shares}
+
+
+_PEAK_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names
 
 
 if __name__ == "__main__":

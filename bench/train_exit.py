@@ -36,7 +36,8 @@ layers' time by the arm's layer FLOPs: plain / (plain rest + plain layers x arm 
 layer FLOPs). Efficiency against it says what the exit machinery delivers of what is attainable;
 the FLOP ideal also charges the rest's lower FLOP rate to it. The measured ideal assumes the rest
 takes the plain arm's time in every arm; the run prints what it took in each, as the check.
-The same run measures the matmul peak and reports the plain arm's FLOP/s as a share of it.
+The same run measures the bf16 and fp32 matmul peaks and reports the plain arm's FLOP/s as a share of
+each (the RESULT line's first share is of the precision the arms ran in).
 
 The step has the shape of the training preset that trains `--preset` (electra-small: the `small`
 preset, one micro-batch of 128 x 128 per optimizer step, as Clark et al.): the optimizer step and
@@ -368,25 +369,30 @@ def main(argv=None) -> int:
     from dsexit.eval.peak import matmul_peak
 
     torch.set_num_threads(arms[0].threads)  # the workers' thread count
-    peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32, 2048)
-    results = summarize(arms, args, precision, peak)
+    peaks = {
+        name: matmul_peak(device, dtype, 2048) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    }
+    results = summarize(arms, args, precision, peaks)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     best = results["best_variant"]
+    other = "fp32" if precision == "bf16" else "bf16"
     row75, row50 = results["arms"][f"{best}@0.75"], results["arms"][f"{best}@0.50"]
     print(
         f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
         f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
         f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f} "
+        f"peak_share_{other}={results['peak_shares'][other]:.3f} "
         f"measured_efficiency_at_75={row75['measured_efficiency']:.3f} "
         f"measured_efficiency_at_50={row50['measured_efficiency']:.3f} host_allocator={results['host_allocator']}"
     )
     return 0
 
 
-def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
+def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) -> dict:
+    """`peaks`: the matmul peak's FLOP/s per precision ("bf16", "fp32"), measured in the same run."""
     plain = arms[0]
     plain_seconds = statistics.median(plain.seconds)
     plain_flops = statistics.mean(plain.flops)
@@ -431,8 +437,10 @@ def summarize(arms: list[Arm], args, precision: str, peak: float) -> dict:
         "precision": precision,
         "threads": plain.threads,
         "host_allocator": ",".join(sorted({arm.host_allocator for arm in arms})),
-        "matmul_peak_flops_per_s": peak,
-        "peak_share": rows["plain"]["flops_per_s"] / peak,
+        "matmul_peak_flops_per_s": peaks[precision],
+        "peak_share": rows["plain"]["flops_per_s"] / peaks[precision],
+        "matmul_peaks_flops_per_s": peaks,
+        "peak_shares": {name: rows["plain"]["flops_per_s"] / peak for name, peak in peaks.items()},
         "plain_layer_flops_per_s": plain_layer_flops / plain_layer_seconds,
         "plain_rest_flops_per_s": (plain_flops - plain_layer_flops) / plain_rest_seconds,
         "plain_layer_share_of_time": plain_layer_seconds / plain_seconds,
@@ -451,12 +459,16 @@ def shape(batch: int, accumulation: int, seq_len: int) -> str:
 
 
 def print_table(results: dict) -> None:
+    peaks_text = ", ".join(
+        f"{name} {peak / 1e9:.0f}, plain at {results['peak_shares'][name]:.3f}"
+        for name, peak in results["matmul_peaks_flops_per_s"].items()
+    )
     print(
         f"\n{results['preset']}, {shape(results['batch'], results['accumulation'], results['seq_len'])}, "
         f"{results['precision']}, "
         f"{results['threads']} threads, {results['host_allocator']}'s malloc; "
-        f"matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
-        f"plain at {results['peak_share']:.3f} of it"
+        f"matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; plain at {results['peak_share']:.3f} "
+        f"of it (matmul peaks, GFLOP/s: {peaks_text})"
     )
     print(
         f"{'arm':<20}{'compute':>8}{'s/step':>8}{'layers s':>9}{'speedup':>8}{'ideal':>7}{'efficiency':>11}"

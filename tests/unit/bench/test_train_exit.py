@@ -25,7 +25,8 @@ def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_laye
     plain = _arm("plain", None, 1.5, 1.0, 1000, 800)
     exiting = _arm("linear@0.50", 0.5, 1.2, 0.7, 600, 400)
     args = argparse.Namespace(preset="p", batch=1, accumulation=1, seq_len=8, launches=1, steps=3, settle=0)
-    results = bench.summarize([plain, exiting, _arm("linear@0.75", 0.75, 1.3, 0.8, 800, 600)], args, "fp32", 1e3)
+    peaks = {"bf16": 4e3, "fp32": 1e3}
+    results = bench.summarize([plain, exiting, _arm("linear@0.75", 0.75, 1.3, 0.8, 800, 600)], args, "fp32", peaks)
     row = results["arms"]["linear@0.50"]
     assert row["speedup"] == pytest.approx(1.25)
     assert row["ideal_speedup"] == pytest.approx(1000 / 600)
@@ -34,6 +35,9 @@ def test_measured_ideal_keeps_the_plain_rest_and_scales_the_plain_layers_by_laye
     assert row["layer_efficiency"] == pytest.approx(0.5 / 0.7)
     assert results["arms"]["plain"]["measured_ideal_speedup"] == pytest.approx(1.0)
     assert results["plain_layer_flops_per_s"] == pytest.approx(800)
+    # Plain: 1000 FLOPs in 1.5 s, against each precision's peak; the headline share is the arms' precision's.
+    assert results["peak_shares"] == pytest.approx({"bf16": 1000 / 1.5 / 4e3, "fp32": 1000 / 1.5 / 1e3})
+    assert results["peak_share"] == pytest.approx(1000 / 1.5 / 1e3)
     assert results["plain_rest_flops_per_s"] == pytest.approx(200 / 0.5)
     bench.print_table(results)  # the assumption's check: each exit arm's rest (0.5 s both) beside plain's
     assert "it took 0.500-0.500 s per step in the exit arms, 0.500 in plain" in capsys.readouterr().out
