@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsexit.eval.peak import matmul_peak
+from dsexit.eval.peak import matmul_peaks
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
 from dsexit.train.host_allocator import allocator_in_use, keep_freed_memory, preload_tcmalloc
@@ -260,9 +260,7 @@ def main(argv=None) -> None:
         Path(args.out).write_text(json.dumps({"seconds": seconds, "ratios": ratios, "batch": batch_size}, indent=2))
         return
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
-    peaks = {
-        dtype: matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32, peak_size) for dtype in DTYPES
-    }
+    peaks = matmul_peaks(device, peak_size)
     results = summarize(steps, seconds, peaks, tokens, device)
     results.update(preset=args.preset, batch=batch_size, seq_len=args.seq_len, peak_matmul_size=peak_size)
     print_table(results)

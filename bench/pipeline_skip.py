@@ -477,7 +477,7 @@ def peak_share(args, seconds_per_train_batch: float) -> dict:
     stages run in), and over its bf16 peak beside it; one thread per stage process as the workers run."""
     import torch
 
-    from dsexit.eval.peak import matmul_peak
+    from dsexit.eval.peak import matmul_peaks
     from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 
     torch.set_num_threads(1)
@@ -486,18 +486,12 @@ def peak_share(args, seconds_per_train_batch: float) -> dict:
     input_ids[:, 0] = config.cls_token_id
     with torch.no_grad():
         flops = ElectraPreTrainingModel(config)(input_ids).flops.training_flops
-    per_core = {
-        name: matmul_peak(torch.device("cpu"), getattr(torch, dtype), 1024) for name, dtype in _PEAK_DTYPES.items()
-    }
     model_flops_per_s = flops * args.micro_batches / seconds_per_train_batch
-    shares = {}
-    for name in _PEAK_DTYPES:
-        shares[f"matmul_peak_{name}_per_core"] = per_core[name]
-        shares[f"peak_share_{name}"] = model_flops_per_s / (2 * per_core[name])
-    return {"model_flops_per_s": model_flops_per_s, **shares}
-
-
-_PEAK_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names
+    shares = {"model_flops_per_s": model_flops_per_s}
+    for name, per_core in matmul_peaks(torch.device("cpu"), 1024).items():
+        shares[f"matmul_peak_{name}_per_core"] = per_core
+        shares[f"peak_share_{name}"] = model_flops_per_s / (2 * per_core)
+    return shares
 
 
 if __name__ == "__main__":

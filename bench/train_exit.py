@@ -131,9 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "RESULT_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch is None:
-        args.batch, preset_accumulation = training_preset_batch(args.preset)
-        args.accumulation = args.accumulation or preset_accumulation
-    args.accumulation = args.accumulation or 1
+        args.batch, default_accumulation = training_preset_batch(args.preset)
+    else:
+        default_accumulation = 1
+    args.accumulation = args.accumulation or default_accumulation
     return args
 
 
@@ -142,12 +143,12 @@ def training_preset_batch(model_preset: str) -> tuple[int, int]:
 
     The optimizer step and ZeRO's bookkeeping cost the same per step whatever the batch, so the
     step's shape decides what share of it exits can reach: measured at the shape a user runs."""
-    from dsexit.train.config import TRAIN_PRESETS
+    from dsexit.train.config import TRAIN_PRESETS, preset_config
 
-    for preset in TRAIN_PRESETS.values():
-        if preset["model"]["preset"] == model_preset:
-            training = preset["training"]
-            return training["micro_batch_size"], training["global_batch_size"] // training["micro_batch_size"]
+    for name, values in TRAIN_PRESETS.items():
+        if values["model"]["preset"] == model_preset:
+            training = preset_config(name).training
+            return training.micro_batch_size, training.global_batch_size // training.micro_batch_size
     raise SystemExit(f"--preset {model_preset}: no training preset trains it; pass --batch")
 
 
@@ -366,12 +367,10 @@ def main(argv=None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    from dsexit.eval.peak import matmul_peak
+    from dsexit.eval.peak import matmul_peaks
 
     torch.set_num_threads(arms[0].threads)  # the workers' thread count
-    peaks = {
-        name: matmul_peak(device, dtype, 2048) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
-    }
+    peaks = matmul_peaks(device, 2048)
     results = summarize(arms, args, precision, peaks)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

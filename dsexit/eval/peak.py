@@ -24,3 +24,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - start) / products)
     return 2 * size**3 / best
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def matmul_peaks(device: torch.device, size: int) -> dict[str, float]:
+    """`matmul_peak` in each precision a benchmark reports a share of ("bf16", "fp32")."""
+    return {name: matmul_peak(device, dtype, size) for name, dtype in PRECISIONS.items()}
