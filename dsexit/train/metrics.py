@@ -3,7 +3,8 @@
 Owns the run's logs and metrics files:
     RUN_DIR/train.log       rank 0's log (every metrics line, even when a bar is shown)
     RUN_DIR/metrics.jsonl   one record per log interval: losses, RTD accuracy, exit-layer
-                            histogram, compute fraction, tau, lr, tokens/s, data wait,
+                            histogram, compute fraction, tau (and whether it sat at the
+                            controller's floor), lr, tokens/s, data wait,
                             and a digest of the samples seen (world-size independent);
                             and one `"kind": "eval"` record per held-out evaluation
                             (`dsexit.train.heldout`), its baselines beside it
@@ -126,6 +127,7 @@ class MetricsLogger:
         exit_threshold: float | None,
         lr: float,
         seconds: float,
+        tau_at_floor: bool = False,
         data_wait_seconds: float,
         samples_seen: int,
         tokens_seen: int,
@@ -153,9 +155,17 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_interval == 0 or step >= self.total_steps:
-            self._flush(step, exit_threshold, lr, samples_seen, tokens_seen)
+            self._flush(step, exit_threshold, tau_at_floor, lr, samples_seen, tokens_seen)
 
-    def _flush(self, step: int, exit_threshold: float | None, lr: float, samples_seen: int, tokens_seen: int) -> None:
+    def _flush(
+        self,
+        step: int,
+        exit_threshold: float | None,
+        tau_at_floor: bool,
+        lr: float,
+        samples_seen: int,
+        tokens_seen: int,
+    ) -> None:
         interval, self.interval = self.interval, _Interval()
         counts = interval.exit_layer_counts
         record = {name: total / interval.steps for name, total in interval.sums.items()}
@@ -163,6 +173,7 @@ class MetricsLogger:
             step=step,
             steps=interval.steps,
             exit_threshold=exit_threshold,
+            tau_at_floor=tau_at_floor,
             lr=lr,
             mean_exit_layer=mean_exit_layer(counts),
             exit_layer_counts=counts,
@@ -196,6 +207,8 @@ class MetricsLogger:
             line += " skipped=" + ",".join(
                 f"{skipped}/{micro_batches}" for micro_batches, skipped, _ in interval.stage_counters
             )
+        if tau_at_floor:
+            line += " | tau at floor: the exit heads are not confident enough to reach the target compute"
         if self.bar is not None:
             self.bar.set_postfix_str(line.split(" ", 1)[1], refresh=True)
             for handler in log.handlers:  # the bar owns the terminal; the file still gets every line
