@@ -4,7 +4,7 @@ Owns the run's logs and metrics files:
     RUN_DIR/train.log       rank 0's log (every metrics line, even when a bar is shown)
     RUN_DIR/metrics.jsonl   one record per log interval: losses, RTD accuracy, exit-layer
                             histogram, compute fraction, tau (and whether it sat at the
-                            controller's floor), lr, tokens/s, data wait,
+                            controller's floor), steps with exits on, lr, tokens/s, data wait,
                             and a digest of the samples seen (world-size independent);
                             and one `"kind": "eval"` record per held-out evaluation
                             (`dsexit.train.heldout`), its baselines beside it
@@ -80,6 +80,7 @@ def read_metrics(run_dir: str, kind: str = "train") -> list[dict]:
 @dataclass
 class _Interval:
     steps: int = 0
+    steps_with_exits: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     exit_layer_counts: list[int] = field(default_factory=list)
     real_tokens: int = 0
@@ -137,6 +138,7 @@ class MetricsLogger:
             return
         interval = self.interval
         interval.steps += 1
+        interval.steps_with_exits += exit_threshold is not None
         for name in ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "compute_fraction"):
             interval.sums[name] = interval.sums.get(name, 0.0) + getattr(summary, name)
         counts = summary.exit_layer_counts
@@ -172,6 +174,7 @@ class MetricsLogger:
         record.update(
             step=step,
             steps=interval.steps,
+            steps_with_exits=interval.steps_with_exits,
             exit_threshold=exit_threshold,
             tau_at_floor=tau_at_floor,
             lr=lr,

@@ -121,3 +121,20 @@ def test_tau_at_the_floor_is_in_the_record_and_the_log_line(tmp_path):
     assert [record["tau_at_floor"] for record in read_metrics(str(tmp_path))] == [False, True]
     step_lines = [line for line in lines.lines if line.startswith("step=")]
     assert ["tau at floor" in line for line in step_lines] == [False, True]
+
+
+def test_each_record_counts_its_steps_with_exits_on(tmp_path):
+    logger = MetricsLogger(str(tmp_path), MAIN, total_steps=6, start_step=0, log_interval=3, progress="lines")
+    for step, tau in zip(range(1, 7), (None, None, 0.9, 0.8, 0.7, 0.7)):  # exits start at the third step
+        logger.record(
+            step,
+            _summary(1.0),
+            exit_threshold=tau,
+            lr=1e-3,
+            seconds=0.1,
+            data_wait_seconds=0.0,
+            samples_seen=8 * step,
+            tokens_seen=32 * step,
+        )
+    logger.close()
+    assert [(r["steps"], r["steps_with_exits"]) for r in read_metrics(str(tmp_path))] == [(3, 1), (3, 3)]
