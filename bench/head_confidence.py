@@ -1,10 +1,10 @@
 """How confident are a trained model's exit heads? The measurement behind `exit_control.min_confidence`.
 
-For each checkpoint given, every exit head's `prior_margin` confidence |tanh((x - x0) / 2)| is
-collected on the held-out samples the trainer evaluates (the run's own data and seed), at full
-depth, under the evaluator's two corruptions (uniform replacement and the run's generator). It
-prints, per head, quantiles of the confidence over real tokens and the share of tokens at or
-above each candidate floor, and writes them as JSON. A floor should sit above what heads at the
+For each checkpoint given, every head's `prior_margin` confidence |tanh((x - x0) / 2)| is
+collected over the tokens that may exit, on the held-out samples the trainer evaluates (the run's
+own data and seed), at full depth, under the evaluator's two corruptions (uniform replacement and
+the run's generator). It prints, per head, quantiles of the confidence and the share of tokens at
+or above each candidate floor, and writes them as JSON. A floor should sit above what heads at the
 replaced-token prior reach (a discriminator that learned nothing) and below what heads that
 learned reach on a good share of their tokens.
 
@@ -35,7 +35,8 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def head_confidences(run_dir: str, eval_samples: int, seed: int) -> tuple[dict[int, torch.Tensor], int]:
-    """Each head's confidences on the held-out tokens that reach it (every real token, at full depth)."""
+    """Each head's confidences on the held-out tokens that may exit ([CLS], [SEP] and padding left out), at
+    full depth."""
     ref = open_checkpoint(str(Path(run_dir) / "checkpoints"))
     model = load_trained_model(ref)
     dataset = DatasetIndex.load(data_url_of(ref))
@@ -47,6 +48,14 @@ def head_confidences(run_dir: str, eval_samples: int, seed: int) -> tuple[dict[i
     )
     prior_logit = model.config.prior_logit
     collected: dict[int, list[torch.Tensor]] = {}
+    exitable_per_pass: list[tuple[torch.Tensor, torch.Tensor]] = []
+    discriminate = evaluator._discriminate
+
+    def remember_exitable(model, ids, mask, types, exitable, exit_threshold):
+        exitable_per_pass.append((exitable.bool(), mask.bool()))
+        return discriminate(model, ids, mask, types, exitable, exit_threshold)
+
+    evaluator._discriminate = remember_exitable  # which rows a head saw are tokens that may exit
     handles = []
     discriminator = model.discriminator
     heads = {int(name): head for name, head in discriminator.exit_heads.items()}
@@ -54,7 +63,11 @@ def head_confidences(run_dir: str, eval_samples: int, seed: int) -> tuple[dict[i
     for layer, head in heads.items():
 
         def keep(module, inputs, output, layer=layer):
-            collected.setdefault(layer, []).append(margin_from(output.reshape(-1), prior_logit))
+            exitable, real = exitable_per_pass[-1]
+            confidences = margin_from(output.reshape(-1), prior_logit)
+            # Exit heads see the real tokens (row-major); the last layer's head runs on every position.
+            keep_rows = exitable.reshape(-1) if confidences.numel() == exitable.numel() else exitable[real]
+            collected.setdefault(layer, []).append(confidences[keep_rows])
 
         handles.append(head.register_forward_hook(keep))
     evaluator.evaluate(model, None)
