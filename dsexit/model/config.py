@@ -233,6 +233,12 @@ class ElectraExitConfig:
             return self.replacement_mix
         return self.replacement_mix * max(0.0, 1.0 - step / self.replacement_mix_steps)
 
+    def masked_slots(self, seq_len: int) -> int:
+        """Masked positions per sequence of `seq_len` at most (google-research/electra's
+        `max_predictions_per_seq`, int((mask_prob + 0.005) x seq_len): 19 at 128): the generator's
+        fixed [batch, slots] layout."""
+        return max(1, min(seq_len, int((self.mask_prob + 0.005) * seq_len)))
+
     @property
     def prior_logit(self) -> float:
         """Log-odds of the replacement prior (the masking rate): where `prior_margin` is zero."""

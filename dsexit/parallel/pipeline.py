@@ -150,6 +150,7 @@ def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor,
         aux_loss=losses.new_zeros(()),
         exitable=exitable.bool(),
         labels=rtd_labels.float(),
+        padding_mask=attention_mask.bool(),
     )
     return state, losses, exit_plan, token_layers, settings
 
