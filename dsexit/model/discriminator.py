@@ -4,7 +4,9 @@ After each layer that carries an exit head, every still-active token gets a repl
 logit from that head. A token exits when the exit rule (`exit_rules/`, applied by
 `ExitDecision`) says so at this step's tau: its RTD
 logit is the head's, and its hidden state is frozen and carried to the output. Pinned
-tokens ([CLS], [SEP] by default) never exit under a threshold and run every layer. Later
+tokens ([CLS], [SEP] by default) never exit on their own confidence: they leave with their
+sequence's last exitable token (`pinned_leaving`), so a sequence whose tokens all exited has
+no active token left, and a pipeline stage can skip a micro-batch of such sequences. Later
 layers compute new states only for active tokens (see `TokenRouting`). Every layer and
 head is called on every forward, with zero rows if need be, so that ZeRO-3's parameter
 gathering sees the same module sequence on every rank.
@@ -60,7 +62,7 @@ class ExitState:
     logits: torch.Tensor  # RTD logit of each token that has exited (0 elsewhere until the end)
     exit_layer: torch.Tensor  # long: layer number a token exited after (0: still active)
     aux_loss: torch.Tensor  # scalar: sum over exit heads of their mean RTD loss
-    exitable: torch.Tensor  # bool: real tokens a threshold may let exit (pinned specials excluded)
+    exitable: torch.Tensor  # bool: real tokens that exit on their own confidence (pinned specials excluded)
     labels: torch.Tensor | None = None  # float: 1 where the token was replaced
     # bool: real positions, or None when the batch has no padding (attention runs unmasked then)
     padding_mask: torch.Tensor | None = None
@@ -148,8 +150,8 @@ class ExitState:
 
 
 def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: ElectraExitConfig) -> torch.Tensor:
-    """Real tokens that a threshold may let exit: all but the pinned specials (`attention_mask` None:
-    every position is real)."""
+    """Real tokens that exit on their own confidence under a threshold: all but the pinned specials
+    (`attention_mask` None: every position is real)."""
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     pinned = config.pinned_token_ids
     if not pinned:
@@ -162,7 +164,8 @@ class ExitDecision:
     """How tokens leave: a threshold under an exit rule (`exit_rules/`), or a forced per-token exit layer.
 
     A forced plan is absolute (pinned tokens follow it too: benchmarks use it to fix the
-    work); a threshold applies to exitable tokens only.
+    work); a threshold applies to exitable tokens, and pinned tokens leave with their
+    sequence's last exitable token (`pinned_leaving`).
     """
 
     threshold: float | None = None
@@ -186,7 +189,23 @@ class ExitDecision:
             return self.plan.reshape(-1).index_select(0, rows) <= layer_number
         if self.threshold is None:
             return torch.zeros_like(head_logits, dtype=torch.bool)
-        return self.rule.exits(head_logits, layer_number, self.threshold) & exitable.reshape(-1).index_select(0, rows)
+        exitable_rows = exitable.reshape(-1).index_select(0, rows)
+        exits = self.rule.exits(head_logits, layer_number, self.threshold) & exitable_rows
+        return exits | pinned_leaving(exits, rows, exitable_rows, exitable.shape)
+
+
+def pinned_leaving(
+    exits: torch.Tensor, rows: torch.Tensor, exitable_rows: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    """Bool over the active `rows` (flat positions b*T+t in a [B, T] `shape`): the pinned tokens whose
+    sequence has no exitable token still active once `exits` leave. They go with it, the head's logit
+    as their RTD output like any exited token's; were they to stay, a sequence would always keep an
+    active token and a pipeline stage could never skip a fully exited micro-batch. No host read."""
+    batch, seq_len = shape
+    sequence = torch.div(rows, seq_len, rounding_mode="floor")
+    exitable_staying = torch.zeros(batch, dtype=torch.long, device=rows.device)
+    exitable_staying.index_add_(0, sequence, (exitable_rows & ~exits).long())
+    return ~exitable_rows & (exitable_staying.index_select(0, sequence) == 0)
 
 
 class ElectraBody(nn.Module):

@@ -73,8 +73,6 @@ def step_scalar(value: float | None, device: torch.device) -> torch.Tensor | Non
 class DataParallelSteps:
     """grad_accum micro-batches through a data-parallel (ZeRO 0-3) engine."""
 
-    supports_heldout = True
-
     def __init__(
         self,
         engine,
@@ -112,8 +110,6 @@ class PipelineSteps:
     Every stage draws the same micro-batches from its reader (the first feeds them in, the
     last takes its dummy labels, the others only keep their data position in step).
     """
-
-    supports_heldout = False  # held-out evaluation runs the whole model on one rank
 
     def __init__(
         self,

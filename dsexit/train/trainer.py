@@ -212,9 +212,6 @@ class Trainer:
         metrics = self.config.metrics
         if metrics.eval_interval == 0:
             return None
-        if not self.steps.supports_heldout:
-            log.warning("held-out evaluation is not available with pipeline_stages > 1 (data-parallel runs only)")
-            return None
         if not self.run.dataset.validation_shards:
             log.warning(
                 "the dataset %s has no validation split: held-out evaluation is off "
@@ -251,19 +248,26 @@ class Trainer:
     def _evaluation_model(self):
         """The model the evaluator may call sub-module by sub-module. Under ZeRO-3 every parameter is
         partitioned and fetched by hooks around each module's forward, which the evaluator's direct
-        calls (the generator reading the tied embedding matrix of another module) do not follow: it
-        gets a whole copy, gathered once per evaluation."""
+        calls (the generator reading the tied embedding matrix of another module) do not follow; a
+        pipeline stage holds only some layers. Either gets a whole copy on every rank, gathered once
+        per evaluation, so every rank evaluates its slice of the samples as in a data-parallel run."""
         module = self.engine.module
-        if self.run.zero_stage != 3:
-            return module
-        import deepspeed
+        if self.pipeline_stages > 1:
+            from dsexit.parallel.pipeline import gather_model_state_dict
 
+            state = gather_model_state_dict(module, contributes=self.engine.grid.get_data_parallel_rank() == 0)
+        elif self.run.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+        else:
+            return module
         # Building initialises weights (and torch.manual_seed seeds every device): leave the training RNG alone.
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             copy = build_model(self.run.model_config, self.config.job.seed)
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            copy.load_state_dict({name: tensor.detach().clone() for name, tensor in module.state_dict().items()})
+        copy.load_state_dict(state)
         dtype = next(module.parameters()).dtype
         return copy.to(device=self.device, dtype=dtype)
 
