@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("done (%s); run directory: %s; %s", reason, run.run_dir, standing.sentence())
     else:  # the last thing a user reads says that this run's model is not worth using, and what helps
         hint = (
-            " (an MLM generator's discriminator can stay at the prior for a short run: bench/README.md, "
-            "'Smoke preset'; --generator uniform learns within minutes)"
+            f" (an MLM generator sampled at temperature {run.model_config.generator_temperature:g} can keep its "
+            "discriminator at the prior for a short run; at --generator-temperature 2, the smoke preset's, or with "
+            "--generator uniform it learns within minutes on a CPU)"
             if standing.generator == "mlm"
             else ""
         )
