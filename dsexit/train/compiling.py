@@ -2,8 +2,8 @@
 
 `fullgraph=True, dynamic=False`: the dense step has static shapes and reads nothing back from the
 device (`tests/integration/model/test_static_step.py`), so it compiles to one graph per batch shape. The
-module is compiled in place (`engine.compile()`, i.e. `nn.Module.compile`), so parameter and
-checkpoint names keep no `_orig_mod.` prefix. On CUDA with inductor, `mode="reduce-overhead"`
+model's forward is compiled in place (`CompiledForward`), so parameter and checkpoint names keep no
+`_orig_mod.` prefix. On CUDA with inductor, `mode="reduce-overhead"`
 replays the step as a CUDA graph; each micro-batch starts a fresh graph step, and the step
 statistics copy what they read before the next replay (`StepStats.add`).
 
@@ -35,7 +35,12 @@ def compile_decision(choice: str, device: torch.device, zero_stage: int, pipelin
 
 
 class CompiledForward:
-    """Compiles an engine's module in place and switches it back to eager once tokens may exit."""
+    """Compiles an engine's model forward in place and switches it back to eager once tokens may exit.
+
+    The model's `forward` is replaced by its compiled version on the instance (names, parameters and
+    checkpoints are the model's own). Not `nn.Module.compile`, which compiles the module's whole call
+    with its hooks: DeepSpeed's forward hooks read the engine's micro-step counter, a new value each
+    micro-batch, so every call would recompile until `fullgraph=True` gave up."""
 
     def __init__(self, engine, device: torch.device, backend: str = "inductor"):
         self.engine, self.device, self.backend = engine, device, backend
@@ -43,18 +48,16 @@ class CompiledForward:
         kwargs = {"fullgraph": True, "dynamic": False}
         if self.cuda_graphs:
             kwargs["mode"] = "reduce-overhead"
-        engine.compile(backend=backend, compile_kwargs=kwargs)
         self.module = engine.module
+        self.module.forward = torch.compile(self.module.forward, backend=backend, **kwargs)
         self.eager = False
         self.first_step_logged = False
 
     def before_forward(self, exit_threshold: float | None) -> None:
         """Called before every micro-batch's forward."""
         if exit_threshold is not None and not self.eager:
-            # `nn.Module.compile` keeps the compiled call beside the module's own; without it the
-            # module runs eagerly (threshold routing reads the device; the next issue's capacity
-            # routing keeps shapes static and compiles).
-            self.module._compiled_call_impl = None
+            # Threshold routing reads the device (capacity routing, with static shapes, will compile).
+            del self.module.forward  # the class's own forward again
             self.eager = True
             log.info("exits started: the forward runs eagerly from here (threshold routing reads the device)")
         if self.cuda_graphs and not self.eager:
