@@ -113,3 +113,22 @@ def test_sampled_supervision_leaves_the_outputs_of_exiting_tokens_as_they_were()
         ours.discriminator_logits[real], ours.rtd_labels[real]
     ).backward()
     assert sampled.discriminator.exit_heads["1"].dense_prediction.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("generator", ["mlm", "uniform"])
+@pytest.mark.parametrize("exit_head", ["dense", "linear"])
+def test_a_model_with_exits_starts_from_the_weights_of_one_without(generator, exit_head):
+    """Arms of one seed in bench/pretrain_vs_exit differ only by their exits: every parameter the
+    no-exit model has is equal, bit for bit, in the model with exit heads under the same seed."""
+    without_exits = _model(exit_enabled=False, generator=generator).state_dict()
+    with_exits = _model(exit_enabled=True, generator=generator, exit_head=exit_head)
+    shared = {name: value for name, value in with_exits.state_dict().items() if ".exit_heads." not in name}
+    assert shared.keys() == without_exits.keys()
+    assert all(torch.equal(shared[name], without_exits[name]) for name in shared)
+    # The heads themselves still get ELECTRA's normal(0, initializer_range) weights, drawn last.
+    head_weights = torch.cat(
+        [p.flatten() for name, p in with_exits.discriminator.exit_heads.named_parameters() if name.endswith("weight")]
+    )
+    initializer_range = with_exits.config.initializer_range
+    assert head_weights.std().item() == pytest.approx(initializer_range, rel=0.1)
+    assert abs(head_weights.mean().item()) < initializer_range / 10
