@@ -37,7 +37,8 @@ below 5 seeds: with 2 or 3 the interval says nothing), and is resolved where the
 zero. Time to target is ill-conditioned where the curves flatten (a small loss difference moves the
 crossing a long way), which is why the losses at matched budgets stand beside it. The best arm is
 chosen among arms whose exits ran (compute after exit warmup below 0.98); the table marks runs whose
-exits never started (the budget ended inside the exit warmup) or never let tokens out.
+exits never started (the budget ended inside the exit warmup: a fresh run refuses the comparison
+then, see below; `--report` on older results shows it) or let almost no token out.
 
 Precondition, printed as its own line: the baseline's first seed against an untrained model of
 the same shape, downstream (`dsexit.eval`: ELECTRA fine-tuning recipe and a frozen-feature linear
@@ -49,6 +50,11 @@ the one that measures the claim.
     python bench/pretrain_vs_exit.py --scale quick-paired --no-precondition   # 5 seeds x 3 arms, 2.5 min each
     python bench/pretrain_vs_exit.py --scale device   # one H200-class GPU, ELECTRA-Small, < 6 min
     python bench/pretrain_vs_exit.py --scale device --dry-run   # the device path on a CPU, tiny
+
+An exit arm measures exits only if they were on for most of its run: every exit arm must spend
+at least two thirds of its steps past its exit warm-up (counted from its metrics.jsonl). Where
+one does not, the benchmark prints which run fell short and publishes no comparison (no table,
+no RESULT line; exit status 3).
 
 The last line is
 
@@ -169,11 +175,14 @@ SCALES = {
         lr=1e-3,
         global_batch=128,
         micro_batch=128,
-        # The trainer ran ~4.4 steps/s on an H200 (bench/results/pretrain_vs_exit_device.log): ~210 steps
-        # in 0.8 minutes, so exits start after 50 (they started after 200 in the first device run and
-        # engaged for its last ~10 steps only).
+        # The exit warm-up is a share of the steps the run is expected to take, so exits are on for
+        # most of it (the first device run warmed up for 200 of its ~205 steps and measured nothing).
+        # The exit arms ran ~250 steps a minute on an H200 (bench/results/pretrain_vs_exit_device.json:
+        # 205-208 steps in 0.84 min): a warm-up of 0.2 x 0.8 x 250 = 40 steps leaves exits on for
+        # 2/3 of the run as long as it takes at least 120 steps, 60% of the expected.
         warmup_steps=50,
-        exit_warmup_steps=50,
+        steps_per_minute=250,
+        exit_warmup_share=0.2,
         eval_interval=50,
         eval_samples=1024,
         minutes=0.8,
@@ -206,6 +215,7 @@ DRY_RUN = dict(
     micro_batch=8,
     warmup_steps=5,
     exit_warmup_steps=5,
+    exit_warmup_share=None,
     eval_interval=10,
     eval_samples=16,
     threads=1,
@@ -279,7 +289,7 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         "--warmup-steps",
         str(scale["warmup_steps"]),
         "--exit-warmup-steps",
-        str(scale["exit_warmup_steps"]),
+        str(exit_warmup_steps(scale)),
         "--save-interval",
         "1000000",
         "--keep-last",
@@ -374,6 +384,45 @@ def extrapolated_time(curve: list[tuple[float, float]], target: float) -> float:
     return min(2 * end, end + (l1 - target) / slope)
 
 
+MIN_EXIT_SHARE = 2 / 3  # of an exit arm's steps with exits on, for its run to measure exits
+
+
+def exit_warmup_steps(scale: dict) -> int:
+    """The scale's exit warm-up: a share of the expected steps where it names one, else its own count."""
+    if scale.get("exit_warmup_share") is not None:
+        return max(1, round(scale["exit_warmup_share"] * scale["minutes"] * scale["steps_per_minute"]))
+    return scale["exit_warmup_steps"]
+
+
+def steps_with_exits(train_records: list[dict]) -> tuple[int, int]:
+    """(steps with exits on, steps) of a run, from its metrics.jsonl training records."""
+    if not train_records:
+        return 0, 0
+    with_exits = sum(
+        record.get("steps_with_exits", record["steps"] if record.get("exit_threshold") is not None else 0)
+        for record in train_records
+    )
+    return with_exits, train_records[-1]["step"]
+
+
+def exit_share_shortfalls(summaries: list[dict], minimum: float = MIN_EXIT_SHARE) -> list[str]:
+    """One line per exit-arm run whose exits were on for fewer than `minimum` of its steps."""
+    lines = []
+    for summary in summaries:
+        if not summary["early_exit"]:
+            continue
+        if "steps_run" not in summary:  # a summary written before the count existed
+            lines.append(f"{summary['arm']} seed {summary['seed']}: its summary has no count of steps with exits")
+            continue
+        on, steps = summary["steps_with_exits"], summary["steps_run"]
+        if steps == 0 or on < minimum * steps - 1e-9:
+            lines.append(
+                f"{summary['arm']} seed {summary['seed']}: exits were on for {on} of its {steps} steps "
+                f"({100 * on / max(steps, 1):.0f}%), under the {100 * minimum:.0f}% a comparison of exits needs"
+            )
+    return lines
+
+
 def summarize_run(run: Run) -> dict:
     from dsexit.train.metrics import read_metrics
 
@@ -385,6 +434,7 @@ def summarize_run(run: Run) -> dict:
     steps = sum(record["steps"] for record in warm)
     histogram = [sum(column) for column in zip(*(record["exit_layer_counts"] for record in (warm or train[-1:])))]
     final = evals[-1]
+    on, steps_run = steps_with_exits(train)
     return {
         "arm": run.arm.name,
         "seed": run.seed,
@@ -396,8 +446,9 @@ def summarize_run(run: Run) -> dict:
         "compute_fraction": (
             sum(record["compute_fraction"] * record["steps"] for record in warm) / steps if steps else 1.0
         ),
-        "steps_with_exits": steps,
         "tokens_seen": train[-1]["tokens_seen"] if train else 0,
+        "steps_with_exits": on,
+        "steps_run": steps_run,
         "exit_layer_histogram": histogram,
         "curve": [
             {
@@ -788,6 +839,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         results = json.loads(args.report.read_text())
+        if refuse_comparison(results["runs"]):
+            return NO_COMPARISON
         results.update(compare(results["runs"]))
         results["plots"] = plot(results["runs"], results, args.report.with_suffix(""))
         args.report.write_text(json.dumps(results, indent=1, default=str))
@@ -827,6 +880,12 @@ def main(argv=None) -> int:
     )
     pretrain_all(runs, scale, data, scale["generator"])
     summaries = [summarize_run(run) for run in runs]
+    if refuse_comparison(summaries):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        refused = out.with_name(out.stem + "_refused.json")
+        refused.write_text(json.dumps({"scale": args.scale, "runs": summaries}, indent=1, default=str))
+        print(f"the runs' summaries: {refused}")
+        return NO_COMPARISON
     comparison = compare(summaries)
     results = {
         "scale": args.scale,
@@ -879,6 +938,23 @@ def result_line(comparison: dict) -> str:
         f"heldout_rtd_delta={arm['heldout_rtd_delta']:+.4f} seeds={saved['n']} "
         f"resolved={'yes' if saved['resolved'] else 'no'} best_arm={best}"
     )
+
+
+NO_COMPARISON = 3  # exit status when the exit arms did not run with exits long enough to compare
+
+
+def refuse_comparison(summaries: list[dict]) -> bool:
+    """Prints why and returns True when some exit arm had exits on for too few of its steps."""
+    shortfalls = exit_share_shortfalls(summaries)
+    if not shortfalls:
+        return False
+    for line in shortfalls:
+        print(f"pretrain_vs_exit: {line}")
+    print(
+        "pretrain_vs_exit: no comparison published: an exit arm that ran mostly without exits measures no "
+        "exits (raise --minutes, or lower the scale's exit warm-up)"
+    )
+    return True
 
 
 def report(results: dict, out: Path) -> None:

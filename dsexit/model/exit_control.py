@@ -5,6 +5,11 @@ fixed (the model's `exit_threshold`) or, with `target_compute` set, steered towa
 controller in logit(tau) space. Executing more than the target (too few exits) lowers tau;
 executing less raises it. Logit space keeps steps proportionate near tau = 1, where
 confidence saturates. The controller is `Stateful`: checkpoints save and restore it.
+
+tau never falls below `min_confidence`. Heads that know little (a discriminator still at the
+replaced-token prior) give every token a confidence near 0; without a floor the controller
+would chase the target down to such a tau and tokens would leave knowing nothing. At the
+floor, compute stays above the target and `at_floor` says why.
 """
 
 from __future__ import annotations
@@ -33,18 +38,31 @@ class ExitController:
         target_compute: float | None = None,
         controller_gain: float = 4.0,
         warmup_steps: int = 0,
+        min_confidence: float = 0.0,
     ):
         self.enabled = config.exit_enabled
         self.warmup_steps = warmup_steps
         self.target_compute = target_compute
         self.gain = controller_gain
-        self.threshold_logit = min(max(_logit(config.exit_threshold), _MIN_LOGIT), _MAX_LOGIT)
+        self.min_confidence = min_confidence
+        # Where min_confidence is 0 the floor is the controller's own lower bound.
+        self.floor_logit = max(_logit(min_confidence), _MIN_LOGIT) if min_confidence > 0 else _MIN_LOGIT
+        self.threshold_logit = self._clamp(_logit(config.exit_threshold))
         self.updates = 0
         self.last_compute_fraction: float | None = None
+
+    def _clamp(self, threshold_logit: float) -> float:
+        return min(max(threshold_logit, self.floor_logit), _MAX_LOGIT)
 
     @property
     def tau(self) -> float:
         return 1.0 / (1.0 + math.exp(-self.threshold_logit))
+
+    @property
+    def at_floor(self) -> bool:
+        """Whether tau sits at `min_confidence`: the heads are not confident enough to reach the
+        target, so compute stays above it."""
+        return self.min_confidence > 0 and self.threshold_logit <= self.floor_logit
 
     def threshold(self, step: int) -> float | None:
         """tau for optimizer step `step` (0-based), or None when no token may exit."""
@@ -62,7 +80,7 @@ class ExitController:
         if self.target_compute is None or not exiting:
             return
         error = compute_fraction - self.target_compute
-        self.threshold_logit = min(max(self.threshold_logit - self.gain * error, _MIN_LOGIT), _MAX_LOGIT)
+        self.threshold_logit = self._clamp(self.threshold_logit - self.gain * error)
         self.updates += 1
 
     def state_dict(self) -> dict:
@@ -70,9 +88,12 @@ class ExitController:
             "threshold_logit": self.threshold_logit,
             "updates": self.updates,
             "last_compute_fraction": self.last_compute_fraction,
+            "min_confidence": self.min_confidence,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.threshold_logit = float(state["threshold_logit"])
+        """The saved tau, raised to this controller's floor (the configured floor wins: a run resumed
+        with a higher --min-confidence starts at it; checkpoints from before the floor have none)."""
+        self.threshold_logit = self._clamp(float(state["threshold_logit"]))
         self.updates = int(state["updates"])
         self.last_compute_fraction = state.get("last_compute_fraction")

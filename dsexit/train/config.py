@@ -84,6 +84,11 @@ class ExitControlConfig:
     """Step size of the controller, in logit(tau) per unit of compute-fraction error."""
     warmup_steps: int = field(default=0, metadata={"flag": "--exit-warmup-steps"})
     """No token exits during the first this many steps (the heads train meanwhile)."""
+    min_confidence: float = 0.25
+    """Floor under tau: the controller never lowers it below this. Heads at the replaced-token
+    prior give every token a confidence near 0, so their tokens keep full depth and compute stays
+    above the target (the log line says `tau at floor`). The default separates heads that learned
+    from heads at the prior (bench/README.md, "Confidence floor")."""
 
 
 @dataclass
@@ -238,6 +243,9 @@ class TrainConfig:
             _fail("controller_gain", control.controller_gain, "a positive step size")
         if not isinstance(control.warmup_steps, int) or control.warmup_steps < 0:
             _fail("exit_warmup_steps", control.warmup_steps, "a non-negative number of steps")
+        floor = control.min_confidence
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor < 1.0:
+            _fail("min_confidence", floor, "a confidence floor in [0, 1)")
         if self.model.preset not in MODEL_PRESETS:
             _fail("model", self.model.preset, f"one of {', '.join(MODEL_PRESETS)}")
         for name, value in (

@@ -3,7 +3,8 @@
 Owns the run's logs and metrics files:
     RUN_DIR/train.log       rank 0's log (every metrics line, even when a bar is shown)
     RUN_DIR/metrics.jsonl   one record per log interval: losses, RTD accuracy, exit-layer
-                            histogram, compute fraction, tau, lr, tokens/s, data wait,
+                            histogram, compute fraction, tau (and whether it sat at the
+                            controller's floor), steps with exits on, lr, tokens/s, data wait,
                             and a digest of the samples seen (world-size independent);
                             and one `"kind": "eval"` record per held-out evaluation
                             (`dsexit.train.heldout`), its baselines beside it
@@ -79,6 +80,7 @@ def read_metrics(run_dir: str, kind: str = "train") -> list[dict]:
 @dataclass
 class _Interval:
     steps: int = 0
+    steps_with_exits: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     exit_layer_counts: list[int] = field(default_factory=list)
     real_tokens: int = 0
@@ -126,6 +128,7 @@ class MetricsLogger:
         exit_threshold: float | None,
         lr: float,
         seconds: float,
+        tau_at_floor: bool = False,
         data_wait_seconds: float,
         samples_seen: int,
         tokens_seen: int,
@@ -135,6 +138,7 @@ class MetricsLogger:
             return
         interval = self.interval
         interval.steps += 1
+        interval.steps_with_exits += exit_threshold is not None
         for name in ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "compute_fraction"):
             interval.sums[name] = interval.sums.get(name, 0.0) + getattr(summary, name)
         counts = summary.exit_layer_counts
@@ -153,16 +157,26 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_interval == 0 or step >= self.total_steps:
-            self._flush(step, exit_threshold, lr, samples_seen, tokens_seen)
+            self._flush(step, exit_threshold, tau_at_floor, lr, samples_seen, tokens_seen)
 
-    def _flush(self, step: int, exit_threshold: float | None, lr: float, samples_seen: int, tokens_seen: int) -> None:
+    def _flush(
+        self,
+        step: int,
+        exit_threshold: float | None,
+        tau_at_floor: bool,
+        lr: float,
+        samples_seen: int,
+        tokens_seen: int,
+    ) -> None:
         interval, self.interval = self.interval, _Interval()
         counts = interval.exit_layer_counts
         record = {name: total / interval.steps for name, total in interval.sums.items()}
         record.update(
             step=step,
             steps=interval.steps,
+            steps_with_exits=interval.steps_with_exits,
             exit_threshold=exit_threshold,
+            tau_at_floor=tau_at_floor,
             lr=lr,
             mean_exit_layer=mean_exit_layer(counts),
             exit_layer_counts=counts,
@@ -196,6 +210,8 @@ class MetricsLogger:
             line += " skipped=" + ",".join(
                 f"{skipped}/{micro_batches}" for micro_batches, skipped, _ in interval.stage_counters
             )
+        if tau_at_floor:
+            line += " | tau at floor: the exit heads are not confident enough to reach the target compute"
         if self.bar is not None:
             self.bar.set_postfix_str(line.split(" ", 1)[1], refresh=True)
             for handler in log.handlers:  # the bar owns the terminal; the file still gets every line

@@ -400,6 +400,7 @@ class Trainer:
     def train_step(self) -> StepSummary:
         step_started = time.perf_counter()
         exit_threshold = self.exit_controller.threshold(self.step)
+        tau_at_floor = exit_threshold is not None and self.exit_controller.at_floor
         stats = StepStats(self.run.model_config.num_hidden_layers)
         ran = self.steps.run(exit_threshold, self.run.model_config.replacement_mix_at(self.step), stats)
         summary = stats.reduce(
@@ -418,6 +419,7 @@ class Trainer:
             self.step,
             summary,
             exit_threshold=exit_threshold,
+            tau_at_floor=tau_at_floor,
             lr=ran.lr,
             seconds=time.perf_counter() - step_started,
             data_wait_seconds=ran.data_wait_seconds,

@@ -153,3 +153,57 @@ def test_extrapolation_continues_the_last_third_and_caps_a_flat_curve_at_twice_t
     falling = [(0.0, 0.40), (4.0, 0.33), (6.0, 0.31), (8.0, 0.29), (10.0, 0.27)]  # 0.01 a minute at the end
     assert bench.extrapolated_time(falling, 0.25) == pytest.approx(12.0)
     assert bench.extrapolated_time([(0.0, 0.40), (5.0, 0.30), (10.0, 0.30)], 0.25) == pytest.approx(20.0)
+
+
+def _train_records(steps: int, warmup: int, interval: int = 10, with_counts: bool = True) -> list[dict]:
+    """metrics.jsonl training records of a run of `steps` steps whose exits start at step `warmup`."""
+    records = []
+    for end in range(interval, steps + 1, interval):
+        on = max(0, end - max(warmup, end - interval))
+        record = {"step": end, "steps": interval, "exit_threshold": 0.5 if end > warmup else None}
+        if with_counts:
+            record["steps_with_exits"] = on
+        records.append(record)
+    return records
+
+
+def test_steps_with_exits_counts_from_the_metrics_records():
+    assert bench.steps_with_exits(_train_records(100, warmup=35)) == (65, 100)
+    # Older records without the count: an interval counts when its last step had a tau.
+    assert bench.steps_with_exits(_train_records(100, warmup=35, with_counts=False)) == (70, 100)
+    assert bench.steps_with_exits([]) == (0, 0)
+
+
+def _exit_summary(arm: str, seed: int, early_exit: bool, steps: int, warmup: int) -> dict:
+    on, run = bench.steps_with_exits(_train_records(steps, warmup))
+    return {"arm": arm, "seed": seed, "early_exit": early_exit, "steps_with_exits": on, "steps_run": run}
+
+
+def test_a_comparison_is_refused_when_an_exit_arm_ran_mostly_without_exits(capsys):
+    fine = [
+        _exit_summary("baseline", 1, False, 200, warmup=200),  # no exits at all, and no exit arm
+        _exit_summary("exit-0.75", 1, True, 210, warmup=70),  # exactly 2/3 with exits
+        _exit_summary("exit-0.50", 1, True, 300, warmup=50),
+    ]
+    assert bench.exit_share_shortfalls(fine) == []
+    assert not bench.refuse_comparison(fine)
+    short = fine + [_exit_summary("exit-0.50", 2, True, 200, warmup=80)]  # 120 of 200: 60%
+    (line,) = bench.exit_share_shortfalls(short)
+    assert line.startswith("exit-0.50 seed 2: exits were on for 120 of its 200 steps (60%)")
+    assert bench.refuse_comparison(short)
+    printed = capsys.readouterr().out
+    assert "no comparison published" in printed and "RESULT" not in printed
+    # The first device run: exits after 200 of ~205 steps.
+    assert bench.exit_share_shortfalls([_exit_summary("exit-0.75", 1, True, 210, warmup=200)])
+
+
+def test_the_device_scale_warms_up_exits_for_a_share_of_its_expected_steps():
+    scale = bench.SCALES["device"]
+    warmup = bench.exit_warmup_steps(scale)
+    expected = scale["minutes"] * scale["steps_per_minute"]
+    assert warmup == round(scale["exit_warmup_share"] * expected)
+    assert expected - warmup >= bench.MIN_EXIT_SHARE * expected  # at the expected speed, exits on for 2/3
+    assert bench.exit_warmup_steps({**scale, "minutes": 2 * scale["minutes"]}) == round(
+        2 * expected * scale["exit_warmup_share"]
+    )
+    assert bench.exit_warmup_steps(bench.SCALES["quick"]) == bench.SCALES["quick"]["exit_warmup_steps"]

@@ -1,5 +1,7 @@
 """Early exit: frozen states, gradients, key/value dropping, the controller, compute counting."""
 
+import math
+
 import pytest
 import torch
 
@@ -177,6 +179,89 @@ def test_controller_state_round_trips_and_warmup_disables_exits(tiny_config):
     restored = ExitController(tiny_config, target_compute=0.6, warmup_steps=10)
     restored.load_state_dict(controller.state_dict())
     assert restored.threshold(20) == controller.threshold(20) < tiny_config.exit_threshold
+
+
+def _discriminator_at_the_prior(exit_criterion):
+    """Every head predicts the replacement rate for every token: bias at the prior's log-odds, zero weights."""
+    torch.manual_seed(0)
+    config = ElectraExitConfig.from_preset(
+        "electra-tiny",
+        vocab_size=VOCAB,
+        exit_criterion=exit_criterion,
+        head_bias_init="prior",
+        exit_threshold=0.9,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = ElectraPreTrainingModel(config)
+    with torch.no_grad():
+        for head in (model.discriminator.discriminator_predictions, *model.discriminator.exit_heads.values()):
+            head.dense_prediction.weight.zero_()
+    return config, model.discriminator.eval()
+
+
+def _run_controller(config, discriminator, controller, updates: int) -> list[float]:
+    input_ids, attention_mask, token_type_ids = make_batch(4, 32, seed=3)
+    fractions = []
+    with torch.no_grad():
+        for step in range(updates):
+            state = discriminator(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                decision=ExitDecision.for_config(config, controller.threshold(step)),
+            )
+            exitable_token_layers = state.exitable.sum() * discriminator.num_layers
+            fraction = float(sum(work.token_layers for work in state.work) / exitable_token_layers)
+            controller.update(fraction, step)
+            fractions.append(fraction)
+    return fractions
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.9])
+def test_heads_at_the_prior_keep_full_depth_for_any_target(target):
+    config, discriminator = _discriminator_at_the_prior("prior_margin")
+    controller = ExitController(config, target_compute=target, min_confidence=0.25)
+    fractions = _run_controller(config, discriminator, controller, updates=40)
+    assert fractions == [1.0] * 40
+    assert controller.at_floor and controller.tau == pytest.approx(0.25)
+    assert controller.updates == 40
+
+
+@pytest.mark.parametrize("floor, expected_fraction", [(0.75, 1.0), (0.6, 1.0 / 4)])
+def test_confidence_rule_at_the_prior_exits_only_below_the_floor(floor, expected_fraction):
+    """Under `confidence` a head at the ~15% prior scores |2p - 1| = 0.7 on every token: a floor above
+    0.7 keeps full depth; below it every token leaves at the first head (layer 1 of 4)."""
+    config, discriminator = _discriminator_at_the_prior("confidence")
+    controller = ExitController(config, target_compute=0.2, min_confidence=floor)
+    fractions = _run_controller(config, discriminator, controller, updates=40)
+    assert fractions[-1] == pytest.approx(expected_fraction)
+    assert controller.tau == pytest.approx(floor)
+
+
+def test_controller_clamps_tau_at_the_floor_from_below_only(tiny_config):
+    controller = ExitController(tiny_config, target_compute=0.5, min_confidence=0.3)
+    assert controller.tau == pytest.approx(tiny_config.exit_threshold) and not controller.at_floor
+    controller.update(1.0, step=0)  # too much compute: logit(tau) falls by gain x 0.5 = 2
+    assert controller.tau == pytest.approx(1 / (1 + math.exp(-(math.log(0.9 / 0.1) - 2.0))))
+    for step in range(1, 10):
+        controller.update(1.0, step)
+    assert controller.tau == pytest.approx(0.3) and controller.at_floor
+    controller.update(0.0, step=10)  # too little compute: tau rises off the floor at once, no wind-up
+    assert controller.tau == pytest.approx(1 / (1 + math.exp(-(math.log(0.3 / 0.7) + 2.0))))
+    assert not controller.at_floor
+    unfloored = ExitController(tiny_config, target_compute=0.5, min_confidence=0.0)
+    for step in range(20):
+        unfloored.update(1.0, step)
+    assert unfloored.tau < 0.001 and not unfloored.at_floor
+
+
+def test_controller_state_without_a_floor_loads_and_is_raised_to_it(tiny_config):
+    old = {"threshold_logit": -6.0, "updates": 7, "last_compute_fraction": 0.9}  # saved before the floor existed
+    controller = ExitController(tiny_config, target_compute=0.6, min_confidence=0.2)
+    controller.load_state_dict(old)
+    assert controller.updates == 7 and controller.tau == pytest.approx(0.2) and controller.at_floor
+    assert controller.state_dict()["min_confidence"] == 0.2
 
 
 def test_flop_counter_counts_rows_that_enter_the_matmuls(tiny_model):

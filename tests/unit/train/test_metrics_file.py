@@ -4,6 +4,7 @@ file reads as one history; only rank 0 writes it."""
 from __future__ import annotations
 
 import json
+import logging
 
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.heldout import EVAL_FIELDS
@@ -83,3 +84,57 @@ def test_every_line_is_one_json_record(tmp_path):
     logger.close()
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_tau_at_the_floor_is_in_the_record_and_the_log_line(tmp_path):
+    dsexit_log, lines = logging.getLogger("dsexit"), _Lines()
+    level = dsexit_log.level
+    dsexit_log.addHandler(lines)
+    dsexit_log.setLevel(logging.INFO)
+    logger = _logger(tmp_path, start_step=0)
+    try:
+        for step, at_floor in ((1, False), (2, True)):
+            logger.record(
+                step,
+                _summary(1.0),
+                exit_threshold=0.25,
+                tau_at_floor=at_floor,
+                lr=1e-3,
+                seconds=0.1,
+                data_wait_seconds=0.0,
+                samples_seen=8 * step,
+                tokens_seen=32 * step,
+            )
+    finally:
+        logger.close()
+        dsexit_log.removeHandler(lines)
+        dsexit_log.setLevel(level)
+    assert [record["tau_at_floor"] for record in read_metrics(str(tmp_path))] == [False, True]
+    step_lines = [line for line in lines.lines if line.startswith("step=")]
+    assert ["tau at floor" in line for line in step_lines] == [False, True]
+
+
+def test_each_record_counts_its_steps_with_exits_on(tmp_path):
+    logger = MetricsLogger(str(tmp_path), MAIN, total_steps=6, start_step=0, log_interval=3, progress="lines")
+    for step, tau in zip(range(1, 7), (None, None, 0.9, 0.8, 0.7, 0.7)):  # exits start at the third step
+        logger.record(
+            step,
+            _summary(1.0),
+            exit_threshold=tau,
+            lr=1e-3,
+            seconds=0.1,
+            data_wait_seconds=0.0,
+            samples_seen=8 * step,
+            tokens_seen=32 * step,
+        )
+    logger.close()
+    assert [(r["steps"], r["steps_with_exits"]) for r in read_metrics(str(tmp_path))] == [(3, 1), (3, 3)]
