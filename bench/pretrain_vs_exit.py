@@ -8,6 +8,7 @@ pre-training seeds per arm:
     exit-0.75       early exit, controller target_compute 0.75, exit_criterion prior_margin
     exit-0.50       early exit, target 0.5, prior_margin
     exit-0.50-conf  early exit, target 0.5, exit_criterion confidence (|2p-1|, the earlier rule)
+    exit-0.50-nofloor   exit-0.50 with no floor under tau (`--min-confidence 0`; the others keep the default)
     exit-0.75-linear, exit-0.50-linear   the same with linear exit heads (`--exit-head linear`, H->1)
     exit-0.75-linear-drop, exit-0.50-linear-drop   linear heads, and exited tokens leave later
                     layers' keys and values (`--exit-kv drop`); -k2-drop: heads every 2nd layer too
@@ -47,7 +48,7 @@ the downstream comparison of arms is not resolvable at this scale and the held-o
 the one that measures the claim.
 
     python bench/pretrain_vs_exit.py --scale quick    # 2-core CPU, generator-free arms, ~75 min
-    python bench/pretrain_vs_exit.py --scale quick-paired --no-precondition   # 5 seeds x 3 arms, 2.5 min each
+    python bench/pretrain_vs_exit.py --scale quick-paired --no-precondition   # 5 seeds x 4 arms, 2.5 min each
     python bench/pretrain_vs_exit.py --scale device   # one H200-class GPU, ELECTRA-Small, < 6 min
     python bench/pretrain_vs_exit.py --scale device --dry-run   # the device path on a CPU, tiny
 
@@ -97,6 +98,13 @@ ARMS = [
     Arm("exit-0.50", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin"], True),
     Arm("exit-0.50-conf", ["--exit", "--target-compute", "0.5", "--exit-criterion", "confidence"], True),
     Arm("generator-free", ["--no-exit", "--generator", "uniform"], False),
+    # The controller's floor under tau (`--min-confidence`) switched off: the exit arms above run with
+    # the trainer's default floor.
+    Arm(
+        "exit-0.50-nofloor",
+        ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin", "--min-confidence", "0"],
+        True,
+    ),
     Arm(
         "exit-0.75-linear",
         ["--exit", "--target-compute", "0.75", "--exit-criterion", "prior_margin", "--exit-head", "linear"],
@@ -196,15 +204,19 @@ SCALES = {
     ),
 }
 # The quick scale's model, data and replacement, cut to 2.5 training minutes so that five seeds of the
-# baseline and two exit arms fit in about half an hour, two runs at a time: differences paired by seed
+# baseline and three exit arms fit in about 35 minutes, two runs at a time: differences paired by seed
 # with an interval over five seeds, where the quick scale ran two long seeds per arm. Evaluations every
-# 50 steps, so the shorter curves still have points to smooth and interpolate.
+# 25 steps, so the shorter curves still have points to smooth and interpolate.
 SCALES["quick-paired"] = {
     **SCALES["quick"],
     "minutes": 2.5,
     "seeds": 5,
-    "eval_interval": 50,
-    "arms": ("baseline", "exit-0.75", "exit-0.50"),
+    # A few hundred steps per run on a shared machine: learning-rate and exit warm-ups short enough
+    # that exits are on for most of every run even where the machine is busy.
+    "warmup_steps": 50,
+    "exit_warmup_steps": 30,
+    "eval_interval": 25,
+    "arms": ("baseline", "exit-0.75", "exit-0.50", "exit-0.50-nofloor"),
     "data_cache": "quick",  # the same prepared dataset as the quick scale
 }
 DRY_RUN = dict(
@@ -449,6 +461,8 @@ def summarize_run(run: Run) -> dict:
         "tokens_seen": train[-1]["tokens_seen"] if train else 0,
         "steps_with_exits": on,
         "steps_run": steps_run,
+        # share of the log intervals after exit warmup whose tau sat at the controller's floor
+        "tau_at_floor_share": (sum(bool(record.get("tau_at_floor")) for record in warm) / len(warm)) if warm else 0.0,
         "exit_layer_histogram": histogram,
         "curve": [
             {
@@ -553,6 +567,7 @@ def compare(summaries: list[dict]) -> dict:
             "heldout_rtd_loss_exit_rule": _spread([run["final"]["eval_rtd_loss_uniform_exit"] for run in runs]),
             "steps": _spread([float(run["final_step"]) for run in runs]),
             "budget_minutes": statistics.fmean(run["train_minutes"] for run in runs),
+            "tau_at_floor_share": statistics.fmean(run.get("tau_at_floor_share", 0.0) for run in runs),
         }
         row["exits_ran"] = row["early_exit"] and row["compute_fraction"] < EXITS_RAN_BELOW
         pairs = [
@@ -987,6 +1002,11 @@ def report(results: dict, out: Path) -> None:
                 f"{'yes' if arm['delta_at_matched_step']['resolved'] else 'no'}, at matched minutes "
                 f"{'yes' if arm['delta_at_matched_minutes']['resolved'] else 'no'}, time saved "
                 f"{'yes' if arm['time_saved_pct']['resolved'] else 'no'}"
+                + (
+                    f"; tau at its floor in {100 * arm['tau_at_floor_share']:.0f}% of log intervals"
+                    if arm["early_exit"]
+                    else ""
+                )
                 + ("" if arm["exits_ran"] or not arm["early_exit"] else "; exits did not run: not a candidate")
             )
     verdict = results.get("precondition")
