@@ -9,12 +9,17 @@
 # its results as it finishes (bench/results/ and, where set, $OUT), so a run cut off still
 # reports what it did.
 #
-#   bench/device_check.sh speed     # parts 1-3, about 4 minutes
+#   bench/device_check.sh step      # part 0 alone, under 6 minutes (compilation included)
+#   bench/device_check.sh speed     # parts 0-3, about 9 minutes
 #   bench/device_check.sh quality   # part 4, about 6 minutes
 #   bench/device_check.sh all
 #
 # Parts:
-#   1. the model tests with the CUDA path (tests/unit/model, test_accelerator.py runs on the GPU)
+#   0. bench/train_speed.py --preset small: the trainer's loop, the bare engine step and HF same-work,
+#      eager and compiled (CUDA graphs), electra-small at 128 x 128 per step; tokens/s, loop vs bare,
+#      compiled vs eager, vs HF, share of the bf16 matmul peak
+#   1. the model tests with the CUDA path (tests/unit/model, test_accelerator.py runs on the GPU,
+#      including one step of the loop under torch.cuda.set_sync_debug_mode("error"))
 #   2. bench/exit_speed.py on the GPU: electra-small throughput in fp32 and bf16, ours against HF
 #      (same work and as-is), exit efficiency, FLOP/s as a share of the measured bf16 matmul peak
 #   3. bench/resume_check.py: a 1-GPU ZeRO-2 run with checkpoints, killed and resumed, against an
@@ -53,6 +58,12 @@ part() {  # part NAME SECONDS LOG COMMAND...: run one part under a time limit; a
     timeout "$limit" "$@" 2>&1 | tee "$log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
 }
+
+if [ "$WHAT" = step ] || [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then
+    part "part 0: train_speed, the training step on the GPU" 350 "$RESULTS/train_speed_device.log" \
+        "$PYTHON" bench/train_speed.py --preset small --out "$RESULTS/train_speed_device.json"
+    publish "$RESULTS"/train_speed_device.*
+fi
 
 if [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then
     part "part 1: model tests, CUDA path" 150 "$RESULTS/device_model_tests.log" \

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dsexit.cpu import use_cpu_kernels
 from dsexit.eval.peak import matmul_peaks
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
@@ -220,6 +221,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         preload_tcmalloc()  # as the trainer: re-executes this process
         keep_freed_memory()  # as the trainer: glibc's, where tcmalloc is not installed
+        use_cpu_kernels()  # as the eager trainer on a CPU
     batch_size = args.batch or (256 if device.type == "cuda" else 32)
     config = ElectraExitConfig.from_preset(args.preset)
     batch = make_batch(config, batch_size, args.seq_len, device)

@@ -85,6 +85,9 @@ def run_worker(args) -> None:
 
     # As the trainer's configure_threads does; glibc's malloc (the trainer preloads tcmalloc where installed).
     keep_freed_memory()
+    from dsexit.cpu import use_cpu_kernels
+
+    use_cpu_kernels()  # as the eager trainer on a CPU
     deepspeed.init_distributed(dist_backend="gloo")
     release_shm_workspace()
     rank = torch.distributed.get_rank()

@@ -283,6 +283,10 @@ def run_worker(args) -> None:
     name, result_file = args.worker
     arm = arm_named(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        from dsexit.cpu import use_cpu_kernels
+
+        use_cpu_kernels()  # as the eager trainer on a CPU
     build_arm(arm, args, resolved_ds_config(args), device)
     run_steps(arm, args.settle, timed=False)
     run_steps(arm, args.steps, timed=True)

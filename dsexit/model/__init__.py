@@ -1,5 +1,6 @@
 """ELECTRA with token-level early exit. Knows nothing of DeepSpeed, pipelines or data."""
 
+from . import kernels
 from .config import PRESETS, ElectraExitConfig
 from .discriminator import ElectraDiscriminator, ExitDecision, ExitState
 from .exit_control import ExitController
@@ -8,6 +9,7 @@ from .generator import ElectraGenerator
 from .pretraining import ElectraPreTrainingModel, PreTrainingOutput
 
 __all__ = [
+    "kernels",
     "PRESETS",
     "ElectraExitConfig",
     "ElectraDiscriminator",

@@ -117,10 +117,11 @@ class ElectraExitConfig:
     "confidence": |2p - 1| = |tanh(x / 2)| >= tau, the distance from p = 0.5. A head at the
         ~15% prior already reaches 0.70 on every token."""
     exit_special_tokens: bool = False
-    """Let [CLS] and [SEP] exit. By default they never do: their RTD label is always 0, so heads
-    grow confident on them at once, and [CLS] is the state fine-tuning reads; pinned, the last
-    layers always compute the sequence summary. Pinned tokens are not counted in the compute
-    fraction (neither executed nor full), which measures only tokens that can exit."""
+    """Let [CLS] and [SEP] exit on their own confidence. By default they are pinned: their RTD label
+    is always 0, so heads grow confident on them at once, and [CLS] is the state fine-tuning reads;
+    pinned, they run as long as any other token of their sequence does and leave with its last
+    exitable token (so a fully exited sequence has no active token left). Pinned tokens are not
+    counted in the compute fraction (neither executed nor full), which measures only exitable tokens."""
     exit_kv: str = "keep"
     """Exited tokens stay visible as keys and values ("keep") or leave the sequence ("drop")."""
     exit_head: str = "dense"
@@ -233,6 +234,12 @@ class ElectraExitConfig:
             return self.replacement_mix
         return self.replacement_mix * max(0.0, 1.0 - step / self.replacement_mix_steps)
 
+    def masked_slots(self, seq_len: int) -> int:
+        """Masked positions per sequence of `seq_len` at most (google-research/electra's
+        `max_predictions_per_seq`, int((mask_prob + 0.005) x seq_len): 19 at 128): the generator's
+        fixed [batch, slots] layout."""
+        return max(1, min(seq_len, int((self.mask_prob + 0.005) * seq_len)))
+
     @property
     def prior_logit(self) -> float:
         """Log-odds of the replacement prior (the masking rate): where `prior_margin` is zero."""
@@ -240,7 +247,7 @@ class ElectraExitConfig:
 
     @property
     def pinned_token_ids(self) -> tuple[int, ...]:
-        """Tokens that never exit under a threshold (none when `exit_special_tokens`)."""
+        """Tokens that leave only with their sequence's last exitable token (none when `exit_special_tokens`)."""
         return () if self.exit_special_tokens else (self.cls_token_id, self.sep_token_id)
 
     @property

@@ -4,7 +4,9 @@ After each layer that carries an exit head, every still-active token gets a repl
 logit from that head. A token exits when the exit rule (`exit_rules/`, applied by
 `ExitDecision`) says so at this step's tau: its RTD
 logit is the head's, and its hidden state is frozen and carried to the output. Pinned
-tokens ([CLS], [SEP] by default) never exit under a threshold and run every layer. Later
+tokens ([CLS], [SEP] by default) never exit on their own confidence: they leave with their
+sequence's last exitable token (`pinned_leaving`), so a sequence whose tokens all exited has
+no active token left, and a pipeline stage can skip a micro-batch of such sequences. Later
 layers compute new states only for active tokens (see `TokenRouting`). Every layer and
 head is called on every forward, with zero rows if need be, so that ZeRO-3's parameter
 gathering sees the same module sequence on every rank.
@@ -60,8 +62,13 @@ class ExitState:
     logits: torch.Tensor  # RTD logit of each token that has exited (0 elsewhere until the end)
     exit_layer: torch.Tensor  # long: layer number a token exited after (0: still active)
     aux_loss: torch.Tensor  # scalar: sum over exit heads of their mean RTD loss
-    exitable: torch.Tensor  # bool: real tokens a threshold may let exit (pinned specials excluded)
+    exitable: torch.Tensor  # bool: real tokens that exit on their own confidence (pinned specials excluded)
     labels: torch.Tensor | None = None  # float: 1 where the token was replaced
+    # bool: real positions, or None when the batch has no padding (attention runs unmasked then)
+    padding_mask: torch.Tensor | None = None
+    # False until a head has run with a rule that may let tokens exit: until then every layer is
+    # dense without looking at the device
+    exits_possible: bool = True
     work: list[LayerWork] = field(default_factory=list)
     deferred: list[RowStates] = field(default_factory=list)  # exited tokens' final states, not yet written
     carried: RowStates | None = None  # the newest states of the tokens active when it was set
@@ -75,17 +82,22 @@ class ExitState:
         labels: torch.Tensor | None,
         exitable: torch.Tensor | None = None,
     ) -> "ExitState":
-        """The state entering layer 1: every real token active, nothing exited yet."""
-        real = attention_mask.bool()
+        """The state entering layer 1: every real token active, nothing exited yet. `attention_mask`
+        None: no padding."""
+        shape = hidden.shape[:2]
+        padding_mask = None if attention_mask is None else attention_mask.bool()
+        real = torch.ones(shape, dtype=torch.bool, device=hidden.device) if padding_mask is None else padding_mask
         return cls(
             stored_hidden=hidden,
             attention_mask=real,
             active=real.clone(),
-            logits=hidden.new_zeros(real.shape, dtype=torch.float32),
-            exit_layer=torch.zeros(real.shape, dtype=torch.long, device=hidden.device),
+            logits=hidden.new_zeros(shape, dtype=torch.float32),
+            exit_layer=torch.zeros(shape, dtype=torch.long, device=hidden.device),
             aux_loss=hidden.new_zeros((), dtype=torch.float32),
             exitable=real.clone() if exitable is None else exitable.bool() & real,
             labels=labels,
+            padding_mask=padding_mask,
+            exits_possible=False,
         )
 
     @property
@@ -132,13 +144,15 @@ class ExitState:
 
     @property
     def dense(self) -> bool:
-        """True while no real token has exited: layers then compute every position, as HF."""
-        return bool(torch.equal(self.active, self.attention_mask))
+        """True while no real token has exited: layers then compute every position, as HF. Known
+        without reading the device until a head could let tokens go (threshold or plan)."""
+        return not self.exits_possible or bool(torch.equal(self.active, self.attention_mask))
 
 
 def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: ElectraExitConfig) -> torch.Tensor:
-    """Real tokens that a threshold may let exit: all but the pinned specials."""
-    real = attention_mask.bool()
+    """Real tokens that exit on their own confidence under a threshold: all but the pinned specials
+    (`attention_mask` None: every position is real)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     pinned = config.pinned_token_ids
     if not pinned:
         return real
@@ -150,7 +164,8 @@ class ExitDecision:
     """How tokens leave: a threshold under an exit rule (`exit_rules/`), or a forced per-token exit layer.
 
     A forced plan is absolute (pinned tokens follow it too: benchmarks use it to fix the
-    work); a threshold applies to exitable tokens only.
+    work); a threshold applies to exitable tokens, and pinned tokens leave with their
+    sequence's last exitable token (`pinned_leaving`).
     """
 
     threshold: float | None = None
@@ -163,6 +178,10 @@ class ExitDecision:
     ) -> "ExitDecision":
         return cls(threshold=threshold, plan=plan, rule=build_exit_rule(config))
 
+    @property
+    def may_exit(self) -> bool:
+        return self.plan is not None or self.threshold is not None
+
     def exits(
         self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor, exitable: torch.Tensor
     ) -> torch.Tensor:
@@ -170,7 +189,23 @@ class ExitDecision:
             return self.plan.reshape(-1).index_select(0, rows) <= layer_number
         if self.threshold is None:
             return torch.zeros_like(head_logits, dtype=torch.bool)
-        return self.rule.exits(head_logits, layer_number, self.threshold) & exitable.reshape(-1).index_select(0, rows)
+        exitable_rows = exitable.reshape(-1).index_select(0, rows)
+        exits = self.rule.exits(head_logits, layer_number, self.threshold) & exitable_rows
+        return exits | pinned_leaving(exits, rows, exitable_rows, exitable.shape)
+
+
+def pinned_leaving(
+    exits: torch.Tensor, rows: torch.Tensor, exitable_rows: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    """Bool over the active `rows` (flat positions b*T+t in a [B, T] `shape`): the pinned tokens whose
+    sequence has no exitable token still active once `exits` leave. They go with it, the head's logit
+    as their RTD output like any exited token's; were they to stay, a sequence would always keep an
+    active token and a pipeline stage could never skip a fully exited micro-batch. No host read."""
+    batch, seq_len = shape
+    sequence = torch.div(rows, seq_len, rounding_mode="floor")
+    exitable_staying = torch.zeros(batch, dtype=torch.long, device=rows.device)
+    exitable_staying.index_add_(0, sequence, (exitable_rows & ~exits).long())
+    return ~exitable_rows & (exitable_staying.index_select(0, sequence) == 0)
 
 
 class ElectraBody(nn.Module):
@@ -274,13 +309,14 @@ def run_exit_layer(
     """
     dense = state.dense
     if dense:
-        routing = TokenRouting.all_positions(state.attention_mask)
+        routing = TokenRouting.all_positions(state.padding_mask)
     else:
         routing = TokenRouting.active_tokens(
-            state.active, state.attention_mask, drop_exited_keys=config.exit_kv == "drop"
+            state.active, state.padding_mask, drop_exited_keys=config.exit_kv == "drop"
         )
     batch, seq_len = state.active.shape
-    token_layers = int((state.active & state.exitable).sum())
+    # Dense before any exit: every exitable token, counted on the device (read once per log line).
+    token_layers = state.exitable.sum() if not state.exits_possible else int((state.active & state.exitable).sum())
     if routing.drop_exited_keys:
         # Keys and values are the active rows alone: the new rows go straight to the next layer.
         _, computed = layer(state.stored_hidden, routing, rows=state.active_rows(routing.row_index))
@@ -323,6 +359,10 @@ def _exit_head(
     supervision: float = 1.0,
 ) -> tuple[int, int, int]:
     """Run `head` on the active tokens; returns (rows, rows run with autograd, rows run twice)."""
+    if decision.may_exit:
+        state.exits_possible = True
+    elif state.dense and not (state.labels is not None and supervision < 1.0 and torch.is_grad_enabled()):
+        return _dense_exit_head(head, state, computed)
     rows, hidden_rows = _active_rows(state, computed)
     sampled = state.labels is not None and supervision < 1.0 and torch.is_grad_enabled()
     if sampled:
@@ -363,6 +403,17 @@ def _exit_head(
     else:
         state.active = flat_active.view_as(state.active)
     return int(rows.numel()), graph_count, rerun
+
+
+def _dense_exit_head(head: nn.Module, state: ExitState, computed: torch.Tensor) -> tuple[int, int, int]:
+    """An exit head where no token can leave (exits off, or before the controller's warm-up ends):
+    every position, padding included, with deep supervision on the real tokens; static shapes."""
+    head_logits = head(computed).float()
+    if state.labels is not None:
+        real = state.attention_mask.reshape(-1).float()
+        per_token = F.binary_cross_entropy_with_logits(head_logits, state.labels.reshape(-1), reduction="none")
+        state.aux_loss = state.aux_loss + (per_token * real).sum() / real.sum().clamp(min=1.0)
+    return head_logits.shape[0], -1, 0
 
 
 def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int, computed: torch.Tensor) -> int:

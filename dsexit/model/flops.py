@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .config import ElectraExitConfig
 
 
@@ -16,7 +18,9 @@ from .config import ElectraExitConfig
 class LayerWork:
     """Rows that entered one encoder layer's matmuls, and the attention's extent."""
 
-    token_layers: int  # exitable tokens the layer computed a new state for (pinned specials not counted)
+    # exitable tokens the layer computed a new state for (pinned specials not counted); a device
+    # tensor where counting on the host would read the device (dense layers), read once per log line
+    token_layers: int | torch.Tensor
     rows: int  # rows into query, attention-output and both feed-forward matmuls
     key_value_rows: int  # rows into the key and value projections
     query_slots: int  # query rows inside scaled-dot-product attention (padded layout)
@@ -33,8 +37,8 @@ class ComputeLog:
 
     batch_size: int = 0
     seq_len: int = 0
-    real_tokens: int = 0
-    exitable_tokens: int = 0  # real tokens a threshold may let exit (the compute fraction's unit)
+    real_tokens: int | torch.Tensor = 0  # a device tensor where counting would read the device
+    exitable_tokens: int | torch.Tensor = 0  # real tokens a threshold may let exit (the compute fraction's unit)
     discriminator: list[LayerWork] = field(default_factory=list)
     generator: list[LayerWork] = field(default_factory=list)
     generator_head_rows: int = 0  # rows into the generator's vocabulary projection
@@ -58,6 +62,11 @@ def _head_flops(rows: int, hidden: int, kind: str = "dense") -> int:
     return (_linear(rows, hidden, hidden) if kind == "dense" else 0) + _linear(rows, hidden, 1)
 
 
+def _at_least_one(count):
+    """max(1, count) for a Python number or a device tensor (a tensor's `max` would read the device)."""
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(1, count)
+
+
 @dataclass
 class FlopReport:
     token_layers_executed: int
@@ -71,7 +80,7 @@ class FlopReport:
     def compute_fraction(self) -> float:
         """Executed discriminator token-layers / token-layers at full depth, over exitable tokens
         (real tokens but the pinned specials, which always run every layer)."""
-        return self.token_layers_executed / max(1, self.token_layers_full)
+        return self.token_layers_executed / _at_least_one(self.token_layers_full)
 
     @property
     def training_flops(self) -> int:
@@ -82,7 +91,7 @@ class FlopReport:
     def ideal_speedup(self) -> float:
         """Full-depth training FLOPs of the same batch / the executed ones."""
         full = 3 * self.forward_flops_full if self.training_flops_full < 0 else self.training_flops_full
-        return full / max(1, self.training_flops)
+        return full / _at_least_one(self.training_flops)
 
 
 def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
@@ -96,9 +105,7 @@ def full_depth_work(log: ComputeLog, config: ElectraExitConfig) -> ComputeLog:
             key_value_rows=positions,
             query_slots=positions,
             key_length=log.seq_len,
-            head_rows=(
-                log.real_tokens if number in exit_layers else positions if number == config.num_hidden_layers else 0
-            ),
+            head_rows=positions if number in exit_layers or number == config.num_hidden_layers else 0,
             head_kind=config.exit_head if number in exit_layers else "dense",
         )
         for number in range(1, config.num_hidden_layers + 1)

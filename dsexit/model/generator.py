@@ -42,43 +42,40 @@ class ElectraGenerator(nn.Module):
         self,
         embeddings: ElectraEmbeddings,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor,
-        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
         work: list[LayerWork] | None = None,
     ) -> torch.Tensor:
-        """Vocabulary logits for `rows` (flattened b*T+t indices, ascending as `nonzero` gives them) or,
-        if None, every position.
+        """Vocabulary logits [B*S, V] at `positions` (long [B, S]: S positions per sequence, the masked
+        slots) or, if None, [B, T, V] at every position. `attention_mask` None: no padding.
 
-        With `rows`, the last layer computes only those rows (their queries; keys and values stay
-        every position's), since no other row of its output is read."""
+        With `positions`, the last layer computes only those rows (their queries; keys and values stay
+        every position's), since no other row of its output is read: a fixed [B, S] layout."""
         hidden = self.electra.project(embeddings(input_ids, token_type_ids))
         batch, seq_len = input_ids.shape
-        positions = batch * seq_len
         every_position = TokenRouting.all_positions(attention_mask)
-        real_tokens = int(attention_mask.sum()) if work is not None else 0
+        full_rows = batch * seq_len
+        real_tokens = full_rows if attention_mask is None else attention_mask.sum()
         layers = self.electra.encoder.layer
         for number, layer in enumerate(layers, start=1):
-            if rows is not None and number == len(layers):
-                wanted = torch.zeros(positions, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
-                wanted = wanted.view(batch, seq_len)
-                routing = TokenRouting.active_tokens(wanted, attention_mask, drop_exited_keys=False)
-                hidden, selected = layer(hidden, routing)  # `selected`: the rows in `rows` order (both sorted)
-                layer_rows, query_slots = routing.rows, batch * routing.slots
+            if positions is not None and number == len(layers):
+                selected = layer.at_positions(hidden, positions, attention_mask)
+                layer_rows = positions.numel()
             else:
                 hidden, _ = layer(hidden, every_position)
-                layer_rows = query_slots = positions
+                layer_rows = full_rows
             if work is not None:
                 work.append(
                     LayerWork(
                         token_layers=real_tokens,
                         rows=layer_rows,
-                        key_value_rows=positions,
-                        query_slots=query_slots,
+                        key_value_rows=full_rows,
+                        query_slots=layer_rows,
                         key_length=seq_len,
                     )
                 )
-        if rows is None:
-            selected = hidden.reshape(positions, -1)
+        if positions is None:
+            selected = hidden.reshape(full_rows, -1)
         logits = self.generator_lm_head(self.generator_predictions(selected), embeddings.word_embeddings.weight)
-        return logits if rows is not None else logits.view(batch, seq_len, -1)
+        return logits if positions is not None else logits.view(batch, seq_len, -1)

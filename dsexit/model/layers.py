@@ -8,14 +8,13 @@ still-active tokens), so that compute falls with the number of active tokens.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ElectraExitConfig
 
 ACTIVATION_FUNCTIONS = {
@@ -25,61 +24,11 @@ ACTIVATION_FUNCTIONS = {
     "silu": nn.SiLU,
 }
 
-_DRAW_LEVELS = 1 << 16  # a CPU dropout draw is 16 random bits
-
-
-class _MaskedScale(torch.autograd.Function):
-    """`inputs * mask * scale`, whose backward applies the same mask and scale. The mask is 0 or 1
-    in the inputs' dtype (a float times a bool mask takes torch's slower mixed-dtype path); in fp32
-    the scale is folded into it, so forward and backward are one pass each."""
-
-    @staticmethod
-    def forward(ctx, inputs: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        if inputs.dtype in (torch.float32, torch.float64):
-            mask, scale = mask.mul_(scale), 1.0  # bf16 would round the scale by up to 0.4%
-        ctx.save_for_backward(mask)
-        ctx.scale = scale
-        # No gradient in, none out (as torch's own ops): not a tensor of zeros that would set every
-        # node upstream computing on zeros.
-        ctx.set_materialize_grads(False)
-        return inputs.mul(mask) if scale == 1.0 else inputs.mul(mask).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor | None):
-        if grad is None:
-            return None, None, None
-        (mask,) = ctx.saved_tensors
-        return (grad.mul(mask) if ctx.scale == 1.0 else grad.mul(mask).mul_(ctx.scale)), None, None
-
-
-def _random_words(count: int) -> torch.Tensor:
-    """`count` uniform 64-bit integers from a PCG64 stream seeded by one draw of torch's default
-    generator, so the words follow `torch.manual_seed` and the generator's saved state. PCG64
-    makes them at twice the rate of torch's CPU generator (a Mersenne Twister)."""
-    seed = int(torch.randint(2**62, ()))
-    return torch.from_numpy(np.random.PCG64(seed).random_raw(count).view(np.int64))
-
 
 def dropout(inputs: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout`, with a cheaper mask on CPU.
-
-    On CPU, torch draws dropout masks with one Mersenne-Twister call and a float compare per
-    element (`bernoulli_`): a fifth of an electra-small training step. Here each 64-bit word
-    (`_random_words`) gives four 16-bit values, and an element is dropped when its value is below
-    round(p * 2^16); the kept ones are scaled by 1 / (1 - that fraction). The drop rate is p
-    rounded to a multiple of 2^-16 (0.1 becomes 0.100006). The mask kept for the backward is in the
-    inputs' dtype (`_MaskedScale`): 4 bytes per element in fp32 where torch keeps 1. GPUs keep
-    torch's kernel."""
-    if not training or p == 0.0:
-        return inputs
-    if inputs.device.type != "cpu" or p >= 1.0 or inputs.numel() == 0:
-        return F.dropout(inputs, p, training=True)
-    dropped_levels = round(p * _DRAW_LEVELS)
-    words = _random_words((inputs.numel() + 3) // 4)
-    draws = words.view(torch.int16)[: inputs.numel()].view(inputs.shape)  # uniform on [-2^15, 2^15)
-    mask = torch.empty(inputs.shape, dtype=inputs.dtype)
-    torch.ge(draws, dropped_levels - _DRAW_LEVELS // 2, out=mask)  # 1 where kept, 0 where dropped
-    return _MaskedScale.apply(inputs, mask, _DRAW_LEVELS / (_DRAW_LEVELS - dropped_levels))
+    """Dropout through the process's kernel slot (`kernels.py`: torch's own unless a platform set-up
+    replaced it)."""
+    return kernels.active.dropout(inputs, p, training)
 
 
 class Dropout(nn.Dropout):
@@ -139,13 +88,14 @@ class TokenRouting:
         return self.batch_index * self.slots + self.slot_index
 
     @classmethod
-    def all_positions(cls, attention_mask: torch.Tensor) -> "TokenRouting":
+    def all_positions(cls, attention_mask: torch.Tensor | None) -> "TokenRouting":
         return cls(dense=True, key_mask=_key_mask(attention_mask))
 
     @classmethod
     def active_tokens(
-        cls, active: torch.Tensor, attention_mask: torch.Tensor, drop_exited_keys: bool
+        cls, active: torch.Tensor, attention_mask: torch.Tensor | None, drop_exited_keys: bool
     ) -> "TokenRouting":
+        """Route the `active` tokens (bool [B, T]); `attention_mask` masks keys under `keep` (None: no padding)."""
         batch, seq_len = active.shape
         row_index = active.reshape(-1).nonzero().squeeze(1)
         batch_index = torch.div(row_index, seq_len, rounding_mode="floor")
@@ -185,11 +135,11 @@ class TokenRouting:
         return -1 if self.dense else int(self.row_index.numel())
 
 
-def _key_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """The [B, 1, 1, T] key mask, or None when every position is real (packed rows): attention
-    then runs its fused unmasked kernel, as HF's SDPA path does. Same values either way."""
-    real = attention_mask.bool()
-    return None if bool(real.all()) else real[:, None, None, :]
+def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The [B, 1, 1, T] key mask, or None for a batch without padding (the caller knows that from
+    the batch on the host, and passes no mask): attention then runs its fused unmasked kernel, as
+    HF's SDPA path does. Same values either way; deciding here would read the device."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
 class ElectraEmbeddings(nn.Module):
@@ -233,27 +183,7 @@ class ElectraSelfAttention(nn.Module):
     ) -> torch.Tensor:
         query, key, value = self._heads(query), self._heads(key), self._heads(value)
         drop = self.dropout_prob if self.training else 0.0
-        if drop and query.device.type == "cpu":
-            # SDPA's CPU kernel with dropout is its math path with a `bernoulli_` mask: the same
-            # steps here, with `dropout`'s cheaper mask (softmax in fp32, as SDPA's own kernels).
-            # The scale, and the key mask as an additive bias, ride on the scores' matmul: no
-            # separate passes over the scores (a masked fill costs one forward and one backward).
-            batch, heads, length, head_size = query.shape
-            keys = key.shape[2]
-            scale = 1.0 / math.sqrt(self.head_size)
-            query = query.reshape(batch * heads, length, head_size)
-            key = key.reshape(batch * heads, keys, head_size).transpose(1, 2)
-            if key_mask is None:
-                scores = torch.bmm(query, key).mul_(scale)
-            else:
-                key_bias = query.new_zeros(key_mask.shape).masked_fill_(~key_mask, float("-inf"))
-                key_bias = key_bias.expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys)
-                scores = torch.baddbmm(key_bias, query, key, alpha=scale)
-            probs = dropout(scores.float().softmax(-1).to(query.dtype), drop, True)
-            context = torch.bmm(probs, value.reshape(batch * heads, keys, head_size))
-            context = context.view(batch, heads, length, head_size)
-        else:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=drop)
+        context = kernels.active.attention(query, key, value, key_mask, drop)
         batch, heads, length, head_size = context.shape
         return context.transpose(1, 2).reshape(batch, length, heads * head_size)
 
@@ -270,6 +200,13 @@ class ElectraSelfAttention(nn.Module):
         weight = torch.cat([projection.weight for projection in projections])
         bias = torch.cat([projection.bias for projection in projections])
         return F.linear(inputs, weight, bias)
+
+    def queries_at(self, hidden: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Context vectors [B*S, H] for `queries` ([B, S, H]: states of S positions per sequence)
+        attending to every position of `hidden` ([B, T, H])."""
+        key, value = self._projected(hidden, self.key, self.value)
+        context = self._attend(self.query(queries), key, value, key_mask)
+        return context.reshape(-1, context.shape[-1])
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
         """Context vectors for the routed rows: [B*T, H] when dense, [N, H] otherwise."""
@@ -369,6 +306,18 @@ class ElectraLayer(nn.Module):
             return updated.view(batch, seq_len, hidden_size), updated
         # Rows not routed keep their state: exited tokens are frozen.
         return flat.index_copy(0, routing.row_index, updated).view(batch, seq_len, hidden_size), updated
+
+    def at_positions(
+        self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The new states [B*S, H] of the positions `positions` (long [B, S]) only: their queries attend
+        to every position's keys and values. A fixed [B, S] layout, whatever the positions are (the
+        generator's last layer computes the masked slots this way)."""
+        width = hidden.shape[-1]
+        selected = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+        context = self.attention.self.queries_at(hidden, selected, _key_mask(attention_mask))
+        attended = self.attention.output(context, selected.reshape(-1, width))
+        return self.output(self.intermediate(attended), attended)
 
 
 class ElectraEncoder(nn.Module):

@@ -59,20 +59,24 @@ _SAMPLING_BLOCK = 128  # vocabulary entries per block of `CorruptionMixin.sample
 
 
 class MaskedLMLoss(torch.autograd.Function):
-    """`F.cross_entropy(logits, targets)` (mean over rows) that also returns softmax(logits), detached.
+    """Weighted cross-entropy, sum over rows of `weights` x -log softmax(logits)[target], that also
+    returns softmax(logits), detached. `weights` is 1 / (valid rows) on the masked slots that hold a
+    token and 0 on the slots past a sequence's count, so the loss is the mean over masked tokens.
 
-    The generator's vocabulary tail is [masked tokens, 30,522] wide, and sampling needs the same
-    softmax the loss takes: computed once here, kept as the backward's saved tensor, whose gradient
-    is (softmax - one-hot) / rows in one pass. (Cross-entropy, a second softmax for sampling and
+    The generator's vocabulary tail is [slots, 30,522] wide, and sampling needs the same softmax the
+    loss takes: computed once here, kept as the backward's saved tensor, whose gradient is
+    weights x (softmax - one-hot) in one pass. (Cross-entropy, a second softmax for sampling and
     cross-entropy's two-kernel backward each make a full pass over that tensor.)
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs = torch.log_softmax(logits, dim=-1)
-        loss = -log_probs.gather(1, targets[:, None]).mean()
+        loss = -(log_probs.gather(1, targets[:, None]).squeeze(1) * weights).sum()
         probs = log_probs.exp_()
-        ctx.save_for_backward(probs, targets)
+        ctx.save_for_backward(probs, targets, weights)
         ctx.mark_non_differentiable(probs)
         ctx.set_materialize_grads(False)  # no gradient for the loss: none for the logits either
         return loss, probs
@@ -80,15 +84,45 @@ class MaskedLMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor | None, _grad_probs: torch.Tensor | None):
         if grad_loss is None:
-            return None, None
-        probs, targets = ctx.saved_tensors
-        scale = grad_loss / probs.shape[0]
+            return None, None, None
+        probs, targets, weights = ctx.saved_tensors
+        scale = (grad_loss * weights)[:, None]
         grad = probs * scale
-        flat_grad = grad.view(-1)
-        flat_targets = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + targets
-        # One distinct entry per row: a plain (deterministic) write, not an accumulating scatter.
-        flat_grad.index_put_((flat_targets,), flat_grad.index_select(0, flat_targets) - scale)
-        return grad, None
+        # One entry per row: a plain scatter of (its value - the row's scale), not an accumulating one.
+        at_target = grad.gather(1, targets[:, None]) - scale
+        return grad.scatter_(1, targets[:, None], at_target), None, None
+
+
+@dataclass
+class MaskedSlots:
+    """A batch's masked positions in a fixed [batch, slots] layout (google-research/electra's
+    `max_predictions_per_seq`): every sequence has `slots` entries; those past its own count are
+    not masked (`valid` False) and point at other, distinct positions of the sequence."""
+
+    positions: torch.Tensor  # long [B, S]: position within the sequence
+    valid: torch.Tensor  # bool [B, S]: the slot holds a masked token
+
+    def flat(self, seq_len: int) -> torch.Tensor:
+        """long [B*S]: the slots' flat positions (b*T + t), all distinct."""
+        batch = self.positions.shape[0]
+        offsets = torch.arange(batch, device=self.positions.device)[:, None] * seq_len
+        return (self.positions + offsets).reshape(-1)
+
+    def weights(self) -> torch.Tensor:
+        """float [B*S]: 1 / (masked tokens) on valid slots, 0 elsewhere (a mean over masked tokens)."""
+        valid = self.valid.reshape(-1).float()
+        return valid / valid.sum().clamp(min=1.0)
+
+    @classmethod
+    def from_mask(cls, masked: torch.Tensor) -> "MaskedSlots":
+        """The slots of a given bool [B, T] mask, each sequence's positions in ascending order (reads the
+        device for the largest count: evaluation and tests, not the training step)."""
+        seq_len = masked.shape[1]
+        slots = max(1, int(masked.sum(1).max()))
+        # Masked positions first, in ascending order, then the others: a key per position.
+        order_key = masked.float() * 2 * seq_len - torch.arange(seq_len, device=masked.device)
+        positions = order_key.topk(slots, dim=1).indices
+        return cls(positions, masked.gather(1, positions))
 
 
 class CorruptionMixin:
@@ -99,11 +133,21 @@ class CorruptionMixin:
     `replacement_probs`.
     """
 
-    def choose_masked_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Flattened indices of the positions to mask: each real, non-special token w.p. mask_prob."""
-        candidates = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
-        draws = torch.rand(input_ids.shape, device=input_ids.device)
-        return (candidates & (draws < self.config.mask_prob)).reshape(-1).nonzero().squeeze(1)
+    def choose_masked_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> MaskedSlots:
+        """An exact count per sequence, as google-research/electra: min(slots, max(1, round(mask_prob x
+        candidates))) of its real, non-special tokens, the top-k of uniform random keys over them,
+        in a [batch, slots] layout (`config.masked_slots`). Static shapes, no read of the device."""
+        batch, seq_len = input_ids.shape
+        candidates = ~torch.isin(input_ids, self.special_token_ids)
+        if attention_mask is not None:
+            candidates &= attention_mask.bool()
+        slots = self.config.masked_slots(seq_len)
+        available = candidates.sum(1)
+        count = torch.round(available * self.config.mask_prob).clamp_(min=1, max=slots)
+        count = torch.minimum(count, available)
+        keys = torch.rand(input_ids.shape, device=input_ids.device).masked_fill_(~candidates, -1.0)
+        positions = keys.topk(slots, dim=1).indices
+        return MaskedSlots(positions, torch.arange(slots, device=input_ids.device) < count[:, None])
 
     @staticmethod
     def sample_from_logits(
@@ -152,34 +196,36 @@ class CorruptionMixin:
     def corrupt(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor,
         log: ComputeLog | None = None,
-        replacement_mix: float | None = None,
+        replacement_mix: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(corrupted ids, RTD labels as float, generator MLM loss) for one batch.
 
         `replacement_mix` (default: the config's value at step 0) is the share of masked
-        positions replaced from the fixed distribution rather than by the generator.
+        positions replaced from the fixed distribution rather than by the generator; a tensor
+        (the trainer's per-step value) keeps one compiled graph for every step.
         """
-        masked_rows = self.choose_masked_positions(input_ids, attention_mask)
-        originals = input_ids.reshape(-1).index_select(0, masked_rows)
+        slots = self.choose_masked_positions(input_ids, attention_mask)
+        flat_positions = slots.flat(input_ids.shape[1])
+        valid = slots.valid.reshape(-1)
+        flat_ids = input_ids.reshape(-1)
+        originals = flat_ids.index_select(0, flat_positions)
         if self.generator is not None:
-            generator_input = input_ids.reshape(-1).index_fill(0, masked_rows, self.config.mask_token_id)
+            masked_ids = torch.where(valid, self.config.mask_token_id, originals)
+            generator_input = flat_ids.index_copy(0, flat_positions, masked_ids).view_as(input_ids)
             generator_logits = self.generator(
                 self.embeddings,
-                generator_input.view_as(input_ids),
+                generator_input,
                 attention_mask,
                 token_type_ids,
-                rows=masked_rows,
+                positions=slots.positions,
                 work=log.generator if log is not None else None,
             ).float()
             if log is not None:
-                log.generator_head_rows = int(masked_rows.numel())
-            if masked_rows.numel():
-                generator_loss, probs = MaskedLMLoss.apply(generator_logits, originals)
-            else:
-                generator_loss, probs = generator_logits.sum(), generator_logits.detach()
+                log.generator_head_rows = flat_positions.numel()
+            generator_loss, probs = MaskedLMLoss.apply(generator_logits, originals, slots.weights())
             temperature = self.config.generator_temperature
             replacements = (
                 self.sample_from_probs(probs)
@@ -187,13 +233,15 @@ class CorruptionMixin:
                 else self.sample_from_logits(generator_logits, temperature)
             )
             mix = self.config.replacement_mix if replacement_mix is None else replacement_mix
-            if mix > 0:
-                from_fixed = torch.rand(masked_rows.shape, device=input_ids.device) < mix
-                replacements = torch.where(from_fixed, self.sample_fixed(masked_rows.numel()), replacements)
+            if isinstance(mix, torch.Tensor) or mix > 0:
+                from_fixed = torch.rand(valid.shape, device=input_ids.device) < mix
+                replacements = torch.where(from_fixed, self.sample_fixed(valid.numel()), replacements)
         else:
             generator_loss = torch.zeros((), device=input_ids.device)
-            replacements = self.sample_fixed(masked_rows.numel()) if masked_rows.numel() else originals
-        corrupted = input_ids.reshape(-1).index_copy(0, masked_rows, replacements).view_as(input_ids)
+            replacements = self.sample_fixed(valid.numel())
+        # Slots past a sequence's count write back the token they hold: nothing changes there.
+        written = torch.where(valid, replacements, originals)
+        corrupted = flat_ids.index_copy(0, flat_positions, written).view_as(input_ids)
         # A sampled token equal to the original counts as original.
         return corrupted, (corrupted != input_ids).float(), generator_loss
 
@@ -235,15 +283,18 @@ def loss_and_statistics(
     `state` is the discriminator's state after its last layer (every logit set, `aux_loss` the
     sum over exit heads of their mean RTD loss).
     """
-    real = state.attention_mask
-    logits = state.logits[real]
-    labels = rtd_labels[real]
-    discriminator_loss = F.binary_cross_entropy_with_logits(logits, labels)
+    real = state.attention_mask.float()
+    real_count = real.sum().clamp(min=1.0)
+    # Means over real tokens as masked sums: static shapes, no boolean indexing.
+    per_token = F.binary_cross_entropy_with_logits(state.logits, rtd_labels, reduction="none")
+    discriminator_loss = (per_token * real).sum() / real_count
     aux_loss = state.aux_loss / max(1, len(config.exit_layers))
     loss = objective_loss(config, generator_loss, discriminator_loss, aux_loss)
     with torch.no_grad():
-        rtd_accuracy = ((logits > 0).float() == labels).float().mean()
-        counts = torch.bincount(state.exit_layer[real], minlength=config.num_hidden_layers + 1)[1:]
+        correct = ((state.logits > 0).float() == rtd_labels).float()
+        rtd_accuracy = (correct * real).sum() / real_count
+        counts = torch.zeros(config.num_hidden_layers + 1, dtype=torch.long, device=real.device)
+        counts = counts.scatter_add_(0, state.exit_layer.reshape(-1), state.attention_mask.reshape(-1).long())[1:]
     return LossAndStatistics(
         loss=loss,
         generator_loss=generator_loss.detach(),
@@ -307,16 +358,17 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         exit_plan: torch.Tensor | None = None,
         replacement_mix: float | None = None,
     ) -> PreTrainingOutput:
-        if attention_mask is None:
-            attention_mask = (input_ids != self.config.pad_token_id).long()
+        """`attention_mask` None: the batch has no padding (attention then runs unmasked; the trainer
+        knows this from the batch on the host). Per-step values (`exit_threshold`, `replacement_mix`)
+        may be device tensors: one compiled graph serves every step."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         exitable = exitable_tokens(input_ids, attention_mask, self.config)
         log = ComputeLog(
             batch_size=input_ids.shape[0],
             seq_len=input_ids.shape[1],
-            real_tokens=int(attention_mask.sum()),
-            exitable_tokens=int(exitable.sum()),
+            real_tokens=input_ids.numel() if attention_mask is None else attention_mask.sum(),
+            exitable_tokens=exitable.sum(),
         )
         corrupted, rtd_labels, generator_loss = self.corrupt(
             input_ids, attention_mask, token_type_ids, log, replacement_mix

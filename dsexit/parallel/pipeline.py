@@ -150,6 +150,7 @@ def unpack(inputs) -> tuple[ExitState, torch.Tensor, torch.Tensor, torch.Tensor,
         aux_loss=losses.new_zeros(()),
         exitable=exitable.bool(),
         labels=rtd_labels.float(),
+        padding_mask=attention_mask.bool(),
     )
     return state, losses, exit_plan, token_layers, settings
 
@@ -388,3 +389,34 @@ def pipeline_state_dict_to_model(layer_states: dict[int, dict[str, torch.Tensor]
                 )
                 merged[f"{owner}.{name[len('head.') :]}"] = tensor
     return merged
+
+
+def local_layer_states(module) -> dict[int, dict[str, torch.Tensor]]:
+    """This stage's weights by pipeline layer index (DeepSpeed names a stage's layers by their global index)."""
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in module.state_dict().items():
+        index, rest = name.split(".", 1)
+        by_layer.setdefault(int(index), {})[rest] = tensor
+    return by_layer
+
+
+def gather_model_state_dict(module, contributes: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights under `ElectraPreTrainingModel` names, on every rank (a collective).
+
+    Each stage holds some layers; the ranks with `contributes` (one replica of every stage) send
+    theirs, as CPU copies, to all ranks. The config is the pipeline's own (`module.loss_fn.config`).
+    """
+    import torch.distributed as dist
+
+    mine = (
+        {
+            index: {name: tensor.detach().cpu() for name, tensor in state.items()}
+            for index, state in local_layer_states(module).items()
+        }
+        if contributes
+        else {}
+    )
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    layer_states = {index: state for stage in everyone for index, state in stage.items()}
+    return pipeline_state_dict_to_model(layer_states, module.loss_fn.config)

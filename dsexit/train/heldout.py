@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from dsexit.data.packing import token_type_ids as make_token_type_ids
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.discriminator import ExitDecision, exitable_tokens
+from dsexit.model.pretraining import MaskedSlots
 
 EVAL_FIELDS = (
     "eval_rtd_loss_uniform",
@@ -226,7 +227,9 @@ class HeldOutEvaluator:
         rows = masked.reshape(-1).nonzero().squeeze(1)
         if model.generator is not None:
             generator_input = ids.reshape(-1).index_fill(0, rows, self.config.mask_token_id).view_as(ids)
-            logits = model.generator(model.embeddings, generator_input, mask, types, rows=rows).float()
+            slots = MaskedSlots.from_mask(masked)  # each sequence's masked positions in order: `rows`' order
+            logits = model.generator(model.embeddings, generator_input, mask, types, positions=slots.positions)
+            logits = logits[slots.valid.reshape(-1)].float()
             log_probs = F.log_softmax(logits, dim=-1)
             replacements = model.sample_from_logits(logits, self.config.generator_temperature, generator=sampling)
         else:  # a fixed distribution is its own generator

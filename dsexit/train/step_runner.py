@@ -27,10 +27,51 @@ class StepRun:
     stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
 
 
+class StagedBatches:
+    """Micro-batches moved to the device one ahead: the next one's copy is under way while the
+    current one runs. On a CUDA device the host tensors are pinned and copied with `non_blocking`.
+
+    A batch without padding travels without its attention mask (the model then runs unmasked
+    attention, deciding nothing on the device); the host copy, mask included, stays with it for
+    the step statistics."""
+
+    def __init__(self, data: Iterator[dict[str, torch.Tensor]], device: torch.device):
+        self.data, self.device = data, device
+        self.pin = device.type == "cuda"
+        self.staged: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self.wait_seconds = 0.0
+
+    def _stage(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        started = time.perf_counter()
+        host = next(self.data)
+        self.wait_seconds += time.perf_counter() - started
+        inputs = dict(host)
+        if bool(inputs["attention_mask"].all()):  # a host tensor: no device read
+            del inputs["attention_mask"]
+        if self.pin:
+            inputs = {name: tensor.pin_memory() for name, tensor in inputs.items()}
+        return host, {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
+
+    def next(self, stage_another: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the batch on the host, its device inputs); stages the following one when asked to."""
+        current = self.staged if self.staged is not None else self._stage()
+        self.staged = self._stage() if stage_another else None
+        return current
+
+
+def step_scalar(value: float | None, device: torch.device) -> torch.Tensor | None:
+    """A per-step value as a device tensor: one compiled graph serves every step (a new Python float
+    would recompile under `dynamic=False`), and it reaches a GPU by an asynchronous copy."""
+    if value is None:
+        return None
+    host = torch.tensor(value, dtype=torch.float32)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 class DataParallelSteps:
     """grad_accum micro-batches through a data-parallel (ZeRO 0-3) engine."""
-
-    supports_heldout = True
 
     def __init__(
         self,
@@ -39,23 +80,28 @@ class DataParallelSteps:
         grad_accum: int,
         device: torch.device,
         set_learning_rate: Callable[[], float],
+        before_forward: Callable[[float | None], None] | None = None,
     ):
-        self.engine, self.data, self.grad_accum, self.device = engine, data, grad_accum, device
+        self.engine, self.grad_accum, self.device = engine, grad_accum, device
+        self.batches = StagedBatches(data, device)
         self.set_learning_rate = set_learning_rate
+        self.before_forward = before_forward  # the compile switch's hook (`compiling.CompiledForward`)
 
     def run(self, exit_threshold: float | None, replacement_mix: float | None, stats: StepStats) -> StepRun:
-        data_wait, lr = 0.0, 0.0
-        for _ in range(self.grad_accum):
-            fetch_started = time.perf_counter()
-            batch = next(self.data)
-            data_wait += time.perf_counter() - fetch_started
-            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-            output = self.engine(**batch, exit_threshold=exit_threshold, replacement_mix=replacement_mix)
+        lr = 0.0
+        self.batches.wait_seconds = 0.0
+        threshold = step_scalar(exit_threshold, self.device)
+        mix = step_scalar(replacement_mix, self.device) if replacement_mix else None
+        for index in range(self.grad_accum):
+            host, inputs = self.batches.next(stage_another=index + 1 < self.grad_accum)
+            if self.before_forward is not None:
+                self.before_forward(exit_threshold)
+            output = self.engine(**inputs, exit_threshold=threshold, replacement_mix=mix)
             self.engine.backward(output.loss)
             lr = self.set_learning_rate()  # the rate this update uses
             self.engine.step()
-            stats.add(output, batch)
-        return StepRun(data_wait, lr)
+            stats.add(output, host)
+        return StepRun(self.batches.wait_seconds, lr)
 
 
 class PipelineSteps:
@@ -64,8 +110,6 @@ class PipelineSteps:
     Every stage draws the same micro-batches from its reader (the first feeds them in, the
     last takes its dummy labels, the others only keep their data position in step).
     """
-
-    supports_heldout = False  # held-out evaluation runs the whole model on one rank
 
     def __init__(
         self,
@@ -135,7 +179,8 @@ def make_step_runner(
     set_learning_rate: Callable[[], float],
     model_config: ElectraExitConfig,
     pipeline_stages: int,
+    before_forward: Callable[[float | None], None] | None = None,
 ):
     if pipeline_stages > 1:
         return PipelineSteps(engine, data, grad_accum, device, set_learning_rate, model_config, pipeline_stages)
-    return DataParallelSteps(engine, data, grad_accum, device, set_learning_rate)
+    return DataParallelSteps(engine, data, grad_accum, device, set_learning_rate, before_forward)

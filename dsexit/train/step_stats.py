@@ -15,19 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_SCALARS = (
-    "generator_loss",
-    "discriminator_loss",
-    "loss",
-    "rtd_accuracy",
-    "micro_batches",
-    "tokens_executed",
-    "tokens_full",
-    "real_tokens",
-    "stop_preempted",
-    "stop_time_limit",
-    "minutes",
-)
+# Measured on the device, summed over micro-batches there; then the host's own facts.
+_MEASURED = ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "tokens_executed", "tokens_full")
+_HOST = ("micro_batches", "real_tokens", "stop_preempted", "stop_time_limit", "minutes")
 _FINGERPRINT_WEIGHTS: dict[int, torch.Tensor] = {}
 
 
@@ -56,45 +46,62 @@ class StepSummary:
     stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
 
 
+def _on_device(value, device: torch.device) -> torch.Tensor:
+    """A 0-d float64 tensor on `device`: a device tensor stays there (no read); a Python number is
+    the threshold path's host count."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
 class StepStats:
-    """Accumulates one rank's micro-batches of a step; `reduce()` combines all ranks (a collective)."""
+    """Accumulates one rank's micro-batches of a step; `reduce()` combines all ranks (a collective).
+
+    What the model measured stays on the device, summed there, until `reduce` reads the step's one
+    vector; what the host knows (real tokens, sample fingerprints) comes from the batch as the
+    reader gave it, before it moved to the device."""
 
     def __init__(self, num_layers: int):
-        self.values = dict.fromkeys(_SCALARS, 0.0)
-        self.exit_layer_counts = torch.zeros(num_layers, dtype=torch.float64)
+        self.num_layers = num_layers
+        self.measured: torch.Tensor | None = None  # float64 [len(_MEASURED) + num_layers], on the device
+        self.micro_batches = 0
+        self.real_tokens = 0
         self.fingerprints: list[torch.Tensor] = []
 
     def add(self, output, batch: dict[str, torch.Tensor]) -> None:
-        values = self.values
-        values["generator_loss"] += float(output.generator_loss)
-        values["discriminator_loss"] += float(output.discriminator_loss)
-        values["loss"] += float(output.loss.detach())
-        values["rtd_accuracy"] += float(output.rtd_accuracy)
-        values["micro_batches"] += 1
-        values["tokens_executed"] += float(output.tokens_executed)
-        values["tokens_full"] += float(output.tokens_full)
-        values["real_tokens"] += float(batch["attention_mask"].sum())
-        self.exit_layer_counts += output.exit_layer_counts.detach().cpu().double()
+        """`batch`: the micro-batch on the host, as read (its counts cost no device read)."""
+        counts = output.exit_layer_counts.detach().to(torch.float64)
+        scalars = torch.stack([_on_device(getattr(output, name), counts.device) for name in _MEASURED])
+        measured = torch.cat([scalars, counts])
+        self.measured = measured if self.measured is None else self.measured + measured
+        self.micro_batches += 1
+        self.real_tokens += int(batch["attention_mask"].sum())
         self.fingerprints.append(sample_fingerprints(batch["input_ids"]))
 
     def reduce(
         self, *, preempted: bool, time_limit: bool, minutes: float = 0.0, device: torch.device | str = "cpu"
     ) -> StepSummary:
-        """Combine all ranks; `device` is where the backend's collectives run (CUDA for NCCL)."""
-        self.values["stop_preempted"], self.values["stop_time_limit"] = float(preempted), float(time_limit)
-        self.values["minutes"] = minutes
-        vector = torch.cat(
-            [torch.tensor([self.values[name] for name in _SCALARS], dtype=torch.float64), self.exit_layer_counts]
+        """Combine all ranks; `device` is where the backend's collectives run (CUDA for NCCL). The step's
+        one read of the device: the reduced vector (the controller's compute fraction, the stop votes
+        and the statistics in one copy) and the gathered fingerprints right after it."""
+        host = torch.tensor(
+            [self.micro_batches, self.real_tokens, float(preempted), float(time_limit), minutes], dtype=torch.float64
         )
+        measured = self.measured
+        if measured is None:  # a rank with no micro-batch of its own (a pipeline's first stages)
+            measured = torch.zeros(len(_MEASURED) + self.num_layers, dtype=torch.float64)
+        vector = torch.cat([measured, host.to(measured.device, non_blocking=True)])
         fingerprints = torch.cat(self.fingerprints)
         if dist.is_initialized() and dist.get_world_size() > 1:
             vector, fingerprints = vector.to(device), fingerprints.to(device)
             dist.all_reduce(vector)
             gathered = [torch.empty_like(fingerprints) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, fingerprints)
-            vector, fingerprints = vector.cpu(), torch.cat(gathered).cpu()
-        totals = dict(zip(_SCALARS, vector[: len(_SCALARS)].tolist()))
-        counts = vector[len(_SCALARS) :]
+            fingerprints = torch.cat(gathered)
+        values = vector.cpu().tolist()
+        fingerprints = fingerprints.cpu()
+        totals = dict(zip(_MEASURED + _HOST, values[: len(_MEASURED)] + values[len(_MEASURED) + self.num_layers :]))
+        counts = values[len(_MEASURED) : len(_MEASURED) + self.num_layers]
         micro_batches = max(totals["micro_batches"], 1.0)
         digest = hashlib.blake2b(fingerprints.sort().values.numpy().tobytes(), digest_size=8).hexdigest()
         return StepSummary(
@@ -103,7 +110,7 @@ class StepStats:
             loss=totals["loss"] / micro_batches,
             rtd_accuracy=totals["rtd_accuracy"] / micro_batches,
             compute_fraction=totals["tokens_executed"] / max(totals["tokens_full"], 1.0),
-            exit_layer_counts=[int(count) for count in counts.tolist()],
+            exit_layer_counts=[int(count) for count in counts],
             real_tokens=int(totals["real_tokens"]),
             samples_digest=digest,
             stop_preempted=totals["stop_preempted"] > 0,

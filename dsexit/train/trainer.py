@@ -27,9 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dsexit.cpu import use_cpu_kernels
 from dsexit.data import StreamingShardReader, read_validation_samples
 from dsexit.model import ExitController
 from dsexit.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
+from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
 from dsexit.train.heldout import HeldOutEvaluator
@@ -110,6 +112,7 @@ class Trainer:
             self._build_model(), run.ds_config, self.pipeline_stages, self.config.parallelism.pipeline_partition
         )
         self.device = torch.device(self.engine.device)
+        self.compiled = self._compile_or_not()
         dp_rank = data_parallel_rank(self.engine, self.pipeline_stages, self.world.rank)
         self.data = StreamingShardReader(
             run.data_url,
@@ -131,6 +134,7 @@ class Trainer:
             self._set_learning_rate,
             run.model_config,
             self.pipeline_stages,
+            before_forward=self.compiled.before_forward if self.compiled is not None else None,
         )
         self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
@@ -164,6 +168,26 @@ class Trainer:
             monitor=self.engine.monitor,
         )
 
+    def _compile_or_not(self) -> CompiledForward | None:
+        """`--compile`: the model compiled in place, or eager with the device's own kernels (on a CPU,
+        `dsexit.cpu`'s, which do not compile). Said in one log line."""
+        training = self.config.training
+        compiling, why = compile_decision(training.compile, self.device, self.run.zero_stage, self.pipeline_stages)
+        if not compiling:
+            if self.device.type == "cpu":
+                use_cpu_kernels()
+            log.info("eager forward (%s)%s", why, "; CPU kernels" if self.device.type == "cpu" else "")
+            return None
+        compiled = CompiledForward(self.engine, self.device, training.compile_backend)
+        log.info(
+            "compiling the training forward (%s, backend %s, fullgraph, static shapes%s); the first step's time "
+            "includes it",
+            why,
+            training.compile_backend,
+            ", CUDA graphs" if compiled.cuda_graphs else "",
+        )
+        return compiled
+
     @property
     def _cache_dir(self) -> str:
         return self.config.data.cache_dir or os.path.join(self.run.run_dir, "shard-cache")
@@ -187,9 +211,6 @@ class Trainer:
     def _build_heldout(self) -> HeldOutEvaluator | None:
         metrics = self.config.metrics
         if metrics.eval_interval == 0:
-            return None
-        if not self.steps.supports_heldout:
-            log.warning("held-out evaluation is not available with pipeline_stages > 1 (data-parallel runs only)")
             return None
         if not self.run.dataset.validation_shards:
             log.warning(
@@ -227,19 +248,26 @@ class Trainer:
     def _evaluation_model(self):
         """The model the evaluator may call sub-module by sub-module. Under ZeRO-3 every parameter is
         partitioned and fetched by hooks around each module's forward, which the evaluator's direct
-        calls (the generator reading the tied embedding matrix of another module) do not follow: it
-        gets a whole copy, gathered once per evaluation."""
+        calls (the generator reading the tied embedding matrix of another module) do not follow; a
+        pipeline stage holds only some layers. Either gets a whole copy on every rank, gathered once
+        per evaluation, so every rank evaluates its slice of the samples as in a data-parallel run."""
         module = self.engine.module
-        if self.run.zero_stage != 3:
-            return module
-        import deepspeed
+        if self.pipeline_stages > 1:
+            from dsexit.parallel.pipeline import gather_model_state_dict
 
+            state = gather_model_state_dict(module, contributes=self.engine.grid.get_data_parallel_rank() == 0)
+        elif self.run.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+        else:
+            return module
         # Building initialises weights (and torch.manual_seed seeds every device): leave the training RNG alone.
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             copy = build_model(self.run.model_config, self.config.job.seed)
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            copy.load_state_dict({name: tensor.detach().clone() for name, tensor in module.state_dict().items()})
+        copy.load_state_dict(state)
         dtype = next(module.parameters()).dtype
         return copy.to(device=self.device, dtype=dtype)
 
@@ -426,6 +454,9 @@ class Trainer:
             samples_seen=self.samples_seen,
             tokens_seen=self.tokens_seen,
         )
+        if self.compiled is not None and not self.compiled.first_step_logged:
+            self.compiled.first_step_logged = True
+            log.info("first step, compilation included: %.1f s", time.perf_counter() - step_started)
         if summary.stop_preempted and self.world.is_main:
             log.warning(
                 "preemption requested (%s): saving a checkpoint at step %d, then exiting",

@@ -14,7 +14,8 @@ import sys
 import deepspeed
 import torch
 
-from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel, ExitDecision
+from dsexit.model.exit_rules.confidence import margin_from
 from dsexit.parallel.pipeline import build_pipeline_module, micro_batch_inputs, pipeline_state_dict_to_model
 from dsexit.train.distributed import release_shm_workspace
 
@@ -115,11 +116,26 @@ STEPS = 3
 MICRO_BATCHES = 4
 
 
-def step_settings(config, step: int):
-    """(exit plans, tau) of step `step`: first a threshold every untrained head passes (all exitable
-    tokens leave after layer 1), then random forced exit layers with one micro-batch leaving whole."""
+def median_first_head_confidence(model, config) -> float:
+    """The median prior-margin confidence (this config's rule) of the first exit head over the real tokens of the
+    uncorrupted batches: as a threshold, about half the tokens leave after layer 1 and the others run on."""
+    discriminator = model.discriminator
+    margins = []
+    with torch.no_grad():
+        for batch, _ in batches(config, MICRO_BATCHES):
+            state = discriminator.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            state = discriminator.run_layer(1, state, ExitDecision())  # no exit: every state after layer 1
+            logits = discriminator.head_for(1)(state.hidden).float()
+            margins.append(margin_from(logits, config.prior_logit)[state.attention_mask])
+    return float(torch.cat(margins).median())
+
+
+def step_settings(config, step: int, first_tau: float):
+    """(exit plans, tau) of step `step`: first a threshold (`first_tau`) under which tokens leave at
+    different heads on both stages, pinned specials with their sequence's last token; then random
+    forced exit layers with one micro-batch leaving whole."""
     if step == 0:
-        return None, 0.5
+        return None, first_tau
     generator = torch.Generator().manual_seed(100 + step)
     plans = [torch.randint(1, config.num_hidden_layers + 2, (4, 32), generator=generator) for _ in range(MICRO_BATCHES)]
     plans[1] = torch.ones_like(plans[1])  # skips stage 2 (it holds layers 3-4)
@@ -143,6 +159,7 @@ def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) ->
     model = ElectraPreTrainingModel(config)
     reference = ElectraPreTrainingModel(config)
     reference.load_state_dict(model.state_dict())
+    first_tau = median_first_head_confidence(reference, config)
     module = build_pipeline_module(config, num_stages=2, model=model)
     ds_config = {
         "train_micro_batch_size_per_gpu": 4,
@@ -170,7 +187,7 @@ def compare_gradients(out_dir: str, rank: int, exit_kv: str, zero_stage: int) ->
     first_layer.output.dense.weight.register_hook(count_gradient)
     steps = []
     for step in range(STEPS):
-        plans, tau = step_settings(config, step)
+        plans, tau = step_settings(config, step, first_tau)
         before = {name: parameter.detach().clone() for name, parameter in mine.items()}
         accumulations.clear()
         forward_passes.clear()

@@ -103,3 +103,47 @@ def test_threshold_exits_and_the_training_step_on_the_device(device):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
     # the corruption draws differ between CPU and CUDA generators; the losses are of the same size
     assert abs(float(on_device.loss.detach()) - float(on_cpu.loss.detach())) <= 0.25 * float(on_cpu.loss.detach())
+
+
+def test_a_training_step_of_the_loop_synchronises_nothing(device, monkeypatch):
+    """One step of the trainer's loop (a one-rank DeepSpeed ZeRO-2 engine, the step runner and its
+    statistics) under `torch.cuda.set_sync_debug_mode("error")`: no operation in forward, backward,
+    optimizer step or statistics waits for the device. The step's one read (`StepStats.reduce`)
+    comes after it."""
+    import deepspeed
+
+    from dsexit.train.config import TrainConfig
+    from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
+    from dsexit.train.engine import build_engine, build_model
+    from dsexit.train.step_runner import DataParallelSteps
+    from dsexit.train.step_stats import StepStats
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(29500 + torch.randint(0, 1000, ()).item()))
+    deepspeed.init_distributed()
+    config = TrainConfig.from_dict({"training": {"global_batch_size": 16, "micro_batch_size": 8, "precision": "bf16"}})
+    ds_config = resolve_ds_config(
+        load_ds_config(find_ds_config("ds_configs/zero2.json")), config, dp_size=1, total_steps=100, monitor_dir="/tmp"
+    )
+    model_config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB)
+    engine = build_engine(build_model(model_config, seed=0), ds_config)
+
+    def batches():
+        seed = 0
+        while True:
+            input_ids, attention_mask, token_type_ids = make_batch(8, 64, seed=seed)
+            yield {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            seed += 1
+
+    runner = DataParallelSteps(engine, batches(), 2, device, lambda: 1e-4)
+    runner.run(None, None, StepStats(model_config.num_hidden_layers))  # warm-up: allocations, first launches
+    stats = StepStats(model_config.num_hidden_layers)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runner.run(None, None, stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    summary = stats.reduce(preempted=False, time_limit=False, device=device)
+    assert summary.real_tokens == 2 * 8 * 64 and summary.loss == summary.loss and summary.compute_fraction == 1.0

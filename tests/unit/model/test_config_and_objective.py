@@ -71,17 +71,31 @@ def test_presets_have_the_documented_sizes():
     assert ElectraExitConfig.from_dict(small.to_dict()) == small
 
 
-def test_masking_picks_fifteen_percent_of_real_non_special_tokens(tiny_model):
+def test_masking_picks_an_exact_count_of_real_non_special_tokens_per_sequence(tiny_model):
+    """google-research/electra's rule: min(slots, max(1, round(0.15 x candidates))) per sequence, in a
+    fixed [batch, slots] layout with slots = int(0.155 x T); slots past the count are not masked."""
     torch.manual_seed(0)
     input_ids, attention_mask, _ = make_batch(64, 64, pad_tail=True)
-    rows = tiny_model.choose_masked_positions(input_ids, attention_mask)
+    input_ids[3, 1:] = 0  # a sequence of one real token past [CLS]...
+    attention_mask[3, 2:] = 0
+    input_ids[4, :] = 102  # ...and one with no candidate at all
+    slots = tiny_model.choose_masked_positions(input_ids, attention_mask)
+    assert slots.positions.shape == slots.valid.shape == (64, int(0.155 * 64))
     chosen = torch.zeros(input_ids.numel(), dtype=torch.bool)
-    chosen[rows] = True
+    chosen[slots.flat(64)[slots.valid.reshape(-1)]] = True
     chosen = chosen.view_as(input_ids)
-    assert not chosen[attention_mask == 0].any()
-    assert not chosen[(input_ids == 101) | (input_ids == 102)].any()
-    candidates = (attention_mask.bool() & (input_ids != 101) & (input_ids != 102)).sum()
-    assert abs(float(chosen.sum() / candidates) - 0.15) < 0.02
+    candidates = attention_mask.bool() & (input_ids != 101) & (input_ids != 102) & (input_ids != 0)
+    assert not (chosen & ~candidates).any()
+    for row in range(64):
+        available = int(candidates[row].sum())
+        expected = min(available, min(int(0.155 * 64), max(1, round(0.15 * available))))
+        assert int(chosen[row].sum()) == int(slots.valid[row].sum()) == expected, row
+    assert int(chosen[4].sum()) == 0
+    # every slot of a sequence names a distinct position (unmasked slots write back their token)
+    assert all(len(set(slots.positions[row].tolist())) == slots.positions.shape[1] for row in range(64))
+    # a different draw picks different positions
+    again = tiny_model.choose_masked_positions(input_ids, attention_mask)
+    assert not torch.equal(again.positions, slots.positions)
 
 
 def test_loss_combines_generator_and_weighted_discriminator(tiny_model):
@@ -136,12 +150,12 @@ def test_generator_free_modes_draw_replacements_without_a_generator(mode):
         model.set_unigram_counts(counts)
     input_ids, attention_mask, token_type_ids = make_batch(32, 64)
     torch.manual_seed(1)
-    rows = model.choose_masked_positions(input_ids, attention_mask)
+    masked = int(model.choose_masked_positions(input_ids, attention_mask).valid.sum())
     torch.manual_seed(1)
     output = model(input_ids, attention_mask, token_type_ids)
     replaced = output.rtd_labels.reshape(-1).bool()
     assert output.generator_loss == 0
-    assert replaced.sum() > 0.9 * rows.numel()  # almost every masked token gets a different one
+    assert replaced.sum() > 0.9 * masked  # almost every masked token gets a different one
     if mode == "unigram":
         # Labels mark replacements; with only ids 500/501 drawable, the share of 500 is ~3/4.
         drawn = torch.multinomial(model.replacement_probs, 20000, replacement=True)

@@ -319,21 +319,69 @@ def test_threshold_one_means_no_exit_and_zero_means_all_exit_at_first_head(tiny_
     input_ids, attention_mask, token_type_ids = make_batch(2, 16)
     assert tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=1.0).compute_fraction == 1.0
     everyone_out = tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=1e-9)
-    assert everyone_out.exit_layer_counts[0] == attention_mask.sum() - 2 * 2  # all but [CLS], [SEP]
-    assert everyone_out.compute_fraction == pytest.approx(0.25)
+    assert everyone_out.exit_layer_counts[0] == attention_mask.sum()  # [CLS], [SEP] go with the last token
+    assert everyone_out.compute_fraction == pytest.approx(0.25)  # counted over exitable tokens only
 
 
-@pytest.mark.parametrize("tau", [1e-9, 0.3, 0.9])
-def test_special_tokens_reach_the_last_layer_at_any_tau(tiny_model, tau):
+def _specials(input_ids):
+    return (input_ids == 101) | (input_ids == 102)
+
+
+def test_special_tokens_leave_with_their_sequences_last_exitable_token():
+    """Pinned [CLS]/[SEP] never leave on their own confidence: each leaves after the layer its sequence's
+    last exitable token left (sequences of one batch finishing at different layers), so a sequence
+    whose tokens all exited has no active token."""
+    model = _discriminator(seed=0)
+    input_ids, attention_mask, token_type_ids = make_batch(4, 8, seed=3)
+    specials, real = _specials(input_ids), attention_mask.bool()
+    finishing_layers = set()
+    for tau in torch.linspace(0.68, 0.71, 13).tolist():
+        decision = ExitDecision.for_config(model.config, threshold=tau)
+        with torch.no_grad():
+            state = model(input_ids, attention_mask, token_type_ids, decision=decision)
+        for row in range(input_ids.shape[0]):
+            last_exitable = int(state.exit_layer[row][real[row] & ~specials[row]].max())
+            assert (state.exit_layer[row][specials[row]] == last_exitable).all(), (tau, row)
+            finishing_layers.add(last_exitable)
+    assert finishing_layers == {1, 2, 3, 4}  # sequences finished at every depth, specials with them
+
+
+def test_leaving_specials_carry_their_state_and_head_logit_and_change_no_other_token():
+    """Against the rule where specials run every layer (reproduced by a forced plan: the exitable tokens'
+    exit layers, specials never): every exitable token's logit is the same, and a special that left after
+    layer L holds that run's state after layer L, with head_L's logit as its RTD output."""
+    model = _discriminator(seed=0)
+    input_ids, attention_mask, token_type_ids = make_batch(4, 8, seed=3)
+    specials, real = _specials(input_ids), attention_mask.bool()
+    decision = ExitDecision.for_config(model.config, threshold=0.6975)
+    with torch.no_grad():
+        state = model(input_ids, attention_mask, token_type_ids, decision=decision)
+        pinned_plan = torch.where(specials, 99, state.exit_layer)
+        reference = model.embed(input_ids, attention_mask, token_type_ids)
+        states_after = {}
+        for number in range(1, model.num_layers + 1):
+            reference = model.run_layer(number, reference, ExitDecision(plan=pinned_plan))
+            states_after[number] = reference.hidden.clone()
+    assert (state.exit_layer[specials] < model.num_layers).any()  # some specials left early
+    exitable = real & ~specials
+    assert torch.allclose(state.logits[exitable], reference.logits[exitable], atol=1e-6)
+    for row, column in specials.nonzero().tolist():
+        layer = int(state.exit_layer[row, column])
+        expected_state = states_after[layer][row, column]
+        assert torch.allclose(state.hidden[row, column], expected_state, atol=1e-6)
+        with torch.no_grad():
+            expected_logit = model.head_for(layer)(expected_state[None]).float().squeeze()
+        assert torch.allclose(state.logits[row, column], expected_logit, atol=1e-6)
+
+
+@pytest.mark.parametrize("exit_kv", ["keep", "drop"])
+def test_a_sequence_whose_tokens_all_exited_has_no_active_token(exit_kv):
+    model = _discriminator(exit_kv)
     input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True)
-    output = tiny_model(input_ids, attention_mask, token_type_ids, exit_threshold=tau)
-    specials = (input_ids == 101) | (input_ids == 102)
-    assert specials.sum() >= 4
-    assert (output.exit_layer[specials] == 4).all()  # [CLS] and [SEP] ran every layer
-    if tau == 1e-9:  # every other real token left at the first head
-        others = attention_mask.bool() & ~specials
-        assert (output.exit_layer[others] == 1).all()
-        assert output.compute_fraction == pytest.approx(0.25)  # counted over exitable tokens only
+    state = model.embed(input_ids, attention_mask, token_type_ids)
+    state = model.run_layer(1, state, ExitDecision.for_config(model.config, threshold=1e-9))
+    assert not state.active.any()  # every exitable token left at the first head, specials with them
+    assert (state.exit_layer[attention_mask.bool()] == 1).all()
 
 
 def test_special_tokens_may_exit_when_allowed():

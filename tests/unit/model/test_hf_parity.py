@@ -5,6 +5,7 @@ import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import to_hf_masked_lm, to_hf_pretraining
+from dsexit.model.pretraining import MaskedSlots
 
 from .conftest import VOCAB, make_batch
 
@@ -49,13 +50,14 @@ def test_generator_on_selected_rows_equals_hf_at_those_rows(padded):
     those. The logits equal HF's at the same positions."""
     model, _, hf_generator = _models("electra-small")
     input_ids, attention_mask, token_type_ids = make_batch(4, 48, pad_tail=padded, seed=5)
-    rows = (torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(6)) < 0.15) & attention_mask.bool()
-    rows = rows.reshape(-1).nonzero().squeeze(1)
+    masked = (torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(6)) < 0.15) & attention_mask.bool()
+    slots = MaskedSlots.from_mask(masked)  # a [batch, slots] layout, as pre-training asks for
     with torch.no_grad():
-        ours = model.generator(model.embeddings, input_ids, attention_mask, token_type_ids, rows=rows)
+        ours = model.generator(model.embeddings, input_ids, attention_mask, token_type_ids, positions=slots.positions)
         theirs = hf_generator(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-    theirs = theirs.reshape(-1, theirs.shape[-1]).index_select(0, rows)
-    assert 0 < rows.numel() < input_ids.numel() / 4
+    theirs = theirs.reshape(-1, theirs.shape[-1]).index_select(0, slots.flat(input_ids.shape[1]))
+    assert 0 < int(slots.valid.sum()) < input_ids.numel() / 4
+    assert not slots.valid.all()  # slots past a sequence's count too: the layer computes them alike
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max() <= 1e-5
 

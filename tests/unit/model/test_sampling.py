@@ -31,21 +31,28 @@ def test_unnormalised_rows_sample_like_their_normalised_softmax():
     assert (counts / counts.sum() - torch.tensor([0.5, 0.125, 0.0, 0.375], dtype=torch.double)).abs().max() < 0.01
 
 
-def test_the_fused_masked_lm_loss_is_cross_entropy_and_returns_its_softmax():
+def test_the_fused_masked_lm_loss_is_cross_entropy_over_valid_slots_and_returns_its_softmax():
+    """Slots past a sequence's count carry weight 0: the loss and its gradient equal cross-entropy
+    with `ignore_index` on those rows."""
     from dsexit.model.pretraining import MaskedLMLoss
 
     logits = torch.randn(37, 301, dtype=torch.double, requires_grad=True)
     targets = torch.randint(0, 301, (37,))
-    loss, probs = MaskedLMLoss.apply(logits, targets)
+    valid = torch.rand(37) < 0.7
+    weights = valid.double() / valid.sum()
+    loss, probs = MaskedLMLoss.apply(logits, targets, weights)
     reference_logits = logits.detach().clone().requires_grad_(True)
-    reference = torch.nn.functional.cross_entropy(reference_logits, targets)
+    reference = torch.nn.functional.cross_entropy(reference_logits, torch.where(valid, targets, -100))
     torch.testing.assert_close(loss, reference)
     torch.testing.assert_close(probs, torch.softmax(logits.detach(), -1))
     assert not probs.requires_grad
     (loss * 3.0).backward()
     (reference * 3.0).backward()
     torch.testing.assert_close(logits.grad, reference_logits.grad)
-    assert torch.autograd.gradcheck(lambda x: MaskedLMLoss.apply(x, targets)[0], (logits.detach().requires_grad_(),))
+    assert not logits.grad[~valid].any()
+    small_logits = logits.detach()[:6, :11].clone().requires_grad_()  # numerical Jacobian: one pass per entry
+    small_targets, small_weights = targets[:6] % 11, weights[:6]
+    assert torch.autograd.gradcheck(lambda x: MaskedLMLoss.apply(x, small_targets, small_weights)[0], (small_logits,))
 
 
 def _full_cdf_draws(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

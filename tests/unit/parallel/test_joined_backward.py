@@ -6,8 +6,8 @@ that carries no gradient computes nothing."""
 import torch
 import torch.nn.functional as F
 
+from dsexit.cpu import cpu_dropout
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
-from dsexit.model.layers import dropout
 from dsexit.model.pretraining import MaskedLMLoss
 from dsexit.parallel.pipeline import (
     DiscriminatorLayerPipe,
@@ -81,9 +81,9 @@ def test_the_stage_outputs_themselves_are_unchanged():
 def test_dropout_and_the_masked_lm_loss_pass_no_gradient_on_where_none_came_in():
     torch.manual_seed(0)
     for ours, torchs in (
-        (lambda x: dropout(x, 0.5, training=True), lambda x: F.dropout(x, 0.5, training=True)),
+        (lambda x: cpu_dropout(x, 0.5, training=True), lambda x: F.dropout(x, 0.5, training=True)),
         (
-            lambda x: MaskedLMLoss.apply(x, torch.tensor([1, 2]))[0],
+            lambda x: MaskedLMLoss.apply(x, torch.tensor([1, 2]), torch.full((2,), 0.5))[0],
             lambda x: F.cross_entropy(x, torch.tensor([1, 2])),
         ),
     ):

@@ -101,6 +101,13 @@ def test_bad_values_raise_one_error_naming_them(argv, names, tmp_path):
         _resolve(["--run-dir", str(tmp_path), *argv])
 
 
+def test_a_bad_compile_choice_in_a_config_file_is_one_error_naming_it(tmp_path):
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"training": {"compile": "sometimes"}}))
+    with pytest.raises(ConfigError, match="compile='sometimes'"):
+        _resolve(["--run-dir", str(tmp_path / "run"), "--config", str(saved)])
+
+
 def test_a_config_saved_with_controller_settings_in_the_model_overrides_still_loads(tmp_path):
     saved = preset_config("smoke").to_dict()
     del saved["exit_control"]
@@ -144,6 +151,8 @@ def test_data_parallel_configs_resolve_completely(name, tmp_path):
     run = _resolve(["--run-dir", str(tmp_path), "--deepspeed", f"ds_configs/{name}"], _world(2))
     assert run.zero_stage == int(name[4]) and "auto" not in json.dumps(run.ds_config)
     assert run.ds_config["tensorboard"]["output_path"].startswith(str(tmp_path))
+    # DeepSpeed's throughput timer synchronises the device twice per micro-batch when on
+    assert run.ds_config["timers"]["throughput"] == {"enabled": False, "synchronized": False}
 
 
 def test_parallelism_matrix():

@@ -1,5 +1,6 @@
-"""The CPU dropout: torch's semantics (drop rate, scaling, gradient, seeding) with a cheaper mask,
-and attention in training computing what SDPA's math path computes with that mask."""
+"""The CPU kernels (`dsexit.cpu`): dropout with torch's semantics (drop rate, scaling, gradient,
+seeding) and a cheaper mask, and attention in training computing what SDPA's math path computes
+with that mask; and the door itself: the model uses torch's kernels until a CPU set-up fills the slots."""
 
 import math
 
@@ -7,7 +8,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsexit.model.layers import Dropout, ElectraSelfAttention, EncoderShape, dropout
+from dsexit.cpu import cpu_dropout as dropout
+from dsexit.cpu import use_cpu_kernels
+from dsexit.model import ElectraExitConfig, kernels
+from dsexit.model.layers import Dropout, ElectraSelfAttention, EncoderShape
+
+
+@pytest.fixture
+def tiny_config():
+    return ElectraExitConfig.from_preset("electra-tiny", vocab_size=1000)
+
+
+@pytest.fixture
+def with_cpu_kernels():
+    use_cpu_kernels()
+    yield
+    use_cpu_kernels(False)
+
+
+def test_the_model_uses_torchs_kernels_until_a_cpu_set_up_fills_the_slots():
+    assert kernels.uses_defaults()
+    use_cpu_kernels()
+    try:
+        assert kernels.active.dropout is dropout and not kernels.uses_defaults()
+    finally:
+        use_cpu_kernels(False)
+    assert kernels.uses_defaults()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -84,7 +110,7 @@ def test_kept_elements_are_the_input_times_the_scale_rounded_once(dtype):
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_attention_in_training_is_the_math_path_with_the_same_mask(with_mask, tiny_config):
+def test_attention_in_training_is_the_math_path_with_the_same_mask(with_mask, tiny_config, with_cpu_kernels):
     shape = EncoderShape.discriminator(tiny_config)
     attention = ElectraSelfAttention(shape, tiny_config).train()
     hidden = torch.randn(3, 10, shape.hidden_size)

@@ -1,0 +1,61 @@
+"""`--compile auto|on|off`: the model's training forward and loss under `torch.compile`, in place.
+
+`fullgraph=True, dynamic=False`: the dense step has static shapes and reads nothing back from the
+device (`tests/integration/model/test_static_step.py`), so it compiles to one graph per batch shape. The
+module is compiled in place (`engine.compile()`, i.e. `nn.Module.compile`), so parameter and
+checkpoint names keep no `_orig_mod.` prefix. On CUDA with inductor, `mode="reduce-overhead"`
+replays the step as a CUDA graph; each micro-batch starts a fresh graph step, and the step
+statistics copy what they read before the next replay (`StepStats.add`).
+
+`auto` compiles on CUDA and not on a CPU (there the CPU kernels of `dsexit.cpu`, which do not
+compile, measured faster). ZeRO-3 and the pipeline stay eager. Threshold exits route tokens by
+reading the device, so once exits start the forward falls back to eager (one log line).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("dsexit")
+
+
+def compile_decision(choice: str, device: torch.device, zero_stage: int, pipeline_stages: int) -> tuple[bool, str]:
+    """(compile or not, why) for the resolved run."""
+    if choice == "off":
+        return False, "--compile off"
+    if pipeline_stages > 1:
+        return False, "the pipeline stays eager (its stages pass variable work between processes)"
+    if zero_stage == 3:
+        return False, "ZeRO-3 stays eager (its parameter hooks gather around every module call)"
+    if choice == "auto" and device.type != "cuda":
+        return False, f"--compile auto compiles on CUDA only (this device: {device.type})"
+    return True, f"--compile {choice}"
+
+
+class CompiledForward:
+    """Compiles an engine's module in place and switches it back to eager once tokens may exit."""
+
+    def __init__(self, engine, device: torch.device, backend: str = "inductor"):
+        self.engine, self.device, self.backend = engine, device, backend
+        self.cuda_graphs = device.type == "cuda" and backend == "inductor"
+        kwargs = {"fullgraph": True, "dynamic": False}
+        if self.cuda_graphs:
+            kwargs["mode"] = "reduce-overhead"
+        engine.compile(backend=backend, compile_kwargs=kwargs)
+        self.module = engine.module
+        self.eager = False
+        self.first_step_logged = False
+
+    def before_forward(self, exit_threshold: float | None) -> None:
+        """Called before every micro-batch's forward."""
+        if exit_threshold is not None and not self.eager:
+            # `nn.Module.compile` keeps the compiled call beside the module's own; without it the
+            # module runs eagerly (threshold routing reads the device; the next issue's capacity
+            # routing keeps shapes static and compiles).
+            self.module._compiled_call_impl = None
+            self.eager = True
+            log.info("exits started: the forward runs eagerly from here (threshold routing reads the device)")
+        if self.cuda_graphs and not self.eager:
+            torch.compiler.cudagraph_mark_step_begin()
