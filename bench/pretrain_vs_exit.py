@@ -326,6 +326,10 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         str(scale["global_batch"]),
         "--micro-batch-size",
         str(scale["micro_batch"]),
+        # The smoke preset samples its MLM generator at a raised temperature; the benchmarks' recipes
+        # are their own (an arm or --model-set may still set one).
+        "--generator-temperature",
+        str(scale.get("generator_temperature", 1.0)),
         # the arm's own flags last: a later --lr or --model-set FIELD=VALUE wins over the scale's
         *[arg for name, value in scale["model_set"].items() for arg in ("--model-set", f"{name}={value}")],
         *flags,

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsexit.train.trainer import Trainer
 
     try:
-        reason = Trainer(run).train()
+        trainer = Trainer(run)
+        reason = trainer.train()
     except ShardCorruptError as error:  # a shard fetched mid-run (remote shards are hashed as they arrive)
         log.error("%s", redact_text(str(error)))
         for handler in log.handlers:
@@ -139,7 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         # The process group is broken: a normal exit could block in its teardown (or in the
         # data prefetch threads), and a bounded exit is the point of reporting this.
         os._exit(EXIT_PEER_LOST)
-    log.info("done (%s); run directory: %s", reason, run.run_dir)
+    standing = trainer.standing
+    if standing is None or not world.is_main:
+        log.info("done (%s); run directory: %s", reason, run.run_dir)
+    elif standing.learned:
+        log.info("done (%s); run directory: %s; %s", reason, run.run_dir, standing.sentence())
+    else:  # the last thing a user reads says that this run's model is not worth using, and what helps
+        hint = (
+            f" (an MLM generator sampled at temperature {run.model_config.generator_temperature:g} can keep its "
+            "discriminator at the prior for a short run; at --generator-temperature 2, the smoke preset's, or with "
+            "--generator uniform it learns within minutes on a CPU)"
+            if standing.generator == "mlm"
+            else ""
+        )
+        log.warning("done (%s); run directory: %s; %s%s", reason, run.run_dir, standing.sentence(), hint)
     report_stop(reason, world.local_rank)
     destroy_process_group()
     return 0

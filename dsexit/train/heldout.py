@@ -24,6 +24,10 @@ and the trivial baselines beside them:
     unigram_entropy     the MLM loss of a context-free model: the cross-entropy of the masked
                         held-out tokens under the training data's unigram distribution
 
+`Standing` turns the final figures into the run's verdict: the discriminator learned when its
+held-out RTD loss under uniform corruption is at most 0.8 x the prior's entropy and its ROC-AUC on
+its own generator's corruption is at least 0.7.
+
 Every rank evaluates its own slice of the samples (all ranks run the same number of
 batches, as ZeRO-3's parameter gathering requires) and the sums are all-reduced.
 """
@@ -56,6 +60,49 @@ EVAL_FIELDS = (
     "rtd_prior_entropy",
     "unigram_entropy",
 )
+
+
+@dataclass
+class Standing:
+    """Whether the discriminator left the replaced-token prior on held-out data, criterion by criterion."""
+
+    rtd_loss_uniform: float
+    prior_entropy: float
+    auc_generator: float
+    generator: str
+
+    RTD_SHARE_OF_PRIOR = 0.8
+    MIN_AUC_GENERATOR = 0.7
+
+    @classmethod
+    def of(cls, results: dict[str, float], generator: str) -> "Standing":
+        return cls(
+            results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"], results["eval_rtd_auc_generator"], generator
+        )
+
+    @property
+    def rtd_holds(self) -> bool:
+        return self.rtd_loss_uniform <= self.RTD_SHARE_OF_PRIOR * self.prior_entropy
+
+    @property
+    def auc_holds(self) -> bool:
+        return self.auc_generator >= self.MIN_AUC_GENERATOR
+
+    @property
+    def learned(self) -> bool:
+        return self.rtd_holds and self.auc_holds
+
+    def sentence(self) -> str:
+        verdict = (
+            "the discriminator learned" if self.learned else "the discriminator has not learned within this budget"
+        )
+        return (
+            f"{verdict}: held-out RTD loss {self.rtd_loss_uniform:.4f} under uniform corruption "
+            f"{'<=' if self.rtd_holds else '>'} {self.RTD_SHARE_OF_PRIOR} x the replaced-token prior's "
+            f"{self.prior_entropy:.4f} ({'yes' if self.rtd_holds else 'no'}); ROC-AUC {self.auc_generator:.3f} on "
+            f"its own generator's ({self.generator}) corruption {'>=' if self.auc_holds else '<'} "
+            f"{self.MIN_AUC_GENERATOR} ({'yes' if self.auc_holds else 'no'})"
+        )
 
 
 def binary_entropy(rate: float) -> float:

@@ -34,7 +34,7 @@ from dsexit.train.checkpoint import CheckpointError, CheckpointManager, Checkpoi
 from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
-from dsexit.train.heldout import HeldOutEvaluator
+from dsexit.train.heldout import HeldOutEvaluator, Standing
 from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
@@ -158,6 +158,7 @@ class Trainer:
                 )
         self.heldout = self._build_heldout()
         self.last_eval: dict[str, float] | None = None
+        self.standing: Standing | None = None  # the final held-out verdict, for the run's last line
         self.metrics = MetricsLogger(
             run.run_dir,
             self.world,
@@ -271,36 +272,6 @@ class Trainer:
         dtype = next(module.parameters()).dtype
         return copy.to(device=self.device, dtype=dtype)
 
-    def _report_standing(self, results: dict[str, float] | None) -> None:
-        """Say plainly whether the discriminator has left the replaced-token prior on held-out data."""
-        if results is None or not self.world.is_main:
-            return
-        loss, prior = results["eval_rtd_loss_uniform"], results["rtd_prior_entropy"]
-        auc = results["eval_rtd_auc_uniform"]
-        if loss < prior - 0.01 and auc >= 0.6:
-            log.info(
-                "held-out RTD loss %.4f is below the replaced-token prior's %.4f (ROC-AUC %.3f): the "
-                "discriminator learned",
-                loss,
-                prior,
-                auc,
-            )
-            return
-        hint = (
-            " At CPU budgets an MLM generator stays at the unigram plateau and its discriminator at the prior;"
-            " --generator uniform learns within minutes."
-            if self.run.model_config.generator == "mlm"
-            else ""
-        )
-        log.warning(
-            "held-out RTD loss %.4f against the replaced-token prior's %.4f, ROC-AUC %.3f: the discriminator "
-            "has not learned within this budget.%s",
-            loss,
-            prior,
-            auc,
-            hint,
-        )
-
     # ------------------------------------------------------------------ checkpoints
     def _run_id(self) -> str:
         """This run's id, the same on every rank; rank 0 first moves an old run aside (--start-over)."""
@@ -386,7 +357,8 @@ class Trainer:
             reason = self.stop_reason(summary)
         if reason != "preempted" and eval_interval:
             final = self.evaluate() if self.step % eval_interval else self.last_eval
-            self._report_standing(final)
+            if final is not None:
+                self.standing = Standing.of(final, self.run.model_config.generator)
         self.metrics.close()
         log.info("stopping at step %d: %s", self.step, reason)
         if self.latest_checkpoint is None or self.latest_checkpoint.step != self.step:

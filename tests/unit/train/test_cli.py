@@ -119,7 +119,11 @@ def test_existing_spellings_keep_working():
             "keep",
         ]
     )
-    assert config.model.overrides == {"exit_enabled": False, "exit_kv": "drop"}  # --model-set comes last
+    assert config.model.overrides == {
+        "generator_temperature": 2.0,
+        "exit_enabled": False,
+        "exit_kv": "drop",
+    }  # the preset, then --model-set last
     assert config.exit_control.target_compute is None and config.checkpoint.resume == "none"
     assert (config.training.max_steps, config.training.max_tokens) == (None, 4096)
     checkpoint = config.checkpoint

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from dsexit.train.cli import parse_config
-from dsexit.train.config import ConfigError, preset_config
+from dsexit.train.config import ConfigError, ExitControlConfig, preset_config
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
 from dsexit.train.resolve import resolve_run
@@ -39,6 +39,23 @@ def test_no_arguments_give_the_smoke_preset_on_the_embedded_corpus(tmp_path):
     assert scheduler["total_num_steps"] == run.total_steps == run.config.training.max_steps
     assert scheduler["warmup_num_steps"] == run.total_steps // 10
     assert "auto" not in json.dumps(run.ds_config)
+
+
+def test_the_smoke_preset_is_the_measured_recipe_and_flags_still_override_it(tmp_path):
+    """bench/README.md, "Smoke preset": an MLM generator sampled at temperature 2, 800 steps."""
+    run = _resolve(["--run-dir", str(tmp_path)])
+    model = run.model_config
+    assert (model.generator, model.generator_temperature, model.hidden_size, model.generator_hidden_size) == (
+        "mlm",
+        2.0,
+        64,
+        32,
+    )
+    assert (run.total_steps, run.config.optim.lr, run.config.training.global_batch_size) == (800, 2e-3, 32)
+    assert (run.config.exit_control.warmup_steps, run.config.exit_control.target_compute) == (200, 0.7)
+    assert run.config.exit_control.min_confidence == ExitControlConfig().min_confidence
+    other = _resolve(["--run-dir", str(tmp_path), "--generator-temperature", "1", "--model-set", "exit_kv=drop"])
+    assert (other.model_config.generator_temperature, other.model_config.exit_kv) == (1.0, "drop")
 
 
 def test_flags_reach_their_fields_and_model_overrides(tmp_path):
@@ -116,7 +133,7 @@ def test_a_config_saved_with_controller_settings_in_the_model_overrides_still_lo
     path.write_text(json.dumps({"train": saved}))
     config, _ = parse_config(["--config", str(path), "--run-dir", str(tmp_path)])
     assert (config.exit_control.warmup_steps, config.exit_control.target_compute) == (7, 0.4)
-    assert config.model.overrides == {"exit_kv": "drop"}
+    assert config.model.overrides == {"generator_temperature": 2.0, "exit_kv": "drop"}  # the preset's, then the file's
 
 
 def test_batch_sizes_must_factor_over_the_data_parallel_size(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.train.config import TrainConfig
-from dsexit.train.heldout import EVAL_FIELDS, HeldOutEvaluator, binary_entropy, roc_auc
+from dsexit.train.heldout import EVAL_FIELDS, HeldOutEvaluator, Standing, binary_entropy, roc_auc
 
 VOCAB = 300
 
@@ -157,3 +157,26 @@ def test_budget_schedule_warms_up_then_ends_with_the_budget():
     assert config.budget_lr_factor(95, total, 31.0) == 0.0
     config.training.max_minutes = None  # without a budget, steps decide
     assert config.budget_lr_factor(75000, total, 1e6) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "rtd_loss, auc_generator, rtd_holds, auc_holds",
+    [
+        (0.30, 0.76, True, True),
+        (0.3243, 0.70, True, True),  # both at their bounds: 0.8 x 0.40538 = 0.32430
+        (0.33, 0.90, False, True),
+        (0.29, 0.69, True, False),
+        (0.41, 0.511, False, False),  # the run of issue 26: at the prior
+    ],
+)
+def test_standing_checks_each_criterion_and_says_which_held(rtd_loss, auc_generator, rtd_holds, auc_holds):
+    results = {"eval_rtd_loss_uniform": rtd_loss, "rtd_prior_entropy": 0.40538, "eval_rtd_auc_generator": auc_generator}
+    standing = Standing.of(results, "mlm")
+    assert (standing.rtd_holds, standing.auc_holds, standing.learned) == (rtd_holds, auc_holds, rtd_holds and auc_holds)
+    sentence = standing.sentence()
+    assert sentence.startswith("the discriminator learned" if rtd_holds and auc_holds else "the discriminator has not")
+    assert f"0.8 x the replaced-token prior's 0.4054 ({'yes' if rtd_holds else 'no'})" in sentence
+    assert (
+        f"own generator's (mlm) corruption {'>=' if auc_holds else '<'} 0.7 ({'yes' if auc_holds else 'no'})"
+        in sentence
+    )
