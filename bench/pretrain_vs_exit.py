@@ -22,9 +22,10 @@ Arms are paired by seed. Every arm of a seed runs the same trainer command but f
 (and `--generator` for generator-free), with the same `--seed`, which fixes the initial weights
 (exit heads are drawn after every other module, so the shared weights are equal bit for bit), the
 data order (`StreamingShardReader`, from the seed alone) and the random stream of masks,
-replacements and dropout (on a CPU a dropout call takes one draw whatever the number of active
-tokens, so an arm whose tokens exit stays on the no-exit run's stream; a GPU's dropout does not
-promise that). For each arm and seed, against the baseline of the same seed:
+replacements and dropout (with the CPU kernels the trainer uses on a CPU host, a dropout call takes
+one draw whatever the number of active tokens, so an arm whose tokens exit stays on the no-exit
+run's stream; torch's own dropout, on a GPU or with --compile, parts the streams once exits start).
+For each arm and seed, against the baseline of the same seed:
 
     delta at matched step      held-out loss difference at the largest step both runs reached
     delta at matched minutes   the same at the largest training minute both reached

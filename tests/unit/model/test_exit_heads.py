@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dsexit.cpu import use_cpu_kernels
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.flops import discriminator_layer_flops
 from dsexit.model.layers import ElectraDiscriminatorPredictions, LinearExitHead
@@ -134,29 +135,35 @@ def test_a_model_with_exits_starts_from_the_weights_of_one_without(generator, ex
     assert abs(head_weights.mean().item()) < initializer_range / 10
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.7])  # every token out at layer 1; some layers emptied
 @pytest.mark.parametrize("generator", ["mlm", "uniform"])
-def test_exits_draw_the_same_random_numbers_as_no_exit_on_cpu(generator):
-    """Masks, replacements and dropout come from one stream; on a CPU each dropout call takes one draw
-    whatever its size, so a run whose tokens exit stays on the no-exit run's stream: the arms of a
-    seed see the same masked positions at every step."""
+def test_exits_draw_the_same_random_numbers_as_no_exit_with_the_cpu_kernels(generator, threshold):
+    """Masks, replacements and dropout come from one stream; with the CPU kernels the trainer uses on
+    a CPU host (`dsexit.cpu.use_cpu_kernels`), each dropout call takes one draw whatever its size, even
+    on a layer every token has left, so a run whose tokens exit stays on the no-exit run's stream: the
+    arms of a seed see the same masked positions at every step."""
     input_ids, attention_mask, token_type_ids = make_batch(batch_size=8, seq_len=32)
     states = []
-    for exit_enabled, threshold in ((False, None), (True, 0.3)):
-        torch.manual_seed(0)
-        config = ElectraExitConfig.from_preset(
-            "electra-tiny",
-            vocab_size=VOCAB,
-            num_hidden_layers=6,
-            min_exit_layer=1,
-            generator=generator,
-            exit_enabled=exit_enabled,
-        )
-        model = ElectraPreTrainingModel(config).train()
-        torch.manual_seed(1)
-        for _ in range(3):
-            output = model(input_ids, attention_mask, token_type_ids, exit_threshold=threshold)
-            output.loss.backward()
-        if exit_enabled:
-            assert output.compute_fraction < 0.9  # tokens did exit
-        states.append(torch.get_rng_state())
+    use_cpu_kernels()
+    try:
+        for exit_enabled, exit_threshold in ((False, None), (True, threshold)):
+            torch.manual_seed(0)
+            config = ElectraExitConfig.from_preset(
+                "electra-tiny",
+                vocab_size=VOCAB,
+                num_hidden_layers=6,
+                min_exit_layer=1,
+                generator=generator,
+                exit_enabled=exit_enabled,
+            )
+            model = ElectraPreTrainingModel(config).train()
+            torch.manual_seed(1)
+            for _ in range(3):
+                output = model(input_ids, attention_mask, token_type_ids, exit_threshold=exit_threshold)
+                output.loss.backward()
+            if exit_enabled:
+                assert output.compute_fraction < 0.9  # tokens did exit
+            states.append(torch.get_rng_state())
+    finally:
+        use_cpu_kernels(False)
     assert torch.equal(states[0], states[1])
