@@ -219,6 +219,9 @@ SCALES["quick-paired"] = {
     "eval_interval": 25,
     "arms": ("baseline", "exit-0.75", "exit-0.50"),  # exit-0.50-nofloor isolates the floor: --arms
     "data_cache": "quick",  # the same prepared dataset as the quick scale
+    # All arms of a seed at once (one thread each), so the arms of a seed share the machine alike; with
+    # two at a time runs paired up across seeds and the last one ran alone.
+    "concurrency": 3,
 }
 DRY_RUN = dict(
     model_set=dict(max_position_embeddings=128),
