@@ -315,7 +315,9 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         "--eval-samples",
         str(scale["eval_samples"]),
         "--log-interval",
-        "50",
+        # no rarer than the evaluations: a short run (a dry run on a busy machine) still writes the
+        # training records its exit count is read from
+        str(min(50, scale["eval_interval"])),
         "--no-export-hf",
         "--no-tensorboard",
         "--no-csv",

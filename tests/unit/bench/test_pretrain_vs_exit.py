@@ -207,3 +207,13 @@ def test_the_device_scale_warms_up_exits_for_a_share_of_its_expected_steps():
         2 * expected * scale["exit_warmup_share"]
     )
     assert bench.exit_warmup_steps(bench.SCALES["quick"]) == bench.SCALES["quick"]["exit_warmup_steps"]
+
+
+def test_short_runs_log_training_records_at_least_as_often_as_they_evaluate(tmp_path):
+    """The exit count comes from the training records; a dry run of a few dozen steps must have some."""
+    dry = {**bench.SCALES["device"], **bench.DRY_RUN}
+    run = bench.Run(bench.ARMS[2], 1234, tmp_path)
+    command = bench.trainer_command(run, dry, tmp_path, "mlm")
+    assert command[command.index("--log-interval") + 1] == str(dry["eval_interval"]) == "10"
+    quick = bench.trainer_command(run, bench.SCALES["quick"], tmp_path, "uniform")
+    assert quick[quick.index("--log-interval") + 1] == "50"
