@@ -6,7 +6,7 @@ controller in logit(tau) space. Executing more than the target (too few exits) l
 executing less raises it. Logit space keeps steps proportionate near tau = 1, where
 confidence saturates. The controller is `Stateful`: checkpoints save and restore it.
 
-tau never falls below `min_confidence`. Heads that know little (a discriminator still at the
+A steered tau never falls below `min_confidence`. Heads that know little (a discriminator still at the
 replaced-token prior) give every token a confidence near 0; without a floor the controller
 would chase the target down to such a tau and tokens would leave knowing nothing. At the
 floor, compute stays above the target and `at_floor` says why.
@@ -47,8 +47,10 @@ class ExitController:
         self.target_compute = target_compute
         self.gain = controller_gain
         self.min_confidence = min_confidence
+        # The floor bounds where the controller steers; a fixed tau (no target) is the user's own.
         # Where min_confidence is 0 the floor is the controller's own lower bound.
-        self.floor_logit = max(_logit(min_confidence), _MIN_LOGIT) if min_confidence > 0 else _MIN_LOGIT
+        floored = target_compute is not None and min_confidence > 0
+        self.floor_logit = max(_logit(min_confidence), _MIN_LOGIT) if floored else _MIN_LOGIT
         self.threshold_logit = self._clamp(_logit(config.exit_threshold))
         self.updates = 0
         self.last_compute_fraction: float | None = None
@@ -64,7 +66,7 @@ class ExitController:
     def at_floor(self) -> bool:
         """Whether tau sits at `min_confidence`: the heads are not confident enough to reach the
         target, so compute stays above it."""
-        return self.min_confidence > 0 and self.threshold_logit <= self.floor_logit
+        return self.floor_logit > _MIN_LOGIT and self.threshold_logit <= self.floor_logit
 
     def threshold(self, step: int) -> float | None:
         """tau for optimizer step `step` (0-based), or None when no token may exit."""

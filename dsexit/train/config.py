@@ -86,7 +86,8 @@ class ExitControlConfig:
     warmup_steps: int = field(default=0, metadata={"flag": "--exit-warmup-steps"})
     """No token exits during the first this many steps (the heads train meanwhile)."""
     min_confidence: float = 0.25
-    """Floor under tau: the controller never lowers it below this. Heads at the replaced-token
+    """Floor under tau: the controller (with target_compute set) never lowers it below this; a fixed
+    tau (the model's exit_threshold, no target) is left as given. Heads at the replaced-token
     prior give every token a confidence near 0, so their tokens keep full depth and compute stays
     above the target (the log line says `tau at floor`). The default separates heads that learned
     from heads at the prior (bench/README.md, "Confidence floor")."""

@@ -237,16 +237,6 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
-    control = config.exit_control
-    if (
-        model_config.exit_enabled
-        and control.target_compute is None
-        and model_config.exit_threshold < control.min_confidence
-    ):
-        raise ConfigError(
-            f"exit_threshold={model_config.exit_threshold!r} is invalid; expected a fixed tau of at least "
-            f"min_confidence={control.min_confidence!r} (or a lower --min-confidence)."
-        )
     stages = config.parallelism.pipeline_stages
     config.parallelism.deepspeed_config = find_ds_config(config.parallelism.deepspeed_config)
     raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)

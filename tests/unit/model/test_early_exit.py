@@ -256,6 +256,16 @@ def test_controller_clamps_tau_at_the_floor_from_below_only(tiny_config):
     assert unfloored.tau < 0.001 and not unfloored.at_floor
 
 
+def test_a_fixed_tau_below_the_floor_is_kept():
+    """The floor bounds where the controller steers; without a target, tau is the user's exit_threshold."""
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_threshold=0.1)
+    fixed = ExitController(config, target_compute=None, min_confidence=0.25)
+    fixed.update(1.0, step=0)
+    assert fixed.threshold(0) == pytest.approx(0.1) and not fixed.at_floor
+    steered = ExitController(config, target_compute=0.5, min_confidence=0.25)
+    assert steered.threshold(0) == pytest.approx(0.25) and steered.at_floor  # a steered start is raised
+
+
 def test_controller_state_without_a_floor_loads_and_is_raised_to_it(tiny_config):
     old = {"threshold_logit": -6.0, "updates": 7, "last_compute_fraction": 0.9}  # saved before the floor existed
     controller = ExitController(tiny_config, target_compute=0.6, min_confidence=0.2)

@@ -100,7 +100,6 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
         (["--exit-warmup-steps", "-1"], "exit_warmup_steps=-1"),
         (["--min-confidence", "1.0"], "min_confidence=1.0"),
         (["--min-confidence", "-0.1"], "min_confidence=-0.1"),
-        (["--target-compute", "none", "--exit-threshold", "0.1"], "exit_threshold=0.1"),
         (["--global-batch-size", "30"], "global_batch_size=30"),
         (["--model", "electra-huge"], "model='electra-huge'"),
         (["--model-set", "no_such_field=1"], "no_such_field"),
