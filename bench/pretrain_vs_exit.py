@@ -8,6 +8,7 @@ pre-training seeds per arm:
     exit-0.75       early exit, controller target_compute 0.75, exit_criterion prior_margin
     exit-0.50       early exit, target 0.5, prior_margin
     exit-0.50-conf  early exit, target 0.5, exit_criterion confidence (|2p-1|, the earlier rule)
+    exit-0.50-nofloor   exit-0.50 with no floor under tau (`--min-confidence 0`; the others keep the default)
     exit-0.75-linear, exit-0.50-linear   the same with linear exit heads (`--exit-head linear`, H->1)
     exit-0.75-linear-drop, exit-0.50-linear-drop   linear heads, and exited tokens leave later
                     layers' keys and values (`--exit-kv drop`); -k2-drop: heads every 2nd layer too
@@ -16,11 +17,30 @@ pre-training seeds per arm:
 Quality is the trainer's held-out evaluation (`dsexit.train.heldout`): RTD loss on validation
 samples the run never trained on, under fixed uniform corruption (independent of each arm's
 generator), at full depth, against training minutes (held-out evaluation time excluded).
-For each exit arm and seed: the training minutes it needed to reach the baseline's final
-held-out loss (mean over baseline seeds), interpolated between evaluations; the held-out loss
-at equal time; the spread over seeds. An arm that never reaches the target within its budget
-is reported with its gap, and its time is extrapolated from the slope of its last third of
-evaluations (a number, marked as extrapolated; slope <= 0 counts as twice the budget).
+
+Arms are paired by seed. Every arm of a seed runs the same trainer command but for its exit flags
+(and `--generator` for generator-free), with the same `--seed`, which fixes the initial weights
+(exit heads are drawn after every other module, so the shared weights are equal bit for bit), the
+data order (`StreamingShardReader`, from the seed alone) and the random stream of masks,
+replacements and dropout (with the CPU kernels the trainer uses on a CPU host, a dropout call takes
+one draw whatever the number of active tokens, so an arm whose tokens exit stays on the no-exit
+run's stream; torch's own dropout, on a GPU or with --compile, parts the streams once exits start).
+For each arm and seed, against the baseline of the same seed:
+
+    delta at matched step      held-out loss difference at the largest step both runs reached
+    delta at matched minutes   the same at the largest training minute both reached
+    time saved                 1 - t_arm / t_baseline, t = training minutes until the run's held-out
+                               curve, fitted non-increasing (isotonic), first reaches the baseline's
+                               final fitted loss; interpolated between evaluations; an arm that never
+                               gets there is extrapolated from its last third (twice the budget if flat)
+
+Each is reported as its mean over seeds with a 95% Student-t interval (`dsexit.eval.paired`; none
+below 5 seeds: with 2 or 3 the interval says nothing), and is resolved where the interval excludes
+zero. Time to target is ill-conditioned where the curves flatten (a small loss difference moves the
+crossing a long way), which is why the losses at matched budgets stand beside it. The best arm is
+chosen among arms whose exits ran (compute after exit warmup below 0.98); the table marks runs whose
+exits never started (the budget ended inside the exit warmup: a fresh run refuses the comparison
+then, see below; `--report` on older results shows it) or let almost no token out.
 
 Precondition, printed as its own line: the baseline's first seed against an untrained model of
 the same shape, downstream (`dsexit.eval`: ELECTRA fine-tuning recipe and a frozen-feature linear
@@ -29,6 +49,7 @@ the downstream comparison of arms is not resolvable at this scale and the held-o
 the one that measures the claim.
 
     python bench/pretrain_vs_exit.py --scale quick    # 2-core CPU, generator-free arms, ~75 min
+    python bench/pretrain_vs_exit.py --scale quick-paired --no-precondition   # 5 seeds x 3 arms, 4 min each
     python bench/pretrain_vs_exit.py --scale device   # one H200-class GPU, ELECTRA-Small, < 6 min
     python bench/pretrain_vs_exit.py --scale device --dry-run   # the device path on a CPU, tiny
 
@@ -39,7 +60,11 @@ no RESULT line; exit status 3).
 
 The last line is
 
-    RESULT pretrain_vs_exit time_saved_pct=<best exit arm> heldout_rtd_delta=<its loss - baseline's> seeds=<N>
+    RESULT pretrain_vs_exit time_saved_pct=X ci_low=X ci_high=X heldout_rtd_delta=X seeds=N resolved=yes|no
+        best_arm=NAME   (one line)
+
+with the best arm's mean time saved (%) and its interval, its delta at matched minutes, the number of
+paired seeds, and whether the time saved is resolved.
 """
 
 from __future__ import annotations
@@ -53,6 +78,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dsexit.eval.paired import MIN_SEEDS_FOR_INTERVAL, isotonic_non_increasing, t_interval, value_at
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -72,6 +99,13 @@ ARMS = [
     Arm("exit-0.50", ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin"], True),
     Arm("exit-0.50-conf", ["--exit", "--target-compute", "0.5", "--exit-criterion", "confidence"], True),
     Arm("generator-free", ["--no-exit", "--generator", "uniform"], False),
+    # The controller's floor under tau (`--min-confidence`) switched off: the exit arms above run with
+    # the trainer's default floor.
+    Arm(
+        "exit-0.50-nofloor",
+        ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin", "--min-confidence", "0"],
+        True,
+    ),
     Arm(
         "exit-0.75-linear",
         ["--exit", "--target-compute", "0.75", "--exit-criterion", "prior_margin", "--exit-head", "linear"],
@@ -170,6 +204,25 @@ SCALES = {
         finetune_workers=1,
     ),
 }
+# The quick scale's model, data and replacement, cut to 4 training minutes so that five seeds of the
+# baseline and two exit arms fit in about 40 minutes, two runs at a time: differences paired by seed
+# with an interval over five seeds, where the quick scale ran two long seeds per arm. Evaluations every
+# 25 steps, so the shorter curves still have points to smooth and interpolate.
+SCALES["quick-paired"] = {
+    **SCALES["quick"],
+    "minutes": 4.0,
+    "seeds": 5,
+    # A few hundred steps per run on a shared machine: learning-rate and exit warm-ups short enough
+    # that exits are on for most of every run even where the machine is busy.
+    "warmup_steps": 50,
+    "exit_warmup_steps": 30,
+    "eval_interval": 25,
+    "arms": ("baseline", "exit-0.75", "exit-0.50"),  # exit-0.50-nofloor isolates the floor: --arms
+    "data_cache": "quick",  # the same prepared dataset as the quick scale
+    # All arms of a seed at once (one thread each), so the arms of a seed share the machine alike; with
+    # two at a time runs paired up across seeds and the last one ran alone.
+    "concurrency": 3,
+}
 DRY_RUN = dict(
     model_set=dict(max_position_embeddings=128),
     corpus_files=("moby_dick",),
@@ -262,7 +315,9 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         "--eval-samples",
         str(scale["eval_samples"]),
         "--log-interval",
-        "50",
+        # no rarer than the evaluations: a short run (a dry run on a busy machine) still writes the
+        # training records its exit count is read from
+        str(min(50, scale["eval_interval"])),
         "--no-export-hf",
         "--no-tensorboard",
         "--no-csv",
@@ -397,7 +452,7 @@ def summarize_run(run: Run) -> dict:
     train = read_metrics(str(run.run_dir))
     if not evals:
         raise SystemExit(f"pretrain_vs_exit: {run.run_dir} has no held-out evaluation records")
-    warm = [record for record in train if record["step"] - record["steps"] >= 0 and record.get("exit_threshold")]
+    warm = [record for record in train if record.get("exit_threshold") is not None]  # exits allowed
     steps = sum(record["steps"] for record in warm)
     histogram = [sum(column) for column in zip(*(record["exit_layer_counts"] for record in (warm or train[-1:])))]
     final = evals[-1]
@@ -416,6 +471,8 @@ def summarize_run(run: Run) -> dict:
         "tokens_seen": train[-1]["tokens_seen"] if train else 0,
         "steps_with_exits": on,
         "steps_run": steps_run,
+        # share of the log intervals after exit warmup whose tau sat at the controller's floor
+        "tau_at_floor_share": (sum(bool(record.get("tau_at_floor")) for record in warm) / len(warm)) if warm else 0.0,
         "exit_layer_histogram": histogram,
         "curve": [
             {
@@ -436,54 +493,114 @@ def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
 
 
+# An exit arm whose compute after exit warmup stays at or above this share of full depth hardly let
+# any token out: it measures the exit heads' training, not exits, and is never the best arm.
+EXITS_RAN_BELOW = 0.98
+
+
+def heldout_curve(run: dict, x: str) -> tuple[list[float], list[float]]:
+    """The run's held-out RTD loss against `x` ("minutes" or "step"), x strictly increasing."""
+    xs, ys = [], []
+    for point in sorted(run["curve"], key=lambda point: point[x]):
+        if xs and point[x] <= xs[-1]:
+            continue  # a repeated evaluation at the same step or minute: the first one stands
+        xs.append(float(point[x]))
+        ys.append(float(point["rtd_loss_uniform"]))
+    return xs, ys
+
+
+def smoothed_curve(run: dict) -> list[tuple[float, float]]:
+    """(minutes, held-out loss) fitted non-increasing (isotonic), for "when did it first reach X"."""
+    minutes, losses = heldout_curve(run, "minutes")
+    return list(zip(minutes, isotonic_non_increasing(losses)))
+
+
+def exit_state(run: dict) -> str:
+    """ "off" (a no-exit arm), "never started" (the run ended inside its exit warmup), "did not exit"
+    (compute stayed >= EXITS_RAN_BELOW after warmup) or "ran"."""
+    if not run["early_exit"]:
+        return "off"
+    started = run.get("steps_with_exits")
+    if started == 0 or (started is None and run["compute_fraction"] >= 1.0):
+        return "never started"
+    return "ran" if run["compute_fraction"] < EXITS_RAN_BELOW else "did not exit"
+
+
+def paired_with_baseline(run: dict, baseline: dict) -> dict:
+    """One seed's arm against the same seed's baseline: held-out loss differences at the largest step
+    and the largest training minute both reached (interpolated between evaluations), and time to
+    the baseline's final loss on both runs' smoothed curves."""
+    matched_step = min(run["curve"][-1]["step"], baseline["curve"][-1]["step"])
+    matched_minutes = min(run["curve"][-1]["minutes"], baseline["curve"][-1]["minutes"])
+    run_smoothed, baseline_smoothed = smoothed_curve(run), smoothed_curve(baseline)
+    target = baseline_smoothed[-1][1]
+    baseline_minutes = time_to_reach_loss(baseline_smoothed, target)
+    minutes = time_to_reach_loss(run_smoothed, target)
+    reached = minutes is not None
+    if not reached:
+        minutes = extrapolated_time(run_smoothed, target)
+    return {
+        "seed": run["seed"],
+        "matched_step": matched_step,
+        "delta_at_matched_step": value_at(*heldout_curve(run, "step"), matched_step)
+        - value_at(*heldout_curve(baseline, "step"), matched_step),
+        "matched_minutes": matched_minutes,
+        "delta_at_matched_minutes": value_at(*heldout_curve(run, "minutes"), matched_minutes)
+        - value_at(*heldout_curve(baseline, "minutes"), matched_minutes),
+        "target_rtd_loss": target,
+        "baseline_minutes_to_target": baseline_minutes,
+        "minutes_to_target": minutes,
+        "reached": reached,
+        "time_saved_pct": 100.0 * (1.0 - minutes / baseline_minutes) if baseline_minutes > 0 else float("nan"),
+    }
+
+
 def compare(summaries: list[dict]) -> dict:
-    """Per arm: final held-out loss, time to the baseline's final loss (per seed), delta at equal time."""
-    by_arm: dict[str, list[dict]] = {}
+    """Per arm, against the baseline of the same seed: held-out loss differences at matched steps
+    and matched minutes, and the time saved to the baseline's final loss, each with its t-interval
+    over seeds; the best arm among those whose exits ran."""
+    by_arm: dict[str, dict[int, dict]] = {}
     for summary in summaries:
-        by_arm.setdefault(summary["arm"], []).append(summary)
+        by_arm.setdefault(summary["arm"], {})[summary["seed"]] = summary
     baseline = by_arm["baseline"]
-    target = statistics.fmean(run["final"]["eval_rtd_loss_uniform"] for run in baseline)
-
-    def minutes_to_target(runs: list[dict]) -> tuple[list[float], list[bool]]:
-        reach, reached = [], []
-        for run in runs:
-            curve = [(point["minutes"], point["rtd_loss_uniform"]) for point in run["curve"]]
-            minutes = time_to_reach_loss(curve, target)
-            reached.append(minutes is not None)
-            reach.append(minutes if minutes is not None else extrapolated_time(curve, target))
-        return reach, reached
-
-    # Like with like: the baseline's own time to the target (its curve may reach its final
-    # loss before the end of its budget), not its whole budget.
-    base_minutes = statistics.fmean(minutes_to_target(baseline)[0])
     arms = {}
-    for name, runs in by_arm.items():
-        reach, reached = minutes_to_target(runs)
-        finals = [run["final"]["eval_rtd_loss_uniform"] for run in runs]
-        arms[name] = {
+    for name, runs_by_seed in by_arm.items():
+        runs = list(runs_by_seed.values())
+        states = [exit_state(run) for run in runs]
+        row = {
             "early_exit": runs[0]["early_exit"],
             "seeds": len(runs),
-            "heldout_rtd_loss": _spread(finals),
-            "heldout_rtd_delta": statistics.fmean(finals) - target,
-            "minutes_to_target": _spread(reach),
-            "reached_all": all(reached),
-            "reached": reached,
-            "time_saved_pct": 100.0 * (1.0 - statistics.fmean(reach) / base_minutes),
-            "time_saved_pct_per_seed": [100.0 * (1.0 - minutes / base_minutes) for minutes in reach],
             "compute_fraction": statistics.fmean(run["compute_fraction"] for run in runs),
-            "steps": _spread([float(run["final_step"]) for run in runs]),
+            "exit_states": states,
+            "heldout_rtd_loss": _spread([run["final"]["eval_rtd_loss_uniform"] for run in runs]),
             "auc_uniform": _spread([run["final"]["eval_rtd_auc_uniform"] for run in runs]),
             "heldout_rtd_loss_exit_rule": _spread([run["final"]["eval_rtd_loss_uniform_exit"] for run in runs]),
+            "steps": _spread([float(run["final_step"]) for run in runs]),
             "budget_minutes": statistics.fmean(run["train_minutes"] for run in runs),
+            "tau_at_floor_share": statistics.fmean(run.get("tau_at_floor_share", 0.0) for run in runs),
         }
-    exit_arms = [name for name, arm in arms.items() if arm["early_exit"]]
-    best = max(exit_arms, key=lambda name: arms[name]["time_saved_pct"]) if exit_arms else None
+        row["exits_ran"] = row["early_exit"] and row["compute_fraction"] < EXITS_RAN_BELOW
+        pairs = [
+            paired_with_baseline(run, baseline[seed]) for seed, run in sorted(runs_by_seed.items()) if seed in baseline
+        ]
+        row["paired_seeds"] = pairs
+        if name == "baseline":
+            row["minutes_to_target"] = _spread([pair["baseline_minutes_to_target"] for pair in pairs])
+        elif pairs:
+            row["minutes_to_target"] = _spread([pair["minutes_to_target"] for pair in pairs])
+            row["reached"] = [pair["reached"] for pair in pairs]
+            row["reached_all"] = all(row["reached"])
+            for quantity in ("delta_at_matched_step", "delta_at_matched_minutes", "time_saved_pct"):
+                row[quantity] = t_interval([pair[quantity] for pair in pairs])
+            row["heldout_rtd_delta"] = row["delta_at_matched_minutes"]["mean"]
+        arms[name] = row
+    eligible = [name for name, row in arms.items() if row["exits_ran"] and "time_saved_pct" in row]
+    best = max(eligible, key=lambda name: arms[name]["time_saved_pct"]["mean"]) if eligible else None
     return {
-        "target_rtd_loss": target,
-        "baseline_minutes": base_minutes,
+        "target_rtd_loss": statistics.fmean(pair["target_rtd_loss"] for pair in arms["baseline"]["paired_seeds"]),
         "arms": arms,
         "best_exit_arm": best,
-        "rtd_prior_entropy": baseline[0]["final"]["rtd_prior_entropy"],
+        "rtd_prior_entropy": next(iter(baseline.values()))["final"]["rtd_prior_entropy"],
     }
 
 
@@ -611,23 +728,56 @@ def _save(figure, path: Path) -> str:
     return str(path)
 
 
+def _with_interval(summary: dict | None, template: str) -> str:
+    """ "mean [low, high]" in `template`'s format; "[n/a]" where there are too few seeds for one."""
+    if summary is None:
+        return "-"
+    if summary["low"] is None:
+        return f"{template.format(summary['mean'])} [n/a]"
+    return f"{template.format(summary['mean'])} [{template.format(summary['low'])}, {template.format(summary['high'])}]"
+
+
+def _exits_label(states: list[str]) -> str:
+    counts = {state: states.count(state) for state in dict.fromkeys(states)}
+    if len(counts) == 1:
+        return states[0]
+    return ", ".join(f"{state} {count}/{len(states)}" for state, count in counts.items())
+
+
 def format_table(comparison: dict) -> str:
-    header = (
-        f"{'arm':<15} {'seeds':>5} {'compute':>7} {'steps':>13} {'held-out RTD':>21} {'AUC':>6} "
-        f"{'exit rule':>9} {'min to target':>19} {'time saved':>17}"
-    )
+    columns = [
+        ("arm", 15, "<"),
+        ("seeds", 5, ">"),
+        ("compute", 7, ">"),
+        ("exits", 13, "<"),
+        ("steps", 14, ">"),
+        ("held-out RTD", 12, ">"),
+        ("exit rule", 9, ">"),
+        ("delta, matched step", 33, ">"),
+        ("delta, matched minutes", 33, ">"),
+        ("min to target", 18, ">"),
+        ("time saved %", 24, ">"),
+        ("reached", 7, ">"),
+    ]
+    header = " ".join(f"{name:{align}{width}}" for name, width, align in columns)
     lines = [header, "-" * len(header)]
     for name, arm in comparison["arms"].items():
-        loss, reach, steps = arm["heldout_rtd_loss"], arm["minutes_to_target"], arm["steps"]
-        saved = arm["time_saved_pct_per_seed"]
-        marker = "" if arm["reached_all"] else "*"
-        lines.append(
-            f"{name:<15} {arm['seeds']:>5} {arm['compute_fraction']:7.3f} {steps['mean']:6.0f} "
-            f"({steps['min']:.0f}-{steps['max']:.0f}) {loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) "
-            f"{arm['auc_uniform']['mean']:6.4f} {arm['heldout_rtd_loss_exit_rule']['mean']:9.4f} "
-            f"{reach['mean']:5.2f}{marker:1} ({reach['min']:.2f}-{reach['max']:.2f}) "
-            f"{arm['time_saved_pct']:+6.1f}% ({min(saved):+.0f}..{max(saved):+.0f})"
-        )
+        steps, reach = arm["steps"], arm.get("minutes_to_target")
+        cells = [
+            name,
+            str(arm["seeds"]),
+            f"{arm['compute_fraction']:.3f}",
+            _exits_label(arm["exit_states"]),
+            f"{steps['mean']:.0f} ({steps['min']:.0f}-{steps['max']:.0f})",
+            f"{arm['heldout_rtd_loss']['mean']:.4f}",
+            f"{arm['heldout_rtd_loss_exit_rule']['mean']:.4f}",
+            _with_interval(arm.get("delta_at_matched_step"), "{:+.4f}"),
+            _with_interval(arm.get("delta_at_matched_minutes"), "{:+.4f}"),
+            f"{reach['mean']:.2f} ({reach['min']:.2f}-{reach['max']:.2f})" if reach else "-",
+            _with_interval(arm.get("time_saved_pct"), "{:+.1f}"),
+            f"{sum(arm['reached'])}/{len(arm['reached'])}" if "reached" in arm else "-",
+        ]
+        lines.append(" ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns)))
     return "\n".join(lines)
 
 
@@ -734,7 +884,11 @@ def main(argv=None) -> int:
     data = prepare_corpus(
         args.corpus,
         scale["corpus_files"],
-        args.data_cache or REPO / "runs" / "bench_data" / (f"{tag}-heldout"),
+        args.data_cache
+        or REPO
+        / "runs"
+        / "bench_data"
+        / f"{scale.get('data_cache', args.scale)}{'-dry-run' if args.dry_run else ''}-heldout",
         tokenizer_spec(scale, args.vocab),
         scale["seq_len"],
     )
@@ -792,6 +946,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def result_line(comparison: dict) -> str:
+    """The last line: the best arm whose exits ran, its time saved with the interval, and whether
+    that interval excludes zero."""
+    best = comparison["best_exit_arm"]
+    if best is None:
+        return (
+            "RESULT pretrain_vs_exit time_saved_pct=n/a ci_low=n/a ci_high=n/a heldout_rtd_delta=n/a seeds=0 "
+            "resolved=no best_arm=none"
+        )
+    arm = comparison["arms"][best]
+    saved = arm["time_saved_pct"]
+    low, high = (f"{saved[key]:.1f}" if saved[key] is not None else "n/a" for key in ("low", "high"))
+    return (
+        f"RESULT pretrain_vs_exit time_saved_pct={saved['mean']:.1f} ci_low={low} ci_high={high} "
+        f"heldout_rtd_delta={arm['heldout_rtd_delta']:+.4f} seeds={saved['n']} "
+        f"resolved={'yes' if saved['resolved'] else 'no'} best_arm={best}"
+    )
+
+
 NO_COMPARISON = 3  # exit status when the exit arms did not run with exits long enough to compare
 
 
@@ -819,17 +992,32 @@ def report(results: dict, out: Path) -> None:
     )
     print(format_table(results))
     print(
-        f"target = baseline's final held-out RTD loss {results['target_rtd_loss']:.4f} at full depth (mean over "
-        f"seeds; replaced-token prior {results['rtd_prior_entropy']:.4f}); min to target = training minutes to reach "
-        f"it (* = not reached by every seed: extrapolated); time saved = 1 - min to target / the baseline's "
-        f"{results['baseline_minutes']:.2f}; exit rule = the held-out loss with the arm's exits at its last tau; "
-        f"compute = executed / full token-layers of exitable tokens"
+        "Every arm against the baseline of the same seed (same initial weights and data order), mean over seeds "
+        f"[95% Student-t interval; n/a below {MIN_SEEDS_FOR_INTERVAL} seeds]. held-out RTD = final held-out RTD "
+        "loss at full depth (uniform corruption); exit rule = the same with the arm's exits at its last tau; "
+        "delta = arm - baseline held-out loss at the largest step / training minute both runs reached "
+        "(interpolated between evaluations); min to target = training minutes until the arm's isotonic "
+        "(non-increasing) held-out curve reaches the same seed's baseline's final smoothed loss (mean target "
+        f"{results['target_rtd_loss']:.4f}; replaced-token prior {results['rtd_prior_entropy']:.4f}); for the "
+        "baseline, its own time to that loss; time saved = 1 - arm's / baseline's minutes, per seed; reached = "
+        "seeds whose arm reached the target in its budget (the others are extrapolated from the slope of the last "
+        "third of the curve, twice the budget where flat); compute = executed / full token-layers of exitable "
+        f"tokens after exit warmup; exits: ran (compute < {EXITS_RAN_BELOW}), did not exit, never started (the "
+        "run ended inside its exit warmup), off"
     )
     for name, arm in results["arms"].items():
-        if arm["early_exit"] and not arm["reached_all"]:
+        if "time_saved_pct" in arm:
             print(
-                f"{name}: did not reach the target in {sum(not r for r in arm['reached'])} of {arm['seeds']} seeds; "
-                f"gap at equal time {arm['heldout_rtd_delta']:+.4f}"
+                f"{name}: resolved (interval excludes 0): delta at matched step "
+                f"{'yes' if arm['delta_at_matched_step']['resolved'] else 'no'}, at matched minutes "
+                f"{'yes' if arm['delta_at_matched_minutes']['resolved'] else 'no'}, time saved "
+                f"{'yes' if arm['time_saved_pct']['resolved'] else 'no'}"
+                + (
+                    f"; tau at its floor in {100 * arm['tau_at_floor_share']:.0f}% of log intervals"
+                    if arm["early_exit"]
+                    else ""
+                )
+                + ("" if arm["exits_ran"] or not arm["early_exit"] else "; exits did not run: not a candidate")
             )
     verdict = results.get("precondition")
     if verdict:
@@ -843,13 +1031,7 @@ def report(results: dict, out: Path) -> None:
         if not beats:
             print("downstream cannot resolve the arms at this budget: the held-out RTD loss above is the measure")
     print(f"plots: {', '.join(results['plots'])}; json: {out}")
-    best = results["best_exit_arm"]
-    arm = results["arms"][best]
-    seeds = min(a["seeds"] for a in results["arms"].values())
-    print(
-        f"RESULT pretrain_vs_exit time_saved_pct={arm['time_saved_pct']:.1f} "
-        f"heldout_rtd_delta={arm['heldout_rtd_delta']:+.4f} seeds={seeds} best_arm={best}"
-    )
+    print(result_line(results))
 
 
 if __name__ == "__main__":

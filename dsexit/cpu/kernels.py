@@ -61,7 +61,13 @@ def cpu_dropout(inputs: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """`F.dropout`, with the cheaper mask on CPU tensors (see the module docstring)."""
     if not training or p == 0.0:
         return inputs
-    if inputs.device.type != "cpu" or p >= 1.0 or inputs.numel() == 0:
+    if inputs.device.type != "cpu" or p >= 1.0:
+        return F.dropout(inputs, p, training=True)
+    if inputs.numel() == 0:
+        # Still the one draw every call takes: the random stream (masks, replacements, later
+        # dropout) then does not depend on how many tokens are active, so a run whose tokens all
+        # left a layer stays on the stream of a run without exits (paired arms of a seed).
+        _random_words(0)
         return F.dropout(inputs, p, training=True)
     dropped_levels = round(p * _DRAW_LEVELS)
     words = _random_words((inputs.numel() + 3) // 4)

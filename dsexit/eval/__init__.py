@@ -7,6 +7,7 @@ What lives where:
     probe.py      frozen-feature linear probe (mode="probe"): logistic regression on final [CLS] states
     metrics.py    accuracy, F1, MCC (no sklearn)
     peak.py       this machine's matmul peak, the benchmarks' share-of-peak denominator
+    paired.py     arms paired by seed: Student-t intervals, monotone curve fits, values at matched points
 """
 
 from dsexit.eval.finetune import FinetuneConfig, finetune, finetune_many

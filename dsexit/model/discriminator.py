@@ -231,7 +231,10 @@ class ElectraDiscriminator(nn.Module):
         self.config = config
         self.electra = ElectraBody(config, EncoderShape.discriminator(config), ElectraEmbeddings(config))
         self.discriminator_predictions = ElectraDiscriminatorPredictions(config)
-        self.exit_heads = nn.ModuleDict({str(number): build_exit_head(config) for number in config.exit_layers})
+        # Built on a forked RNG, so the modules after them draw the same construction-time numbers with
+        # and without exits (ElectraPreTrainingModel initialises the heads last for the same reason).
+        with torch.random.fork_rng(devices=[]):
+            self.exit_heads = nn.ModuleDict({str(number): build_exit_head(config) for number in config.exit_layers})
 
     @property
     def num_layers(self) -> int:

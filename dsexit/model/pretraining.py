@@ -321,7 +321,13 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         self.discriminator = ElectraDiscriminator(config)
         self.generator = ElectraGenerator(config) if config.uses_generator_network else None
         register_replacement_buffers(self, config)
-        self.apply(lambda module: init_weights(module, config.initializer_range))
+        # Exit heads draw their weights after every other module, so a model with exits starts from the
+        # same weights as one without under the same seed: arms of a seed differ only by their exits.
+        exit_head_modules = set(self.discriminator.exit_heads.modules())
+        self.apply(
+            lambda module: None if module in exit_head_modules else init_weights(module, config.initializer_range)
+        )
+        self.discriminator.exit_heads.apply(lambda module: init_weights(module, config.initializer_range))
         if config.head_bias_init == "prior":
             self.discriminator.init_head_bias_at_prior()
 

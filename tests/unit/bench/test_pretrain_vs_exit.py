@@ -1,4 +1,5 @@
-"""The arithmetic of bench/pretrain_vs_exit.py: time to the baseline's held-out quality, gaps, seeds."""
+"""The arithmetic of bench/pretrain_vs_exit.py: arms paired with the baseline by seed, intervals over
+seeds, time to the baseline's held-out loss on smoothed curves, which arm may be called best."""
 
 import pytest
 
@@ -7,63 +8,138 @@ from tests.helpers import load_bench
 bench = load_bench("pretrain_vs_exit")
 
 
-def _run(arm: str, seed: int, early_exit: bool, curve: list[tuple[float, float]]) -> dict:
-    minutes, loss = curve[-1]
+def _run(
+    arm: str,
+    seed: int,
+    points: list[tuple[float, int, float]],
+    compute_fraction: float = 1.0,
+    steps_with_exits: int | None = None,
+) -> dict:
+    """A run summary as summarize_run writes it; `points` are (minutes, step, held-out loss)."""
+    minutes, step, loss = points[-1]
+    early_exit = arm != "baseline"
     return {
         "arm": arm,
         "seed": seed,
         "early_exit": early_exit,
         "train_minutes": minutes,
-        "final_step": 100,
-        "compute_fraction": 0.5 if early_exit else 1.0,
+        "final_step": step,
+        "compute_fraction": compute_fraction,
+        "steps_with_exits": (step if early_exit else 0) if steps_with_exits is None else steps_with_exits,
         "final": {
             "eval_rtd_loss_uniform": loss,
             "eval_rtd_auc_uniform": 0.8,
             "rtd_prior_entropy": 0.4,
             "eval_rtd_loss_uniform_exit": loss,
         },
-        "curve": [{"minutes": m, "rtd_loss_uniform": value} for m, value in curve],
+        "curve": [{"minutes": m, "step": s, "rtd_loss_uniform": value} for m, s, value in points],
     }
 
 
-def test_exit_arm_that_reaches_the_baseline_sooner_saves_that_share_of_time():
-    comparison = bench.compare(
-        [
-            _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.24)]),
-            _run("baseline", 2, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.26)]),  # target: mean 0.25
-            _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.27), (10.0, 0.23)]),  # 0.25 at 7.5 min
-            _run("exit-0.50", 2, True, [(0.0, 0.40), (5.0, 0.25), (10.0, 0.22)]),  # 0.25 at 5.0 min
-        ]
-    )
-    assert comparison["target_rtd_loss"] == pytest.approx(0.25)
-    arm = comparison["arms"]["exit-0.50"]
-    assert arm["minutes_to_target"]["values"] == pytest.approx([7.5, 5.0])
-    # The baseline's own time to its mean final loss: seed 1 at 5 + 5 x 0.05 / 0.06, seed 2 never
-    # (its last third falls 0.04 in 5 min: 0.26 -> 0.25 takes 1.25 min more).
-    base = comparison["baseline_minutes"]
-    assert base == pytest.approx(((5 + 5 * 0.05 / 0.06) + 11.25) / 2)
-    assert arm["time_saved_pct"] == pytest.approx(100 * (1 - 6.25 / base))
-    assert arm["time_saved_pct_per_seed"] == pytest.approx([100 * (1 - 7.5 / base), 100 * (1 - 5.0 / base)])
-    assert arm["heldout_rtd_delta"] == pytest.approx(0.225 - 0.25)
-    assert arm["reached_all"] and comparison["best_exit_arm"] == "exit-0.50"
+BASELINE = [(0.0, 0, 0.40), (1.0, 100, 0.30), (2.0, 200, 0.26)]  # final 0.26, reached at 2.0 minutes
+OFFSETS = [0.0, 0.01, -0.01, 0.015, -0.015]  # how much worse each seed's exit run is than the common shape
 
 
-def test_an_arm_that_never_reaches_the_target_gets_a_number_and_its_gap():
-    comparison = bench.compare(
-        [
-            _run("baseline", 1, False, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.25)]),
-            # still falling by 0.01 a minute over its last third: 0.27 -> 0.25 takes 2 more minutes
-            _run("exit-0.75", 1, True, [(0.0, 0.40), (4.0, 0.33), (6.0, 0.31), (8.0, 0.29), (10.0, 0.27)]),
-            _run("exit-0.50", 1, True, [(0.0, 0.40), (5.0, 0.30), (10.0, 0.30)]),  # flat: counted as twice the budget
-        ]
+def _exit_run(seed: int, offset: float, arm: str = "exit-0.50", compute_fraction: float = 0.5) -> dict:
+    # 20% more steps in the same minutes; 0.28 + offset at 1 minute, 0.24 + offset at 2
+    points = [(0.0, 0, 0.40), (1.0, 120, 0.28 + offset), (2.0, 240, 0.24 + offset)]
+    return _run(arm, seed, points, compute_fraction=compute_fraction)
+
+
+def _five_seeds(**exit_options) -> list[dict]:
+    return [_run("baseline", seed, BASELINE) for seed in range(5)] + [
+        _exit_run(seed, offset, **exit_options) for seed, offset in enumerate(OFFSETS)
+    ]
+
+
+def test_five_paired_seeds_give_differences_and_intervals_worked_by_hand():
+    arm = bench.compare(_five_seeds())["arms"]["exit-0.50"]
+    # Matched step 200 (the baseline's last): the arm at 0.28 + o - 0.04 x 80/120, the baseline at 0.26.
+    per_seed = [pair["delta_at_matched_step"] for pair in arm["paired_seeds"]]
+    assert per_seed == pytest.approx([0.28 - 0.04 * 80 / 120 + offset - 0.26 for offset in OFFSETS])
+    # Matched minutes 2.0: 0.24 + o against 0.26; mean -0.02, sd(offsets) = sqrt(6.5e-4 / 4), se
+    # sqrt(1.625e-4 / 5), t(0.975, 4) = 2.776445: half width 0.015828.
+    minutes = arm["delta_at_matched_minutes"]
+    assert minutes["values"] == pytest.approx([-0.02 + offset for offset in OFFSETS])
+    assert minutes["mean"] == pytest.approx(-0.02)
+    assert (minutes["low"], minutes["high"]) == pytest.approx((-0.02 - 0.015828, -0.02 + 0.015828), abs=1e-5)
+    assert minutes["resolved"] and arm["heldout_rtd_delta"] == pytest.approx(-0.02)
+    # Time to 0.26: 1 + (0.02 + o) / 0.04 minutes against the baseline's 2.0: saved 25, 12.5, 37.5, 6.25,
+    # 43.75 %; mean 25, deviations 0, +-12.5, +-18.75 -> sd sqrt(1015.625 / 4), half width
+    # 2.776445 x sd / sqrt(5) = 19.7852.
+    saved = arm["time_saved_pct"]
+    assert saved["values"] == pytest.approx([25.0, 12.5, 37.5, 6.25, 43.75])
+    assert (saved["low"], saved["high"]) == pytest.approx((25 - 19.7852, 25 + 19.7852), abs=1e-3)
+    assert saved["resolved"] and arm["reached_all"]
+
+
+def test_the_result_line_names_the_best_arm_its_interval_and_resolution():
+    line = bench.result_line(bench.compare(_five_seeds()))
+    assert line == (
+        "RESULT pretrain_vs_exit time_saved_pct=25.0 ci_low=5.2 ci_high=44.8 heldout_rtd_delta=-0.0200 "
+        "seeds=5 resolved=yes best_arm=exit-0.50"
     )
-    slow, flat = comparison["arms"]["exit-0.75"], comparison["arms"]["exit-0.50"]
-    assert not slow["reached_all"] and slow["minutes_to_target"]["mean"] == pytest.approx(12.0)
-    assert comparison["baseline_minutes"] == pytest.approx(10.0)  # the baseline reaches its final loss at the end
-    assert slow["time_saved_pct"] == pytest.approx(-20.0)
-    assert slow["heldout_rtd_delta"] == pytest.approx(0.02)
-    assert flat["time_saved_pct"] == pytest.approx(-100.0)
-    assert comparison["best_exit_arm"] == "exit-0.75"
+
+
+def test_with_three_seeds_there_is_no_interval_and_nothing_is_resolved():
+    runs = [run for run in _five_seeds() if run["seed"] < 3]
+    comparison = bench.compare(runs)
+    assert comparison["arms"]["exit-0.50"]["time_saved_pct"]["mean"] == pytest.approx((25 + 12.5 + 37.5) / 3)
+    assert bench.result_line(comparison) == (
+        "RESULT pretrain_vs_exit time_saved_pct=25.0 ci_low=n/a ci_high=n/a heldout_rtd_delta=-0.0200 "
+        "seeds=3 resolved=no best_arm=exit-0.50"
+    )
+    assert "[n/a]" in bench.format_table(comparison)
+
+
+def test_best_arm_only_among_arms_whose_exits_ran():
+    runs = _five_seeds()
+    # Faster than exit-0.50 on every seed, but its runs ended inside the exit warmup.
+    for seed in range(5):
+        never = _exit_run(seed, -0.03, arm="exit-0.75", compute_fraction=1.0)
+        never["steps_with_exits"] = 0
+        runs.append(never)
+        runs.append(_exit_run(seed, -0.02, arm="exit-0.50-conf", compute_fraction=0.99))  # exits barely ran
+    comparison = bench.compare(runs)
+    arms = comparison["arms"]
+    assert arms["exit-0.75"]["exit_states"] == ["never started"] * 5 and not arms["exit-0.75"]["exits_ran"]
+    assert arms["exit-0.50-conf"]["exit_states"] == ["did not exit"] * 5
+    assert arms["exit-0.75"]["time_saved_pct"]["mean"] > arms["exit-0.50"]["time_saved_pct"]["mean"]
+    assert comparison["best_exit_arm"] == "exit-0.50"
+    table = bench.format_table(comparison)
+    assert any(line.startswith("exit-0.75") and "never started" in line for line in table.splitlines())
+    assert any(line.startswith("exit-0.50-conf") and "did not exit" in line for line in table.splitlines())
+
+
+def test_no_arm_whose_exits_ran_gives_no_best_arm():
+    runs = [run for run in _five_seeds() if run["arm"] == "baseline"]
+    runs += [_exit_run(seed, 0.0, compute_fraction=1.0) | {"steps_with_exits": 0} for seed in range(5)]
+    comparison = bench.compare(runs)
+    assert comparison["best_exit_arm"] is None
+    assert bench.result_line(comparison).endswith("seeds=0 resolved=no best_arm=none")
+
+
+def test_time_to_target_reads_the_smoothed_curve_not_a_lucky_dip():
+    baseline = _run("baseline", 1, [(0.0, 0, 0.40), (1.0, 100, 0.30), (2.0, 200, 0.32), (3.0, 300, 0.25)])
+    # Raw, this arm dips to 0.24 at 1 minute; its non-increasing fit pools 0.24 and 0.30 to 0.27 and
+    # ends at 0.26, so it never reaches 0.25: the fit's last third falls 0.01 a minute -> 4.0 minutes.
+    dip = _run("exit-0.50", 1, [(0.0, 0, 0.40), (1.0, 120, 0.24), (2.0, 240, 0.30), (3.0, 360, 0.26)], 0.5)
+    pair = bench.paired_with_baseline(dip, baseline)
+    assert pair["target_rtd_loss"] == pytest.approx(0.25) and pair["baseline_minutes_to_target"] == pytest.approx(3.0)
+    assert not pair["reached"] and pair["minutes_to_target"] == pytest.approx(4.0)
+    assert pair["time_saved_pct"] == pytest.approx(100 * (1 - 4.0 / 3.0))
+    # Matched step 300: the arm between 240 (0.30) and 360 (0.26) at 0.28, the baseline at 0.25.
+    assert pair["delta_at_matched_step"] == pytest.approx(0.03)
+    assert pair["delta_at_matched_minutes"] == pytest.approx(0.01)
+
+
+def test_baseline_target_is_its_own_smoothed_final_loss_reached_where_its_fit_first_gets_there():
+    # 0.25, 0.125, 0.375 at the end fit to 0.25, 0.25, 0.25: the target is 0.25, first reached at 4 minutes
+    points = [(0.0, 0, 0.5), (2.0, 100, 0.375), (4.0, 200, 0.25), (5.0, 250, 0.125), (6.0, 300, 0.375)]
+    baseline = _run("baseline", 1, points)
+    pair = bench.paired_with_baseline(baseline, baseline)
+    assert pair["target_rtd_loss"] == 0.25
+    assert pair["baseline_minutes_to_target"] == pytest.approx(4.0) and pair["time_saved_pct"] == pytest.approx(0.0)
 
 
 def test_time_to_reach_loss_interpolates_and_reports_never():
@@ -71,6 +147,12 @@ def test_time_to_reach_loss_interpolates_and_reports_never():
     assert bench.time_to_reach_loss(curve, 0.3) == pytest.approx(15.0)
     assert bench.time_to_reach_loss(curve, 0.6) == 0.0
     assert bench.time_to_reach_loss(curve, 0.1) is None
+
+
+def test_extrapolation_continues_the_last_third_and_caps_a_flat_curve_at_twice_the_budget():
+    falling = [(0.0, 0.40), (4.0, 0.33), (6.0, 0.31), (8.0, 0.29), (10.0, 0.27)]  # 0.01 a minute at the end
+    assert bench.extrapolated_time(falling, 0.25) == pytest.approx(12.0)
+    assert bench.extrapolated_time([(0.0, 0.40), (5.0, 0.30), (10.0, 0.30)], 0.25) == pytest.approx(20.0)
 
 
 def _train_records(steps: int, warmup: int, interval: int = 10, with_counts: bool = True) -> list[dict]:
@@ -125,3 +207,13 @@ def test_the_device_scale_warms_up_exits_for_a_share_of_its_expected_steps():
         2 * expected * scale["exit_warmup_share"]
     )
     assert bench.exit_warmup_steps(bench.SCALES["quick"]) == bench.SCALES["quick"]["exit_warmup_steps"]
+
+
+def test_short_runs_log_training_records_at_least_as_often_as_they_evaluate(tmp_path):
+    """The exit count comes from the training records; a dry run of a few dozen steps must have some."""
+    dry = {**bench.SCALES["device"], **bench.DRY_RUN}
+    run = bench.Run(bench.ARMS[2], 1234, tmp_path)
+    command = bench.trainer_command(run, dry, tmp_path, "mlm")
+    assert command[command.index("--log-interval") + 1] == str(dry["eval_interval"]) == "10"
+    quick = bench.trainer_command(run, bench.SCALES["quick"], tmp_path, "uniform")
+    assert quick[quick.index("--log-interval") + 1] == "50"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dsexit.cpu import use_cpu_kernels
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.flops import discriminator_layer_flops
 from dsexit.model.layers import ElectraDiscriminatorPredictions, LinearExitHead
@@ -113,3 +114,56 @@ def test_sampled_supervision_leaves_the_outputs_of_exiting_tokens_as_they_were()
         ours.discriminator_logits[real], ours.rtd_labels[real]
     ).backward()
     assert sampled.discriminator.exit_heads["1"].dense_prediction.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("generator", ["mlm", "uniform"])
+@pytest.mark.parametrize("exit_head", ["dense", "linear"])
+def test_a_model_with_exits_starts_from_the_weights_of_one_without(generator, exit_head):
+    """Arms of one seed in bench/pretrain_vs_exit differ only by their exits: every parameter the
+    no-exit model has is equal, bit for bit, in the model with exit heads under the same seed."""
+    without_exits = _model(exit_enabled=False, generator=generator).state_dict()
+    with_exits = _model(exit_enabled=True, generator=generator, exit_head=exit_head)
+    shared = {name: value for name, value in with_exits.state_dict().items() if ".exit_heads." not in name}
+    assert shared.keys() == without_exits.keys()
+    assert all(torch.equal(shared[name], without_exits[name]) for name in shared)
+    # The heads themselves still get ELECTRA's normal(0, initializer_range) weights, drawn last.
+    head_weights = torch.cat(
+        [p.flatten() for name, p in with_exits.discriminator.exit_heads.named_parameters() if name.endswith("weight")]
+    )
+    initializer_range = with_exits.config.initializer_range
+    assert head_weights.std().item() == pytest.approx(initializer_range, rel=0.1)
+    assert abs(head_weights.mean().item()) < initializer_range / 10
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])  # every token out at layer 1; some layers emptied
+@pytest.mark.parametrize("generator", ["mlm", "uniform"])
+def test_exits_draw_the_same_random_numbers_as_no_exit_with_the_cpu_kernels(generator, threshold):
+    """Masks, replacements and dropout come from one stream; with the CPU kernels the trainer uses on
+    a CPU host (`dsexit.cpu.use_cpu_kernels`), each dropout call takes one draw whatever its size, even
+    on a layer every token has left, so a run whose tokens exit stays on the no-exit run's stream: the
+    arms of a seed see the same masked positions at every step."""
+    input_ids, attention_mask, token_type_ids = make_batch(batch_size=8, seq_len=32)
+    states = []
+    use_cpu_kernels()
+    try:
+        for exit_enabled, exit_threshold in ((False, None), (True, threshold)):
+            torch.manual_seed(0)
+            config = ElectraExitConfig.from_preset(
+                "electra-tiny",
+                vocab_size=VOCAB,
+                num_hidden_layers=6,
+                min_exit_layer=1,
+                generator=generator,
+                exit_enabled=exit_enabled,
+            )
+            model = ElectraPreTrainingModel(config).train()
+            torch.manual_seed(1)
+            for _ in range(3):
+                output = model(input_ids, attention_mask, token_type_ids, exit_threshold=exit_threshold)
+                output.loss.backward()
+            if exit_enabled:
+                assert output.compute_fraction < 0.9  # tokens did exit
+            states.append(torch.get_rng_state())
+    finally:
+        use_cpu_kernels(False)
+    assert torch.equal(states[0], states[1])
