@@ -15,9 +15,9 @@ ElectraForPreTraining discriminator of the same sizes, shared embeddings) two wa
 Each runs in fp32 and under bf16 autocast. The same run measures this machine's matmul
 peak (bf16 and fp32, square products) and reports the model's FLOP/s (FLOP counter,
 forward + backward = 3 x forward) as a share of it. Configurations are timed round-robin
-so machine noise hits all alike; each figure is the median of the repetitions. On a CPU the process
-runs with the host allocator the trainer uses there (tcmalloc preloaded where it is installed, else
-glibc's malloc tuned; `DSEXIT_TCMALLOC=off`), every configuration alike.
+so machine noise hits all alike; each figure is the median of the repetitions. The process starts
+as the eager trainer does (`setup_process`: on a CPU, glibc's malloc tuned or tcmalloc where asked
+for, and the CPU kernels; docs/cpu.md), every configuration alike.
 
     python bench/exit_speed.py [--repeats 5] [--batch 32] [--device cpu|cuda] [--out bench/results/exit_speed.json]
 """
@@ -36,11 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsexit.cpu import use_cpu_kernels
 from dsexit.eval.peak import matmul_peaks
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
-from dsexit.train.host_allocator import allocator_in_use, keep_freed_memory, preload_tcmalloc
+from dsexit.train.distributed import allocator_in_use, setup_process
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
 DTYPES = ("fp32", "bf16")
@@ -218,10 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        preload_tcmalloc()  # as the trainer: re-executes this process
-        keep_freed_memory()  # as the trainer: glibc's, where tcmalloc is not installed
-        use_cpu_kernels()  # as the eager trainer on a CPU
+    os.environ["DS_ACCELERATOR"] = device.type
+    setup_process()  # as the eager trainer starts: on a CPU, the CPU tuning and kernels (docs/cpu.md)
     batch_size = args.batch or (256 if device.type == "cuda" else 32)
     config = ElectraExitConfig.from_preset(args.preset)
     batch = make_batch(config, batch_size, args.seq_len, device)

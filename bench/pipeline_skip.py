@@ -80,17 +80,11 @@ def run_worker(args) -> None:
         build_pipeline_module,
         micro_batch_inputs,
     )
-    from dsexit.train.distributed import release_shm_workspace
-    from dsexit.train.host_allocator import keep_freed_memory
+    from dsexit.train.distributed import init_process_group, setup_process
 
-    # As the trainer's configure_threads does; glibc's malloc (the trainer preloads tcmalloc where installed).
-    keep_freed_memory()
-    from dsexit.cpu import use_cpu_kernels
-
-    use_cpu_kernels()  # as the eager trainer on a CPU
-    deepspeed.init_distributed(dist_backend="gloo")
-    release_shm_workspace()
-    rank = torch.distributed.get_rank()
+    world, _ = setup_process()  # as the eager trainer starts: the CPU tuning and kernels (docs/cpu.md)
+    init_process_group(world)
+    rank = world.rank
     config = ElectraExitConfig.from_preset(args.preset, min_exit_layer=1)
     torch.manual_seed(0)
     model = ElectraPreTrainingModel(config)

@@ -22,8 +22,9 @@ controller reaches its target), then `--steps` timed ones. The arms' processes t
 time, and the whole turn repeats `--launches` times, so machine noise hits all alike; each arm's
 figure pools its launches. (One process holding every arm's engine measured something else: with 13
 engines in it, plain ran 15% slower than alone and the exit arms 9% slower, which overstated the
-speedup at 0.75.) A worker starts as the trainer does, with tcmalloc preloaded where it is installed
-(`DSEXIT_TCMALLOC=off`: glibc's malloc, tuned); the table and the RESULT line name the allocator.
+speedup at 0.75.) A worker starts as the trainer does (`setup_process`): on a CPU with glibc's malloc
+tuned, or tcmalloc where `LD_PRELOAD` or `DSEXIT_TCMALLOC=auto` asks for it (docs/cpu.md); the table
+and the RESULT line name the allocator.
 
 Speedup = the plain arm's step time / the arm's; ideal = the FLOP counter's training FLOPs of the
 plain arm / the arm's, over the same timed steps; efficiency = speedup / ideal. The ideal assumes
@@ -272,21 +273,13 @@ def arm_named(name: str) -> Arm:
 
 def run_worker(args) -> None:
     """One arm in this process: settle, time `--steps` steps, write what was measured."""
-    from dsexit.train.distributed import configure_threads, discover_world, init_process_group, select_accelerator
-    from dsexit.train.host_allocator import allocator_in_use, preload_tcmalloc
+    from dsexit.train.distributed import allocator_in_use, init_process_group, setup_process
 
-    if select_accelerator() == "cpu":
-        preload_tcmalloc()  # as the trainer does: re-executes this worker
-    world = discover_world()
-    configure_threads(world)
+    world, _ = setup_process()  # as the trainer starts (eager: on a CPU, with the CPU kernels)
     init_process_group(world)
     name, result_file = args.worker
     arm = arm_named(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        from dsexit.cpu import use_cpu_kernels
-
-        use_cpu_kernels()  # as the eager trainer on a CPU
     build_arm(arm, args, resolved_ds_config(args), device)
     run_steps(arm, args.settle, timed=False)
     run_steps(arm, args.steps, timed=True)

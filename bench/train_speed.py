@@ -143,22 +143,17 @@ def run_loop(args, compile_choice: str, work: Path) -> dict:
 def bare_worker(args, compile_choice: str) -> dict:
     from dsexit.model import ElectraExitConfig
     from dsexit.train.compiling import CompiledForward
-    from dsexit.train.distributed import configure_threads, discover_world, init_process_group
+    from dsexit.train.distributed import init_process_group, setup_process
     from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
     from dsexit.train.engine import build_engine, build_model
 
     config, training = preset_training(args.preset)
-    world = discover_world()
-    configure_threads(world)
+    world, _ = setup_process(cpu_kernels=compile_choice != "on")  # as the trainer starts
     init_process_group(world)
     device = torch.device(args.device)
     model_config = ElectraExitConfig.from_preset(
         config.model.preset, **{**config.model.overrides, "exit_enabled": False}
     )
-    if device.type == "cpu" and compile_choice == "off":
-        from dsexit.cpu import use_cpu_kernels
-
-        use_cpu_kernels()  # as the trainer's eager CPU path
     with tempfile.TemporaryDirectory() as monitor_dir:
         ds_config = resolve_ds_config(
             load_ds_config(find_ds_config(config.parallelism.deepspeed_config)),

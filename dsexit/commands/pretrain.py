@@ -76,12 +76,11 @@ def report_stop(reason: str, local_rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from dsexit.train.distributed import (
-        configure_threads,
         describe_peer_failure,
         destroy_process_group,
-        discover_world,
         init_process_group,
         select_accelerator,
+        setup_process,
     )
 
     select_accelerator()  # before DeepSpeed is imported anywhere
@@ -95,13 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     world, run_dir, run_dir_existed = None, None, True
     try:
-        if argv is None and os.environ["DS_ACCELERATOR"] == "cpu":
-            from dsexit.train.host_allocator import preload_tcmalloc
-
-            preload_tcmalloc()  # re-executes this process (same PID) before it starts anything
         config, args = parse_config(argv)
-        world = discover_world()
-        threads = configure_threads(world)
+        # On a CPU, the CPU tuning first (it may re-execute this process); a model to be compiled keeps torch's kernels.
+        world, threads = setup_process(cpu_kernels=config.training.compile != "on", reexec=argv is None)
         run_dir = config.job.run_dir
         run_dir_existed = os.path.exists(run_dir)
         run = resolve_run(config, world, threads)  # every user error surfaces here, before any process group

@@ -1,5 +1,5 @@
 """CPU kernels for dropout and attention in training (filled into `dsexit.model.kernels` by
-`dsexit.cpu.use_cpu_kernels`). Both fall back to torch's own kernels off the CPU.
+`dsexit.cpu.tune_process`). Both fall back to torch's own kernels off the CPU.
 
 Dropout: torch draws a CPU dropout mask with one Mersenne-Twister call and a float compare per
 element (`bernoulli_`). Here each 64-bit word of a PCG64 stream, seeded by one draw of torch's
@@ -12,8 +12,8 @@ Attention in training: SDPA's CPU kernel with dropout is its math path with a `b
 `cpu_attention` takes the same steps with `cpu_dropout`'s mask (softmax in fp32, as SDPA's own
 kernels), the scale and the key mask riding on the scores' matmul.
 
-Measured effects are in bench/README.md; `numpy` and the data-dependent word count keep these
-kernels out of a compiled graph, which is why they are not the model's defaults.
+Measured effects: docs/cpu.md and bench/README.md. `numpy` and the data-dependent word count keep
+these kernels out of a compiled graph, which is why they are not the model's defaults.
 """
 
 from __future__ import annotations

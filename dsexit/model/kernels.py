@@ -2,7 +2,7 @@
 
 Defaults are torch's own (`F.dropout`, `F.scaled_dot_product_attention`): they run on every
 device and compile with `fullgraph=True, dynamic=False`. A platform's set-up may fill these
-slots once at start-up (`dsexit.cpu.use_cpu_kernels`); the layers call whatever is here.
+slots once at start-up (on a CPU, `dsexit.cpu.tune_process`); the layers call whatever is here.
 """
 
 from __future__ import annotations

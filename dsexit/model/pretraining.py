@@ -161,11 +161,10 @@ class CorruptionMixin:
     @staticmethod
     def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw per row of `probs` (rows need not sum to 1), by the inverse CDF: one uniform number
-        per row. (Gumbel-max needs one per vocabulary entry: 30,522 per masked token, two logarithms
-        each, which was 7% of an electra-small training step on a CPU; torch.multinomial draws an
-        exponential per entry.) The CDF is taken in two levels: over blocks of `_SAMPLING_BLOCK`
-        entries, then within the one block the draw falls in, so the [rows, vocabulary] tensor is
-        read once (a cumulative sum over all of it reads and writes it)."""
+        per row. (Gumbel-max needs one per vocabulary entry, 30,522 per masked token, two logarithms
+        each; torch.multinomial draws an exponential per entry.) The CDF is taken in two levels: over
+        blocks of `_SAMPLING_BLOCK` entries, then within the one block the draw falls in, so the
+        [rows, vocabulary] tensor is read once (a cumulative sum over all of it reads and writes it)."""
         rows, width = probs.shape
         if rows == 0:
             return torch.zeros(0, dtype=torch.long, device=probs.device)

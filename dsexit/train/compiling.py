@@ -8,7 +8,7 @@ replays the step as a CUDA graph; each micro-batch starts a fresh graph step, an
 statistics copy what they read before the next replay (`StepStats.add`).
 
 `auto` compiles on CUDA and not on a CPU (there the CPU kernels of `dsexit.cpu`, which do not
-compile, measured faster). ZeRO-3 and the pipeline stay eager. Threshold exits route tokens by
+compile, run faster; docs/cpu.md). ZeRO-3 and the pipeline stay eager. Threshold exits route tokens by
 reading the device, so once exits start the forward falls back to eager (one log line).
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from dsexit.model import kernels
 
 log = logging.getLogger("dsexit")
 
@@ -43,6 +45,11 @@ class CompiledForward:
     micro-batch, so every call would recompile until `fullgraph=True` gave up."""
 
     def __init__(self, engine, device: torch.device, backend: str = "inductor"):
+        if not kernels.uses_defaults():
+            raise RuntimeError(
+                "a compiled forward needs torch's own dropout and attention, but this process's set-up put the "
+                "CPU kernels in the model's slots; set the process up with setup_process(cpu_kernels=False)."
+            )
         self.engine, self.device, self.backend = engine, device, backend
         self.cuda_graphs = device.type == "cuda" and backend == "inductor"
         kwargs = {"fullgraph": True, "dynamic": False}

@@ -1,4 +1,5 @@
-"""Who am I in the job: rank discovery for every launcher, CPU threads, the process group.
+"""Who am I in the job: the process's set-up, rank discovery for every launcher, CPU threads, the
+process group.
 
 Owns the one place that reads launcher environments:
   * `deepspeed` and `torchrun` set RANK / WORLD_SIZE / LOCAL_RANK (+ LOCAL_SIZE or
@@ -102,11 +103,8 @@ def discover_world() -> WorldInfo:
 
 
 def configure_threads(world: WorldInfo) -> int:
-    """CPU threads per rank: the user's OMP_NUM_THREADS if set, else usable cores / local ranks.
-    Training on a CPU, the host allocator keeps freed tensor memory for reuse (`host_allocator`)."""
+    """CPU threads per rank: the user's OMP_NUM_THREADS if set, else usable cores / local ranks."""
     import torch
-
-    from dsexit.train.host_allocator import keep_freed_memory, tcmalloc_choice, tuning_choice
 
     if os.environ.get("OMP_NUM_THREADS"):
         threads = int(os.environ["OMP_NUM_THREADS"])
@@ -115,13 +113,34 @@ def configure_threads(world: WorldInfo) -> int:
         threads = max(1, cores // max(1, world.local_world_size))
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for subprocesses (JIT builds, conversions)
     torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        torch.set_flush_denormal(True)  # subnormal floats can slow CPU kernels by orders of magnitude
-        keep_freed_memory()
-    else:
-        tuning_choice()  # bad values are errors on every machine (a GPU host keeps glibc's defaults)
-        tcmalloc_choice()
     return threads
+
+
+def setup_process(*, cpu_kernels: bool = True, reexec: bool = True) -> tuple[WorldInfo, int]:
+    """A training process's start, before any work: DeepSpeed's accelerator; on a CPU, and only
+    there, the CPU tuning (`dsexit.cpu.tune_process`: the host allocator, subnormal floats, and
+    unless `cpu_kernels=False` the CPU dropout and attention in the model's kernel slots); then this
+    rank's place in the job and its threads. `reexec=False` where this process's command line is not
+    the program's own (a command called in process): the tcmalloc re-execution would rerun the caller."""
+    if select_accelerator() == "cpu":
+        from dsexit.cpu import tune_process
+
+        tune_process(kernels=cpu_kernels, reexec=reexec)
+    world = discover_world()
+    return world, configure_threads(world)
+
+
+PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # what LD_PRELOAD may put in glibc's place
+
+
+def allocator_in_use() -> str:
+    """What serves this process's malloc: "tcmalloc", "jemalloc", "mimalloc" (preloaded) or "glibc"."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = maps.read()
+    except OSError:
+        return "glibc"
+    return next((name for name in PRELOADED_ALLOCATORS if f"lib{name}" in mapped), "glibc")
 
 
 def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:

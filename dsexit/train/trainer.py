@@ -27,9 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsexit.cpu import use_cpu_kernels
 from dsexit.data import StreamingShardReader, read_validation_samples
-from dsexit.model import ExitController
+from dsexit.model import ExitController, kernels
 from dsexit.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
 from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.engine import build_engine, build_model
@@ -170,14 +169,12 @@ class Trainer:
         )
 
     def _compile_or_not(self) -> CompiledForward | None:
-        """`--compile`: the model compiled in place, or eager with the device's own kernels (on a CPU,
-        `dsexit.cpu`'s, which do not compile). Said in one log line."""
+        """`--compile`: the model compiled in place, or eager with the kernels the process's set-up chose
+        (on a CPU, `dsexit.cpu`'s, which do not compile). Said in one log line."""
         training = self.config.training
         compiling, why = compile_decision(training.compile, self.device, self.run.zero_stage, self.pipeline_stages)
         if not compiling:
-            if self.device.type == "cpu":
-                use_cpu_kernels()
-            log.info("eager forward (%s)%s", why, "; CPU kernels" if self.device.type == "cpu" else "")
+            log.info("eager forward (%s)%s", why, "" if kernels.uses_defaults() else "; CPU kernels")
             return None
         compiled = CompiledForward(self.engine, self.device, training.compile_backend)
         log.info(

@@ -32,6 +32,9 @@ ENV = {
     or str(Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"),
     "PYTHONUNBUFFERED": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # tcmalloc, as the CPU image preloads it (docs/cpu.md): each rank re-executes itself with it under
+    # every launcher, which keeps that path under test (test_export.py checks config.json's record).
+    "DSEXIT_TCMALLOC": "auto",
 }
 # electra-tiny, two micro-batches of 8 per rank per step: steps take a fraction of a second.
 TINY = [

@@ -30,6 +30,7 @@ def test_compiled_training_equals_eager_and_keeps_parameter_names(tmp_path):
     compiled.check(), eager.check()
     assert "compiling the training forward" in compiled.output and "first step, compilation included" in compiled.output
     assert "exits started: the forward runs eagerly" in compiled.output
+    assert "eager forward (--compile off); CPU kernels" in eager.output  # the CPU set-up's, not compiled
     steps = sorted(eager.metrics)
     assert steps == sorted(compiled.metrics) == list(range(1, 9))
     for step in steps:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from dsexit.train.host_allocator import find_tcmalloc
+from dsexit.cpu.allocator import find_tcmalloc
 
 from .helpers import ENV, REPO
 
@@ -88,7 +88,8 @@ def test_run_directory_has_config_metrics_monitors_and_plots(zero2_straight, tmp
     config = json.loads((run_dir / "config.json").read_text())
     assert config["derived"]["dp_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == 2
     assert config["deepspeed"]["train_batch_size"] == 32 and config["derived"]["grad_accum"] == 2
-    # Each rank re-executed itself with tcmalloc preloaded (the launcher's processes, their PIDs kept).
+    # With DSEXIT_TCMALLOC=auto (helpers.ENV), each rank re-executed itself with tcmalloc preloaded (the
+    # launcher's processes, their PIDs kept).
     assert config["derived"]["host_allocator"] == ("tcmalloc" if find_tcmalloc() else "glibc")
     marker = json.loads((zero2_straight.checkpoints / "global_step20" / "dsexit_checkpoint.json").read_text())
     assert marker["config"] == config  # the resolved config travels with every checkpoint

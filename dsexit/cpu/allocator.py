@@ -1,25 +1,21 @@
-"""glibc malloc settings that keep freed tensor memory in the process for the next step.
+"""The host allocator of a CPU training process: glibc's malloc kept from returning freed tensor
+memory, and tcmalloc preloaded when the user asks for it.
 
 A CPU training step allocates and frees the same large temporaries every step: activations,
-attention scores, dropout masks, the generator's [masked tokens, 30,522] vocabulary tail. glibc's
-malloc serves every block over its mmap threshold (at most 32 MiB) with a fresh `mmap` and hands
-the freed top of its heap back to the kernel, so each step page-faults through memory it freed a
-moment ago: copying the 70 MB vocabulary logits of an electra-small batch took 22 ms, 7 ms from
-memory kept. Here every block comes from the heap (no `mmap`) and freed memory is kept for reuse,
-as jemalloc and tcmalloc (which PyTorch's CPU tuning guide suggests preloading) keep theirs. Every
-thread allocates from that one heap (glibc's default gives threads arenas of their own, and a block
-one thread frees waits in its arena, unusable by the others): an exit-training process, whose block
-sizes change every step, grew its arenas without bound that way (electra-small at target compute
-0.5: 12 GB after 80 steps for 445 MB in use, still climbing 50 MB a step); with one arena it levels
-off (4.9 GB from step 40: fragmentation, not growth). A process that trains on a GPU keeps glibc's
-defaults: its steps allocate little host memory, and a one-off peak (a checkpoint's host copy) should
-go back to the system.
+attention scores, dropout masks, the generator's vocabulary-wide logits of the masked tokens.
+glibc's malloc serves every block over its mmap threshold (at most 32 MiB) with a fresh `mmap` and
+hands the freed top of its heap back to the kernel, so each step page-faults through memory it
+freed a moment ago. `keep_freed_memory` has every block come from the heap (no `mmap`) and keeps
+freed memory for reuse, as jemalloc and tcmalloc keep theirs, and has every thread allocate from
+one heap: with glibc's per-thread arenas, a block one thread frees waits in that thread's arena,
+unusable by the others, and a process whose block sizes change every step (exit training) grows
+its arenas without bound. `DSEXIT_MALLOC_TUNING=off` leaves glibc's defaults; an allocator
+preloaded with `LD_PRELOAD` is unaffected either way (the settings only reach glibc's malloc).
 
-`DSEXIT_MALLOC_TUNING=off` leaves glibc's defaults; another allocator preloaded with
-`LD_PRELOAD` is unaffected either way (the settings only reach glibc's malloc).
-
-Faster still on a CPU: tcmalloc, which the trainer preloads by re-executing itself when it is
-installed (`preload_tcmalloc`; `DSEXIT_TCMALLOC=off` keeps glibc).
+tcmalloc serves these steps better still (PyTorch's CPU tuning guide suggests preloading it). It
+must be loaded before the interpreter starts: set `LD_PRELOAD` (the CPU image does), or
+`DSEXIT_TCMALLOC=auto` (or the library's path) to have the process re-execute itself with it
+(`preload_tcmalloc`). Unset or `off`, nothing is re-executed. What was measured: docs/cpu.md.
 """
 
 from __future__ import annotations
@@ -27,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+
+from dsexit.train.distributed import PRELOADED_ALLOCATORS
 
 ENV = "DSEXIT_MALLOC_TUNING"
 _CHOICES = ("on", "off")
@@ -76,14 +74,14 @@ def keep_freed_memory() -> bool:
 
 TCMALLOC_ENV = "DSEXIT_TCMALLOC"
 _PRELOADED_ENV = "DSEXIT_TCMALLOC_PRELOADED"  # set in the re-executed process: it never re-executes again
-_PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # a user's own LD_PRELOAD choice stands
 
 
 def tcmalloc_choice() -> str:
-    """The user's `DSEXIT_TCMALLOC`: "auto" (default), "off", or the path of a tcmalloc library."""
+    """The user's `DSEXIT_TCMALLOC`: "off" (default, also when unset or empty), "auto", or the path of
+    a tcmalloc library."""
     from dsexit.train.config import ConfigError
 
-    choice = os.environ.get(TCMALLOC_ENV, "auto").strip()
+    choice = os.environ.get(TCMALLOC_ENV, "").strip() or "off"
     if choice.lower() in ("auto", "off"):
         return choice.lower()
     if not os.path.isfile(choice):
@@ -106,20 +104,17 @@ def find_tcmalloc() -> str | None:
 
 
 def preload_tcmalloc() -> None:
-    """Re-run this process, same PID and arguments, with tcmalloc preloaded (`LD_PRELOAD`).
+    """With `DSEXIT_TCMALLOC=auto` or a library's path: re-run this process, same PID and arguments,
+    with tcmalloc preloaded (`LD_PRELOAD`), so that the deepspeed, torchrun and MPI launchers keep
+    tracking it. It must come before anything else (no process group, no MPI, no thread yet).
 
-    For a CPU training process: its steps allocate and free the same large temporaries, and exit
-    training's block sizes change every step. Against the tuned glibc, electra-small exit training (32 x 128
-    per step) kept 2-11 points more of its FLOP-ideal speedup, plain ELECTRA ran alike, and each process
-    peaked at 2.4-2.5 GiB resident instead of 3.6-5.2 (README, "Exit savings in real training").
-    It must be loaded before the interpreter starts, hence the `exec`, before anything else (no
-    process group, no MPI, no thread yet). Nothing happens when DSEXIT_TCMALLOC=off, when no tcmalloc is
-    installed (Debian/Ubuntu: libtcmalloc-minimal4), or when LD_PRELOAD already names an allocator."""
+    Nothing happens when `DSEXIT_TCMALLOC` is unset or off, when `auto` finds no tcmalloc installed
+    (Debian/Ubuntu: libtcmalloc-minimal4), or when `LD_PRELOAD` already names an allocator."""
     choice = tcmalloc_choice()
     if choice == "off" or os.environ.get(_PRELOADED_ENV) or not sys.platform.startswith("linux"):
         return
     preload = os.environ.get("LD_PRELOAD", "")
-    if any(name in preload for name in _PRELOADED_ALLOCATORS):
+    if any(name in preload for name in PRELOADED_ALLOCATORS):
         return
     library = find_tcmalloc() if choice == "auto" else choice
     if library is None:
@@ -134,13 +129,3 @@ def preload_tcmalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
-def allocator_in_use() -> str:
-    """What serves this process's malloc: "tcmalloc", "jemalloc", "mimalloc" (preloaded) or "glibc"."""
-    try:
-        with open("/proc/self/maps") as maps:
-            mapped = maps.read()
-    except OSError:
-        return "glibc"
-    return next((name for name in _PRELOADED_ALLOCATORS if f"lib{name}" in mapped), "glibc")
