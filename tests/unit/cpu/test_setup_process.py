@@ -4,6 +4,8 @@ process importing none of `dsexit.cpu`: tests/integration/cpu/test_setup_process
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,33 +15,21 @@ from dsexit.model import kernels
 from dsexit.train import distributed
 from dsexit.train.config import ConfigError
 
-# What setup_process reads or sets (discover_world sets the launcher variables of a world of one).
-PROCESS_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMP_NUM_THREADS",
-    "DS_ACCELERATOR",
-    allocator.TCMALLOC_ENV,
-    allocator.ENV,
-    "DSEXIT_TCMALLOC_PRELOADED",
-)
-
 
 @pytest.fixture
 def process_state(monkeypatch):
-    """This process's settings as a test found them, restored afterwards; the allocator's settings unset."""
-    for name in PROCESS_VARS:
-        monkeypatch.setenv(name, "")  # recorded, so that what the test sets is undone too
-        monkeypatch.delenv(name)
+    """A world of one on the CPU, no allocator setting; the environment (setup_process writes the
+    launcher's variables), threads, subnormal mode and kernel slots restored afterwards."""
+    environment = dict(os.environ)
     threads = torch.get_num_threads()
+    settings = (allocator.TCMALLOC_ENV, allocator.ENV, "DSEXIT_TCMALLOC_PRELOADED")
+    for name in (*distributed._MPI_SIZE_VARS, "RANK", "WORLD_SIZE", *settings):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     yield monkeypatch
+    os.environ.clear()
+    os.environ.update(environment)
     kernels.use_defaults()
     torch.set_flush_denormal(False)
     torch.set_num_threads(threads)
