@@ -257,7 +257,14 @@ def test_finetune_damaged_checkpoint_one_line(damaged_checkpoints, tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="the entrypoint is a bash script")
 @pytest.mark.parametrize(
     "variable, value",
-    [("NNODES", "two"), ("NODE_RANK", "2"), ("NPROC_PER_NODE", "1.5"), ("MASTER_PORT", "70000"), ("NNODES", "0")],
+    [
+        ("NNODES", "two"),
+        ("NODE_RANK", "2"),
+        ("NPROC_PER_NODE", "1.5"),
+        ("MASTER_PORT", "70000"),
+        ("NNODES", "0"),
+        ("MASTER_ADDR_WAIT", "soon"),
+    ],
 )
 def test_entrypoint_rejects_non_integer_layout(variable, value, tmp_path):
     env = {**ENV, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", variable: value}
@@ -267,6 +274,21 @@ def test_entrypoint_rejects_non_integer_layout(variable, value, tmp_path):
         Case(
             [str(REPO / "docker" / "entrypoint.sh"), "--run-dir", str(tmp_path / "run")],
             [f"{variable}='{value}'"],
+            [tmp_path / "run"],
+            env=env,
+        )
+    )
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the entrypoint is a bash script")
+def test_entrypoint_waits_a_bounded_time_for_an_unresolvable_master_addr(tmp_path):
+    env = {**ENV, "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "1"}
+    env.update(MASTER_ADDR="node0.invalid", MASTER_ADDR_WAIT="2")  # .invalid never resolves (RFC 2606)
+    _check(
+        Case(
+            [str(REPO / "docker" / "entrypoint.sh"), "--run-dir", str(tmp_path / "run")],
+            ["MASTER_ADDR='node0.invalid' did not resolve", "within 2s"],
             [tmp_path / "run"],
             env=env,
         )
