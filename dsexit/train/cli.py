@@ -272,6 +272,13 @@ def load_config_file(path: str) -> dict[str, dict[str, Any]]:
             f"config={path!r} holds {json.dumps(train)[:60]} where an object of config sections "
             f"({', '.join(SECTIONS)}) was expected."
         )
+    unknown = sorted(set(train) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"config={path!r} has top-level key(s) {', '.join(map(repr, unknown))} that are not config sections; "
+            f'expected the sections {", ".join(SECTIONS)} (for example {{"training": {{"max_steps": 10}}}}) '
+            "or a config.json a run wrote."
+        )
     for section in SECTIONS:
         if section in train and not isinstance(train[section], dict):
             raise ConfigError(

@@ -126,6 +126,7 @@ PRETRAIN_CASES = [
     "config_missing",
     "config_section_not_object",
     "config_not_object",
+    "config_keys_not_sections",
     "data_unknown_protocol",
     "data_gs_without_gcsfs",
     "data_s3_without_credentials",
@@ -152,11 +153,16 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
                 "config_missing": "",
                 "config_section_not_object": json.dumps({"train": {"optim": [1, 2]}}),
                 "config_not_object": "[1, 2]",
+                "config_keys_not_sections": json.dumps({"max_steps": "ten"}),
             }[name]
         )
         if name == "config_missing":
             config.unlink()
-        named = {"config_section_not_object": "'optim'", "config_not_object": "[1, 2]"}.get(name, "config=")
+        named = {
+            "config_section_not_object": "'optim'",
+            "config_not_object": "[1, 2]",
+            "config_keys_not_sections": "'max_steps'",
+        }.get(name, "config=")
         case = Case([*base, "--config", str(config)], [str(config), named], written)
     elif name == "data_unknown_protocol":
         case = Case([*base, "--data", "foo://x"], ["foo://x", "'foo'"], written)
