@@ -12,14 +12,16 @@ ElectraForPreTraining discriminator of the same sizes, shared embeddings) two wa
   the generator's prediction head and vocabulary projection on the masked rows only. This is
   the like-for-like baseline (`full_depth_vs_hf_same_work`).
 
-Each runs in fp32 and under bf16 autocast. The same run measures this machine's matmul
+Each runs in fp32 and under bf16 autocast (`--precision` picks one: on a CPU without native bf16
+the bf16 arms take most of the run's time). The same run measures this machine's matmul
 peak (bf16 and fp32, square products) and reports the model's FLOP/s (FLOP counter,
 forward + backward = 3 x forward) as a share of it. Configurations are timed round-robin
 so machine noise hits all alike; each figure is the median of the repetitions. The process starts
 as the eager trainer does (`setup_process`: on a CPU, glibc's malloc tuned or tcmalloc where asked
 for, and the CPU kernels; docs/cpu.md), every configuration alike.
 
-    python bench/exit_speed.py [--repeats 5] [--batch 32] [--device cpu|cuda] [--out bench/results/exit_speed.json]
+    python bench/exit_speed.py [--repeats 5] [--batch 32] [--device cpu|cuda] [--precision both|fp32|bf16]
+        [--out bench/results/exit_speed.json]
 """
 
 from __future__ import annotations
@@ -210,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="only ours at full depth and HF same-work (quick ablations of the dense path)",
     )
+    parser.add_argument(
+        "--precision", choices=("both", *DTYPES), default="both", help="the precisions timed (default: both)"
+    )
     parser.add_argument("--out", default="bench/results/exit_speed.json")
     return parser.parse_args(argv)
 
@@ -225,7 +230,8 @@ def main(argv=None) -> None:
     tokens = batch_size * args.seq_len
     steps: dict[str, object] = {}
     fractions = EXIT_FRACTIONS[:1] if args.full_depth_only else EXIT_FRACTIONS
-    for dtype in DTYPES:
+    dtypes = DTYPES if args.precision == "both" else (args.precision,)
+    for dtype in dtypes:
         for fraction in fractions:
             steps[f"ours {dtype} exit={fraction:.2f}"] = OursStep(config, batch, fraction, dtype, device)
         steps[f"hf same-work {dtype}"] = HFStep(config, batch, dtype, device, same_work=True)
@@ -233,7 +239,7 @@ def main(argv=None) -> None:
             steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
         if args.compile:
             steps[f"ours {dtype} compiled"] = OursStep(config, batch, 0.0, dtype, device, compiled=True)
-    if not args.full_depth_only:
+    if not args.full_depth_only and "bf16" in dtypes:
         steps["ours bf16-params exit=0.00"] = OursBf16ParamsStep(config, batch, device)
     print(
         f"timing {len(steps)} configurations x {args.repeats} repeats on {device_name(device)}, "
@@ -242,36 +248,33 @@ def main(argv=None) -> None:
     )
     seconds = time_round_robin(steps, args.repeats, device)
     if args.full_depth_only:
-        ratios = {dtype: seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES}
+        ratios = {dtype: seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"] for dtype in dtypes}
         for name, value in seconds.items():
             print(f"{name:<24}{value:>8.3f} s/step")
         if args.compile:
-            for dtype in DTYPES:
+            for dtype in dtypes:
                 compiled = seconds[f"ours {dtype} compiled"]
                 print(
                     f"compiled {dtype}: {seconds[f'hf same-work {dtype}'] / compiled:.3f}x HF same-work, "
                     f"{seconds[f'ours {dtype} exit=0.00'] / compiled:.3f}x eager"
                 )
         print(
-            f"RESULT exit_speed_full_depth full_depth_vs_hf_same_work_fp32={ratios['fp32']:.3f} "
-            f"full_depth_vs_hf_same_work_bf16={ratios['bf16']:.3f}"
+            "RESULT exit_speed_full_depth "
+            + " ".join(f"full_depth_vs_hf_same_work_{d}={r:.3f}" for d, r in ratios.items())
         )
         Path(args.out).write_text(json.dumps({"seconds": seconds, "ratios": ratios, "batch": batch_size}, indent=2))
         return
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     peaks = matmul_peaks(device, peak_size)
-    results = summarize(steps, seconds, peaks, tokens, device)
+    results = summarize(steps, seconds, peaks, tokens, device, dtypes)
     results.update(preset=args.preset, batch=batch_size, seq_len=args.seq_len, peak_matmul_size=peak_size)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-    print(
-        f"RESULT exit_speed full_depth_vs_hf_same_work={results['full_depth_vs_hf_same_work']:.3f} "
-        f"efficiency_at_50={results['efficiency_at_50']:.3f} peak_share_bf16={results['peak_share_bf16']:.3f} "
-        f"full_depth_vs_hf_same_work_bf16={results['full_depth_vs_hf_same_work_bf16']:.3f} "
-        f"full_depth_vs_hf_as_is={results['full_depth_vs_hf_as_is']:.3f}"
-    )
+    headline = ["full_depth_vs_hf_same_work", "efficiency_at_50", "peak_share_bf16"]
+    headline += ["full_depth_vs_hf_same_work_bf16", "full_depth_vs_hf_as_is", "peak_share_fp32"]
+    print("RESULT exit_speed " + " ".join(f"{key}={results[key]:.3f}" for key in headline if key in results))
 
 
 def device_name(device: torch.device) -> str:
@@ -287,10 +290,15 @@ def device_name(device: torch.device) -> str:
 
 
 def summarize(
-    steps: dict, seconds: dict[str, float], peaks: dict[str, float], tokens: int, device: torch.device
+    steps: dict,
+    seconds: dict[str, float],
+    peaks: dict[str, float],
+    tokens: int,
+    device: torch.device,
+    dtypes: tuple[str, ...] = DTYPES,
 ) -> dict:
     configs = {}
-    for dtype in DTYPES:
+    for dtype in dtypes:
         full = seconds[f"ours {dtype} exit=0.00"]
         for fraction in EXIT_FRACTIONS:
             name = f"ours {dtype} exit={fraction:.2f}"
@@ -312,35 +320,40 @@ def summarize(
                 seconds_per_step=seconds[name],
                 ours_full_depth_speedup=seconds[name] / full,
             )
-    name = "ours bf16-params exit=0.00"
-    flops = steps[name].flops
-    configs[name] = dict(
-        tokens_per_s=tokens / seconds[name],
-        seconds_per_step=seconds[name],
-        speedup=seconds["ours bf16 exit=0.00"] / seconds[name],
-        ideal_speedup=1.0,
-        efficiency=seconds["ours bf16 exit=0.00"] / seconds[name],
-        model_flops_per_s=flops.training_flops / seconds[name],
-        peak_share=flops.training_flops / seconds[name] / peaks["bf16"],
-    )
-    best = {label: min(seconds[f"{label} {dtype}"] for dtype in DTYPES) for label in ("hf same-work", "hf as-is")}
-    ours_best = min(seconds[f"ours {dtype} exit=0.00"] for dtype in DTYPES)
-    fastest = min(DTYPES, key=lambda dtype: seconds[f"ours {dtype} exit=0.00"])
-    return {
+    if "ours bf16-params exit=0.00" in steps:
+        name = "ours bf16-params exit=0.00"
+        flops = steps[name].flops
+        configs[name] = dict(
+            tokens_per_s=tokens / seconds[name],
+            seconds_per_step=seconds[name],
+            speedup=seconds["ours bf16 exit=0.00"] / seconds[name],
+            ideal_speedup=1.0,
+            efficiency=seconds["ours bf16 exit=0.00"] / seconds[name],
+            model_flops_per_s=flops.training_flops / seconds[name],
+            peak_share=flops.training_flops / seconds[name] / peaks["bf16"],
+        )
+    best = {label: min(seconds[f"{label} {dtype}"] for dtype in dtypes) for label in ("hf same-work", "hf as-is")}
+    ours_best = min(seconds[f"ours {dtype} exit=0.00"] for dtype in dtypes)
+    fastest = min(dtypes, key=lambda dtype: seconds[f"ours {dtype} exit=0.00"])
+    results = {
         "device": device_name(device),
         "host_allocator": allocator_in_use(),
+        "precisions": list(dtypes),
         "configs": configs,
         "peak_flops_per_s": peaks,
         "full_depth_vs_hf_same_work": best["hf same-work"] / ours_best,
-        "full_depth_vs_hf_same_work_bf16": seconds["hf same-work bf16"] / seconds["ours bf16 exit=0.00"],
-        "bf16_params_vs_autocast": seconds["ours bf16 exit=0.00"] / seconds["ours bf16-params exit=0.00"],
-        "full_depth_vs_hf_same_work_fp32": seconds["hf same-work fp32"] / seconds["ours fp32 exit=0.00"],
         "full_depth_vs_hf_as_is": best["hf as-is"] / ours_best,
         "efficiency_at_50": configs[f"ours {fastest} exit=0.50"]["efficiency"],
         "efficiency_at_50_dtype": fastest,
-        "peak_share_bf16": configs["ours bf16 exit=0.00"]["peak_share"],
-        "peak_share_fp32": configs["ours fp32 exit=0.00"]["peak_share"],
     }
+    for dtype in dtypes:
+        results[f"full_depth_vs_hf_same_work_{dtype}"] = (
+            seconds[f"hf same-work {dtype}"] / seconds[f"ours {dtype} exit=0.00"]
+        )
+        results[f"peak_share_{dtype}"] = configs[f"ours {dtype} exit=0.00"]["peak_share"]
+    if "ours bf16-params exit=0.00" in steps:
+        results["bf16_params_vs_autocast"] = seconds["ours bf16 exit=0.00"] / seconds["ours bf16-params exit=0.00"]
+    return results
 
 
 def print_table(results: dict) -> None:
@@ -365,10 +378,11 @@ def print_table(results: dict) -> None:
                 f"{name:<22}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
                 f"{row['ours_full_depth_speedup']:>12.3f}"
             )
-    print(
-        "bf16-params = DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); its speedup column is against "
-        "ours under bf16 autocast at full depth"
-    )
+    if "ours bf16-params exit=0.00" in results["configs"]:
+        print(
+            "bf16-params = DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); its speedup column is against "
+            "ours under bf16 autocast at full depth"
+        )
     print(
         "ours faster = the HF configuration's step time / ours at full depth in the same precision; "
         "TFLOP/s = FLOP counter (forward + backward) / step time"

@@ -6,6 +6,8 @@
 #   NODE_RANK       this node's index in [0, NNODES)                   (default 0; Slurm: SLURM_NODEID)
 #   MASTER_ADDR     address of node 0, reachable from every node       (required when NNODES > 1)
 #   MASTER_PORT     rendezvous port on node 0                          (default 29500)
+#   MASTER_ADDR_WAIT  seconds to wait for MASTER_ADDR to resolve          (default 120; containers start in
+#                     any order, so node 0's name may not exist yet)
 #   NPROC_PER_NODE  processes per node: GPUs, or CPU processes         (default: GPUs seen by nvidia-smi, else 1)
 #   DS_CONFIG       DeepSpeed config                                   (default ds_configs/zero2.json)
 # Arguments are passed to launch/pretrain.py. On CPU-only nodes set GLOO_SOCKET_IFNAME to
@@ -51,6 +53,17 @@ if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
     fail "MASTER_ADDR must name node 0 when NNODES=$NNODES."
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_ADDR_WAIT="$(require_integer MASTER_ADDR_WAIT "${MASTER_ADDR_WAIT:-120}" 0)"
+# A name that never resolves would leave every rank waiting on the rendezvous for the whole
+# --dist-timeout: wait a bounded time for it (node 0's container may start last), then say so.
+waited=0
+until getent hosts "$MASTER_ADDR" >/dev/null 2>&1; do
+    if ((waited >= MASTER_ADDR_WAIT)); then
+        fail "MASTER_ADDR='$MASTER_ADDR' did not resolve to an address within ${MASTER_ADDR_WAIT}s (MASTER_ADDR_WAIT); expected node 0's host name or IP address."
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
 if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)" = 0 ]; then
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi

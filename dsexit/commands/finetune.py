@@ -18,6 +18,7 @@ Runs as one process; under a multi-process launcher only rank 0 works.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -25,81 +26,42 @@ import shutil
 import sys
 import tempfile
 
-TASK_DEFAULT = "task default"
 
+def _parser_and_flags() -> tuple[argparse.ArgumentParser, list]:
+    """The parser: the run's own arguments, and one flag per `FinetuneConfig` field, generated from the dataclass
+    by the generator pretraining's command line uses (the field's docstring is its help)."""
+    from dsexit.eval.finetune import FinetuneConfig
+    from dsexit.train.cli import dataclass_flags
 
-def epoch_count(text: str) -> int | None:
-    """--epochs: a number, or 'task default' (None: ELECTRA's epochs for the task)."""
-    return None if text == TASK_DEFAULT else int(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from dsexit.eval.finetune import MODES, PRECISIONS, SELECT_MODES, FinetuneConfig
-
-    defaults = FinetuneConfig()
-    parser = argparse.ArgumentParser(
-        prog="finetune.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--model", required=True, help="HF ELECTRA export directory or dsexit checkpoint directory")
     add("--task", required=True, help="directory with train/dev/test .jsonl")
-    add("--seeds", type=int, default=defaults.seeds, help="fine-tuning runs (seeds first-seed, first-seed+1, ...)")
-    add("--first-seed", type=int, default=defaults.first_seed)
-    add(
-        "--mode",
-        choices=MODES,
-        default=defaults.mode,
-        help="fine-tune the whole model, or fit a linear probe on frozen final-layer [CLS] features",
-    )
-    add("--lr", type=float, default=defaults.lr)
-    add(
-        "--layerwise-lr-decay",
-        type=float,
-        default=defaults.layerwise_lr_decay,
-        help="ELECTRA's rule: the head gets --lr, each encoder layer down one factor less; 1.0 disables",
-    )
-    add(
-        "--epochs",
-        type=epoch_count,
-        default=TASK_DEFAULT,
-        help="passes over the train split; by default ELECTRA's per task: 10 for RTE/STS, else 3",
-    )
-    add("--batch-size", type=int, default=defaults.batch_size)
-    add("--max-seq-len", type=int, default=defaults.max_seq_len)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-    add(
-        "--select",
-        choices=SELECT_MODES,
-        default=defaults.select,
-        help="per seed: metrics after the last epoch, or the best-dev epoch's",
-    )
-    add("--precision", choices=PRECISIONS, default=defaults.precision, help="bf16 autocast where native ('auto')")
-    add("--max-train-examples", type=int, help="train on N examples, a stratified subsample (quick runs)")
-    add("--max-eval-examples", type=int, help="evaluate on N dev/test examples, a stratified subsample (smoke runs)")
-    add(
-        "--subsample-seed",
-        type=int,
-        default=defaults.subsample_seed,
-        help="draws the subsamples; the same for every fine-tuning seed",
-    )
-    add("--probe-l2", type=float, default=defaults.probe_l2, help="--mode probe: L2 penalty on the weights")
-    add(
-        "--probe-max-iterations",
-        type=int,
-        default=defaults.probe_max_iterations,
-        help="--mode probe: L-BFGS iterations at most",
-    )
-    add("--progress", choices=("auto", "bar", "lines", "none"), default=defaults.progress)
     add(
         "--workers",
         type=int,
         default=1,
-        help="seeds run in this many processes at once, sharing the threads (several seeds on a many-core CPU)",
+        help="seeds run in this many processes at once, sharing the threads (several seeds on a many-core CPU) "
+        "(default: 1)",
     )
     add("--export-dir", help="where a checkpoint given as --model is exported (default: a temporary directory)")
     add("--out", help="write per-seed and median metrics to this JSON file")
-    return parser
+    recipe = parser.add_argument_group("recipe", inspect.getdoc(FinetuneConfig))
+    return parser, dataclass_flags(recipe, FinetuneConfig, "", FinetuneConfig())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _parser_and_flags()[0]
+
+
+def parse_args(argv: list[str] | None = None):
+    """(the parsed arguments, the `FinetuneConfig` they give: the defaults, with the flags given over them)."""
+    from dsexit.eval.finetune import FinetuneConfig
+    from dsexit.train.cli import given_fields
+
+    parser, flags = _parser_and_flags()
+    args = parser.parse_args(argv)
+    return args, FinetuneConfig(**given_fields(args, flags))
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -154,33 +116,13 @@ def print_summary(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one process does the work; other ranks of a launcher have nothing to do
-    from dsexit.eval.finetune import FinetuneConfig, finetune
+    from dsexit.eval.finetune import finetune
     from dsexit.eval.model_dir import ModelDirError, resolve_model_dir
     from dsexit.eval.tasks import TaskError, load_task
 
-    args = build_parser().parse_args(argv)
+    args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [finetune] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("dsexit").setLevel(logging.INFO)
-    config = FinetuneConfig(
-        mode=args.mode,
-        lr=args.lr,
-        layerwise_lr_decay=args.layerwise_lr_decay,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        max_seq_len=args.max_seq_len,
-        weight_decay=args.weight_decay,
-        warmup_fraction=args.warmup_fraction,
-        seeds=args.seeds,
-        first_seed=args.first_seed,
-        select=args.select,
-        precision=args.precision,
-        max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples,
-        subsample_seed=args.subsample_seed,
-        probe_l2=args.probe_l2,
-        probe_max_iterations=args.probe_max_iterations,
-        progress=args.progress,
-    )
     # A checkpoint given as --model is exported here unless --export-dir says where; removed at the end,
     # also when the export fails.
     scratch_export = tempfile.mkdtemp(prefix="dsexit-finetune-export-") if args.export_dir is None else None

@@ -83,7 +83,13 @@ class TextTokenizer:
     def sentencepiece(cls, model_path: str) -> "TextTokenizer":
         import sentencepiece
 
-        processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        try:
+            processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as error:  # sentencepiece raises RuntimeError for a non-model file
+            raise ValueError(
+                f"SentencePiece model {model_path} could not be read ({error}); expected a tokenizer.model file "
+                "written by SentencePiece training."
+            ) from None
         pieces = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
         special = {}
         for name, candidates in _SPM_SPECIAL_PIECES.items():
@@ -152,7 +158,15 @@ def load_tokenizer(spec: str, sentences_for_training=None, work_dir: str | None 
         return TextTokenizer.sentencepiece(train_sentencepiece(sentences_for_training(), int(value), path))
     if not os.path.isfile(value):
         raise FileNotFoundError(f"Tokenizer file {value!r} (from spec {spec!r}) does not exist.")
-    return TextTokenizer.wordpiece(value) if kind == "wordpiece" else TextTokenizer.sentencepiece(value)
+    if kind == "spm":
+        return TextTokenizer.sentencepiece(value)
+    try:
+        return TextTokenizer.wordpiece(value)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"WordPiece vocab {value} is not UTF-8 text ({error.reason} at byte {error.start}); expected one "
+            "token per line."
+        ) from None
 
 
 # ---- Hugging Face export ----------------------------------------------------------

@@ -10,6 +10,9 @@ The layers, each over the one before: field defaults, the preset (`--preset`, or
 `--config` file names), the `--config` file, the flags. Launchers' own arguments (`--local_rank`)
 are accepted and ignored (ranks are discovered in `dsexit.train.distributed`), and DeepSpeed's
 spelling `--deepspeed --deepspeed_config FILE` means `--deepspeed FILE`.
+
+`dataclass_flags` and `given_fields` serve any dataclass: fine-tuning's command line
+(`dsexit.commands.finetune`) is generated from `FinetuneConfig` the same way.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class Flag:
 
     @property
     def dest(self) -> str:
-        return f"{self.section}.{self.name}"
+        """`section.name`; the bare field name for a command line of one dataclass (section "")."""
+        return f"{self.section}.{self.name}" if self.section else self.name
 
 
 class _Unset:
@@ -134,7 +138,7 @@ def _add_field_flag(
     elif kind is dict:
         options.update(action="append", metavar="FIELD=VALUE")
     else:
-        options["type"] = _converter(kind, optional and kind is not str)
+        options.setdefault("type", _converter(kind, optional and kind is not str))
         if "choices" not in options:
             options.setdefault("metavar", {int: "N", float: "X"}.get(kind, "TEXT"))
             if optional and kind is not str:
@@ -154,8 +158,8 @@ def dataclass_flags(
     skip: Sequence[str] = (),
 ) -> list[Flag]:
     """One flag per field of the dataclass `cls` (those in `skip` excepted), added to `group`: `--field-name`,
-    or `options[field]`, or the field's metadata `flag`; other metadata (metavar, choices, nargs) goes to
-    argparse. bool fields get --X / --no-X, optional numbers take "none", a dict field takes FIELD=VALUE
+    or `options[field]`, or the field's metadata `flag`; other metadata (metavar, choices, nargs, a type of its
+    own) goes to argparse. bool fields get --X / --no-X, optional numbers take "none", a dict field takes FIELD=VALUE
     (repeatable). The help is the field's docstring, with its value in `defaults` when given."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     options, choices = options or {}, choices or {}
@@ -173,6 +177,13 @@ def dataclass_flags(
         for field in dataclasses.fields(cls)
         if field.name not in skip
     ]
+
+
+def given_fields(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str, Any]:
+    """{field name: value} of the flags the command line gave ("none" as None): the keyword arguments that
+    make the dataclass of a one-section command line (`Config(**given_fields(args, flags))`)."""
+    values = {flag.name: getattr(args, flag.dest) for flag in flags}
+    return {name: None if value is _SET_NONE else value for name, value in values.items() if value is not None}
 
 
 def _config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> list[Flag]:
@@ -271,6 +282,13 @@ def load_config_file(path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(
             f"config={path!r} holds {json.dumps(train)[:60]} where an object of config sections "
             f"({', '.join(SECTIONS)}) was expected."
+        )
+    unknown = sorted(set(train) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"config={path!r} has top-level key(s) {', '.join(map(repr, unknown))} that are not config sections; "
+            f'expected the sections {", ".join(SECTIONS)} (for example {{"training": {{"max_steps": 10}}}}) '
+            "or a config.json a run wrote."
         )
     for section in SECTIONS:
         if section in train and not isinstance(train[section], dict):

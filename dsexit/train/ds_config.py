@@ -239,4 +239,93 @@ def resolve_ds_config(
             f'the DeepSpeed config has "auto" at {", ".join(left)}, which the trainer does not fill; '
             f"give concrete values there."
         )
+    check_against_deepspeed(ds_config)
     return ds_config
+
+
+class _KeyReads(dict):
+    """A dict that records which keys are read (shared by its shallow copies, as DeepSpeed makes one)."""
+
+    def __init__(self, values: dict[str, Any], seen: set[str] | None = None):
+        super().__init__(values)
+        self.seen = set() if seen is None else seen
+
+    def _read(self, key: str) -> None:
+        self.seen.add(key)
+
+    def __getitem__(self, key):
+        self._read(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self._read(key)
+        return super().__contains__(key)
+
+    def get(self, key, default=None):
+        self._read(key)
+        return super().get(key, default)
+
+    def pop(self, key, *default):
+        self._read(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key, default=None):
+        self._read(key)
+        return super().setdefault(key, default)
+
+    def __copy__(self):
+        return _KeyReads(self, self.seen)
+
+
+def check_against_deepspeed(ds_config: dict[str, Any]) -> None:
+    """ConfigError, in one line, for what the installed DeepSpeed would reject or ignore: a key its
+    config never reads (a typo DeepSpeed accepts silently at the top level), a nested key or value its
+    config models refuse (a pydantic traceback there), an optimizer type it cannot build (an assertion
+    once the engine starts). Runs DeepSpeed's own config parser on a copy, before any process group."""
+    import logging
+
+    import torch
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig, DeepSpeedConfigError
+    from deepspeed.utils import logger
+    from pydantic import ValidationError
+
+    version = _deepspeed_version()
+    # Without a process group DeepSpeed checks the batch sizes at world size 1: leave the global batch out.
+    reads = _KeyReads({key: value for key, value in ds_config.items() if key != "train_batch_size"})
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        DeepSpeedConfig(reads)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(
+            f"the DeepSpeed config is invalid for DeepSpeed {version}: {error.title} field {where!r}: {first['msg']} "
+            f"(input {first.get('input')!r})."
+        ) from None
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"the DeepSpeed config is invalid for DeepSpeed {version}: {error}") from None
+    finally:
+        logger.setLevel(level)
+    known = reads.seen | {value for value in vars(constants).values() if isinstance(value, str)}
+    unknown = sorted(set(ds_config) - known - {"train_batch_size"})
+    if unknown:
+        raise ConfigError(
+            f"the DeepSpeed config has key(s) {', '.join(map(repr, unknown))} that DeepSpeed {version} does not "
+            "read; check the spelling against DeepSpeed's config documentation."
+        )
+    optimizer = (ds_config.get("optimizer") or {}).get("type")
+    if optimizer is not None and not (
+        str(optimizer).lower() in DEEPSPEED_OPTIMIZERS or getattr(torch.optim, str(optimizer), None) is not None
+    ):
+        raise ConfigError(
+            f"the DeepSpeed config sets optimizer.type={optimizer!r}; expected one of DeepSpeed's "
+            f"({', '.join(DEEPSPEED_OPTIMIZERS)}) or a torch.optim class name such as 'AdamW'."
+        )
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

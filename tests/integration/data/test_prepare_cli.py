@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from dsexit.data import DatasetIndex, read_validation_samples, save_hf_tokenizer
 from dsexit.data.packing import token_type_ids
@@ -63,3 +64,21 @@ def test_wordpiece_dataset_matches_the_electra_tokenizer_and_its_index(moby_samp
     pair = hf("Call me Ishmael.", "Some years ago.")
     assert pair["token_type_ids"] == token_type_ids(np.array(pair["input_ids"]), 102, 0).tolist()
     assert 0 < sum(pair["token_type_ids"]) < len(pair["input_ids"]) - 2
+
+
+@pytest.mark.parametrize(
+    "kind, content",
+    [("spm", b"a text file, not a SentencePiece model\n"), ("wordpiece", bytes(range(128, 256)) * 8)],
+)
+def test_an_unreadable_tokenizer_file_is_one_line_naming_it_and_nothing_is_written(
+    moby_sample, tmp_path, kind, content
+):
+    folder, _ = moby_sample
+    bad = tmp_path / f"bad.{kind}"
+    bad.write_bytes(content)
+    out = tmp_path / "ds"
+    result = _run("--input", folder / "*.jsonl.gz", "--out", out, "--tokenizer", f"{kind}:{bad}")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "Traceback" in line or str(bad) in line]
+    assert len(errors) == 1 and "Traceback" not in errors[0], result.stderr
+    assert not out.exists()

@@ -126,6 +126,7 @@ PRETRAIN_CASES = [
     "config_missing",
     "config_section_not_object",
     "config_not_object",
+    "config_keys_not_sections",
     "data_unknown_protocol",
     "data_gs_without_gcsfs",
     "data_s3_without_credentials",
@@ -152,11 +153,16 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
                 "config_missing": "",
                 "config_section_not_object": json.dumps({"train": {"optim": [1, 2]}}),
                 "config_not_object": "[1, 2]",
+                "config_keys_not_sections": json.dumps({"max_steps": "ten"}),
             }[name]
         )
         if name == "config_missing":
             config.unlink()
-        named = {"config_section_not_object": "'optim'", "config_not_object": "[1, 2]"}.get(name, "config=")
+        named = {
+            "config_section_not_object": "'optim'",
+            "config_not_object": "[1, 2]",
+            "config_keys_not_sections": "'max_steps'",
+        }.get(name, "config=")
         case = Case([*base, "--config", str(config)], [str(config), named], written)
     elif name == "data_unknown_protocol":
         case = Case([*base, "--data", "foo://x"], ["foo://x", "'foo'"], written)
@@ -257,7 +263,14 @@ def test_finetune_damaged_checkpoint_one_line(damaged_checkpoints, tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="the entrypoint is a bash script")
 @pytest.mark.parametrize(
     "variable, value",
-    [("NNODES", "two"), ("NODE_RANK", "2"), ("NPROC_PER_NODE", "1.5"), ("MASTER_PORT", "70000"), ("NNODES", "0")],
+    [
+        ("NNODES", "two"),
+        ("NODE_RANK", "2"),
+        ("NPROC_PER_NODE", "1.5"),
+        ("MASTER_PORT", "70000"),
+        ("NNODES", "0"),
+        ("MASTER_ADDR_WAIT", "soon"),
+    ],
 )
 def test_entrypoint_rejects_non_integer_layout(variable, value, tmp_path):
     env = {**ENV, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", variable: value}
@@ -267,6 +280,21 @@ def test_entrypoint_rejects_non_integer_layout(variable, value, tmp_path):
         Case(
             [str(REPO / "docker" / "entrypoint.sh"), "--run-dir", str(tmp_path / "run")],
             [f"{variable}='{value}'"],
+            [tmp_path / "run"],
+            env=env,
+        )
+    )
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the entrypoint is a bash script")
+def test_entrypoint_waits_a_bounded_time_for_an_unresolvable_master_addr(tmp_path):
+    env = {**ENV, "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "1"}
+    env.update(MASTER_ADDR="node0.invalid", MASTER_ADDR_WAIT="2")  # .invalid never resolves (RFC 2606)
+    _check(
+        Case(
+            [str(REPO / "docker" / "entrypoint.sh"), "--run-dir", str(tmp_path / "run")],
+            ["MASTER_ADDR='node0.invalid' did not resolve", "within 2s"],
             [tmp_path / "run"],
             env=env,
         )

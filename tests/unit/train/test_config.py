@@ -162,6 +162,33 @@ def test_concrete_deepspeed_values_must_agree_with_the_trainer(tmp_path):
         resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "change, names",
+    [
+        ({"no_such_key": 1}, ["'no_such_key'", "does not read"]),  # DeepSpeed itself ignores it
+        ({"zero_optimization": {"stage": 2, "stagee": 2}}, ["'stagee'", "Extra inputs are not permitted"]),
+        ({"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}}, ["'overlap_comm'", "'maybe'"]),
+        ({"optimizer": {"type": "NoSuchOpt", "params": {"lr": "auto"}}}, ["optimizer.type='NoSuchOpt'", "AdamW"]),
+    ],
+)
+def test_what_the_installed_deepspeed_would_refuse_or_ignore_is_one_error_naming_it(change, names, tmp_path):
+    config, _ = parse_config(["--run-dir", str(tmp_path)])
+    raw = {**load_ds_config(str(REPO / "ds_configs" / "zero2.json")), **change}
+    with pytest.raises(ConfigError) as raised:
+        resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message and all(name in message for name in names), message
+
+
+def test_torch_optimizers_and_every_shipped_config_pass_deepspeed_s_own_parser(tmp_path):
+    config, _ = parse_config(["--run-dir", str(tmp_path)])
+    for name in ("zero1.json", "zero2.json", "zero3.json", "pipeline.json"):
+        raw = load_ds_config(str(REPO / "ds_configs" / name))
+        resolve_ds_config(raw, config, dp_size=2, total_steps=100, monitor_dir=str(tmp_path))
+    raw = {**load_ds_config(str(REPO / "ds_configs" / "zero2.json")), "optimizer": {"type": "SGD", "params": {}}}
+    resolve_ds_config(raw, config, dp_size=1, total_steps=100, monitor_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
 def test_data_parallel_configs_resolve_completely(name, tmp_path):
     run = _resolve(["--run-dir", str(tmp_path), "--deepspeed", f"ds_configs/{name}"], _world(2))
