@@ -45,7 +45,7 @@ INSTRUCTIONS = {
 }
 RUN_DIR = "/runs/electra"  # the nodes' --run-dir in docker/compose.yaml
 GLOBAL_BATCH = 32  # the compose job's (the trainer's default)
-TOTAL_STEPS, STOP_AFTER_STEP = 30, 6
+TOTAL_STEPS, STOP_AFTER_STEP = 20, 6  # node 1 is stopped once node 0 logged this step: steps are left to run
 STOP_GRACE_S = 120  # as the compose file's stop_grace_period
 JOB_TIMEOUT_S = 600
 CLUSTER_DOCS = {"README.md": REPO / "README.md", "docs/cluster.md": REPO / "docs" / "cluster.md"}
@@ -207,7 +207,7 @@ def test_docker_two_node_zero2_job_stopped_on_one_node_resumes_exactly(tmp_path)
     images = _images()
     prefix = f"dsexit-test-{os.getpid()}"
     env = {"MAX_STEPS": str(TOTAL_STEPS)}
-    args = ("--log-interval", "1", "--no-tensorboard", "--no-csv")
+    args = ("--log-interval", "1", "--eval-samples", "128", "--no-tensorboard", "--no-csv")
     straight = ComposeJob(images, f"{prefix}-straight", "10.78.1.0/24", tmp_path / "straight", env, *args)
     stopped = ComposeJob(images, f"{prefix}-stopped", "10.78.2.0/24", tmp_path / "stopped", env, *args)
     try:
@@ -230,7 +230,8 @@ def test_docker_two_node_zero2_job_stopped_on_one_node_resumes_exactly(tmp_path)
         stopped.stop("node1", grace_s=STOP_GRACE_S)
         assert stopped.wait_nodes(JOB_TIMEOUT_S) == {"node0": 0, "node1": 0}, stopped.logs("node0")[-5000:]
         first, lost = stopped.logs("node0"), stopped.logs("node1")
-        assert "preemption requested (SIGTERM" in lost, lost[-5000:]
+        assert "entrypoint.sh: SIGTERM: asking the trainer" in lost, lost[-5000:]
+        assert "preemption requested (signal on another rank)" in first, first[-5000:]
         stopped_at = int(re.search(r"stopping at step (\d+): preempted", first).group(1))
         assert STOP_AFTER_STEP <= stopped_at < TOTAL_STEPS, first[-5000:]
         print(f"docker stop node1: both nodes saved at step {stopped_at} and exited 0")
@@ -262,10 +263,11 @@ def test_docker_two_node_zero2_job_stopped_on_one_node_resumes_exactly(tmp_path)
     resumed_eval = _records(resumed / "metrics.jsonl", "eval")[TOTAL_STEPS]
     for name in ("eval_rtd_loss_uniform", "eval_rtd_loss_generator", "eval_mlm_loss"):
         assert _relative_error(resumed_eval[name], straight_eval[name]) <= 1e-5, name
+    # The exported discriminator and generator: bit for bit (one thread per rank, gloo between two).
     straight_weights, resumed_weights = _weights(reference / "hf"), _weights(resumed / "hf")
     assert sorted(straight_weights) == sorted(resumed_weights)
     for name, tensor in straight_weights.items():
-        assert torch.allclose(resumed_weights[name], tensor, rtol=1e-5, atol=1e-7), name
+        assert torch.equal(resumed_weights[name], tensor), name
 
 
 def _relative_error(a: float, b: float) -> float:
