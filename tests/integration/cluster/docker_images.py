@@ -40,6 +40,7 @@ DEBIAN_MIRROR = os.environ.get("DSEXIT_DEBIAN_MIRROR", "http://deb.debian.org/de
 BASE_PACKAGES = ("python3", "python3-venv", "python3-dev")  # venv: pip; dev: the headers the shm op compiles against
 TORCH_VERSION = "2.13.0"  # scripts/setup.sh's, and Dockerfile.cpu's default
 PYTHON_VERSION = "3.11"
+DIGEST_CHARS = 16  # of the content hash in an image's tag
 WHEEL_PORT = 38471  # where the builds find the torch wheel (loopback)
 BUILD_LOGS = Path("/var/tmp/dsexit-docker-builds")
 # What the images COPY: a change here rebuilds the CPU image.
@@ -72,6 +73,16 @@ class Docker:
 
     def image_exists(self, tag: str) -> bool:
         return self.run("image", "inspect", tag).returncode == 0
+
+    def drop_older(self, tag: str) -> None:
+        """Remove this image's tags for earlier contents (same name, another hash), so that the disk
+        holds one of each; other tags of the repository (a user's dsexit:cpu) stay."""
+        repository, version = tag.split(":")
+        pattern = re.escape(repository) + ":" + re.escape(version[:-DIGEST_CHARS]) + f"[0-9a-f]{{{DIGEST_CHARS}}}"
+        listed = self.run("images", "--format", "{{.Repository}}:{{.Tag}}", repository).stdout.split()
+        older = [name for name in listed if name != tag and re.fullmatch(pattern, name)]
+        if older:
+            self.run("rmi", *older)  # an image a container still uses stays
 
 
 def engine_answers(client: str = "docker") -> bool:
@@ -127,7 +138,7 @@ def _digest(*parts: str | bytes) -> str:
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
         hasher.update(len(data).to_bytes(8, "little") + data)
-    return hasher.hexdigest()[:16]
+    return hasher.hexdigest()[:DIGEST_CHARS]
 
 
 def _files_digest(paths: tuple[str, ...]) -> str:
@@ -174,6 +185,7 @@ def build_base(docker: Docker) -> str:
         if tar.wait():
             raise RuntimeError(f"tar of {rootfs} failed")
     log(f"built {tag} in {time.monotonic() - started:.0f} s")
+    docker.drop_older(tag)
     return tag
 
 
@@ -243,6 +255,7 @@ def _build(docker: Docker, dockerfile: str, tag: str, build_args: dict[str, str]
     log(f"built {tag} in {time.monotonic() - started:.0f} s ({log_path}); its slow steps:")
     for step, seconds in _step_times(text):
         log(f"  {seconds:6.1f} s  {step}")
+    docker.drop_older(tag)
 
 
 def _step_times(build_log: str, at_least: float = 5.0) -> list[tuple[str, float]]:
