@@ -18,6 +18,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 if ! docker info >/dev/null 2>&1; then
+    # A dockerd that was killed leaves its pid file; another process may hold that pid by now.
+    pid_file=/var/run/docker.pid
+    if [ -f "$pid_file" ] && ! grep -qx dockerd "/proc/$(cat "$pid_file")/comm" 2>/dev/null; then
+        rm -f "$pid_file"
+    fi
     setsid dockerd --bip 10.78.255.1/24 --default-address-pool base=10.78.0.0/17,size=24 \
         >>/var/log/dockerd.log 2>&1 </dev/null &
     for _ in $(seq 60); do
