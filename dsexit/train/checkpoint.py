@@ -178,9 +178,19 @@ class CheckpointManager:
         )
         return None
 
-    def _download(self, tag: str, root: str) -> None:
+    def whole(self, ref: CheckpointRef) -> CheckpointRef:
+        """`ref` with every rank's files in this node's copy. A node with its own disk holds only the
+        shards its ranks wrote; the other nodes' come from the mirror (the Hugging Face export of a
+        multi-node ZeRO run consolidates them all on rank 0)."""
+        missing = [name for name in ref.meta.get("files", {}) if not os.path.exists(os.path.join(ref.path, name))]
+        if missing and self.remote:
+            log.info("fetching %d file(s) of checkpoint %s from %s", len(missing), ref.tag, self.remote.shown)
+            self._download(ref.tag, ref.root, missing)
+        return ref
+
+    def _download(self, tag: str, root: str, names: list[str] | None = None) -> None:
         try:
-            self.remote.download(tag, root)
+            self.remote.download(tag, root, names)
         except OSError as error:
             raise CheckpointError(
                 f"could not download checkpoint {tag} from {self.remote.shown}: {redact_text(str(error))}"

@@ -227,12 +227,22 @@ class RemoteMirror:
         entries = self._call(listing, f"listing {self.url}")
         return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
 
-    def download(self, tag: str, local_root: str) -> str:
+    def download(self, tag: str, local_root: str, names: list[str] | None = None) -> str:
+        """The mirror's copy of `tag` into local_root/tag: all of it, or only `names` (relative to the tag)."""
         target = os.path.join(local_root, tag)
         os.makedirs(target, exist_ok=True)
-        self._call(
-            lambda: self.fs.get(self._remote(tag) + "/", target + "/", recursive=True), f"downloading {self.url}/{tag}"
-        )
+        if names is None:
+            self._call(
+                lambda: self.fs.get(self._remote(tag) + "/", target + "/", recursive=True),
+                f"downloading {self.url}/{tag}",
+            )
+        for name in names or ():
+            local = os.path.join(target, *name.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            self._call(
+                lambda name=name, local=local: self.fs.get(self._remote(tag, name), local),
+                f"downloading {self.url}/{tag}/{name}",
+            )
         return target
 
     def delete(self, tag: str) -> None:

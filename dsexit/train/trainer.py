@@ -361,7 +361,7 @@ class Trainer:
         if self.latest_checkpoint is None or self.latest_checkpoint.step != self.step:
             self.save_checkpoint()
         if reason != "preempted" and self.config.checkpoint.export_hf and self.world.is_main:
-            export_hf(self.latest_checkpoint, os.path.join(self.run.run_dir, "hf"))
+            export_hf(self.checkpoints.whole(self.latest_checkpoint), os.path.join(self.run.run_dir, "hf"))
         dist.barrier()
         self.data.close()
         self.preemption.uninstall()

@@ -88,7 +88,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [record for record in records if record.get("kind", "train") == "train"]
 
 
-def reference_digests(steps: int, seed: int = 1234) -> list[str]:
+def reference_digests(steps: int, seed: int = 1234, global_batch: int = GLOBAL_BATCH) -> list[str]:
     """metrics.jsonl's per-step `samples_digest` for steps 1..steps, computed from the data reader's
     deterministic order on one process (no training): the samples an uninterrupted run must see."""
     import hashlib
@@ -102,8 +102,8 @@ def reference_digests(steps: int, seed: int = 1234) -> list[str]:
         tempfile.TemporaryDirectory() as cache,
         StreamingShardReader(
             DEFAULT_DATA_URL,
-            global_batch_size=GLOBAL_BATCH,
-            micro_batch_size=GLOBAL_BATCH,
+            global_batch_size=global_batch,
+            micro_batch_size=global_batch,
             seed=seed,
             prefetch=0,
             cache_dir=cache,

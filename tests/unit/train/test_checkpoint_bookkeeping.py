@@ -146,6 +146,21 @@ def test_a_failed_upload_keeps_the_local_copy_and_the_next_save_uploads_it(tmp_p
     assert fs.cat(f"{url}/{LATEST}") == b"global_step2"
 
 
+def test_a_nodes_copy_gets_the_other_nodes_shards_from_the_mirror_for_the_export(tmp_path):
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    manager = _manager(tmp_path, location=url)
+    saved = _save(manager, FakeEngine(), 4)
+    # a node with its own disk holds only its own ranks' shards
+    other_nodes = tmp_path / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    written = other_nodes.read_bytes()
+    other_nodes.unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        verify_files(saved)
+    assert manager.whole(saved) == saved
+    assert other_nodes.read_bytes() == written
+    verify_files(saved)
+
+
 # ---------------------------------------------------------------- before step 1
 def test_probes_name_a_file_path_and_a_read_only_directory(tmp_path):
     file_path = tmp_path / "a-file"
