@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelDirError(unreadable(args.model, error)) from None
         result = finetune(model_dir, task, config, workers=args.workers)
     except (TaskError, ModelDirError, ValueError, FileNotFoundError) as error:
-        from dsexit.train.redact import redact_text
+        from dsexit.storage import redact_text
 
         print(f"finetune.py: error: {redact_text(str(error))}", file=sys.stderr)
         return 2

@@ -41,7 +41,8 @@ def check_shards(run, local_rank: int) -> None:
     shards of the first step and of the held-out evaluation also hash to its sha256 (hashing
     remote shards here would download them twice; the reader checks every one it fetches)."""
     from dsexit.data.order import EpochOrder
-    from dsexit.data.storage import check_shard_files, open_url_fs
+    from dsexit.data.shards import check_shard_files
+    from dsexit.storage import open_url_fs
 
     index, config = run.dataset, run.config
     fs, _ = open_url_fs(index.url)
@@ -86,11 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     select_accelerator()  # before DeepSpeed is imported anywhere
     from dsexit.data import DatasetFormatError, ShardCorruptError
-    from dsexit.data.storage import StorageAccessError
+    from dsexit.storage import StorageAccessError, redact_text
     from dsexit.train.cli import parse_config
     from dsexit.train.config import ConfigError
     from dsexit.train.metrics import setup_logging
-    from dsexit.train.redact import redact_text
     from dsexit.train.resolve import resolve_run
 
     world, run_dir, run_dir_existed = None, None, True

@@ -18,7 +18,6 @@ What lives where:
     export.py      checkpoint -> model -> Hugging Face directory
     rng.py         RNG capture / restore
     preemption.py  SIGTERM / SIGINT -> checkpoint and clean exit
-    redact.py      credentials never printed or saved
     plot.py        PNG plots of a run (dsexit-plot; needs the `plot` extra)
 
 Nothing here imports DeepSpeed at module import time except through functions, so that

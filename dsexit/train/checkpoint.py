@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from dsexit.data.storage import RetryPolicy
+from dsexit.storage import RetryPolicy, atomic_write, is_remote, local_path, redact_text
 from dsexit.train.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoint API in one module)
     LATEST,
     MARKER,
@@ -40,7 +40,6 @@ from dsexit.train.checkpoint_files import (  # noqa: F401 (re-exported: the chec
     CheckpointError,
     CheckpointRef,
     RemoteCheckpoints,
-    atomic_write,
     complete_checkpoints,
     file_digests,
     newest_complete,
@@ -55,8 +54,7 @@ from dsexit.train.checkpoint_files import (  # noqa: F401 (re-exported: the chec
     verify_files,
 )
 from dsexit.train.distributed import WorldInfo, barrier
-from dsexit.train.redact import redact_text
-from dsexit.train.store import file_owner, is_remote, local_path, no_space_message
+from dsexit.train.store import file_owner, no_space_message
 
 log = logging.getLogger("dsexit")
 

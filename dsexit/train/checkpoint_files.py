@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dsexit.data.storage import RetryPolicy
-from dsexit.train.store import RemoteMirror, local_path
+from dsexit.storage import RetryPolicy, local_path
+from dsexit.train.store import RemoteMirror
 
 log = logging.getLogger("dsexit")
 
@@ -49,15 +49,6 @@ def tag_for(step: int) -> str:
 def step_of(tag: str) -> int | None:
     match = _TAG.match(tag)
     return int(match.group(1)) if match else None
-
-
-def atomic_write(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def sha256_of(path: str) -> str:

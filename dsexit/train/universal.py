@@ -16,7 +16,8 @@ import os
 import subprocess
 import sys
 
-from dsexit.train.checkpoint import UNIVERSAL_DIR, CheckpointRef, atomic_write
+from dsexit.storage import atomic_write
+from dsexit.train.checkpoint import UNIVERSAL_DIR, CheckpointRef
 from dsexit.train.distributed import WorldInfo, barrier
 
 log = logging.getLogger("dsexit")

@@ -63,3 +63,19 @@ def test_wordpiece_dataset_matches_the_electra_tokenizer_and_its_index(moby_samp
     pair = hf("Call me Ishmael.", "Some years ago.")
     assert pair["token_type_ids"] == token_type_ids(np.array(pair["input_ids"]), 102, 0).tolist()
     assert 0 < sum(pair["token_type_ids"]) < len(pair["input_ids"]) - 2
+
+
+def test_credentials_in_urls_are_masked_in_the_one_error_line(tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_text("The whale swam past the ship at dawn.\n")
+    # an output URL that carries credentials (s3:// URLs never may), and an input that matches nothing
+    for args in (
+        ["--input", text, "--out", "s3://AKIAEXAMPLEKEY:wJalrSECRETkey@bucket/x"],
+        ["--input", "memory://AKIAEXAMPLEKEY:wJalrSECRETkey@bucket/none.txt", "--out", tmp_path / "ds"],
+    ):
+        result = _run(*args)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("prepare_data: error: ") and "***" in line, line
+        assert "wJalrSECRETkey" not in result.stderr and "AKIAEXAMPLEKEY" not in result.stderr
+    assert not (tmp_path / "ds").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fsspec
 
-from dsexit.data.storage import RetryPolicy
+from dsexit.storage import RetryPolicy
 from dsexit.train.checkpoint import MARKER, CheckpointManager
 from dsexit.train.distributed import WorldInfo
 from tests.helpers import REPO

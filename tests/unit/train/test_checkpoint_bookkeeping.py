@@ -14,7 +14,7 @@ import uuid
 import fsspec
 import pytest
 
-from dsexit.data.storage import RetryPolicy
+from dsexit.storage import RetryPolicy
 from dsexit.train.checkpoint import (
     LATEST,
     MARKER,
