@@ -12,9 +12,8 @@ What lives where:
     trainer.py     Trainer: the run, step by step
     step_stats.py  one step's statistics over micro-batches and ranks (one all-reduce)
     metrics.py     rank-0 reporting: progress bar / lines, metrics.jsonl, DeepSpeed monitors
-    checkpoint.py  save, completeness marker, resume choice, retention
-    store.py       checkpoint mirror on fsspec URLs
-    universal.py   resume at another data-parallel size via ds_to_universal
+    checkpoint/    saving and resuming: the on-disk layout, the manager, the mirror, universal
+                   conversion, run identity (its __init__ lists the files)
     export.py      checkpoint -> model -> Hugging Face directory
     rng.py         RNG capture / restore
     preemption.py  SIGTERM / SIGINT -> checkpoint and clean exit

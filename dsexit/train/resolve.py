@@ -21,13 +21,19 @@ from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
 from dsexit.storage import RetryPolicy, is_remote, local_path, redact, redact_text
-from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpoint, resume_choice, saved_model_config
+from dsexit.train.checkpoint.files import (
+    CheckpointError,
+    CheckpointRef,
+    open_checkpoint,
+    resume_choice,
+    saved_model_config,
+)
+from dsexit.train.checkpoint.rundir import RunDirError, RunPlan, plan_run
+from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
 from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
 from dsexit.train.host_allocator import allocator_in_use
-from dsexit.train.rundir import RunDirError, RunPlan, plan_run
-from dsexit.train.store import RemoteMirror, StorageError, probe_local_dir
 
 CONFIG_FILE = "config.json"
 
@@ -193,7 +199,7 @@ def _chosen_checkpoint(resume: str, root: str, mirror: RemoteMirror | None) -> C
 
 def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
     """Probe, choose, check the fit, and plan the run directory; ConfigError on any user error."""
-    from dsexit.train.checkpoint import RemoteCheckpoints
+    from dsexit.train.checkpoint.files import RemoteCheckpoints
 
     ckpt = run.config.checkpoint
     try:

@@ -30,7 +30,10 @@ import torch.distributed as dist
 from dsexit.cpu import use_cpu_kernels
 from dsexit.data import StreamingShardReader, read_validation_samples
 from dsexit.model import ExitController
-from dsexit.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
+from dsexit.train.checkpoint.files import CheckpointError, CheckpointRef
+from dsexit.train.checkpoint.manager import CheckpointManager
+from dsexit.train.checkpoint.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
+from dsexit.train.checkpoint.universal import convert_to_universal, needs_universal
 from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
@@ -39,10 +42,8 @@ from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rng import RngStates, rank_seed, seed_everything, use_deterministic_kernels
-from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
-from dsexit.train.universal import convert_to_universal, needs_universal
 
 log = logging.getLogger("dsexit")
 

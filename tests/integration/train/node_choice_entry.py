@@ -10,7 +10,8 @@ import sys
 
 import torch.distributed as dist
 
-from dsexit.train.checkpoint import CheckpointError, CheckpointManager
+from dsexit.train.checkpoint.files import CheckpointError
+from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.distributed import WorldInfo
 
 rank, port, url, staging = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]

@@ -90,7 +90,7 @@ def test_start_up_reads_of_the_checkpoint_location_are_retried(tmp_path, monkeyp
     import s3fs
 
     from dsexit.storage import RetryPolicy
-    from dsexit.train.checkpoint import RemoteCheckpoints
+    from dsexit.train.checkpoint.files import RemoteCheckpoints
 
     s3fs.S3FileSystem.clear_instance_cache()  # one made earlier in this process may know another endpoint
     server = S3Server(tmp_path, key_id=KEY_ID, secret=SECRET)  # its port is fixed now; it starts late, below

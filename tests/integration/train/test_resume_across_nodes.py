@@ -18,7 +18,8 @@ from pathlib import Path
 import fsspec
 
 from dsexit.storage import RetryPolicy
-from dsexit.train.checkpoint import MARKER, CheckpointManager
+from dsexit.train.checkpoint.files import MARKER
+from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.distributed import WorldInfo
 from tests.helpers import REPO
 from tests.helpers.checkpoints import FakeEngine

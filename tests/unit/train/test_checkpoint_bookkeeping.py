@@ -15,22 +15,22 @@ import fsspec
 import pytest
 
 from dsexit.storage import RetryPolicy
-from dsexit.train.checkpoint import (
+from dsexit.train.checkpoint.files import (
     LATEST,
     MARKER,
     CheckpointError,
-    CheckpointManager,
     open_checkpoint,
     resume_choice,
     tag_for,
     verify_files,
 )
+from dsexit.train.checkpoint.manager import CheckpointManager
+from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run
+from dsexit.train.checkpoint.store import StorageError, probe_local_dir
 from dsexit.train.cli import parse_config
 from dsexit.train.config import ConfigError
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.resolve import resolve_run
-from dsexit.train.rundir import RUN_FILE, RunDirError, plan_run
-from dsexit.train.store import StorageError, probe_local_dir
 from tests.helpers.checkpoints import FakeEngine
 
 SINGLE = WorldInfo(0, 1, 0, 1, "single")
@@ -223,7 +223,7 @@ def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
 
 def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
     from dsexit.model import ElectraExitConfig
-    from dsexit.train.checkpoint import CheckpointRef
+    from dsexit.train.checkpoint.files import CheckpointRef
     from dsexit.train.resolve import check_fits
 
     tiny = ElectraExitConfig.from_preset("electra-tiny")
@@ -243,7 +243,7 @@ def test_a_probe_outlives_another_nodes_clean_up_between_its_mkdirs(tmp_path, mo
     """Nodes on a shared filesystem probe the same new directories at once, and each removes what its
     probe created: a parent can vanish between two of another probe's mkdirs (FileNotFoundError from
     makedirs). The probe tries again rather than failing the run as unwritable."""
-    import dsexit.train.store as store
+    import dsexit.train.checkpoint.store as store
 
     target = tmp_path / "runs" / "a" / "checkpoints"
     real_makedirs, calls = os.makedirs, []

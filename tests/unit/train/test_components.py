@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dsexit.train import distributed
-from dsexit.train.checkpoint import MARKER, CheckpointManager, complete_checkpoints, newest_complete, tag_for
+from dsexit.train.checkpoint.files import MARKER, complete_checkpoints, newest_complete, tag_for
+from dsexit.train.checkpoint.manager import CheckpointManager
+from dsexit.train.checkpoint.store import file_owner
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.store import file_owner
 
 LAUNCHER_VARS = (
     "RANK",

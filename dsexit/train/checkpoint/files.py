@@ -1,6 +1,6 @@
 """What a checkpoint is on disk: tags, the completion marker, file digests, and which one a
 resume takes. Pure functions over a checkpoint root (and a mirror's markers); saving,
-retention and uploads are checkpoint.py's.
+retention and uploads are manager.py's.
 
     latest                         tag of the checkpoint `--resume auto` continues from
     global_step100/                DeepSpeed's sharded files for step 100, plus
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsexit.storage import RetryPolicy, local_path
-from dsexit.train.store import RemoteMirror
+from dsexit.train.checkpoint.store import RemoteMirror
 
 log = logging.getLogger("dsexit")
 
@@ -102,6 +102,11 @@ def parse_marker(text: str, where: str) -> dict[str, Any]:
             f'the completion marker {where} is malformed (no integer "step"); expected the JSON a dsexit save writes.'
         )
     return meta
+
+
+def saved_model_config(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The model config a checkpoint's marker holds (in its resolved run config; older markers kept a copy)."""
+    return ((meta.get("config") or {}).get("model")) or meta.get("model_config")
 
 
 def read_marker(tag_dir: str) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from dsexit.storage import atomic_write
-from dsexit.train.checkpoint import UNIVERSAL_DIR, CheckpointRef
+from dsexit.train.checkpoint.files import UNIVERSAL_DIR, CheckpointRef
 from dsexit.train.distributed import WorldInfo, barrier
 
 log = logging.getLogger("dsexit")

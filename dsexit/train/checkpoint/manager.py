@@ -2,7 +2,7 @@
 
 DeepSpeed writes the shards (`engine.save_checkpoint`); the completion marker is written
 after a barrier that follows every rank's save, and `latest` after the marker, both
-atomically (checkpoint_files.py describes the layout). A crash mid-save therefore leaves
+atomically (files.py describes the layout). A crash mid-save therefore leaves
 the previous checkpoint as the one `--resume auto` loads. Rewriting a step (after a
 rollback or a torn save) first removes its marker, then its files, so a crash mid-rewrite
 leaves the step incomplete rather than a complete marker over half-written files.
@@ -32,19 +32,16 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from dsexit.storage import RetryPolicy, atomic_write, is_remote, local_path, redact_text
-from dsexit.train.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoint API in one module)
+from dsexit.train.checkpoint.files import (
     LATEST,
     MARKER,
-    TAG_PREFIX,
     UNIVERSAL_DIR,
     CheckpointError,
     CheckpointRef,
     RemoteCheckpoints,
     complete_checkpoints,
     file_digests,
-    newest_complete,
     open_checkpoint,
-    parse_marker,
     read_latest,
     read_marker,
     resume_choice,
@@ -53,8 +50,8 @@ from dsexit.train.checkpoint_files import (  # noqa: F401 (re-exported: the chec
     valid_marker,
     verify_files,
 )
+from dsexit.train.checkpoint.store import file_owner, no_space_message
 from dsexit.train.distributed import WorldInfo, barrier
-from dsexit.train.store import file_owner, no_space_message
 
 log = logging.getLogger("dsexit")
 
@@ -70,11 +67,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def saved_model_config(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The model config a checkpoint's marker holds (in its resolved run config; older markers kept a copy)."""
-    return ((meta.get("config") or {}).get("model")) or meta.get("model_config")
 
 
 def _gather(value: Any) -> list[Any]:
