@@ -131,7 +131,7 @@ class FinetuneConfig:
 
 
 def _bf16_native() -> bool:
-    from dsexit.train.ds_config import bf16_supported
+    from dsexit.train.config.ds_config import bf16_supported
 
     return bf16_supported()
 

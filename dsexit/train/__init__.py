@@ -1,12 +1,9 @@
 """The DeepSpeed trainer: configuration, launch, the training loop, checkpoints, export.
 
 What lives where:
-    config.py      TrainConfig: one dataclass per section, training presets, validation
-    cli.py         command line -> TrainConfig (dsexit/commands/pretrain.py)
     __main__.py    `python -m dsexit.train`: the pre-training command
-    ds_config.py   the DeepSpeed JSON: shipped configs by name, parallelism matrix, "auto" fields, precision
-    ds_configs/    zero1/2/3.json, pipeline.json: package data (the repository's ds_configs/ links here)
-    resolve.py     ResolvedRun: dataset, model config, DeepSpeed config; before any process group
+    config/        TrainConfig, the command line, the DeepSpeed JSON, and resolution into a
+                   ResolvedRun before any process group (its __init__ lists the files)
     distributed.py ranks from deepspeed / torchrun / mpirun, CPU threads, the process group
     engine.py      the one place that builds the model and the DeepSpeed engine
     trainer.py     Trainer: the run, step by step

@@ -35,12 +35,12 @@ from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.checkpoint.universal import convert_to_universal, needs_universal
 from dsexit.train.compiling import CompiledForward, compile_decision
+from dsexit.train.config.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
 from dsexit.train.heldout import HeldOutEvaluator, Standing
 from dsexit.train.metrics import MetricsLogger, setup_logging
 from dsexit.train.preemption import PreemptionHandler
-from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rng import RngStates, rank_seed, seed_everything, use_deterministic_kernels
 from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary

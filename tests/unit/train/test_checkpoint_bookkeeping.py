@@ -27,10 +27,10 @@ from dsexit.train.checkpoint.files import (
 from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run
 from dsexit.train.checkpoint.store import StorageError, probe_local_dir
-from dsexit.train.cli import parse_config
 from dsexit.train.config import ConfigError
+from dsexit.train.config.cli import parse_config
+from dsexit.train.config.resolve import resolve_run
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.resolve import resolve_run
 from tests.helpers.checkpoints import FakeEngine
 
 SINGLE = WorldInfo(0, 1, 0, 1, "single")
@@ -224,7 +224,7 @@ def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
 def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
     from dsexit.model import ElectraExitConfig
     from dsexit.train.checkpoint.files import CheckpointRef
-    from dsexit.train.resolve import check_fits
+    from dsexit.train.config.resolve import check_fits
 
     tiny = ElectraExitConfig.from_preset("electra-tiny")
     ref = CheckpointRef(

@@ -10,11 +10,12 @@ import json
 
 import pytest
 
-from dsexit.train.cli import parse_config
-from dsexit.train.config import ConfigError, ExitControlConfig, preset_config
+from dsexit.train.config import ConfigError, preset_config
+from dsexit.train.config.cli import parse_config
+from dsexit.train.config.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
+from dsexit.train.config.resolve import resolve_run
+from dsexit.train.config.train_config import ExitControlConfig
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
-from dsexit.train.resolve import resolve_run
 from tests.helpers import REPO
 
 SINGLE = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
@@ -183,7 +184,7 @@ def test_parallelism_matrix():
 
 
 def test_pipeline_partition_is_checked_and_reaches_the_config():
-    from dsexit.train.cli import parse_config
+    from dsexit.train.config.cli import parse_config
 
     config, _ = parse_config(["--pipeline-partition", "parameters"])
     assert config.parallelism.pipeline_partition == "parameters"

@@ -30,9 +30,15 @@ from dsexit.train.checkpoint.files import (
 )
 from dsexit.train.checkpoint.rundir import RunDirError, RunPlan, plan_run
 from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
-from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
+from dsexit.train.config.ds_config import (
+    check_parallelism,
+    find_ds_config,
+    load_ds_config,
+    resolve_ds_config,
+    zero_stage,
+)
+from dsexit.train.config.train_config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
 from dsexit.train.host_allocator import allocator_in_use
 
 CONFIG_FILE = "config.json"
