@@ -30,13 +30,14 @@ import torch.distributed as dist
 from dsexit.cpu import use_cpu_kernels
 from dsexit.data import StreamingShardReader, read_validation_samples
 from dsexit.model import ExitController
-from dsexit.train.checkpoint.files import CheckpointError, CheckpointRef
+from dsexit.train.checkpoint.files import CheckpointRef
 from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.checkpoint.universal import convert_to_universal, needs_universal
 from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.config.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.engine import build_engine, build_model
+from dsexit.train.errors import CheckpointError
 from dsexit.train.export import export_hf
 from dsexit.train.heldout import HeldOutEvaluator, Standing
 from dsexit.train.metrics import MetricsLogger, setup_logging

@@ -1,6 +1,7 @@
 """What a checkpoint is on disk: tags, the completion marker, file digests, and which one a
-resume takes. Pure functions over a checkpoint root (and a mirror's markers); saving,
-retention and uploads are manager.py's.
+directory offers a resume. Functions that read a checkpoint root (and a mirror's markers);
+saving is manager.py's, uploads mirror.py's, retention retention.py's, and the choice
+between this directory, the mirror and a path resume.py's.
 
     latest                         tag of the checkpoint `--resume auto` continues from
     global_step100/                DeepSpeed's sharded files for step 100, plus
@@ -28,6 +29,7 @@ from typing import Any
 
 from dsexit.storage import RetryPolicy, local_path
 from dsexit.train.checkpoint.store import RemoteMirror
+from dsexit.train.errors import CheckpointError
 
 log = logging.getLogger("dsexit")
 
@@ -36,10 +38,6 @@ MARKER = "dsexit_checkpoint.json"
 LATEST = "latest"
 UNIVERSAL_DIR = "universal"
 _TAG = re.compile(rf"^{TAG_PREFIX}(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used or written; one sentence naming the file and what is wrong."""
 
 
 def tag_for(step: int) -> str:

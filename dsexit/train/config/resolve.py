@@ -21,13 +21,8 @@ from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
 from dsexit.storage import RetryPolicy, is_remote, local_path, redact, redact_text
-from dsexit.train.checkpoint.files import (
-    CheckpointError,
-    CheckpointRef,
-    open_checkpoint,
-    resume_choice,
-    saved_model_config,
-)
+from dsexit.train.checkpoint.files import CheckpointRef, RemoteCheckpoints, saved_model_config
+from dsexit.train.checkpoint.resume import choose_checkpoint
 from dsexit.train.checkpoint.rundir import RunDirError, RunPlan, plan_run
 from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
 from dsexit.train.config.ds_config import (
@@ -39,6 +34,7 @@ from dsexit.train.config.ds_config import (
 )
 from dsexit.train.config.train_config import RESUME_KEYWORDS, ConfigError, TrainConfig
 from dsexit.train.distributed import WorldInfo
+from dsexit.train.errors import CheckpointError
 from dsexit.train.host_allocator import allocator_in_use
 
 CONFIG_FILE = "config.json"
@@ -188,25 +184,19 @@ def _probe_locations(run: "ResolvedRun", mirror: RemoteMirror | None) -> None:
         mirror.probe()
 
 
-def _chosen_checkpoint(resume: str, root: str, mirror: RemoteMirror | None) -> CheckpointRef | None:
-    """The checkpoint `--resume` selects, by its marker (as the trainer will choose it); nothing
-    is downloaded."""
-    if resume == "none":
-        return None
-    if resume != "auto":
-        try:
-            return open_checkpoint(resume)
-        except (FileNotFoundError, CheckpointError) as error:
-            raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
-    local = resume_choice(root)
-    remote = mirror.choice() if mirror is not None else None
-    return remote if remote is not None and (local is None or remote.step > local.step) else local
+def _chosen_checkpoint(resume: str, root: str, mirror: RemoteCheckpoints | None) -> CheckpointRef | None:
+    """The checkpoint `--resume` selects, by its marker, by the rule the trainer applies
+    (`choose_checkpoint`); nothing is downloaded."""
+    try:
+        return choose_checkpoint(resume, root, mirror)
+    except (FileNotFoundError, CheckpointError) as error:
+        if resume in RESUME_KEYWORDS:
+            raise
+        raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
 
 
 def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
     """Probe, choose, check the fit, and plan the run directory; ConfigError on any user error."""
-    from dsexit.train.checkpoint.files import RemoteCheckpoints
-
     ckpt = run.config.checkpoint
     try:
         mirror = (
