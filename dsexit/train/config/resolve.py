@@ -12,6 +12,7 @@ rank 0 prints once and what every checkpoint saves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from dsexit.train.config.ds_config import (
     resolve_ds_config,
     zero_stage,
 )
-from dsexit.train.config.train_config import RESUME_KEYWORDS, ConfigError, TrainConfig
+from dsexit.train.config.train_config import RESUME_KEYWORDS, ConfigError, ParallelismConfig, TrainConfig
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.errors import CheckpointError
 from dsexit.train.host_allocator import allocator_in_use
@@ -235,24 +236,34 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
         raise ConfigError(redact_text(str(error), *urls)) from None
 
 
+def _resolve_partition(parallelism: ParallelismConfig, num_layers: int) -> ParallelismConfig:
+    """A layer partition resolved into counts once, here, so that every rank builds the same split."""
+    if parallelism.pipeline_stages == 1 or not is_layer_partition(parallelism.pipeline_partition):
+        return parallelism
+    try:
+        counts = parse_layer_counts(parallelism.pipeline_partition, parallelism.pipeline_stages, num_layers)
+    except PartitionError as error:
+        raise ConfigError(str(error)) from None
+    return dataclasses.replace(parallelism, pipeline_partition="layers:" + ",".join(map(str, counts)))
+
+
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
+    """The user's `config` is left as it was: what resolution settles goes into a new one."""
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
     stages = config.parallelism.pipeline_stages
-    config.parallelism.deepspeed_config = find_ds_config(config.parallelism.deepspeed_config)
-    raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)
-    check_parallelism(raw_ds_config, stages, config.parallelism.deepspeed_config)
+    parallelism = dataclasses.replace(
+        config.parallelism, deepspeed_config=find_ds_config(config.parallelism.deepspeed_config)
+    )
+    raw_ds_config = load_ds_config(parallelism.deepspeed_config)
+    check_parallelism(raw_ds_config, stages, parallelism.deepspeed_config)
     if world.world_size % stages:
         raise ConfigError(
             f"pipeline_stages={stages} is invalid; expected a divisor of the world size {world.world_size}."
         )
     dp_size = world.world_size // stages
-    if stages > 1 and is_layer_partition(config.parallelism.pipeline_partition):
-        try:  # resolved once, here: every rank then builds the same split
-            counts = parse_layer_counts(config.parallelism.pipeline_partition, stages, model_config.num_hidden_layers)
-        except PartitionError as error:
-            raise ConfigError(str(error)) from None
-        config.parallelism.pipeline_partition = "layers:" + ",".join(map(str, counts))
+    parallelism = _resolve_partition(parallelism, model_config.num_hidden_layers)
+    config = dataclasses.replace(config, parallelism=parallelism)
     total_steps = config.schedule_steps(dataset.seq_len)
     ds_config = resolve_ds_config(
         raw_ds_config,
@@ -279,5 +290,4 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
         precision="bf16" if ds_config["bf16"]["enabled"] else "fp32",
         threads=threads,
     )
-    run.run_plan = plan_checkpoints(run)
-    return run
+    return dataclasses.replace(run, run_plan=plan_checkpoints(run))

@@ -6,6 +6,7 @@ process group exists (tests/integration/train/test_user_errors.py checks that th
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -190,3 +191,16 @@ def test_pipeline_partition_is_checked_and_reaches_the_config():
     assert config.parallelism.pipeline_partition == "parameters"
     with pytest.raises(ConfigError, match="pipeline_partition='by-size'"):
         parse_config(["--pipeline-partition", "by-size"])
+
+
+def test_resolution_returns_a_new_config_and_leaves_the_users_as_it_was(tmp_path):
+    config, _ = parse_config(
+        ["--run-dir", str(tmp_path), "--deepspeed", "pipeline.json", "--pipeline-stages", "2"]
+        + ["--pipeline-partition", "layers: 1, 3"]
+    )
+    given = copy.deepcopy(config)
+    run = resolve_run(config, _world(2), threads=1)
+    assert config == given  # resolution edits nothing the caller holds
+    assert run.config.parallelism.deepspeed_config == str(REPO / "dsexit/train/config/ds_configs/pipeline.json")
+    assert run.config.parallelism.pipeline_partition == "layers:1,3"
+    assert run.run_plan is not None and run.run_plan.mode == "new"
