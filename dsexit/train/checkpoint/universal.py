@@ -26,7 +26,14 @@ _DONE = "dsexit_universal_done"
 
 
 def needs_universal(ref: CheckpointRef, dp_size: int, zero_stage: int) -> bool:
+    """Whether `ref` was saved at another data-parallel size or ZeRO stage than these."""
     return int(ref.meta["dp_size"]) != dp_size or int(ref.meta["zero_stage"]) != zero_stage
+
+
+def load_dir_of(ref: CheckpointRef, dp_size: int, zero_stage: int, world: WorldInfo) -> str:
+    """Where the engine loads `ref` from: its own root, or, saved at another data-parallel size or ZeRO
+    stage, the root of its universal conversion (made once, by rank 0; every rank waits for it)."""
+    return convert_to_universal(ref, world) if needs_universal(ref, dp_size, zero_stage) else ref.root
 
 
 def universal_root(ref: CheckpointRef) -> str:

@@ -8,10 +8,11 @@ What lives where:
     resolve.py       TrainConfig -> ResolvedRun: dataset, model config, DeepSpeed config, the
                      checkpoint to resume and the run-directory plan; before any process group
 
-What the rest of dsexit uses is importable from here: `TrainConfig`, `ConfigError`,
-`preset_config`, `TRAIN_PRESETS`, `PRECISIONS`.
+What the rest of dsexit uses is importable from here: `TrainConfig`, `ConfigError` (defined
+with the other errors in dsexit/train/errors.py), `preset_config`, `TRAIN_PRESETS`, `PRECISIONS`.
 """
 
-from dsexit.train.config.train_config import PRECISIONS, TRAIN_PRESETS, ConfigError, TrainConfig, preset_config
+from dsexit.train.config.train_config import PRECISIONS, TRAIN_PRESETS, TrainConfig, preset_config
+from dsexit.train.errors import ConfigError
 
 __all__ = ["PRECISIONS", "TRAIN_PRESETS", "ConfigError", "TrainConfig", "preset_config"]

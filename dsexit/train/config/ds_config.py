@@ -17,7 +17,8 @@ import json
 import os
 from typing import Any
 
-from dsexit.train.config.train_config import ConfigError, TrainConfig
+from dsexit.train.config.train_config import TrainConfig
+from dsexit.train.errors import ConfigError
 
 AUTO = "auto"
 PIPELINE_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2

@@ -17,6 +17,7 @@ from typing import Any
 
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import PRESETS as MODEL_PRESETS
+from dsexit.train.errors import ConfigError
 
 DEFAULT_PRESET = "smoke"
 
@@ -24,10 +25,6 @@ RESUME_KEYWORDS = ("auto", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "on", "off")
 PROGRESS_MODES = ("auto", "bar", "lines")
-
-
-class ConfigError(ValueError):
-    """A value the user chose is invalid; raised before any work starts."""
 
 
 def _fail(name: str, value: Any, expected: str) -> None:

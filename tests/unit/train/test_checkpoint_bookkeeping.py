@@ -8,6 +8,7 @@ test_run_identity.py, test_checkpoint_safety.py and test_checkpoint_outage.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 
@@ -32,7 +33,7 @@ from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run
 from dsexit.train.checkpoint.store import StorageError, probe_local_dir
 from dsexit.train.config import ConfigError
 from dsexit.train.config.cli import parse_config
-from dsexit.train.config.resolve import resolve_run
+from dsexit.train.config.resolve import begin_run, resolve_run
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.errors import CheckpointError
 from tests.helpers.checkpoints import FakeEngine
@@ -230,6 +231,32 @@ def test_credentials_in_a_checkpoint_url_never_reach_the_message(tmp_path):
     message = str(raised.value)
     assert "hunter2" not in message and "AKIAX" not in message and "checkpoint_dir=" in message
     assert "\n" not in message
+
+
+def test_resolution_reads_the_checkpoint_and_begin_run_moves_an_old_run_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    manager = _manager(run_dir / "checkpoints", keep_last=5)
+    saved = manager.save(FakeEngine(), 4, {"step": 4, "dp_size": 2, "zero_stage": 2})
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": "run-a"}))
+    run = _resolve(["--run-dir", str(run_dir), "--max-steps", "8"])  # --resume auto, one rank, ZeRO 2
+    assert run.resume_from.tag == saved.tag and run.run_plan.mode == "continue"
+    assert run.ds_config["checkpoint"]["load_universal"]  # saved at data-parallel size 2, resumed at 1
+    assert run.resuming(run.resume_from) is run and begin_run(run).run_id == "run-a"
+
+    fresh = _resolve(["--run-dir", str(run_dir), "--max-steps", "8", "--resume", "none", "--start-over"])
+    assert fresh.run_plan.move_aside == (str(run_dir),) and run_dir.exists()  # resolution moves nothing
+    logger = logging.getLogger("dsexit")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        begun = begin_run(fresh)  # the log moved with the old run: logging starts again in a new one
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+    [moved] = tmp_path.glob("run.old-*")
+    assert (moved / RUN_FILE).exists() and (moved / "checkpoints" / saved.tag).is_dir()
+    assert begun.run_id not in (None, "run-a") and not (run_dir / RUN_FILE).exists()
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "train.log").exists()
 
 
 def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
