@@ -7,8 +7,9 @@ mirror, run files) reach storage through this module, so the rules are one set:
                 s3:// and gs:// URLs never carry credentials
     retries     which errors are transient (network, timeouts, the S3 client's own) and are
                 retried with exponential backoff (`RetryPolicy`), and which no retry heals
-    atomic      a file is replaced whole or not at all (`atomic_write`); temporary names are
-                unique across processes, threads and containers (`temporary_name`)
+    files       a file is replaced whole or not at all (`atomic_write`); temporary names are
+                unique across processes, threads and containers (`temporary_name`); the
+                sha256 that shard and checkpoint digests compare (`file_sha256`)
     redaction   credentials never reach a message, a log line or a saved config: passwords in
                 URLs and values under secret-looking keys are masked (`redact_text`, `redact`)
 
@@ -19,6 +20,7 @@ logged or written.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -205,7 +207,16 @@ def read_bytes(fs, path: str, *, retries: int | RetryPolicy = 3, what: str = "")
     return policy.call(lambda: fs.cat_file(path), what or path)
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- files
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def temporary_name(path: str) -> str:
     """A temporary file beside `path`, unique across processes, threads and calls (pid and thread id
     alone repeat: thread ids are reused, and pids repeat across containers sharing a disk)."""

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 
-from dsexit.storage import RetryPolicy, join_url, open_url_fs, temporary_name
+from dsexit.storage import RetryPolicy, file_sha256, join_url, open_url_fs, temporary_name
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ def _download_hashing(fs, path: str, destination: str) -> str:
         while chunk := source.read(_CHUNK_BYTES):
             digest.update(chunk)
             target.write(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -19,7 +19,6 @@ checks each against the marker's digests and refuses files the marker does not l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dsexit.storage import RetryPolicy, local_path
+from dsexit.storage import RetryPolicy, file_sha256, local_path
 from dsexit.train.checkpoint.store import RemoteMirror
 from dsexit.train.errors import CheckpointError
 
@@ -49,14 +48,6 @@ def step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_digests(tag_dir: str) -> dict[str, dict[str, Any]]:
     """{relative path: {"sha256", "bytes"}} of every file of a tag directory but the marker."""
     digests = {}
@@ -65,7 +56,7 @@ def file_digests(tag_dir: str) -> dict[str, dict[str, Any]]:
             path = os.path.join(dirpath, name)
             relative = os.path.relpath(path, tag_dir).replace(os.sep, "/")
             if relative != MARKER:
-                digests[relative] = {"sha256": sha256_of(path), "bytes": os.path.getsize(path)}
+                digests[relative] = {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
     return digests
 
 
