@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     select_accelerator()  # before DeepSpeed is imported anywhere
     from dsexit.data import DatasetFormatError, ShardCorruptError
     from dsexit.storage import StorageAccessError, redact_text
-    from dsexit.train.config import ConfigError
     from dsexit.train.config.cli import parse_config
     from dsexit.train.config.resolve import begin_run, resolve_run
-    from dsexit.train.errors import CheckpointError, CheckpointSpaceError
+    from dsexit.train.errors import CheckpointError, CheckpointSpaceError, ConfigError
     from dsexit.train.metrics import setup_logging
 
     world, run_dir, run_dir_existed = None, None, True

@@ -55,6 +55,9 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class ResolvedRun:
+    """Everything a run needs, settled before the trainer is built. Each step of resolution makes a
+    new one (`dataclasses.replace`) instead of changing the one it was given."""
+
     config: TrainConfig
     world: WorldInfo
     dataset: DatasetIndex
