@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from dsexit.data import DatasetIndex, read_validation_samples  # noqa: E402
 from dsexit.data.stats import token_counts  # noqa: E402
 from dsexit.model.exit_rules.confidence import margin_from  # noqa: E402
-from dsexit.train.checkpoint import open_checkpoint  # noqa: E402
+from dsexit.train.checkpoint.files import open_checkpoint  # noqa: E402
 from dsexit.train.export import data_url_of, load_trained_model  # noqa: E402
 from dsexit.train.heldout import HeldOutEvaluator  # noqa: E402
 

@@ -624,7 +624,7 @@ def scratch_export(run_dir: Path, out_dir: Path, seed: int) -> str:
 def precondition(baseline: Path, work: Path, task, scale: dict, seed: int) -> dict:
     """Untrained vs the baseline's final checkpoint, fine-tuned (ELECTRA's recipe) and probed."""
     from dsexit.eval import FinetuneConfig, finetune_many
-    from dsexit.train.checkpoint import complete_checkpoints
+    from dsexit.train.checkpoint.files import complete_checkpoints
     from dsexit.train.export import export_hf
 
     untrained = scratch_export(baseline, work / "untrained-hf", seed)

@@ -295,7 +295,7 @@ def run_worker(args) -> None:
 
 def resolved_ds_config(args) -> dict:
     from dsexit.train.config import TrainConfig
-    from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
+    from dsexit.train.config.ds_config import find_ds_config, load_ds_config, resolve_ds_config
 
     train_config = TrainConfig.from_dict(
         {

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsexit.train.distributed import select_accelerator
 
     select_accelerator()
+    from dsexit.storage import redact_text
     from dsexit.train.export import export_hf
-    from dsexit.train.redact import redact_text
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")

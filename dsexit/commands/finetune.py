@@ -31,7 +31,7 @@ def _parser_and_flags() -> tuple[argparse.ArgumentParser, list]:
     """The parser: the run's own arguments, and one flag per `FinetuneConfig` field, generated from the dataclass
     by the generator pretraining's command line uses (the field's docstring is its help)."""
     from dsexit.eval.finetune import FinetuneConfig
-    from dsexit.train.cli import dataclass_flags
+    from dsexit.train.config.cli import dataclass_flags
 
     parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None):
     """(the parsed arguments, the `FinetuneConfig` they give: the defaults, with the flags given over them)."""
     from dsexit.eval.finetune import FinetuneConfig
-    from dsexit.train.cli import given_fields
+    from dsexit.train.config.cli import given_fields
 
     parser, flags = _parser_and_flags()
     args = parser.parse_args(argv)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelDirError(unreadable(args.model, error)) from None
         result = finetune(model_dir, task, config, workers=args.workers)
     except (TaskError, ModelDirError, ValueError, FileNotFoundError) as error:
-        from dsexit.train.redact import redact_text
+        from dsexit.storage import redact_text
 
         print(f"finetune.py: error: {redact_text(str(error))}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import sys
 
 from dsexit.data.prepare import prepare_dataset
 from dsexit.data.sources import UNDECODABLE_CHOICES
+from dsexit.storage import redact_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,8 +77,9 @@ def main(argv=None) -> int:
             encoding=args.encoding,
             undecodable=args.undecodable,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # OSError: a location unreadable through every retry, too
         message = " ".join(str(error).split())  # one line, whatever the message holds
+        message = redact_text(message, args.out, *args.input)  # credentials in a URL never reach the terminal
         print(f"prepare_data: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -9,8 +9,11 @@ With no other argument it trains the `smoke` preset on the embedded corpus and l
 checkpoints and a Hugging Face export in runs/electra. `--help` lists every flag.
 
 Exit codes: 0 finished, or preempted after saving a checkpoint (SIGTERM, SIGINT, or the
-launcher gone); 2 a user error, one line on stderr, raised before any work starts (nothing
-is written); 3 a lost peer (resume with --resume auto).
+launcher gone); 1 no space left while saving a checkpoint (one line naming the device); 2 a
+user error, one line on stderr: raised before any work starts (nothing is written), or a
+checkpoint to resume that cannot be used, or a corrupt shard met mid-run; 3 a lost peer
+(resume with --resume auto). The trainer raises typed errors (dsexit/train/errors.py); this
+module alone turns them into exit codes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import sys
 
+EXIT_NO_SPACE = 1  # the disk filled while a checkpoint was written
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 3  # a collective lost a peer (node loss); resume with --resume auto
 EXIT_STATUS_ENV = "DSEXIT_EXIT_STATUS_FILE"  # where local rank 0 writes why the run stopped (docker/entrypoint.sh)
@@ -41,7 +45,8 @@ def check_shards(run, local_rank: int) -> None:
     shards of the first step and of the held-out evaluation also hash to its sha256 (hashing
     remote shards here would download them twice; the reader checks every one it fetches)."""
     from dsexit.data.order import EpochOrder
-    from dsexit.data.storage import check_shard_files, open_url_fs
+    from dsexit.data.shards import check_shard_files
+    from dsexit.storage import open_url_fs
 
     index, config = run.dataset, run.config
     fs, _ = open_url_fs(index.url)
@@ -74,6 +79,17 @@ def report_stop(reason: str, local_rank: int) -> None:
             handle.write(f"{reason}\n")
 
 
+def _end(code: int, speak: str | None = None) -> None:
+    """End a run that cannot go on, at once: prefetch threads, and other ranks that may wait in a
+    collective, would block a normal exit (the launcher ends them). `speak`: one line on stderr."""
+    if speak is not None:
+        print(f"pretrain.py: error: {speak}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger("dsexit").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dsexit.train.distributed import (
         describe_peer_failure,
@@ -85,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     select_accelerator()  # before DeepSpeed is imported anywhere
     from dsexit.data import DatasetFormatError, ShardCorruptError
-    from dsexit.data.storage import StorageAccessError
-    from dsexit.train.cli import parse_config
-    from dsexit.train.config import ConfigError
+    from dsexit.storage import StorageAccessError, redact_text
+    from dsexit.train.config.cli import parse_config
+    from dsexit.train.config.resolve import begin_run, resolve_run
+    from dsexit.train.errors import CheckpointError, CheckpointSpaceError, ConfigError
     from dsexit.train.metrics import setup_logging
-    from dsexit.train.redact import redact_text
-    from dsexit.train.resolve import resolve_run
 
     world, run_dir, run_dir_existed = None, None, True
     try:
@@ -114,27 +129,28 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(world, run.run_dir)
     log = logging.getLogger("dsexit")
     log.info("resolved config:\n%s", run.to_json())
-    init_process_group(world, config.parallelism.dist_timeout_s)
+    init_process_group(world, run.config.parallelism.dist_timeout_s)
+    run = begin_run(run)  # --start-over moves the old run aside; the run id, agreed on every rank
     from dsexit.train.trainer import Trainer
 
     try:
         trainer = Trainer(run)
         reason = trainer.train()
+    except CheckpointSpaceError as error:  # said by every rank that met it
+        _end(EXIT_NO_SPACE, speak=redact_text(str(error)))
+    except CheckpointError as error:  # the checkpoint to resume: every rank raises the same one; rank 0 says it
+        _end(EXIT_USER_ERROR, speak=redact_text(str(error)) if world.is_main else None)
     except ShardCorruptError as error:  # a shard fetched mid-run (remote shards are hashed as they arrive)
         log.error("%s", redact_text(str(error)))
-        for handler in log.handlers:
-            handler.flush()
-        os._exit(EXIT_USER_ERROR)  # other ranks may wait in a collective; the launcher ends them
+        _end(EXIT_USER_ERROR)
     except RuntimeError as error:  # torch.distributed.DistBackendError is one
         lost = describe_peer_failure(error, world)
         if lost is None:
             raise
         log.error("%s", lost)
-        for handler in log.handlers:
-            handler.flush()
         # The process group is broken: a normal exit could block in its teardown (or in the
         # data prefetch threads), and a bounded exit is the point of reporting this.
-        os._exit(EXIT_PEER_LOST)
+        _end(EXIT_PEER_LOST)
     standing = trainer.standing
     if standing is None or not world.is_main:
         log.info("done (%s); run directory: %s", reason, run.run_dir)

@@ -41,7 +41,7 @@ _TOP_PAD = 64 << 20
 
 def tuning_choice() -> str:
     """The user's `DSEXIT_MALLOC_TUNING` (default "on"); a bad value is a config error."""
-    from dsexit.train.config import ConfigError
+    from dsexit.train.errors import ConfigError
 
     choice = os.environ.get(ENV, "on").strip().lower()
     if choice not in _CHOICES:
@@ -79,7 +79,7 @@ _PRELOADED_ENV = "DSEXIT_TCMALLOC_PRELOADED"  # set in the re-executed process: 
 def tcmalloc_choice() -> str:
     """The user's `DSEXIT_TCMALLOC`: "off" (default, also when unset or empty), "auto", or the path of
     a tcmalloc library."""
-    from dsexit.train.config import ConfigError
+    from dsexit.train.errors import ConfigError
 
     choice = os.environ.get(TCMALLOC_ENV, "").strip() or "off"
     if choice.lower() in ("auto", "off"):

@@ -1,8 +1,11 @@
 """Data for ELECTRA pre-training: preparation into shards and streaming them back.
 
+URLs, retries, atomic writes and credential redaction are `dsexit.storage`'s (shared with
+`dsexit.train`).
+
 What lives where:
     index.py     index.json, the dataset format (DatasetIndex)
-    storage.py   URLs, retries with backoff, verified downloads, the LRU shard cache
+    shards.py    the shard check before a run, verified downloads, the LRU shard cache
     sources.py   raw text inputs (files, globs, fsspec URLs, hf: datasets), sentence splitting
     tokenizer.py tokenizer specs, SentencePiece training, Hugging Face export
     packing.py   BERT/ELECTRA sample layout ([CLS] A [SEP] B [SEP]) and token type ids
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from dsexit.data.index import DatasetFormatError, DatasetIndex, ShardInfo
 from dsexit.data.reader import StreamingShardReader, read_validation_samples
-from dsexit.data.storage import ShardCorruptError
+from dsexit.data.shards import ShardCorruptError
 from dsexit.data.tokenizer import save_hf_tokenizer
 
 DEFAULT_DATA_URL = str(Path(__file__).resolve().parent / "default")

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dsexit.data.storage import ACCESS_ERRORS, access_error, join_url, open_url_fs, read_bytes
+from dsexit.storage import ACCESS_ERRORS, access_error, join_url, open_url_fs, read_bytes
 
 FORMAT_NAME = "dsexit-shards"
 FORMAT_VERSION = 1

@@ -5,7 +5,7 @@ This module owns the schedule (global step s takes epoch positions
 [s*G + r*G/dp, s*G + (r+1)*G/dp), cut into micro-batches; the incomplete last
 global batch of an epoch is dropped), the reader's state (epoch, global samples
 consumed by the trainer), the background prefetch thread, and turning rows into
-tensors. Sample order comes from `order.py`, bytes from `storage.py`.
+tensors. Sample order comes from `order.py`, bytes from `shards.py`.
 
 It also owns the one read of the held-out split, `read_validation_samples`: the
 validation rows in file order, through the same cache, retries and sha256 checks.
@@ -26,7 +26,8 @@ import torch
 from dsexit.data.index import DatasetFormatError, DatasetIndex, ShardInfo
 from dsexit.data.order import EpochOrder
 from dsexit.data.packing import token_type_ids
-from dsexit.data.storage import DEFAULT_CACHE_MAX_BYTES, RetryPolicy, ShardCache
+from dsexit.data.shards import DEFAULT_CACHE_MAX_BYTES, ShardCache
+from dsexit.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Iterator
 from fsspec.compression import compr
 from fsspec.utils import infer_compression
 
-from dsexit.data.storage import ACCESS_ERRORS, access_error, open_url_fs
+from dsexit.storage import ACCESS_ERRORS, access_error, open_url_fs
 
 CHUNK_BYTES = 256 << 10  # read and decoded at a time
 MAX_PIECE_CHARS = 256 << 10  # the longest document piece (and plain-text line piece) held at once

@@ -6,7 +6,8 @@ import numpy as np
 
 from dsexit.data.index import DatasetIndex
 from dsexit.data.reader import open_shard
-from dsexit.data.storage import DEFAULT_CACHE_MAX_BYTES, RetryPolicy, ShardCache
+from dsexit.data.shards import DEFAULT_CACHE_MAX_BYTES, ShardCache
+from dsexit.storage import RetryPolicy
 
 
 def token_counts(

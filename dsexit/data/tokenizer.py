@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable
 
-from dsexit.data.storage import open_url_fs
+from dsexit.storage import open_url_fs
 
 WORDPIECE_FILE = "vocab.txt"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -237,7 +237,7 @@ def save_hf_tokenizer(index_or_url, out_dir: str, storage_options: dict | None =
 
 
 def copy_tokenizer_file(tokenizer: TextTokenizer, out_url: str, storage_options: dict | None = None) -> None:
-    from dsexit.data.storage import join_url
+    from dsexit.storage import join_url
 
     fs, path = open_url_fs(join_url(out_url, tokenizer.file_name), storage_options)
     with open(tokenizer.local_path, "rb") as source, fs.open(path, "wb") as target:

@@ -38,8 +38,8 @@ from dsexit.data.index import (
     shard_name,
     validation_shard_name,
 )
-from dsexit.data.storage import ACCESS_ERRORS, access_error, join_url, open_url_fs
 from dsexit.data.tokenizer import TextTokenizer, copy_tokenizer_file
+from dsexit.storage import ACCESS_ERRORS, access_error, join_url, open_url_fs
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def resolve_model_dir(path: str, export_dir: str | None = None) -> tuple[str, st
         )
     if os.path.isfile(os.path.join(path, "config.json")):
         return _check_export(path), "export"
-    from dsexit.train.checkpoint import MARKER, newest_complete, read_marker
+    from dsexit.train.checkpoint.files import MARKER, newest_complete, read_marker
 
     if read_marker(path) is None and newest_complete(path) is None:
         raise ModelDirError(

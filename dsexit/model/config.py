@@ -37,7 +37,7 @@ TRAINING_FIELDS = {
     "exit_warmup_steps": "exit_control.warmup_steps",
 }
 """Fields that older runs stored in the model config and that now belong to the training config
-(`dsexit.train.config.ExitControlConfig`): `from_saved` drops them, `from_dict` names their new place."""
+(`dsexit.train.config.train_config.ExitControlConfig`): `from_saved` drops them, `from_dict` names their new place."""
 RETIRED_FIELDS = ("extra", *TRAINING_FIELDS)
 
 
@@ -107,7 +107,7 @@ class ElectraExitConfig:
     """First layer (1-based) with an exit head; default: a third of the depth."""
     exit_threshold: float = 0.9
     """Confidence at or above which a token exits (tau); the controller's start value (the
-    controller's own settings are training settings: `dsexit.train.config.ExitControlConfig`)."""
+    controller's own settings are training settings: `dsexit.train.config.train_config.ExitControlConfig`)."""
     exit_criterion: str = "prior_margin"
     """The exit rule, by name (`dsexit/model/exit_rules/`, one file per rule):
     "prior_margin": |tanh((x - prior_logit) / 2)| >= tau, the distance of the head's log-odds

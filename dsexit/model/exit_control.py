@@ -29,7 +29,7 @@ def _logit(probability: float) -> float:
 
 
 class ExitController:
-    """tau per step. Its settings are training settings (`dsexit.train.config.ExitControlConfig`, whose
+    """tau per step. Its settings are training settings (`dsexit.train.config.train_config.ExitControlConfig`, whose
     `min_confidence` the trainer passes); the model config gives whether exits are on and tau's start.
     Built directly, it has no floor (`min_confidence=0`), as speed benchmarks that steer untrained heads
     to a compute target need."""

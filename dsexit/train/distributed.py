@@ -17,6 +17,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("dsexit")
 
@@ -269,6 +270,35 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def several_processes() -> bool:
+    """Whether a process group of more than one rank exists."""
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (just `[value]` in a single process)."""
+    import torch.distributed as dist
+
+    if not several_processes():
+        return [value]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    import torch.distributed as dist
+
+    if not several_processes():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def destroy_process_group() -> None:

@@ -24,7 +24,7 @@ import torch
 
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import to_hf_masked_lm, to_hf_pretraining
-from dsexit.train.checkpoint import CheckpointRef, open_checkpoint, saved_model_config, verify_files
+from dsexit.train.checkpoint.files import CheckpointRef, open_checkpoint, saved_model_config, verify_files
 
 log = logging.getLogger("dsexit")
 

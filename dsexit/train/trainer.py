@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -29,31 +28,24 @@ import torch.distributed as dist
 
 from dsexit.data import StreamingShardReader, read_validation_samples
 from dsexit.model import ExitController, kernels
-from dsexit.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
+from dsexit.train.checkpoint.files import CheckpointRef
+from dsexit.train.checkpoint.manager import CheckpointManager
+from dsexit.train.checkpoint.rundir import RunPlan, claim
+from dsexit.train.checkpoint.universal import load_dir_of
 from dsexit.train.compiling import CompiledForward, compile_decision
+from dsexit.train.config.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
 from dsexit.train.heldout import HeldOutEvaluator, Standing
-from dsexit.train.metrics import MetricsLogger, setup_logging
+from dsexit.train.metrics import MetricsLogger
 from dsexit.train.preemption import PreemptionHandler
-from dsexit.train.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.rng import RngStates, rank_seed, seed_everything, use_deterministic_kernels
-from dsexit.train.rundir import RunPlan, claim, move_aside, new_run_id, restore_log
 from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
-from dsexit.train.universal import convert_to_universal, needs_universal
 
 log = logging.getLogger("dsexit")
 
 BASELINE_SHARDS = 8  # the held-out unigram baseline's estimate: enough tokens, no full pass over a large dataset
-
-
-def _fail(error: Exception, code: int, speak: bool = True) -> None:
-    """A checkpoint that cannot be used or written ends the run with one line, not a traceback."""
-    if speak:
-        print(f"pretrain.py: error: {error}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)  # prefetch threads and a process group in the middle of a collective would block an exit
 
 
 class _Progress:
@@ -73,7 +65,17 @@ class _Progress:
 
 
 class Trainer:
+    """One run of a `ResolvedRun` that `begin_run` has begun (its run id agreed on every rank).
+
+    Raises the errors of `dsexit.train.errors`: CheckpointError when the checkpoint to resume
+    cannot be used (every rank raises the same one), CheckpointSpaceError when the disk fills while
+    saving; a lost peer surfaces as torch's DistBackendError. What ends the process, and with which
+    exit code, is the caller's (dsexit/commands/pretrain.py).
+    """
+
     def __init__(self, run: ResolvedRun):
+        if run.run_id is None:
+            raise ValueError("the run has no id yet: pass it through begin_run (dsexit.train.config.resolve) first.")
         # --- core configs
         self.run = run
         self.config = run.config
@@ -88,7 +90,7 @@ class Trainer:
             os.path.join(run.run_dir, "checkpoints"),
             self.config.checkpoint.keep_last,
             self.world,
-            run_id=self._run_id(),
+            run_id=run.run_id,
             policy=run.retry_policy(),
         )
         self.started_at = time.monotonic()
@@ -100,12 +102,12 @@ class Trainer:
         self.minutes_at_start = 0.0
         self.eval_seconds = 0.0  # held-out evaluation is measurement: it does not count against the budget
         # --- swappable components
-        try:
-            resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)
-        except CheckpointError as error:  # every rank raises it; rank 0 says it
-            _fail(error, 2, speak=self.world.is_main)
+        resume_from = self.checkpoints.find_resume(self.config.checkpoint.resume)  # the one resolution read, verified
+        # The same run, unless the nodes settled on a checkpoint of another data-parallel size than the one
+        # resolution read (a newer one that only rank 0's disk holds gave way to the mirror's).
+        self.run = run = run.resuming(resume_from)
         self.latest_checkpoint: CheckpointRef | None = None
-        load_dir = self._prepare_load(resume_from)
+        load_dir = load_dir_of(resume_from, run.dp_size, run.zero_stage, self.world) if resume_from else None
         self.pipeline_stages = self.config.parallelism.pipeline_stages
         self.engine = build_engine(
             self._build_model(), run.ds_config, self.pipeline_stages, self.config.parallelism.pipeline_partition
@@ -270,32 +272,6 @@ class Trainer:
         return copy.to(device=self.device, dtype=dtype)
 
     # ------------------------------------------------------------------ checkpoints
-    def _run_id(self) -> str:
-        """This run's id, the same on every rank; rank 0 first moves an old run aside (--start-over)."""
-        run_id = None
-        if self.world.is_main:
-            if self.run_plan.move_aside:
-                moved = move_aside(self.run_plan.move_aside)
-                if self.run.run_dir in moved:  # the log moved with the old run: a new one here
-                    setup_logging(self.world, self.run.run_dir)
-                    restore_log(moved[self.run.run_dir], self.run_plan.log_state)
-                    log.info("resolved config:\n%s", self.run.to_json())
-                for old, new in moved.items():
-                    log.warning("--start-over: moved %s aside to %s (nothing was deleted)", old, new)
-            run_id = self.run_plan.run_id or new_run_id()
-        box = [run_id]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _prepare_load(self, ref: CheckpointRef | None) -> str | None:
-        """Where the engine loads `ref` from; switches to the universal format at another dp size."""
-        if ref is None:
-            return None
-        if needs_universal(ref, self.run.dp_size, self.run.zero_stage):
-            self.run.ds_config["checkpoint"] = {**self.run.ds_config.get("checkpoint", {}), "load_universal": True}
-            return convert_to_universal(ref, self.world)
-        return ref.root
-
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
             "dp_size": self.run.dp_size,
@@ -311,11 +287,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> CheckpointRef:
+        """Save on every rank; CheckpointSpaceError when the disk fills (the torn step is removed)."""
         started = time.monotonic()
-        try:
-            ref = self.checkpoints.save(self.engine, self.step, self.checkpoint_meta())
-        except CheckpointError as error:  # the disk is full
-            _fail(error, 1)
+        ref = self.checkpoints.save(self.engine, self.step, self.checkpoint_meta())
         self.latest_checkpoint = ref
         log.info("saved checkpoint %s in %.1fs", ref.path, time.monotonic() - started)
         return ref

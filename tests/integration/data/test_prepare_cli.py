@@ -82,3 +82,19 @@ def test_an_unreadable_tokenizer_file_is_one_line_naming_it_and_nothing_is_writt
     errors = [line for line in result.stderr.splitlines() if "Traceback" in line or str(bad) in line]
     assert len(errors) == 1 and "Traceback" not in errors[0], result.stderr
     assert not out.exists()
+
+
+def test_credentials_in_urls_are_masked_in_the_one_error_line(tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_text("The whale swam past the ship at dawn.\n")
+    # an output URL that carries credentials (s3:// URLs never may), and an input that matches nothing
+    for args in (
+        ["--input", text, "--out", "s3://AKIAEXAMPLEKEY:wJalrSECRETkey@bucket/x"],
+        ["--input", "memory://AKIAEXAMPLEKEY:wJalrSECRETkey@bucket/none.txt", "--out", tmp_path / "ds"],
+    ):
+        result = _run(*args)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("prepare_data: error: ") and "***" in line, line
+        assert "wJalrSECRETkey" not in result.stderr and "AKIAEXAMPLEKEY" not in result.stderr
+    assert not (tmp_path / "ds").exists()

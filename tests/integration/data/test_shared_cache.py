@@ -16,20 +16,21 @@ from tests.helpers.datasets import write_synthetic_dataset
 RANK = r"""
 import hashlib, json, os, sys, time
 import numpy as np
-import dsexit.data.storage as storage
+import dsexit.data.shards as shards
+from dsexit.storage import RetryPolicy
 from dsexit.data import DatasetIndex
 from dsexit.data.reader import open_shard
 
 url, cache_dir, barrier, name = sys.argv[1:5]
-real_download = storage._download_hashing
+real_download = shards._download_hashing
 
 def slow_download(fs, path, destination):
     time.sleep(0.3)
     return real_download(fs, path, destination)
 
-storage._download_hashing = slow_download
+shards._download_hashing = slow_download
 index = DatasetIndex.load(url)
-cache = storage.ShardCache(cache_dir, 1 << 30, storage.RetryPolicy(0))
+cache = shards.ShardCache(cache_dir, 1 << 30, RetryPolicy(0))
 open(os.path.join(barrier, name), "w").close()
 while not os.path.exists(os.path.join(barrier, "go")):
     time.sleep(0.01)

@@ -67,15 +67,15 @@ def installed(tmp_path_factory) -> Path:
 
 def test_the_root_ds_configs_are_the_packaged_ones():
     for name in SHIPPED:
-        packaged = REPO / "dsexit" / "train" / "ds_configs" / name
+        packaged = REPO / "dsexit" / "train" / "config" / "ds_configs" / name
         assert (REPO / "ds_configs" / name).read_bytes() == packaged.read_bytes()
     assert sorted(path.name for path in (REPO / "ds_configs").iterdir()) == sorted(SHIPPED)
 
 
 def test_a_non_editable_install_ships_the_ds_configs(installed):
     for name in SHIPPED:
-        assert (installed / "dsexit" / "train" / "ds_configs" / name).read_bytes() == (
-            REPO / "dsexit" / "train" / "ds_configs" / name
+        assert (installed / "dsexit" / "train" / "config" / "ds_configs" / name).read_bytes() == (
+            REPO / "dsexit" / "train" / "config" / "ds_configs" / name
         ).read_bytes()
 
 
@@ -117,7 +117,7 @@ def test_the_installed_command_resolves_its_default_ds_config_from_any_directory
         )
         assert result.returncode == 0, result.stderr[-3000:]
         path = Path(json.loads(result.stdout)["train"]["parallelism"]["deepspeed_config"])
-        assert path.is_relative_to(installed / "dsexit" / "train" / "ds_configs"), path
+        assert path.is_relative_to(installed / "dsexit" / "train" / "config" / "ds_configs"), path
         assert path.name == (extra[-1] if extra else "zero2.json")
 
 

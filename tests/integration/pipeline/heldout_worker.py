@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dsexit.data import read_validation_samples
 from dsexit.data.index import DatasetIndex
 from dsexit.data.stats import token_counts
-from dsexit.train.checkpoint import open_checkpoint
+from dsexit.train.checkpoint.files import open_checkpoint
 from dsexit.train.export import data_url_of, load_trained_model
 from dsexit.train.heldout import HeldOutEvaluator
 from dsexit.train.trainer import BASELINE_SHARDS

@@ -26,7 +26,7 @@ def _take_kill_step(argv: list[str]) -> int:
 def main() -> int:
     kill_step = _take_kill_step(sys.argv)
 
-    from dsexit.train.checkpoint import CheckpointManager
+    from dsexit.train.checkpoint.manager import CheckpointManager
 
     complete = CheckpointManager._complete
 

@@ -10,8 +10,9 @@ import sys
 
 import torch.distributed as dist
 
-from dsexit.train.checkpoint import CheckpointError, CheckpointManager
+from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.distributed import WorldInfo
+from dsexit.train.errors import CheckpointError
 
 rank, port, url, staging = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

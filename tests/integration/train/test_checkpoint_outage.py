@@ -89,8 +89,8 @@ def test_an_outage_mid_save_is_retried_and_the_next_save_uploads_what_is_missing
 def test_start_up_reads_of_the_checkpoint_location_are_retried(tmp_path, monkeypatch):
     import s3fs
 
-    from dsexit.data.storage import RetryPolicy
-    from dsexit.train.checkpoint import RemoteCheckpoints
+    from dsexit.storage import RetryPolicy
+    from dsexit.train.checkpoint.files import RemoteCheckpoints
 
     s3fs.S3FileSystem.clear_instance_cache()  # one made earlier in this process may know another endpoint
     server = S3Server(tmp_path, key_id=KEY_ID, secret=SECRET)  # its port is fixed now; it starts late, below

@@ -72,7 +72,7 @@ class _Planted:
 
 
 def test_export_refuses_a_planted_file_and_loads_its_own_files_weights_only(two_steps, tmp_path):
-    from dsexit.train.checkpoint import CheckpointError
+    from dsexit.train.errors import CheckpointError
     from dsexit.train.export import export_hf, load_weights_only
 
     copy = tmp_path / "global_step2"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import fsspec
 
-from dsexit.data.storage import RetryPolicy
-from dsexit.train.checkpoint import MARKER, CheckpointManager
+from dsexit.storage import RetryPolicy
+from dsexit.train.checkpoint.files import MARKER
+from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.distributed import WorldInfo
 from tests.helpers import REPO
 from tests.helpers.checkpoints import FakeEngine
@@ -40,10 +41,10 @@ def _saved_on_node0(url: str, root: Path, s3_server, monkeypatch) -> None:
     def unreachable(*args, **kwargs):
         raise ConnectionError("endpoint unreachable")
 
-    monkeypatch.setattr(manager.remote.fs, "put_file", unreachable)
+    monkeypatch.setattr(manager.mirror.remote.fs, "put_file", unreachable)
     manager.save(engine, 4, {})
     assert (root / "global_step4" / MARKER).exists()
-    assert manager.remote.read_text(f"global_step4/{MARKER}") is None
+    assert manager.mirror.remote.read_text(f"global_step4/{MARKER}") is None
 
 
 def _choose(url: str, roots: list[Path], env: dict) -> tuple[list[dict], list[str]]:

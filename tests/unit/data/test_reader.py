@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dsexit.data import DatasetFormatError, DatasetIndex, ShardCorruptError, StreamingShardReader
-from dsexit.data.storage import RetryPolicy, ShardCache
+from dsexit.data.shards import ShardCache
+from dsexit.storage import RetryPolicy
 from tests.helpers.datasets import decode_sample_numbers, write_synthetic_dataset
 
 NUM_SAMPLES, ROWS_PER_SHARD, GLOBAL_BATCH = 203, 16, 24  # 8 steps an epoch; 11 samples dropped

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from dsexit.data import DatasetIndex
-from dsexit.data.storage import temporary_name
+from dsexit.storage import temporary_name
 from tests.helpers.datasets import write_synthetic_dataset
 
 
@@ -19,7 +19,8 @@ def test_temporary_names_differ_between_calls_of_one_thread():
 
 
 def test_a_shard_another_rank_evicted_is_fetched_again(tmp_path):
-    from dsexit.data.storage import RetryPolicy, ShardCache
+    from dsexit.data.shards import ShardCache
+    from dsexit.storage import RetryPolicy
 
     url = str(tmp_path / "remote")
     write_synthetic_dataset(url, 32, 16)

@@ -113,7 +113,7 @@ def test_a_training_step_of_the_loop_synchronises_nothing(device, monkeypatch):
     import deepspeed
 
     from dsexit.train.config import TrainConfig
-    from dsexit.train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
+    from dsexit.train.config.ds_config import find_ds_config, load_ds_config, resolve_ds_config
     from dsexit.train.engine import build_engine, build_model
     from dsexit.train.step_runner import DataParallelSteps
     from dsexit.train.step_stats import StepStats

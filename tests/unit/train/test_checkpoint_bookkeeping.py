@@ -8,29 +8,34 @@ test_run_identity.py, test_checkpoint_safety.py and test_checkpoint_outage.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 
 import fsspec
 import pytest
 
-from dsexit.data.storage import RetryPolicy
-from dsexit.train.checkpoint import (
+from dsexit.storage import RetryPolicy
+from dsexit.train.checkpoint.files import (
     LATEST,
     MARKER,
-    CheckpointError,
-    CheckpointManager,
+    CheckpointRef,
+    RemoteCheckpoints,
     open_checkpoint,
     resume_choice,
     tag_for,
     verify_files,
 )
-from dsexit.train.cli import parse_config
+from dsexit.train.checkpoint.manager import CheckpointManager
+from dsexit.train.checkpoint.resume import choose_checkpoint
+from dsexit.train.checkpoint.retention import doomed_tags, kept_tags
+from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run
+from dsexit.train.checkpoint.store import StorageError, probe_local_dir
 from dsexit.train.config import ConfigError
+from dsexit.train.config.cli import parse_config
+from dsexit.train.config.resolve import begin_run, resolve_run
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.resolve import resolve_run
-from dsexit.train.rundir import RUN_FILE, RunDirError, plan_run
-from dsexit.train.store import StorageError, probe_local_dir
+from dsexit.train.errors import CheckpointError
 from tests.helpers.checkpoints import FakeEngine
 
 SINGLE = WorldInfo(0, 1, 0, 1, "single")
@@ -53,6 +58,29 @@ def _save(manager, engine, step):
 
 def _tags(root):
     return sorted((name for name in os.listdir(root) if name.startswith("global_step")), key=lambda n: int(n[11:]))
+
+
+# ---------------------------------------------------------------- the resume rule
+def test_one_rule_chooses_the_checkpoint_to_resume_here_or_on_the_mirror(tmp_path):
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    mirrored, engine = _manager(tmp_path / "elsewhere", location=url, keep_last=5), FakeEngine()
+    manager = _manager(tmp_path / "here", keep_last=5)
+    for step in (1, 2, 3):
+        _save(manager, engine, step)
+    root = str(tmp_path / "here")
+    assert choose_checkpoint("none", root) is None
+    assert choose_checkpoint(str(tmp_path / "here" / "global_step2"), root).tag == "global_step2"
+    assert choose_checkpoint("auto", root).tag == "global_step3"
+    manager.point_latest(open_checkpoint(str(tmp_path / "here" / "global_step2")))  # a rollback
+    assert choose_checkpoint("auto", root).tag == "global_step2"
+    remote = RemoteCheckpoints(url)
+    assert choose_checkpoint("auto", root, remote).tag == "global_step2"  # an empty mirror
+    _save(mirrored, engine, 4)
+    chosen = choose_checkpoint("auto", root, remote)
+    assert (chosen.tag, chosen.root) == ("global_step4", url)  # the mirror's is newer
+    assert manager.find_resume("auto").tag == "global_step2"  # the manager applies the same rule
+    with pytest.raises(FileNotFoundError):
+        choose_checkpoint(str(tmp_path / "nowhere"), root)
 
 
 # ---------------------------------------------------------------- markers and digests
@@ -122,21 +150,39 @@ def test_rollback_keeps_newer_checkpoints_and_pruning_never_takes_the_one_just_s
     assert (tmp_path / LATEST).read_text() == "global_step11"
 
 
+def test_retention_is_a_rule_over_markers():
+    def ref(step):
+        return CheckpointRef("/ckpt", tag_for(step), {"step": step})
+
+    complete = {tag_for(step): {"step": step, "run_id": "a"} for step in (1, 2, 3, 4)}
+    complete[tag_for(5)] = {"step": 5, "run_id": "b"}  # another run's, newer
+    kept = kept_tags(complete, ref(3), latest="global_step1", keep_last=2, run_id="a")
+    assert kept == {"global_step1", "global_step2", "global_step3"}
+    names = [*complete, "global_step0", "global_step6", "latest", "universal"]  # step 0 and 6: torn saves
+    assert doomed_tags(names, complete, kept, ref(3), run_id="a") == ["global_step0"]  # 4 and 6: newer than 3
+    assert doomed_tags(names, complete, kept_tags(complete, ref(4), None, 1, "a"), ref(4), run_id="a") == [
+        "global_step1",
+        "global_step2",
+        "global_step3",
+        "global_step0",
+    ]
+
+
 # ---------------------------------------------------------------- the mirror
 def test_a_failed_upload_keeps_the_local_copy_and_the_next_save_uploads_it(tmp_path, monkeypatch):
     url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
     manager, engine = _manager(tmp_path, location=url, keep_last=3), FakeEngine()
     fs = fsspec.filesystem("memory")
-    real_put = manager.remote.fs.put_file
+    real_put = manager.mirror.remote.fs.put_file
 
     def unreachable(*args, **kwargs):
         raise ConnectionError("endpoint unreachable")
 
-    monkeypatch.setattr(manager.remote.fs, "put_file", unreachable)
+    monkeypatch.setattr(manager.mirror.remote.fs, "put_file", unreachable)
     _save(manager, engine, 1)  # the upload fails: a warning, not a crash
     assert (tmp_path / "global_step1" / MARKER).exists()
     assert not fs.exists(f"{url}/global_step1/{MARKER}")
-    monkeypatch.setattr(manager.remote.fs, "put_file", real_put)
+    monkeypatch.setattr(manager.mirror.remote.fs, "put_file", real_put)
     _save(manager, engine, 2)
     for step in (1, 2):
         remote = json.loads(fs.cat(f"{url}/{tag_for(step)}/{MARKER}"))
@@ -202,6 +248,32 @@ def test_credentials_in_a_checkpoint_url_never_reach_the_message(tmp_path):
     assert "\n" not in message
 
 
+def test_resolution_reads_the_checkpoint_and_begin_run_moves_an_old_run_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    manager = _manager(run_dir / "checkpoints", keep_last=5)
+    saved = manager.save(FakeEngine(), 4, {"step": 4, "dp_size": 2, "zero_stage": 2})
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": "run-a"}))
+    run = _resolve(["--run-dir", str(run_dir), "--max-steps", "8"])  # --resume auto, one rank, ZeRO 2
+    assert run.resume_from.tag == saved.tag and run.run_plan.mode == "continue"
+    assert run.ds_config["checkpoint"]["load_universal"]  # saved at data-parallel size 2, resumed at 1
+    assert run.resuming(run.resume_from) is run and begin_run(run).run_id == "run-a"
+
+    fresh = _resolve(["--run-dir", str(run_dir), "--max-steps", "8", "--resume", "none", "--start-over"])
+    assert fresh.run_plan.move_aside == (str(run_dir),) and run_dir.exists()  # resolution moves nothing
+    logger = logging.getLogger("dsexit")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        begun = begin_run(fresh)  # the log moved with the old run: logging starts again in a new one
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+    [moved] = tmp_path.glob("run.old-*")
+    assert (moved / RUN_FILE).exists() and (moved / "checkpoints" / saved.tag).is_dir()
+    assert begun.run_id not in (None, "run-a") and not (run_dir / RUN_FILE).exists()
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "train.log").exists()
+
+
 def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
     run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     manager, engine = _manager(root), FakeEngine()
@@ -238,8 +310,8 @@ def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
 
 def test_a_resume_must_fit_the_model_shape_and_the_seed(tmp_path):
     from dsexit.model import ElectraExitConfig
-    from dsexit.train.checkpoint import CheckpointRef
-    from dsexit.train.resolve import check_fits
+    from dsexit.train.checkpoint.files import CheckpointRef
+    from dsexit.train.config.resolve import check_fits
 
     tiny = ElectraExitConfig.from_preset("electra-tiny")
     ref = CheckpointRef(
@@ -258,7 +330,7 @@ def test_a_probe_outlives_another_nodes_clean_up_between_its_mkdirs(tmp_path, mo
     """Nodes on a shared filesystem probe the same new directories at once, and each removes what its
     probe created: a parent can vanish between two of another probe's mkdirs (FileNotFoundError from
     makedirs). The probe tries again rather than failing the run as unwritable."""
-    import dsexit.train.store as store
+    import dsexit.train.checkpoint.store as store
 
     target = tmp_path / "runs" / "a" / "checkpoints"
     real_makedirs, calls = os.makedirs, []

@@ -13,9 +13,9 @@ import pytest
 
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import DATASET_FIELDS
-from dsexit.train.cli import build_parser, dataclass_flags, parse_config
 from dsexit.train.config import ConfigError, TrainConfig
-from dsexit.train.ds_config import load_ds_config, resolve_ds_config
+from dsexit.train.config.cli import build_parser, dataclass_flags, parse_config
+from dsexit.train.config.ds_config import load_ds_config, resolve_ds_config
 from tests.helpers import REPO
 
 

@@ -1,4 +1,4 @@
-"""Trainer components in isolation: rank discovery, threads, checkpoint bookkeeping, redaction."""
+"""Trainer components in isolation: rank discovery, threads, checkpoint bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dsexit.train import distributed
-from dsexit.train.checkpoint import MARKER, CheckpointManager, complete_checkpoints, newest_complete, tag_for
+from dsexit.train.checkpoint.files import MARKER, complete_checkpoints, newest_complete, tag_for
+from dsexit.train.checkpoint.manager import CheckpointManager
+from dsexit.train.checkpoint.store import file_owner
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.redact import redact
-from dsexit.train.store import file_owner
 
 LAUNCHER_VARS = (
     "RANK",
@@ -87,17 +87,3 @@ def test_every_rank_uploads_only_its_own_shards():
     assert file_owner("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
     assert file_owner("zero_pp_rank_1_mp_rank_00_model_states.pt") == 1
     assert file_owner("mp_rank_00_model_states.pt") == 0
-
-
-def test_redaction_masks_credentials_but_not_ordinary_fields():
-    masked = redact(
-        {
-            "data": "s3://AKIA:hunter2@bucket/x",
-            "storage": {"key": "AKIA", "secret": "hunter2"},
-            "max_tokens": 5,
-            "mask_token_id": 103,
-            "nested": ["https://u:p@h/p"],
-        }
-    )
-    assert "hunter2" not in json.dumps(masked) and "AKIA" not in json.dumps(masked)
-    assert masked["max_tokens"] == 5 and masked["mask_token_id"] == 103

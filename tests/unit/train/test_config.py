@@ -6,15 +6,17 @@ process group exists (tests/integration/train/test_user_errors.py checks that th
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 
-from dsexit.train.cli import parse_config
-from dsexit.train.config import ConfigError, ExitControlConfig, preset_config
+from dsexit.train.config import ConfigError, preset_config
+from dsexit.train.config.cli import parse_config
+from dsexit.train.config.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
+from dsexit.train.config.resolve import resolve_run
+from dsexit.train.config.train_config import ExitControlConfig
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
-from dsexit.train.resolve import resolve_run
 from tests.helpers import REPO
 
 SINGLE = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
@@ -210,9 +212,22 @@ def test_parallelism_matrix():
 
 
 def test_pipeline_partition_is_checked_and_reaches_the_config():
-    from dsexit.train.cli import parse_config
+    from dsexit.train.config.cli import parse_config
 
     config, _ = parse_config(["--pipeline-partition", "parameters"])
     assert config.parallelism.pipeline_partition == "parameters"
     with pytest.raises(ConfigError, match="pipeline_partition='by-size'"):
         parse_config(["--pipeline-partition", "by-size"])
+
+
+def test_resolution_returns_a_new_config_and_leaves_the_users_as_it_was(tmp_path):
+    config, _ = parse_config(
+        ["--run-dir", str(tmp_path), "--deepspeed", "pipeline.json", "--pipeline-stages", "2"]
+        + ["--pipeline-partition", "layers: 1, 3"]
+    )
+    given = copy.deepcopy(config)
+    run = resolve_run(config, _world(2), threads=1)
+    assert config == given  # resolution edits nothing the caller holds
+    assert run.config.parallelism.deepspeed_config == str(REPO / "dsexit/train/config/ds_configs/pipeline.json")
+    assert run.config.parallelism.pipeline_partition == "layers:1,3"
+    assert run.run_plan is not None and run.run_plan.mode == "new"

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from dsexit.train import universal
-from dsexit.train.checkpoint import CheckpointRef
+from dsexit.train.checkpoint import universal
+from dsexit.train.checkpoint.files import CheckpointRef
+from dsexit.train.checkpoint.universal import convert_to_universal, needs_universal, universal_root
 from dsexit.train.distributed import WorldInfo
-from dsexit.train.universal import convert_to_universal, needs_universal, universal_root
 
 
 def _ref(root, dp_size, zero_stage) -> CheckpointRef:

@@ -5,8 +5,8 @@ DeepSpeed writes checkpoints to local files; when the checkpoint location is a U
 the trainer stages them in RUN_DIR/checkpoints and this module copies them out: each
 rank uploads the shards it wrote (only those the mirror lacks), then rank 0 uploads the
 completion marker and `latest`, in that order, so a reader of the bucket sees a
-checkpoint only once it is whole. Every object-store operation goes through the data
-reader's `RetryPolicy` (backoff, bounded). Credentials are never handled here: fsspec
+checkpoint only once it is whole. Every object-store operation goes through
+`dsexit.storage.RetryPolicy`, as the data reader's do (backoff, bounded). Credentials are never handled here: fsspec
 finds them in the environment or its usual configuration files; URLs in messages are
 redacted.
 """
@@ -18,10 +18,7 @@ import os
 import re
 import uuid
 
-import fsspec
-
-from dsexit.data.storage import RetryPolicy, open_url_fs
-from dsexit.train.redact import redact_text
+from dsexit.storage import RetryPolicy, open_url_fs, redact_text
 
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
 PROBE_PREFIX = ".dsexit-write-probe-"
@@ -29,17 +26,6 @@ PROBE_PREFIX = ".dsexit-write-probe-"
 
 class StorageError(OSError):
     """A location the run must write cannot be written; one sentence naming it."""
-
-
-def is_remote(url: str) -> bool:
-    protocol, _ = fsspec.core.split_protocol(url)
-    return protocol not in (None, "file", "local")
-
-
-def local_path(url: str) -> str:
-    """A local path for `file://` URLs and plain paths."""
-    protocol, path = fsspec.core.split_protocol(url)
-    return path if protocol in ("file", "local") else url
 
 
 def file_owner(name: str) -> int:

@@ -1,6 +1,6 @@
 """The DeepSpeed JSON: loading, the supported parallelism matrix, resolving "auto" fields.
 
-The JSON files in `dsexit/train/ds_configs/` (package data; the repository's `ds_configs/`
+The JSON files in `dsexit/train/config/ds_configs/` (package data; the repository's `ds_configs/`
 links to them) own what is DeepSpeed's business (ZeRO stage, bucket
 sizes, optimizer type and betas). Fields the trainer owns are written "auto" there and
 filled from `TrainConfig` here: batch sizes, learning rate and schedule, weight decay,
@@ -17,7 +17,8 @@ import json
 import os
 from typing import Any
 
-from dsexit.train.config import ConfigError, TrainConfig
+from dsexit.train.config.train_config import TrainConfig
+from dsexit.train.errors import ConfigError
 
 AUTO = "auto"
 PIPELINE_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2

@@ -20,7 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from dsexit.train.checkpoint import CheckpointRef, atomic_write, complete_checkpoints
+from dsexit.storage import atomic_write
+from dsexit.train.checkpoint.files import CheckpointRef, complete_checkpoints
 from dsexit.train.metrics import LOG_FILE
 
 RUN_FILE = "dsexit_run.json"

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import CHOICES as MODEL_CHOICES
 from dsexit.model.config import DATASET_FIELDS
-from dsexit.train.config import (
+from dsexit.train.config.train_config import (
     DEFAULT_PRESET,
     ConfigError,
     TrainConfig,

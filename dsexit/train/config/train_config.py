@@ -1,11 +1,11 @@
 """The trainer's configuration: one dataclass per section, training presets, validation.
 
 `TrainConfig` is the single source of truth for a run. It is built from a preset
-(`TRAIN_PRESETS`), an optional saved config file and command-line flags (`dsexit.train.cli`,
+(`TRAIN_PRESETS`), an optional saved config file and command-line flags (`dsexit.train.config.cli`,
 which makes one flag per field: named after the field unless its metadata gives a `flag`,
 with the field's docstring as its help), validated here before any process group exists,
 printed once by rank 0 and saved with every checkpoint. The DeepSpeed JSON is resolved
-against it in `dsexit.train.ds_config`.
+against it in `dsexit.train.config.ds_config`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from dsexit.model import ElectraExitConfig
 from dsexit.model.config import PRESETS as MODEL_PRESETS
+from dsexit.train.errors import ConfigError
 
 DEFAULT_PRESET = "smoke"
 
@@ -24,10 +25,6 @@ RESUME_KEYWORDS = ("auto", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "on", "off")
 PROGRESS_MODES = ("auto", "bar", "lines")
-
-
-class ConfigError(ValueError):
-    """A value the user chose is invalid; raised before any work starts."""
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -327,7 +324,7 @@ class TrainConfig:
                 "a positive window / a non-negative prefetch depth",
             )
         # The model overrides are checked once, when the model config is built for the dataset
-        # (`ModelSection.build`, in dsexit.train.resolve): that needs its vocabulary and length.
+        # (`ModelSection.build`, in dsexit.train.config.resolve): that needs its vocabulary and length.
 
     def schedule_steps(self, seq_len: int) -> int:
         """Optimizer steps the run (and its LR schedule) lasts."""

@@ -16,7 +16,8 @@ import os
 import subprocess
 import sys
 
-from dsexit.train.checkpoint import UNIVERSAL_DIR, CheckpointRef, atomic_write
+from dsexit.storage import atomic_write
+from dsexit.train.checkpoint.files import UNIVERSAL_DIR, CheckpointRef
 from dsexit.train.distributed import WorldInfo, barrier
 
 log = logging.getLogger("dsexit")
@@ -25,7 +26,14 @@ _DONE = "dsexit_universal_done"
 
 
 def needs_universal(ref: CheckpointRef, dp_size: int, zero_stage: int) -> bool:
+    """Whether `ref` was saved at another data-parallel size or ZeRO stage than these."""
     return int(ref.meta["dp_size"]) != dp_size or int(ref.meta["zero_stage"]) != zero_stage
+
+
+def load_dir_of(ref: CheckpointRef, dp_size: int, zero_stage: int, world: WorldInfo) -> str:
+    """Where the engine loads `ref` from: its own root, or, saved at another data-parallel size or ZeRO
+    stage, the root of its universal conversion (made once, by rank 0; every rank waits for it)."""
+    return convert_to_universal(ref, world) if needs_universal(ref, dp_size, zero_stage) else ref.root
 
 
 def universal_root(ref: CheckpointRef) -> str:

@@ -1,6 +1,7 @@
 """What a checkpoint is on disk: tags, the completion marker, file digests, and which one a
-resume takes. Pure functions over a checkpoint root (and a mirror's markers); saving,
-retention and uploads are checkpoint.py's.
+directory offers a resume. Functions that read a checkpoint root (and a mirror's markers);
+saving is manager.py's, uploads mirror.py's, retention retention.py's, and the choice
+between this directory, the mirror and a path resume.py's.
 
     latest                         tag of the checkpoint `--resume auto` continues from
     global_step100/                DeepSpeed's sharded files for step 100, plus
@@ -18,7 +19,6 @@ checks each against the marker's digests and refuses files the marker does not l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,8 +26,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dsexit.data.storage import RetryPolicy
-from dsexit.train.store import RemoteMirror, local_path
+from dsexit.storage import RetryPolicy, file_sha256, local_path
+from dsexit.train.checkpoint.store import RemoteMirror
+from dsexit.train.errors import CheckpointError
 
 log = logging.getLogger("dsexit")
 
@@ -36,10 +37,6 @@ MARKER = "dsexit_checkpoint.json"
 LATEST = "latest"
 UNIVERSAL_DIR = "universal"
 _TAG = re.compile(rf"^{TAG_PREFIX}(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used or written; one sentence naming the file and what is wrong."""
 
 
 def tag_for(step: int) -> str:
@@ -51,23 +48,6 @@ def step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def atomic_write(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_digests(tag_dir: str) -> dict[str, dict[str, Any]]:
     """{relative path: {"sha256", "bytes"}} of every file of a tag directory but the marker."""
     digests = {}
@@ -76,7 +56,7 @@ def file_digests(tag_dir: str) -> dict[str, dict[str, Any]]:
             path = os.path.join(dirpath, name)
             relative = os.path.relpath(path, tag_dir).replace(os.sep, "/")
             if relative != MARKER:
-                digests[relative] = {"sha256": sha256_of(path), "bytes": os.path.getsize(path)}
+                digests[relative] = {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
     return digests
 
 
@@ -111,6 +91,11 @@ def parse_marker(text: str, where: str) -> dict[str, Any]:
             f'the completion marker {where} is malformed (no integer "step"); expected the JSON a dsexit save writes.'
         )
     return meta
+
+
+def saved_model_config(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The model config a checkpoint's marker holds (in its resolved run config; older markers kept a copy)."""
+    return ((meta.get("config") or {}).get("model")) or meta.get("model_config")
 
 
 def read_marker(tag_dir: str) -> dict[str, Any] | None:

@@ -1,39 +1,62 @@
-"""From a validated `TrainConfig` to everything a run needs, before any process group exists.
+"""From a validated `TrainConfig` to everything a run needs, before the trainer is built.
 
-Opens the dataset index (vocabulary, special tokens, sequence length), builds the model
-config, derives the schedule length and the data-parallel layout, and resolves the
-DeepSpeed JSON. Then the checkpoint side: every location the run will write is probed
-(a small object written and removed), the checkpoint `--resume` selects is read (its
-marker only) and must fit this model and seed, and the run-directory plan is made (a new
-run, a continuation, a rollback or a fork; see rundir.py). Any user error surfaces here
-as one `ConfigError`, credentials in URLs masked. The result, `ResolvedRun`, is what
-rank 0 prints once and what every checkpoint saves.
+`resolve_run`, before any process group exists: opens the dataset index (vocabulary,
+special tokens, sequence length), builds the model config, derives the schedule length and
+the data-parallel layout, and resolves the DeepSpeed JSON. Then the checkpoint side: every
+location the run will write is probed (a small object written and removed), the checkpoint
+`--resume` selects is read (its marker only, by the trainer's own rule,
+checkpoint/resume.py) and must fit this model and seed, the DeepSpeed config asks for the
+universal format if that checkpoint was saved at another data-parallel size, and the
+run-directory plan is made (a new run, a continuation, a rollback or a fork; see
+checkpoint/rundir.py). Any user error surfaces here as one `ConfigError`, credentials in
+URLs masked, and nothing is written. The caller's `TrainConfig` is never changed: the
+result, `ResolvedRun`, is a new value; it is what rank 0 prints once and what every
+checkpoint saves.
+
+`begin_run`, once the process group exists: carries out the plan's moves (`--start-over`)
+and agrees on the run id on every rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
-from dsexit.data.storage import RetryPolicy
 from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
-from dsexit.train.checkpoint import CheckpointError, CheckpointRef, open_checkpoint, resume_choice, saved_model_config
-from dsexit.train.config import RESUME_KEYWORDS, ConfigError, TrainConfig
-from dsexit.train.distributed import WorldInfo, allocator_in_use
-from dsexit.train.ds_config import check_parallelism, find_ds_config, load_ds_config, resolve_ds_config, zero_stage
-from dsexit.train.redact import redact, redact_text
-from dsexit.train.rundir import RunDirError, RunPlan, plan_run
-from dsexit.train.store import RemoteMirror, StorageError, is_remote, local_path, probe_local_dir
+from dsexit.storage import RetryPolicy, is_remote, local_path, redact, redact_text
+from dsexit.train.checkpoint.files import CheckpointRef, RemoteCheckpoints, saved_model_config
+from dsexit.train.checkpoint.resume import choose_checkpoint
+from dsexit.train.checkpoint.rundir import RunDirError, RunPlan, move_aside, new_run_id, plan_run, restore_log
+from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
+from dsexit.train.checkpoint.universal import needs_universal
+from dsexit.train.config.ds_config import (
+    check_parallelism,
+    find_ds_config,
+    load_ds_config,
+    resolve_ds_config,
+    zero_stage,
+)
+from dsexit.train.config.train_config import RESUME_KEYWORDS, ParallelismConfig, TrainConfig
+from dsexit.train.distributed import WorldInfo, allocator_in_use, broadcast_object
+from dsexit.train.errors import CheckpointError, ConfigError
+from dsexit.train.metrics import setup_logging
+
+log = logging.getLogger("dsexit")
 
 CONFIG_FILE = "config.json"
 
 
 @dataclass
 class ResolvedRun:
+    """Everything a run needs, settled before the trainer is built. Each step of resolution makes a
+    new one (`dataclasses.replace`) instead of changing the one it was given."""
+
     config: TrainConfig
     world: WorldInfo
     dataset: DatasetIndex
@@ -46,6 +69,10 @@ class ResolvedRun:
     threads: int
     run_plan: RunPlan | None = None
     """What this start is (new run, continuation, rollback, fork); None when not planned."""
+    resume_from: CheckpointRef | None = None
+    """The checkpoint `--resume` selects, by its marker (the trainer fetches and verifies it)."""
+    run_id: str | None = None
+    """The run's id, the same on every rank; set by `begin_run` once the process group exists."""
 
     @property
     def data_url(self) -> str:
@@ -72,6 +99,17 @@ class ResolvedRun:
     @property
     def zero_stage(self) -> int:
         return zero_stage(self.ds_config)
+
+    def resuming(self, ref: CheckpointRef | None) -> ResolvedRun:
+        """This run, set to load `ref`: a checkpoint saved at another data-parallel size or ZeRO stage
+        loads through DeepSpeed's universal format (checkpoint/universal.py), which the engine must be
+        built for. The same run when nothing changes."""
+        checkpoint = self.ds_config.get("checkpoint", {})
+        if ref is None or checkpoint.get("load_universal") or not needs_universal(ref, self.dp_size, self.zero_stage):
+            return self
+        return dataclasses.replace(
+            self, ds_config={**self.ds_config, "checkpoint": {**checkpoint, "load_universal": True}}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, credentials masked: printed once, saved with every checkpoint."""
@@ -176,25 +214,20 @@ def _probe_locations(run: "ResolvedRun", mirror: RemoteMirror | None) -> None:
         mirror.probe()
 
 
-def _chosen_checkpoint(resume: str, root: str, mirror: RemoteMirror | None) -> CheckpointRef | None:
-    """The checkpoint `--resume` selects, by its marker (as the trainer will choose it); nothing
-    is downloaded."""
-    if resume == "none":
-        return None
-    if resume != "auto":
-        try:
-            return open_checkpoint(resume)
-        except (FileNotFoundError, CheckpointError) as error:
-            raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
-    local = resume_choice(root)
-    remote = mirror.choice() if mirror is not None else None
-    return remote if remote is not None and (local is None or remote.step > local.step) else local
+def _chosen_checkpoint(resume: str, root: str, mirror: RemoteCheckpoints | None) -> CheckpointRef | None:
+    """The checkpoint `--resume` selects, by its marker, by the rule the trainer applies
+    (`choose_checkpoint`); nothing is downloaded."""
+    try:
+        return choose_checkpoint(resume, root, mirror)
+    except (FileNotFoundError, CheckpointError) as error:
+        if resume in RESUME_KEYWORDS:
+            raise
+        raise ConfigError(f"resume={resume!r} is invalid: {error}") from None
 
 
-def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
-    """Probe, choose, check the fit, and plan the run directory; ConfigError on any user error."""
-    from dsexit.train.checkpoint import RemoteCheckpoints
-
+def plan_checkpoints(run: ResolvedRun) -> tuple[RunPlan, CheckpointRef | None]:
+    """Probe, choose, check the fit, and plan the run directory: (the plan, the checkpoint chosen);
+    ConfigError on any user error."""
     ckpt = run.config.checkpoint
     try:
         mirror = (
@@ -206,7 +239,7 @@ def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
         chosen = _chosen_checkpoint(ckpt.resume, run.checkpoint_root, mirror)
         if chosen is not None:
             check_fits(chosen, run.model_config, run.config.job.seed)
-        return plan_run(
+        plan = plan_run(
             run_dir=run.run_dir,
             checkpoint_root=run.checkpoint_root,
             resume=ckpt.resume,
@@ -215,6 +248,7 @@ def plan_checkpoints(run: "ResolvedRun") -> RunPlan:
             remote_steps=mirror.steps() if mirror else [],
             remote_shown=mirror.remote.shown if mirror else None,
         )
+        return plan, chosen
     except ConfigError:
         raise
     except (StorageError, RunDirError, CheckpointError) as error:
@@ -233,24 +267,34 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
         raise ConfigError(redact_text(str(error), *urls)) from None
 
 
+def _resolve_partition(parallelism: ParallelismConfig, num_layers: int) -> ParallelismConfig:
+    """A layer partition resolved into counts once, here, so that every rank builds the same split."""
+    if parallelism.pipeline_stages == 1 or not is_layer_partition(parallelism.pipeline_partition):
+        return parallelism
+    try:
+        counts = parse_layer_counts(parallelism.pipeline_partition, parallelism.pipeline_stages, num_layers)
+    except PartitionError as error:
+        raise ConfigError(str(error)) from None
+    return dataclasses.replace(parallelism, pipeline_partition="layers:" + ",".join(map(str, counts)))
+
+
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
+    """The user's `config` is left as it was: what resolution settles goes into a new one."""
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
     stages = config.parallelism.pipeline_stages
-    config.parallelism.deepspeed_config = find_ds_config(config.parallelism.deepspeed_config)
-    raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)
-    check_parallelism(raw_ds_config, stages, config.parallelism.deepspeed_config)
+    parallelism = dataclasses.replace(
+        config.parallelism, deepspeed_config=find_ds_config(config.parallelism.deepspeed_config)
+    )
+    raw_ds_config = load_ds_config(parallelism.deepspeed_config)
+    check_parallelism(raw_ds_config, stages, parallelism.deepspeed_config)
     if world.world_size % stages:
         raise ConfigError(
             f"pipeline_stages={stages} is invalid; expected a divisor of the world size {world.world_size}."
         )
     dp_size = world.world_size // stages
-    if stages > 1 and is_layer_partition(config.parallelism.pipeline_partition):
-        try:  # resolved once, here: every rank then builds the same split
-            counts = parse_layer_counts(config.parallelism.pipeline_partition, stages, model_config.num_hidden_layers)
-        except PartitionError as error:
-            raise ConfigError(str(error)) from None
-        config.parallelism.pipeline_partition = "layers:" + ",".join(map(str, counts))
+    parallelism = _resolve_partition(parallelism, model_config.num_hidden_layers)
+    config = dataclasses.replace(config, parallelism=parallelism)
     total_steps = config.schedule_steps(dataset.seq_len)
     ds_config = resolve_ds_config(
         raw_ds_config,
@@ -277,5 +321,25 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
         precision="bf16" if ds_config["bf16"]["enabled"] else "fp32",
         threads=threads,
     )
-    run.run_plan = plan_checkpoints(run)
-    return run
+    plan, chosen = plan_checkpoints(run)
+    return dataclasses.replace(run, run_plan=plan, resume_from=chosen).resuming(chosen)
+
+
+def begin_run(run: ResolvedRun) -> ResolvedRun:
+    """Resolution's last step, once the process group exists and before the trainer is built: rank 0
+    moves an old run aside (`--start-over`: the plan names what; if the run directory moved, its log
+    went with it, so logging starts again in a new one), and every rank gets the run's id (the one
+    continued, or a new one from rank 0)."""
+    plan = run.run_plan or RunPlan("new", None)
+    run_id = None
+    if run.world.is_main:
+        if plan.move_aside:
+            moved = move_aside(plan.move_aside)
+            if run.run_dir in moved:  # the log moved with the old run: a new one here
+                setup_logging(run.world, run.run_dir)
+                restore_log(moved[run.run_dir], plan.log_state)
+                log.info("resolved config:\n%s", run.to_json())
+            for old, new in moved.items():
+                log.warning("--start-over: moved %s aside to %s (nothing was deleted)", old, new)
+        run_id = plan.run_id or new_run_id()
+    return dataclasses.replace(run, run_id=broadcast_object(run_id))

@@ -1,9 +1,9 @@
-"""Object-storage access for datasets: URLs, retries, verified downloads, the shard cache.
+"""Dataset shards on storage: their check before a run, verified downloads, the shard cache.
 
-This module owns every byte that crosses the network: which errors count as
-transient and are retried with exponential backoff, the sha256 check of each
-downloaded shard, and the bounded on-disk LRU cache the reader keeps shards in
-(one download per shard per node, whichever ranks share its directory).
+The sha256 check of each downloaded shard, the check of every shard's presence and size
+before a run starts, and the bounded on-disk LRU cache the reader keeps shards in (one
+download per shard per node, whichever ranks share its directory). URLs, retries and
+temporary names are `dsexit.storage`'s.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import random
 import tempfile
 import threading
-import time
-import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
 
-import fsspec
+from dsexit.storage import RetryPolicy, file_sha256, join_url, open_url_fs, temporary_name
 
 log = logging.getLogger(__name__)
 
@@ -29,122 +26,8 @@ _CHUNK_BYTES = 8 << 20
 DEFAULT_CACHE_MAX_BYTES = 8 << 30  # the on-disk shard cache's bound unless a caller sets one
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors worth retrying: network, timeouts, and the S3 client's own error types."""
-    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
-    try:
-        import botocore.exceptions
-
-        errors += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
-    except ImportError:
-        pass
-    try:
-        import aiohttp
-
-        errors.append(aiohttp.ClientError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _access_errors() -> tuple[type[BaseException], ...]:
-    """The S3 client's errors that no retry heals: no credentials, a malformed bucket or key."""
-    try:
-        import botocore.exceptions
-
-        return (
-            botocore.exceptions.NoCredentialsError,
-            botocore.exceptions.PartialCredentialsError,
-            botocore.exceptions.ParamValidationError,
-        )
-    except ImportError:
-        return ()
-
-
-TRANSIENT_ERRORS = _transient_errors()
-ACCESS_ERRORS = _access_errors()
-# A wrong credential or a path that is a directory will not heal by waiting.
-PERMANENT_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, *ACCESS_ERRORS)
-
-
 class ShardCorruptError(RuntimeError):
     """A shard's bytes do not hash to the sha256 that index.json lists for it."""
-
-
-class StorageAccessError(ValueError):
-    """A URL this machine cannot open, whatever the retries: an unknown protocol, a filesystem
-    package that is not installed, no credentials."""
-
-
-def join_url(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
-
-
-_URL_CREDENTIALS_UNREAD = ("s3", "s3a", "gs", "gcs")  # their filesystems would take KEY:SECRET@ for a bucket name
-
-
-def open_url_fs(url: str, storage_options: dict | None = None):
-    """(filesystem, path) for a local path or any fsspec URL; StorageAccessError when none can open it."""
-    protocol = None if "::" in url else fsspec.core.split_protocol(url)[0]  # chained URLs: fsspec checks them
-    if protocol and protocol not in fsspec.available_protocols():
-        raise StorageAccessError(
-            f"{url} has an unknown protocol {protocol!r}; expected a local path or an fsspec URL "
-            f"(file://, s3://, gs://, memory://, ...)."
-        )
-    if protocol in _URL_CREDENTIALS_UNREAD and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        raise StorageAccessError(
-            f"{url} has credentials in it, which {protocol}:// URLs never carry; give them "
-            f"through the environment (AWS_ACCESS_KEY_ID, ...), a credentials file or an "
-            f"instance role, and the URL without them."
-        )
-    try:
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except ImportError as error:  # fsspec knows the protocol, but its package is not installed
-        raise StorageAccessError(f"cannot open {url}: {error}.") from None
-
-
-def access_error(what: str, error: BaseException) -> StorageAccessError:
-    """One line for an error of ACCESS_ERRORS."""
-    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    hint = (
-        " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a credentials file or an instance role)"
-        if "Credentials" in type(error).__name__
-        else ""
-    )
-    return StorageAccessError(f"cannot read {what}: {text}{hint}.")
-
-
-class RetryPolicy:
-    """Exponential backoff with jitter; counts the retries it made (for tests and benchmarks)."""
-
-    def __init__(self, retries: int = 6, base_delay_s: float = 0.5, max_delay_s: float = 16.0):
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}.")
-        self.retries, self.base_delay_s, self.max_delay_s = retries, base_delay_s, max_delay_s
-        self.retries_made = 0
-        self._lock = threading.Lock()
-
-    def call(self, operation, what: str):
-        for attempt in range(self.retries + 1):
-            try:
-                return operation()
-            except ACCESS_ERRORS as error:
-                raise access_error(what, error) from None
-            except PERMANENT_ERRORS:
-                raise
-            except TRANSIENT_ERRORS as error:
-                if attempt == self.retries:
-                    raise OSError(f"Giving up on {what} after {self.retries + 1} attempts: {error!r}") from error
-                delay = min(self.base_delay_s * 2**attempt, self.max_delay_s) * (0.5 + random.random() / 2)
-                log.warning("retrying %s in %.2fs after %r", what, delay, error)
-                with self._lock:
-                    self.retries_made += 1
-                time.sleep(delay)
-
-
-def read_bytes(fs, path: str, *, retries: int | RetryPolicy = 3, what: str = "") -> bytes:
-    policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries)
-    return policy.call(lambda: fs.cat_file(path), what or path)
 
 
 def _download_hashing(fs, path: str, destination: str) -> str:
@@ -154,14 +37,6 @@ def _download_hashing(fs, path: str, destination: str) -> str:
         while chunk := source.read(_CHUNK_BYTES):
             digest.update(chunk)
             target.write(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -201,12 +76,6 @@ def check_shard_files(
                     f"Shard {url} is corrupt: sha256 is {got} ({sizes[name]} bytes), "
                     f"index.json lists {sha256} ({num_bytes} bytes)."
                 )
-
-
-def temporary_name(path: str) -> str:
-    """A download's temporary file beside `path`, unique across processes, threads and calls (pid and
-    thread id alone repeat: thread ids are reused, and pids repeat across containers sharing a disk)."""
-    return f"{path}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex}.part"
 
 
 @contextlib.contextmanager
