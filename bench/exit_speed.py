@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from dsexit.eval.peak import matmul_peaks
+from dsexit.host_allocator import allocator_in_use
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
-from dsexit.train.distributed import allocator_in_use, setup_process
+from dsexit.train.distributed import setup_process
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
 DTYPES = ("fp32", "bf16")

@@ -273,7 +273,8 @@ def arm_named(name: str) -> Arm:
 
 def run_worker(args) -> None:
     """One arm in this process: settle, time `--steps` steps, write what was measured."""
-    from dsexit.train.distributed import allocator_in_use, init_process_group, setup_process
+    from dsexit.host_allocator import allocator_in_use
+    from dsexit.train.distributed import init_process_group, setup_process
 
     world, _ = setup_process()  # as the trainer starts (eager: on a CPU, with the CPU kernels)
     init_process_group(world)

@@ -24,7 +24,7 @@ import ctypes
 import os
 import sys
 
-from dsexit.train.distributed import PRELOADED_ALLOCATORS
+from dsexit.host_allocator import PRELOADED_ALLOCATORS
 
 ENV = "DSEXIT_MALLOC_TUNING"
 _CHOICES = ("on", "off")

@@ -131,19 +131,6 @@ def setup_process(*, cpu_kernels: bool = True, reexec: bool = True) -> tuple[Wor
     return world, configure_threads(world)
 
 
-PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # what LD_PRELOAD may put in glibc's place
-
-
-def allocator_in_use() -> str:
-    """What serves this process's malloc: "tcmalloc", "jemalloc", "mimalloc" (preloaded) or "glibc"."""
-    try:
-        with open("/proc/self/maps") as maps:
-            mapped = maps.read()
-    except OSError:
-        return "glibc"
-    return next((name for name in PRELOADED_ALLOCATORS if f"lib{name}" in mapped), "glibc")
-
-
 def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:
     """Create the default process group (backend chosen by DeepSpeed's accelerator); a collective
     that waits longer than `timeout_s` for a peer fails instead of hanging. Then record where

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
+from dsexit.host_allocator import allocator_in_use
 from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
 from dsexit.storage import RetryPolicy, is_remote, local_path, redact, redact_text
@@ -43,7 +44,7 @@ from dsexit.train.config.ds_config import (
     zero_stage,
 )
 from dsexit.train.config.train_config import RESUME_KEYWORDS, ParallelismConfig, TrainConfig
-from dsexit.train.distributed import WorldInfo, allocator_in_use, broadcast_object
+from dsexit.train.distributed import WorldInfo, broadcast_object
 from dsexit.train.errors import CheckpointError, ConfigError
 from dsexit.train.metrics import setup_logging
 

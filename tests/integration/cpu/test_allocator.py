@@ -92,7 +92,7 @@ def test_memory_one_thread_freed_is_reused_by_another():
 _PRELOAD_PROBE = """
 import os, sys
 from dsexit.cpu.allocator import preload_tcmalloc
-from dsexit.train.distributed import allocator_in_use
+from dsexit.host_allocator import allocator_in_use
 print("start", os.getpid(), allocator_in_use(), flush=True)
 preload_tcmalloc()
 print("on", os.getpid(), allocator_in_use(), *sys.argv[1:])
@@ -143,6 +143,6 @@ def test_the_cpu_image_preloads_the_tcmalloc_it_installs():
         pytest.fail("no tcmalloc library: install libtcmalloc-minimal4 (scripts/setup_system.sh does)")
     env = {key: value for key, value in os.environ.items() if key != allocator.TCMALLOC_ENV}
     env["LD_PRELOAD"] = preload
-    probe = "from dsexit.train.distributed import allocator_in_use; print(allocator_in_use())"
+    probe = "from dsexit.host_allocator import allocator_in_use; print(allocator_in_use())"
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["tcmalloc"], result.stderr
