@@ -30,7 +30,7 @@ from dsexit.data import DEFAULT_DATA_URL, DatasetFormatError, DatasetIndex
 from dsexit.host_allocator import allocator_in_use
 from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
-from dsexit.storage import RetryPolicy, is_remote, local_path, redact, redact_text
+from dsexit.storage import RetryPolicy, is_remote, local_path, open_url_fs, redact, redact_text
 from dsexit.train.checkpoint.files import CheckpointRef, RemoteCheckpoints, saved_model_config
 from dsexit.train.checkpoint.resume import choose_checkpoint
 from dsexit.train.checkpoint.rundir import RunDirError, RunPlan, move_aside, new_run_id, plan_run, restore_log
@@ -147,6 +147,22 @@ def _open_dataset(url: str) -> DatasetIndex:
         return DatasetIndex.load(url)
     except (FileNotFoundError, DatasetFormatError) as error:
         raise ConfigError(f"data={url!r} is invalid: {error}") from None
+
+
+def _check_export_inputs(dataset: DatasetIndex) -> None:
+    """The Hugging Face export at the end of a run needs the dataset's tokenizer file: checked now, so a
+    run does not train to the end and then fail there."""
+    url = dataset.tokenizer_url
+    try:
+        fs, path = open_url_fs(url)
+        present = fs.isfile(path)
+    except OSError as error:
+        raise ConfigError(f"the dataset's tokenizer file {redact_text(url)} cannot be read ({error}).") from None
+    if not present:
+        raise ConfigError(
+            f"the dataset's tokenizer file {redact_text(url)} does not exist; the Hugging Face export at the "
+            "end of the run needs it (restore it from prepare_data's output, or pass --no-export-hf)."
+        )
 
 
 def dataset_model_fields(dataset: DatasetIndex) -> dict[str, Any]:
@@ -305,6 +321,8 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
         monitor_dir=os.path.join(config.job.run_dir, "monitor"),
     )
     _check_resume_value(config.checkpoint.resume)
+    if config.checkpoint.export_hf:
+        _check_export_inputs(dataset)
     if dataset.num_samples < config.training.global_batch_size:
         raise ConfigError(
             f"global_batch_size={config.training.global_batch_size} is invalid; the dataset "

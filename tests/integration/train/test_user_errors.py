@@ -133,6 +133,7 @@ PRETRAIN_CASES = [
     "data_s3_credentials_in_url",
     "shard_flipped",
     "shard_truncated",
+    "tokenizer_file_gone",
 ]
 
 
@@ -182,6 +183,10 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
             secret="s3cr3tVALUE",
             env=NO_AWS,
         )
+    elif name == "tokenizer_file_gone":  # the export at the end needs it: refused before step 1
+        data, _ = _damaged_dataset(tmp_path / "data", lambda shard: None)
+        (data / "vocab.txt").unlink()
+        case = Case([*base, "--data", str(data)], [str(data / "vocab.txt"), "--no-export-hf"], written)
     else:
         data, listed = _damaged_dataset(tmp_path / "data", _flip_byte if name == "shard_flipped" else _truncate)
         code, lines, output = _run(Case([*base, "--data", str(data)], []))
