@@ -105,12 +105,36 @@ class ResolvedRun:
         """This run, set to load `ref`: a checkpoint saved at another data-parallel size or ZeRO stage
         loads through DeepSpeed's universal format (checkpoint/universal.py), which the engine must be
         built for. The same run when nothing changes."""
+        if ref is not None:
+            self._check_same_data_order(ref)
         checkpoint = self.ds_config.get("checkpoint", {})
         if ref is None or checkpoint.get("load_universal") or not needs_universal(ref, self.dp_size, self.zero_stage):
             return self
         return dataclasses.replace(
             self, ds_config={**self.ds_config, "checkpoint": {**checkpoint, "load_universal": True}}
         )
+
+    def _check_same_data_order(self, ref: CheckpointRef) -> None:
+        """ConfigError, before DeepSpeed opens anything, when `ref` was saved reading other data or in another
+        order than this run would (the data reader refuses such a state; it would say so only after the
+        engine had loaded). Values a marker lacks (older saves) are left to the reader."""
+        saved = (ref.meta.get("config") or {}).get("train") or {}
+        derived = (ref.meta.get("config") or {}).get("derived") or {}
+        mine = {
+            "dataset_fingerprint": (derived.get("dataset_fingerprint"), self.dataset.fingerprint),
+            "global_batch_size": (
+                (saved.get("training") or {}).get("global_batch_size"),
+                self.config.training.global_batch_size,
+            ),
+            "seed": ((saved.get("job") or {}).get("seed"), self.config.job.seed),
+            "shuffle_window": ((saved.get("data") or {}).get("shuffle_window"), self.config.data.shuffle_window),
+        }
+        differing = [f"{key} {was!r} (this run: {now!r})" for key, (was, now) in mine.items() if was not in (None, now)]
+        if differing:
+            raise ConfigError(
+                f"checkpoint {ref.path} was saved by a run with {'; '.join(differing)}: resuming it would not continue "
+                f"its data order; resume it with its own data and settings, or start a new run (another --run-dir)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, credentials masked: printed once, saved with every checkpoint."""
@@ -125,6 +149,7 @@ class ResolvedRun:
                     "data_url": self.data_url,
                     "seq_len": self.dataset.seq_len,
                     "dataset_samples": self.dataset.num_samples,
+                    "dataset_fingerprint": self.dataset.fingerprint,
                     "world_size": self.world.world_size,
                     "dp_size": self.dp_size,
                     "grad_accum": self.grad_accum,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ENV, REPO
+from .helpers import ENV, REPO, ZERO2_ARGS
 
 PRETRAIN = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--model", "electra-tiny"]
 EXPORT = [sys.executable, str(REPO / "launch" / "export_hf.py")]
@@ -211,6 +211,24 @@ def damaged_checkpoints(zero2_straight, tmp_path_factory) -> dict[str, Path]:
             states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
         copies[kind] = root / "global_step20"
     return copies
+
+
+def test_resuming_onto_another_dataset_is_one_line_before_deepspeed_loads(zero2_straight, tmp_path):
+    """Same shapes, other content: one shard's bytes differ (its digest updated in index.json)."""
+    data, _ = _damaged_dataset(tmp_path / "data", lambda shard: None)
+    index = json.loads((data / "index.json").read_text())
+    first = data / index["shards"][0]["name"]
+    _flip_byte(first)
+    index["shards"][0]["sha256"] = _sha256(first)
+    (data / "index.json").write_text(json.dumps(index))
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero2_straight.run_dir, run_dir)
+    files = lambda: {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file()}  # noqa: E731
+    before = files()
+    command = [sys.executable, str(REPO / "launch" / "pretrain.py"), *ZERO2_ARGS, "--max-steps", "30"]
+    command += ["--run-dir", str(run_dir), "--resume", "auto", "--data", str(data), "--no-export-hf"]
+    _check(Case(command, [str(run_dir / "checkpoints" / "global_step20"), "dataset_fingerprint"]))
+    assert files() == before
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated"])
