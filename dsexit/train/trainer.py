@@ -151,12 +151,7 @@ class Trainer:
             self.restore(resume_from, load_dir)
             if self.run_plan.mode == "rollback":
                 self.checkpoints.point_latest(resume_from)
-                log.warning(
-                    "rolled back to %s: --resume auto continues from here; newer checkpoints in %s are "
-                    "kept until you remove them",
-                    resume_from.tag,
-                    resume_from.root,
-                )
+                log.info("rolled back to %s: --resume auto continues from here", resume_from.tag)
         self.heldout = self._build_heldout()
         self.last_eval: dict[str, float] | None = None
         self.standing: Standing | None = None  # the final held-out verdict, for the run's last line

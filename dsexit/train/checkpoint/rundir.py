@@ -43,6 +43,9 @@ class RunPlan:
     """Directories to move aside before training (`--start-over`): the run directory, and a
     separate local checkpoint directory that holds checkpoints."""
     started_from: str | None = None
+    rolled_back: tuple[str, ...] = ()
+    """A rollback's newer steps (tags) on this node: moved aside into `rolled-back-TIMESTAMP/` before the
+    new line reaches their numbers, so none is ever rewritten in place."""
     log_state: tuple[int, int, int] | None = None
     """(bytes, atime_ns, mtime_ns) of RUN_DIR/train.log before this start logged to it: the old
     run's log is put back as it was after the move (the first lines of this start landed in it)."""
@@ -137,9 +140,11 @@ def plan_run(
             )
         return RunPlan("new", None)
     theirs, ours = chosen.meta.get("run_id"), recorded.get("run_id")
-    if rollback:  # newer steps of this run stay; `latest` will name the one resumed
-        newer = any(ref.step > chosen.step for ref in local)
-        return RunPlan("rollback" if newer else "continue", ours or theirs, started_from=chosen.path)
+    if rollback:  # newer steps of this run move aside; `latest` will name the one resumed
+        newer = tuple(ref.tag for ref in local if ref.step > chosen.step)
+        newer_remote = any(step > chosen.step for step in remote_steps)
+        mode = "rollback" if newer or newer_remote else "continue"
+        return RunPlan(mode, ours or theirs, started_from=chosen.path, rolled_back=newer)
     if explicit:
         if used is not None:
             raise RunDirError(
@@ -189,6 +194,23 @@ def move_aside(paths: tuple[str, ...]) -> dict[str, str]:
         os.rename(path, target)
         moved[path] = target
     return moved
+
+
+ROLLED_BACK = "rolled-back-"
+
+
+def roll_aside(checkpoint_root: str, tags: tuple[str, ...], stamp: str) -> str | None:
+    """Move `tags` (a rollback's newer steps) into checkpoint_root/rolled-back-STAMP/, one rename each:
+    a kill at any moment leaves every step in one of the two places. Returns the folder (None: nothing
+    to move)."""
+    present = [tag for tag in tags if os.path.isdir(os.path.join(checkpoint_root, tag))]
+    if not present:
+        return None
+    folder = os.path.join(checkpoint_root, f"{ROLLED_BACK}{stamp}")
+    os.makedirs(folder, exist_ok=True)
+    for tag in present:
+        os.rename(os.path.join(checkpoint_root, tag), os.path.join(folder, tag))
+    return folder
 
 
 def new_run_id() -> str:

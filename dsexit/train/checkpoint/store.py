@@ -231,6 +231,13 @@ class RemoteMirror:
             )
         return target
 
+    def move(self, tag: str, relative: str) -> None:
+        """`tag`'s objects to `relative`/`tag`: copied first, then the originals deleted, so an interruption
+        leaves the checkpoint in one place or both (an object store has no rename)."""
+        source, target = self._remote(tag), self._remote(relative, tag)
+        self._call(lambda: self.fs.copy(source + "/", target + "/", recursive=True), f"copying {self.url}/{tag}")
+        self.delete(tag)
+
     def delete(self, tag: str) -> None:
         path = self._remote(tag)
 

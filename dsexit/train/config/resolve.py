@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,16 @@ from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_
 from dsexit.storage import RetryPolicy, is_remote, local_path, open_url_fs, redact, redact_text
 from dsexit.train.checkpoint.files import CheckpointRef, RemoteCheckpoints, saved_model_config
 from dsexit.train.checkpoint.resume import choose_checkpoint
-from dsexit.train.checkpoint.rundir import RunDirError, RunPlan, move_aside, new_run_id, plan_run, restore_log
+from dsexit.train.checkpoint.rundir import (
+    ROLLED_BACK,
+    RunDirError,
+    RunPlan,
+    move_aside,
+    new_run_id,
+    plan_run,
+    restore_log,
+    roll_aside,
+)
 from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
 from dsexit.train.checkpoint.universal import needs_universal
 from dsexit.train.config.ds_config import (
@@ -44,7 +54,7 @@ from dsexit.train.config.ds_config import (
     zero_stage,
 )
 from dsexit.train.config.train_config import RESUME_KEYWORDS, ParallelismConfig, TrainConfig
-from dsexit.train.distributed import WorldInfo, broadcast_object
+from dsexit.train.distributed import WorldInfo, barrier, broadcast_object
 from dsexit.train.errors import CheckpointError, ConfigError
 from dsexit.train.metrics import setup_logging
 
@@ -369,12 +379,44 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
     return dataclasses.replace(run, run_plan=plan, resume_from=chosen).resuming(chosen)
 
 
+def _roll_aside(run: ResolvedRun, plan: RunPlan) -> None:
+    """A rollback's newer steps leave the new line's way before it reaches their numbers: each node's
+    local rank 0 moves its own copies into `rolled-back-TIMESTAMP/`, rank 0 the mirror's (copied, then
+    deleted). A collective: every rank calls it."""
+    stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S") if run.world.is_main else None)
+    if run.world.local_rank == 0:
+        folder = roll_aside(run.checkpoint_root, plan.rolled_back, stamp)
+        if folder:
+            log.warning(
+                "rolled back to %s: the newer checkpoints %s moved aside to %s (nothing was deleted)",
+                run.resume_from.tag,
+                ", ".join(plan.rolled_back),
+                folder,
+            )
+    if run.world.is_main and is_remote(run.checkpoint_location):
+        mirror = RemoteCheckpoints(run.checkpoint_location, run.retry_policy())
+        newer = sorted(tag for tag, meta in mirror.markers().items() if meta["step"] > run.resume_from.step)
+        for tag in newer:
+            mirror.remote.move(tag, f"{ROLLED_BACK}{stamp}")
+        if newer:
+            log.warning(
+                "rolled back: the newer checkpoints %s on %s moved aside to %s%s/",
+                ", ".join(newer),
+                mirror.remote.shown,
+                ROLLED_BACK,
+                stamp,
+            )
+    barrier()
+
+
 def begin_run(run: ResolvedRun) -> ResolvedRun:
     """Resolution's last step, once the process group exists and before the trainer is built: rank 0
     moves an old run aside (`--start-over`: the plan names what; if the run directory moved, its log
     went with it, so logging starts again in a new one), and every rank gets the run's id (the one
     continued, or a new one from rank 0)."""
     plan = run.run_plan or RunPlan("new", None)
+    if plan.mode == "rollback":
+        _roll_aside(run, plan)
     run_id = None
     if run.world.is_main:
         if plan.move_aside:

@@ -1,4 +1,4 @@
-"""A run directory belongs to one run, a rollback keeps newer checkpoints, a step is rewritten
+"""A run directory belongs to one run, a rollback moves newer checkpoints aside intact, a step is rewritten
 atomically, and a resume that does not fit is refused in one line - with real processes.
 
 One process (the plain `python` launcher), electra-tiny, a checkpoint every step. A
@@ -78,8 +78,9 @@ def test_a_new_run_or_another_model_in_a_used_directory_is_one_line_and_touches_
     assert snapshot(used_run_dir) == before
 
 
-def test_rollback_keeps_newer_checkpoints_and_a_kill_mid_rewrite_falls_back_to_it(four_steps, used_run_dir):
+def test_rollback_moves_newer_checkpoints_aside_intact_and_a_kill_mid_save_falls_back(four_steps, used_run_dir):
     checkpoints = used_run_dir / "checkpoints"
+    newer = {step: snapshot(checkpoints / f"global_step{step}") for step in (3, 4)}
     rollback = launch(
         "python",
         used_run_dir,
@@ -89,8 +90,11 @@ def test_rollback_keeps_newer_checkpoints_and_a_kill_mid_rewrite_falls_back_to_i
     )
     assert rollback.returncode != 0, "fault_entry.py did not kill the run"
     assert resumed_at(four_steps, rollback) == 2  # the rollback continued from the step it was given
-    assert not (checkpoints / "global_step3" / MARKER).exists()  # the old marker went before the new files
-    assert (checkpoints / "global_step4" / MARKER).exists()  # the newer checkpoint is kept
+    [aside] = checkpoints.glob("rolled-back-*")
+    assert "moved aside to" in rollback.output and str(aside) in rollback.output
+    for step, files in newer.items():  # the abandoned line's steps, untouched, whatever the kill interrupted
+        assert snapshot(aside / f"global_step{step}") == files
+    assert not (checkpoints / "global_step4").exists() and not (checkpoints / "global_step3" / MARKER).exists()
     assert (checkpoints / "latest").read_text() == "global_step2"
 
     resumed = launch("python", used_run_dir, [*ARGS, "--keep-last", "1", "--resume", "auto"], nproc=1).check()
@@ -105,6 +109,8 @@ def test_rollback_keeps_newer_checkpoints_and_a_kill_mid_rewrite_falls_back_to_i
     # keep-last 1 never took the checkpoint just saved: the run ends on a complete step 4
     assert tags(checkpoints) == ["global_step4"] and (checkpoints / "latest").read_text() == "global_step4"
     assert (checkpoints / "global_step4" / MARKER).exists()
+    for step, files in newer.items():  # retention leaves the rolled-back steps alone
+        assert snapshot(aside / f"global_step{step}") == files
 
 
 def test_start_over_moves_the_old_run_aside_and_a_one_step_run_works(used_run_dir):

@@ -29,8 +29,8 @@ from dsexit.train.checkpoint.files import (
 from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.resume import choose_checkpoint
 from dsexit.train.checkpoint.retention import doomed_tags, kept_tags
-from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run
-from dsexit.train.checkpoint.store import StorageError, probe_local_dir
+from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run, roll_aside
+from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
 from dsexit.train.config import ConfigError
 from dsexit.train.config.cli import parse_config
 from dsexit.train.config.resolve import begin_run, resolve_run
@@ -283,7 +283,9 @@ def test_the_plan_refuses_a_new_run_in_a_used_directory(tmp_path):
     with pytest.raises(RunDirError, match="already holds run run-a with checkpoints up to step 8.*--start-over"):
         plan_run(resume="none", start_over=False, chosen=None, **common)
     assert plan_run(resume="auto", start_over=False, chosen=newest, **common).mode == "continue"
-    assert plan_run(resume=ref.path, start_over=False, chosen=ref, **common).mode == "rollback"
+    rollback = plan_run(resume=ref.path, start_over=False, chosen=ref, **common)
+    assert rollback.mode == "rollback" and rollback.rolled_back == ("global_step8",)
+    assert plan_run(resume=ref.path, start_over=False, chosen=ref, **{**common, "remote_steps": [4]}).rolled_back
     assert plan_run(resume=newest.path, start_over=False, chosen=newest, **common).mode == "continue"
     fresh = plan_run(resume="none", start_over=True, chosen=None, **common)
     assert fresh.mode == "new" and fresh.move_aside == (str(run_dir),)
@@ -347,3 +349,28 @@ def test_a_probe_outlives_another_nodes_clean_up_between_its_mkdirs(tmp_path, mo
     probe_local_dir(str(target), "checkpoint_dir")
     assert len(calls) > 1  # it tried again
     assert not (tmp_path / "runs").exists()  # what the probe created is gone again
+
+
+def test_roll_aside_moves_each_newer_step_whole_and_leaves_the_rest(tmp_path):
+    manager, engine = _manager(tmp_path), FakeEngine()
+    for step in (2, 4, 6):
+        _save(manager, engine, step)
+    before = {tag: sorted(os.listdir(tmp_path / tag)) for tag in ("global_step4", "global_step6")}
+    stays = sorted(set(os.listdir(tmp_path)) - set(before))
+    folder = roll_aside(str(tmp_path), ("global_step4", "global_step6", "global_step9"), "20260101-000000")
+    assert folder == str(tmp_path / "rolled-back-20260101-000000")
+    assert {tag: sorted(os.listdir(os.path.join(folder, tag))) for tag in before} == before
+    assert sorted(os.listdir(tmp_path)) == sorted([*stays, "rolled-back-20260101-000000"]) and "latest" in stays
+    assert roll_aside(str(tmp_path), ("global_step9",), "20260101-000001") is None
+
+
+def test_the_mirror_moves_a_step_aside_by_copy_then_delete():
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    fs = fsspec.filesystem("memory")
+    for name in ("dsexit_checkpoint.json", "mp_rank_00_model_states.pt"):
+        fs.pipe(f"{url}/global_step6/{name}", name.encode())
+    mirror = RemoteMirror(url)
+    mirror.move("global_step6", "rolled-back-20260101-000000")
+    assert not fs.exists(f"{url}/global_step6")
+    for name in ("dsexit_checkpoint.json", "mp_rank_00_model_states.pt"):
+        assert fs.cat(f"{url}/rolled-back-20260101-000000/global_step6/{name}") == name.encode()
