@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsexit.data import DatasetFormatError, ShardCorruptError
     from dsexit.storage import StorageAccessError, redact_text
     from dsexit.train.config.cli import parse_config
-    from dsexit.train.config.resolve import begin_run, resolve_run
+    from dsexit.train.config.resolve import begin_run, hold_run_dir, resolve_run
     from dsexit.train.errors import CheckpointError, CheckpointSpaceError, ConfigError
     from dsexit.train.metrics import setup_logging
 
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir_existed = os.path.exists(run_dir)
         run = resolve_run(config, world, threads)  # every user error surfaces here, before any process group
         check_shards(run, world.local_rank)
+        if not args.dry_run:
+            hold_run_dir(run)  # one trainer per run directory
     except (ConfigError, OSError, StorageAccessError, DatasetFormatError, ShardCorruptError) as error:
         if world is None or world.local_rank == 0:
             if run_dir and not run_dir_existed:

@@ -2,19 +2,25 @@
 
     RUN_DIR/dsexit_run.json    {"run_id", "created_at", "started_from"}: written by rank 0
                                when training starts; every checkpoint marker repeats run_id
+    RUN_DIR/dsexit.lock        an OS file lock rank 0 holds while it trains, and who holds it
+                               (host, PID, start time): a second trainer on the directory is
+                               refused; the lock goes with the process, so a restarted job
+                               takes it again
 
 `plan_run` decides, before any process group and without writing anything, what this
 start is: a new run, the continuation of the run the directory holds (`--resume auto`),
-a rollback of it to an older checkpoint (`--resume RUN_DIR/checkpoints/global_stepN`,
-newer checkpoints are kept), or a fork of another run's checkpoint into an unused
-directory. A new run in a used directory is refused; `--start-over` moves the old run
+a rollback of it to an older checkpoint (`--resume RUN_DIR/checkpoints/global_stepN`;
+newer checkpoints move aside to checkpoints/rolled-back-TIMESTAMP/), or a fork of another
+run's checkpoint into an unused directory. A new run in a used directory is refused; `--start-over` moves the old run
 aside to RUN_DIR.old-TIMESTAMP (never deletes it) when training starts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from dsexit.train.checkpoint.files import CheckpointRef, complete_checkpoints
 from dsexit.train.metrics import LOG_FILE
 
 RUN_FILE = "dsexit_run.json"
+LOCK_FILE = "dsexit.lock"
 # What a run leaves that makes its directory "used" (logs and caches alone do not).
 RUN_ARTIFACTS = (RUN_FILE, "metrics.jsonl", "config.json", "hf")
 
@@ -211,6 +218,38 @@ def roll_aside(checkpoint_root: str, tags: tuple[str, ...], stamp: str) -> str |
     for tag in present:
         os.rename(os.path.join(checkpoint_root, tag), os.path.join(folder, tag))
     return folder
+
+
+_held_locks: dict[str, int] = {}  # run directory -> the descriptor holding its lock, for the process's life
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """Hold RUN_DIR/dsexit.lock for the rest of this process (rank 0), writing who holds it; RunDirError
+    naming the holder when another process does. Taking it again (the directory moved) is allowed."""
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(handle, 4096).decode(errors="replace").strip()
+        os.close(handle)
+        try:
+            shown = "PID {pid} on host {host}, started {started}".format(**json.loads(holder))
+        except (ValueError, KeyError, TypeError):
+            shown = "another process"
+        raise RunDirError(
+            f"run_dir={run_dir!r} is in use by another trainer ({shown}); two runs in one directory would "
+            "overwrite each other's checkpoints and logs: wait for it to end, stop it, or choose another --run-dir."
+        ) from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, (json.dumps(holder) + "\n").encode(), 0)
+    previous = _held_locks.pop(run_dir, None)
+    if previous is not None:
+        os.close(previous)
+    _held_locks[run_dir] = handle
 
 
 def new_run_id() -> str:

@@ -38,6 +38,7 @@ from dsexit.train.checkpoint.rundir import (
     ROLLED_BACK,
     RunDirError,
     RunPlan,
+    lock_run_dir,
     move_aside,
     new_run_id,
     plan_run,
@@ -409,6 +410,16 @@ def _roll_aside(run: ResolvedRun, plan: RunPlan) -> None:
     barrier()
 
 
+def hold_run_dir(run: ResolvedRun) -> None:
+    """Rank 0, before anything is written to the run directory: its lock, so that a second trainer
+    started on the same directory is refused in one line (ConfigError naming the holder)."""
+    if run.world.is_main:
+        try:
+            lock_run_dir(run.run_dir)
+        except RunDirError as error:
+            raise ConfigError(str(error)) from None
+
+
 def begin_run(run: ResolvedRun) -> ResolvedRun:
     """Resolution's last step, once the process group exists and before the trainer is built: rank 0
     moves an old run aside (`--start-over`: the plan names what; if the run directory moved, its log
@@ -421,7 +432,8 @@ def begin_run(run: ResolvedRun) -> ResolvedRun:
     if run.world.is_main:
         if plan.move_aside:
             moved = move_aside(plan.move_aside)
-            if run.run_dir in moved:  # the log moved with the old run: a new one here
+            if run.run_dir in moved:  # the log and the lock moved with the old run: new ones here
+                lock_run_dir(run.run_dir)
                 setup_logging(run.world, run.run_dir)
                 restore_log(moved[run.run_dir], plan.log_state)
                 log.info("resolved config:\n%s", run.to_json())

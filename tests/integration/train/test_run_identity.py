@@ -8,14 +8,17 @@ module fixture trains 4 steps once; each test works on its own copy of that run 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 
-from .helpers import TINY, launch, resumed_at
+from .helpers import TINY, finish, launch, resumed_at, start, wait_for_step
 
 MARKER = "dsexit_checkpoint.json"
 RUN_FILE = "dsexit_run.json"
+LOCK = "dsexit.lock"
 ARGS = [*TINY, "--max-steps", "4", "--save-interval", "1", "--keep-last", "4", "--eval-interval", "0", "--no-export-hf"]
 
 
@@ -34,10 +37,11 @@ def tags(checkpoints) -> list[str]:
 
 
 def snapshot(root) -> dict[str, tuple[int, int]]:
+    """Every file's size and time, but the directory's lock (whoever holds it rewrites it)."""
     return {
         str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
         for path in root.rglob("*")
-        if path.is_file()
+        if path.is_file() and path.name != LOCK
     }
 
 
@@ -111,6 +115,28 @@ def test_rollback_moves_newer_checkpoints_aside_intact_and_a_kill_mid_save_falls
     assert (checkpoints / "global_step4" / MARKER).exists()
     for step, files in newer.items():  # retention leaves the rolled-back steps alone
         assert snapshot(aside / f"global_step{step}") == files
+
+
+def test_a_second_trainer_on_a_running_directory_is_refused_naming_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*without(ARGS, "--max-steps"), "--max-steps", "400"]
+    first = start("python", run_dir, args, nproc=1)
+    try:
+        wait_for_step(run_dir, 2, first)
+        before = (run_dir / "metrics.jsonl").read_text()
+        second = launch("python", run_dir, [*args, "--resume", "auto"], nproc=1)
+        assert second.returncode == 2, second.output[-3000:]
+        [line] = errors(second.output)
+        assert "in use by another trainer" in line and f"PID {first.pid} " in line, line
+        assert "Traceback" not in second.output
+        assert (run_dir / "metrics.jsonl").read_text().startswith(before)  # the first run's records, alone
+        assert first.poll() is None  # the first trainer goes on
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)  # it saves a checkpoint and stops
+        stopped = finish(first, run_dir)
+    assert stopped.returncode == 0, stopped.output[-3000:]
+    steps = [json.loads(line)["step"] for line in stopped.metrics_text.splitlines() if '"step"' in line]
+    assert steps == sorted(set(steps))  # one writer: no step twice, none out of order
 
 
 def test_start_over_moves_the_old_run_aside_and_a_one_step_run_works(used_run_dir):
