@@ -58,13 +58,17 @@ def main(argv: list[str] | None = None) -> int:
 
     select_accelerator()
     from dsexit.storage import redact_text
+    from dsexit.train.checkpoint.files import TRUST_UNVERIFIED_HELP, trust_unverified_checkpoints
     from dsexit.train.export import export_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("out_dir")
     parser.add_argument("--no-generator", action="store_true", help="export only the discriminator")
+    parser.add_argument("--trust-unverified-checkpoint", action="store_true", help=TRUST_UNVERIFIED_HELP)
     args = parser.parse_args(argv)
+    if args.trust_unverified_checkpoint:
+        trust_unverified_checkpoints()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):

@@ -31,6 +31,7 @@ def _parser_and_flags() -> tuple[argparse.ArgumentParser, list]:
     """The parser: the run's own arguments, and one flag per `FinetuneConfig` field, generated from the dataclass
     by the generator pretraining's command line uses (the field's docstring is its help)."""
     from dsexit.eval.finetune import FinetuneConfig
+    from dsexit.train.checkpoint.files import TRUST_UNVERIFIED_HELP
     from dsexit.train.config.cli import dataclass_flags
 
     parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.splitlines()[0])
@@ -45,6 +46,7 @@ def _parser_and_flags() -> tuple[argparse.ArgumentParser, list]:
         "(default: 1)",
     )
     add("--export-dir", help="where a checkpoint given as --model is exported (default: a temporary directory)")
+    add("--trust-unverified-checkpoint", action="store_true", help=TRUST_UNVERIFIED_HELP)
     add("--out", help="write per-seed and median metrics to this JSON file")
     recipe = parser.add_argument_group("recipe", inspect.getdoc(FinetuneConfig))
     return parser, dataclass_flags(recipe, FinetuneConfig, "", FinetuneConfig())
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     from dsexit.eval.tasks import TaskError, load_task
 
     args, config = parse_args(argv)
+    if args.trust_unverified_checkpoint:
+        from dsexit.train.checkpoint.files import trust_unverified_checkpoints
+
+        trust_unverified_checkpoints()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [finetune] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("dsexit").setLevel(logging.INFO)
     # A checkpoint given as --model is exported here unless --export-dir says where; removed at the end,

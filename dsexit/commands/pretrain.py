@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     world, run_dir, run_dir_existed = None, None, True
     try:
         config, args = parse_config(argv)
+        if config.checkpoint.trust_unverified:
+            from dsexit.train.checkpoint.files import trust_unverified_checkpoints
+
+            trust_unverified_checkpoints()
         # On a CPU, the CPU tuning first (it may re-execute this process); a model to be compiled keeps torch's kernels.
         world, threads = setup_process(cpu_kernels=config.training.compile != "on", reexec=argv is None)
         run_dir = config.job.run_dir

@@ -172,16 +172,35 @@ def open_checkpoint(path: str) -> CheckpointRef:
     return ref
 
 
+TRUST_UNVERIFIED_ENV = "DSEXIT_TRUST_UNVERIFIED_CHECKPOINT"  # set by --trust-unverified-checkpoint
+TRUST_UNVERIFIED_HELP = (
+    "load a checkpoint whose completion marker lists no file digests (saved by an older dsexit); its files "
+    "are unpickled unverified, which runs any code planted in them: only for checkpoints you trust"
+)
+
+
+def trust_unverified_checkpoints() -> None:
+    """The user's `--trust-unverified-checkpoint`: for this process and those it starts."""
+    os.environ[TRUST_UNVERIFIED_ENV] = "1"
+
+
 def verify_files(ref: CheckpointRef, allow_missing: bool = False) -> None:
     """Every file of the checkpoint as its marker lists it; raises CheckpointError naming the first
-    that differs, is missing, or is not listed. Markers from before digests are accepted as they are.
+    that differs, is missing, or is not listed. A marker without digests (from before them) is refused
+    unless the user trusts it (`--trust-unverified-checkpoint`, which sets TRUST_UNVERIFIED_ENV).
 
     `allow_missing`: a node's staging copy of a mirrored checkpoint holds only the files its own
     ranks wrote (and DeepSpeed opens only those); the files it holds must still match."""
     listed = ref.meta.get("files")
     if listed is None:
-        log.warning("checkpoint %s has no file digests (saved by an older dsexit); loading it unverified", ref.path)
-        return
+        if os.environ.get(TRUST_UNVERIFIED_ENV) == "1":
+            log.warning("checkpoint %s has no file digests; loading it unverified, as asked", ref.path)
+            return
+        raise CheckpointError(
+            f"checkpoint {ref.path} has no file digests in its completion marker (saved by an older dsexit, or "
+            "edited): its files are not opened, since unpickling a planted file runs code; pass "
+            "--trust-unverified-checkpoint to load it anyway if you trust where it came from."
+        )
     present = file_digests(ref.path)
     for relative, expected in sorted(listed.items()):
         got = present.get(relative)

@@ -187,6 +187,10 @@ class CheckpointConfig:
     retries: int = field(default=6, metadata={"flag": "--checkpoint-retries"})
     """Retries (exponential backoff, as for data reads) of each object-store operation of the
     checkpoint mirror; an upload that still fails is retried at the next save."""
+    trust_unverified: bool = field(default=False, metadata={"flag": "--trust-unverified-checkpoint"})
+    """Resume a checkpoint whose completion marker lists no file digests (saved by an older dsexit):
+    its files are unpickled unverified, which runs any code planted in them. Off: such a checkpoint
+    is refused in one line."""
 
 
 @dataclass

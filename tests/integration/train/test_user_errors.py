@@ -346,3 +346,52 @@ def test_pipeline_with_zero3_fails_before_any_process_group(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error:")]
     assert len(errors) == 1 and "ZeRO stage 3" in errors[0] and "pipeline parallel" in errors[0]
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+class _Payload:
+    """Unpickling it creates `path`: stands for code planted in a checkpoint file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.fixture
+def planted_run(zero2_straight, tmp_path) -> tuple[Path, Path]:
+    """A copy of the run whose step-20 marker lost its digests and whose model states hold a payload;
+    returns (the run directory, the file the payload would create)."""
+    import pickle
+
+    run_dir, ran = tmp_path / "planted", tmp_path / "payload-ran"
+    shutil.copytree(zero2_straight.run_dir, run_dir)
+    step = run_dir / "checkpoints" / "global_step20"
+    marker = json.loads((step / "dsexit_checkpoint.json").read_text())
+    del marker["files"]
+    (step / "dsexit_checkpoint.json").write_text(json.dumps(marker))
+    for states in step.glob("*model_states.pt"):
+        states.write_bytes(pickle.dumps(_Payload(ran), protocol=2))
+    return run_dir, ran
+
+
+@pytest.mark.parametrize("route", ["resume", "export", "finetune"])
+def test_a_marker_without_digests_is_refused_and_its_payload_never_runs(planted_run, route, tmp_path):
+    run_dir, ran = planted_run
+    step = run_dir / "checkpoints" / "global_step20"
+    out = tmp_path / "out"
+    command = {
+        "resume": [*PRETRAIN[:2], *ZERO2_ARGS, "--max-steps", "30", "--run-dir", str(run_dir), "--no-export-hf"],
+        "export": [*EXPORT, str(step), str(out)],
+        "finetune": [*FINETUNE, "--model", str(step), "--task", str(_task(tmp_path / "task")), "--out", str(out)],
+    }[route]
+    _check(Case(command, [str(step), "no file digests", "--trust-unverified-checkpoint"], [out]))
+    assert not ran.exists()
+
+
+def test_trusting_an_unverified_checkpoint_is_explicit_and_then_it_is_unpickled(planted_run, tmp_path):
+    """The control: the planted payload is live, so the refusals above are what kept it from running."""
+    run_dir, ran = planted_run
+    step = run_dir / "checkpoints" / "global_step20"
+    subprocess.run([*EXPORT, str(step), str(tmp_path / "out"), "--trust-unverified-checkpoint"], cwd=REPO, env=ENV)
+    assert ran.exists()
