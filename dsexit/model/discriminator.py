@@ -1,9 +1,10 @@
 """The ELECTRA discriminator with token-level early exit.
 
 After each layer that carries an exit head, every still-active token gets a replaced-token
-logit from that head. A token exits when the exit rule (`exit_rules/`, applied by
-`ExitDecision`) says so at this step's tau: its RTD
-logit is the head's, and its hidden state is frozen and carried to the output. Pinned
+logit from that head. Under threshold routing a token exits when its confidence under the exit
+rule (`exit_rules/`, applied by `ExitDecision`) reaches this step's tau; under capacity routing
+(`capacity.py`) a fixed number of the least confident rows continue and the others exit. An
+exited token's RTD logit is the head's, and its hidden state is frozen and carried to the output. Pinned
 tokens ([CLS], [SEP] by default) never exit on their own confidence: they leave with their
 sequence's last exitable token (`pinned_leaving`), so a sequence whose tokens all exited has
 no active token left, and a pipeline stage can skip a micro-batch of such sequences. Later
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capacity import CapacitySchedule, PrefixRows, run_capacity_layer
 from .config import ElectraExitConfig
 from .exit_rules import Confidence, ExitRule, build_exit_rule
 from .flops import LayerWork
@@ -73,6 +75,11 @@ class ExitState:
     deferred: list[RowStates] = field(default_factory=list)  # exited tokens' final states, not yet written
     carried: RowStates | None = None  # the newest states of the tokens active when it was set
     carried_for: torch.Tensor | None = None  # the `active` mask `carried` holds the rows of
+    prefix: PrefixRows | None = None  # capacity routing: every row in slot order, from the first exit head on
+    forced_exits: torch.Tensor | int = 0  # capacity routing: exitable tokens that left below the floor
+    # capacity routing, per exit layer: (exitable tokens reaching its head below the floor so far, those
+    # of them at or above it there)
+    floor_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -103,6 +110,8 @@ class ExitState:
     @property
     def hidden(self) -> torch.Tensor:
         """[B, T, H]: every token's newest state (exited tokens' frozen at their exit)."""
+        if self.prefix is not None:
+            return self.prefix.sequence_hidden
         updates = self.deferred + ([self.carried] if self.carried is not None else [])
         if updates:
             batch, seq_len, width = self.stored_hidden.shape
@@ -116,6 +125,13 @@ class ExitState:
     @hidden.setter
     def hidden(self, value: torch.Tensor) -> None:
         self.stored_hidden, self.deferred, self.carried, self.carried_for = value, [], None, None
+
+    def floor_counts_by_layer(self, num_layers: int) -> torch.Tensor:
+        """float [2, num_layers]: `floor_counts` at index layer - 1 (zero where no count was taken)."""
+        counts = torch.zeros(2, num_layers, device=self.attention_mask.device)
+        for number, (reaching, confident) in self.floor_counts.items():
+            counts[:, number - 1] = torch.stack([reaching, confident]).float()
+        return counts
 
     def carry(self, index: torch.Tensor, states: torch.Tensor) -> None:
         """Hold `states` as the newest states of the active tokens (flat positions `index`)."""
@@ -161,26 +177,46 @@ def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, confi
 
 @dataclass
 class ExitDecision:
-    """How tokens leave: a threshold under an exit rule (`exit_rules/`), or a forced per-token exit layer.
+    """How tokens leave: a threshold under an exit rule (`exit_rules/`), a capacity schedule (`capacity.py`),
+    or a forced per-token exit layer.
 
     A forced plan is absolute (pinned tokens follow it too: benchmarks use it to fix the
     work); a threshold applies to exitable tokens, and pinned tokens leave with their
-    sequence's last exitable token (`pinned_leaving`).
+    sequence's last exitable token (`pinned_leaving`); under a capacity schedule pinned tokens
+    continue before any exitable one. `min_confidence` is the floor capacity routing measures
+    its exits against (`ExitState.forced_exits`); it decides nothing.
     """
 
     threshold: float | None = None
     plan: torch.Tensor | None = None  # long [B, T]: exit after this layer (>= num layers: never)
     rule: ExitRule = field(default_factory=Confidence)  # `for_config` takes the model's rule
+    capacity: CapacitySchedule | None = None
+    random: bool = False  # capacity routing draws the continuing rows at random (`exit_routing="random"`)
+    min_confidence: float = 0.0
 
     @classmethod
     def for_config(
-        cls, config: ElectraExitConfig, threshold: float | None = None, plan: torch.Tensor | None = None
+        cls,
+        config: ElectraExitConfig,
+        threshold: float | None = None,
+        plan: torch.Tensor | None = None,
+        capacity: CapacitySchedule | None = None,
+        min_confidence: float = 0.0,
     ) -> "ExitDecision":
-        return cls(threshold=threshold, plan=plan, rule=build_exit_rule(config))
+        if sum(choice is not None for choice in (threshold, plan, capacity)) > 1:
+            raise ValueError("an exit decision takes one of a threshold, an exit plan or a capacity schedule.")
+        return cls(
+            threshold=threshold,
+            plan=plan,
+            rule=build_exit_rule(config),
+            capacity=capacity,
+            random=config.exit_routing == "random",
+            min_confidence=min_confidence,
+        )
 
     @property
     def may_exit(self) -> bool:
-        return self.plan is not None or self.threshold is not None
+        return self.plan is not None or self.threshold is not None or self.capacity is not None
 
     def exits(
         self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor, exitable: torch.Tensor
@@ -190,7 +226,7 @@ class ExitDecision:
         if self.threshold is None:
             return torch.zeros_like(head_logits, dtype=torch.bool)
         exitable_rows = exitable.reshape(-1).index_select(0, rows)
-        exits = self.rule.exits(head_logits, layer_number, self.threshold) & exitable_rows
+        exits = (self.rule.confidence(head_logits, layer_number) >= self.threshold) & exitable_rows
         return exits | pinned_leaving(exits, rows, exitable_rows, exitable.shape)
 
 
@@ -307,6 +343,8 @@ def run_exit_layer(
 
     A free function so that a pipeline stage holding only some layers can run them.
     """
+    if decision.capacity is not None and (state.prefix is not None or layer_number in decision.capacity.exit_layers):
+        return run_capacity_layer(layer, head, layer_number, config, state, decision)
     dense = state.dense
     if dense:
         routing = TokenRouting.all_positions(state.padding_mask)

@@ -313,10 +313,20 @@ class ElectraLayer(nn.Module):
         """The new states [B*S, H] of the positions `positions` (long [B, S]) only: their queries attend
         to every position's keys and values. A fixed [B, S] layout, whatever the positions are (the
         generator's last layer computes the masked slots this way)."""
-        width = hidden.shape[-1]
-        selected = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+        selected = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._queries_of(hidden, selected, attention_mask)
+
+    def at_prefix(self, hidden: torch.Tensor, length: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The new states [B*length, H] of each sequence's first `length` rows: their queries attend to every
+        row of `hidden` (capacity routing under `exit_kv="keep"`: the rows still running come first, the
+        rows that left follow with their frozen states)."""
+        return self._queries_of(hidden, hidden[:, :length], attention_mask)
+
+    def _queries_of(
+        self, hidden: torch.Tensor, selected: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         context = self.attention.self.queries_at(hidden, selected, _key_mask(attention_mask))
-        attended = self.attention.output(context, selected.reshape(-1, width))
+        attended = self.attention.output(context, selected.reshape(-1, selected.shape[-1]))
         return self.output(self.intermediate(attended), attended)
 
 
