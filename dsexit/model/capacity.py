@@ -60,11 +60,16 @@ def planned_compute(exit_layers: tuple[int, ...], num_layers: int, shares: tuple
     return total / num_layers
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _level_buckets(exit_layers: tuple[int, ...], num_layers: int, level: int) -> tuple[int, ...]:
-    """The schedule of `level`: the same share of the running rows leaves at every exit head (a
-    geometric decay, ratio found by bisection so that the unrounded plan is level/LEVELS), rounded to
-    buckets, at least one."""
+    """The schedule of `level` (a compiled forward takes it as a constant of its Python arguments)."""
+    return _solve_level(exit_layers, num_layers, level)
+
+
+@functools.lru_cache(maxsize=None)
+def _solve_level(exit_layers: tuple[int, ...], num_layers: int, level: int) -> tuple[int, ...]:
+    """The same share of the running rows leaves at every exit head (a geometric decay, its ratio found by
+    bisection so that the unrounded plan is level/LEVELS), rounded to buckets, at least one."""
     if level >= LEVELS:
         return (BUCKETS,) * len(exit_layers)
 

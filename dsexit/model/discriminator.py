@@ -101,6 +101,7 @@ class ExitState:
             logits=hidden.new_zeros(shape, dtype=torch.float32),
             exit_layer=torch.zeros(shape, dtype=torch.long, device=hidden.device),
             aux_loss=hidden.new_zeros((), dtype=torch.float32),
+            forced_exits=torch.zeros((), dtype=torch.long, device=hidden.device),
             exitable=real.clone() if exitable is None else exitable.bool() & real,
             labels=labels,
             padding_mask=padding_mask,

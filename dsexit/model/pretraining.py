@@ -39,7 +39,7 @@ class PreTrainingOutput:
     exit_layer_counts: torch.Tensor  # [num_layers] long: real tokens whose last layer is l+1
     flops: FlopReport
     compute_log: ComputeLog
-    forced_exits: torch.Tensor | int = 0  # capacity routing: exitable tokens that left below `min_confidence`
+    forced_exits: torch.Tensor | int = 0  # long: capacity routing: exitable tokens that left below `min_confidence`
     floor_counts: torch.Tensor | None = None  # capacity routing: `ExitState.floor_counts_by_layer`
 
     @property

@@ -234,9 +234,29 @@ def resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolved
         raise ConfigError(redact_text(str(error), *urls)) from None
 
 
+def check_exit_routing(model_config: ElectraExitConfig, config: TrainConfig) -> None:
+    """Capacity and random routing: no pipeline (its stages skip micro-batches whose tokens all exited,
+    which a fixed capacity never empties) and a target the capacity level is steered toward."""
+    routing = model_config.exit_routing
+    if routing == "threshold" or not model_config.exit_enabled:
+        return
+    stages = config.parallelism.pipeline_stages
+    if stages > 1:
+        raise ConfigError(
+            f"exit_routing={routing!r} is invalid with pipeline_stages={stages}; expected exit_routing='threshold' "
+            f"(pipeline stages skip micro-batches whose tokens all exited, which a fixed capacity never empties)."
+        )
+    if config.exit_control.target_compute is None:
+        raise ConfigError(
+            f"target_compute=None is invalid with exit_routing={routing!r}; expected the fraction of token-layers "
+            f"the capacity level is steered toward."
+        )
+
+
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
+    check_exit_routing(model_config, config)
     stages = config.parallelism.pipeline_stages
     config.parallelism.deepspeed_config = find_ds_config(config.parallelism.deepspeed_config)
     raw_ds_config = load_ds_config(config.parallelism.deepspeed_config)

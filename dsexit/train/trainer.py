@@ -7,7 +7,7 @@
                (and at the start and the end); a final checkpoint and a Hugging Face export
     step       the learning rate for this step (over the time budget when there is one), then
                grad_accum micro-batches through the mode's step runner (`step_runner.py`) with
-               the controller's tau, then
+               the controller's tau or capacity level, then
                one all-reduce of the step's statistics (and stop votes), then the controller update
 
 Everything a checkpoint must carry to resume exactly (data position, exit controller,
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from dsexit.cpu import use_cpu_kernels
 from dsexit.data import StreamingShardReader, read_validation_samples
-from dsexit.model import ExitController
+from dsexit.model import exit_controller_for
 from dsexit.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
 from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.engine import build_engine, build_model
@@ -135,8 +135,9 @@ class Trainer:
             run.model_config,
             self.pipeline_stages,
             before_forward=self.compiled.before_forward if self.compiled is not None else None,
+            min_confidence=self.config.exit_control.min_confidence,
         )
-        self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
+        self.exit_controller = exit_controller_for(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         self.rng = RngStates(self.config.job.seed, self.world.rank, self.world.world_size, lambda: self.step)
         for name, stateful in (
@@ -179,13 +180,15 @@ class Trainer:
                 use_cpu_kernels()
             log.info("eager forward (%s)%s", why, "; CPU kernels" if self.device.type == "cpu" else "")
             return None
-        compiled = CompiledForward(self.engine, self.device, training.compile_backend)
+        capacity_routing = self.run.model_config.exit_routing != "threshold"
+        compiled = CompiledForward(self.engine, self.device, training.compile_backend, capacity_routing)
         log.info(
-            "compiling the training forward (%s, backend %s, fullgraph, static shapes%s); the first step's time "
+            "compiling the training forward (%s, backend %s, fullgraph, static shapes%s%s); the first step's time "
             "includes it",
             why,
             training.compile_backend,
             ", CUDA graphs" if compiled.cuda_graphs else "",
+            ", one graph per capacity level the run visits" if capacity_routing else "",
         )
         return compiled
 
@@ -237,12 +240,20 @@ class Trainer:
             return None
         started = time.monotonic()
         results = self.heldout.evaluate(
-            self._evaluation_model(), self.exit_controller.threshold(self.step), self.device
+            self._evaluation_model(),
+            self.exit_controller.threshold(self.step),
+            self.device,
+            exit_capacity=self.exit_controller.capacity(self.step),
         )
         results["eval_seconds"] = time.monotonic() - started
         results["train_minutes"] = self._minutes_spent() if self.step else 0.0
         self.eval_seconds += results["eval_seconds"]
-        self.metrics.record_eval(self.step, results, exit_threshold=self.exit_controller.threshold(self.step))
+        self.metrics.record_eval(
+            self.step,
+            results,
+            exit_threshold=self.exit_controller.threshold(self.step),
+            exit_capacity=self.exit_controller.capacity(self.step),
+        )
         self.last_eval = results
         return results
 
@@ -400,9 +411,12 @@ class Trainer:
     def train_step(self) -> StepSummary:
         step_started = time.perf_counter()
         exit_threshold = self.exit_controller.threshold(self.step)
+        exit_capacity = self.exit_controller.capacity(self.step)
         tau_at_floor = exit_threshold is not None and self.exit_controller.at_floor
+        capacity_at_floor = exit_capacity is not None and self.exit_controller.at_floor
         stats = StepStats(self.run.model_config.num_hidden_layers)
-        ran = self.steps.run(exit_threshold, self.run.model_config.replacement_mix_at(self.step), stats)
+        mix = self.run.model_config.replacement_mix_at(self.step)
+        ran = self.steps.run(exit_threshold, mix, stats, exit_capacity=exit_capacity)
         summary = stats.reduce(
             preempted=self.preemption.requested,
             time_limit=self._time_limit_reached(),
@@ -411,7 +425,7 @@ class Trainer:
         )
         self.budget_minutes = summary.minutes  # rank 0's clock, the same on every rank
         summary.stage_counters = ran.stage_counters
-        self.exit_controller.update(summary.compute_fraction, self.step)
+        self.exit_controller.update(summary.compute_fraction, self.step, floor_counts=summary.floor_counts)
         self.step += 1
         self.samples_seen += self.config.training.global_batch_size
         self.tokens_seen += summary.real_tokens
@@ -420,6 +434,8 @@ class Trainer:
             summary,
             exit_threshold=exit_threshold,
             tau_at_floor=tau_at_floor,
+            exit_capacity=exit_capacity,
+            capacity_at_floor=capacity_at_floor,
             lr=ran.lr,
             seconds=time.perf_counter() - step_started,
             data_wait_seconds=ran.data_wait_seconds,

@@ -132,6 +132,7 @@ PRETRAIN_CASES = [
     "data_s3_credentials_in_url",
     "shard_flipped",
     "shard_truncated",
+    "capacity_routing_with_pipeline",
 ]
 
 
@@ -176,6 +177,9 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
             secret="s3cr3tVALUE",
             env=NO_AWS,
         )
+    elif name == "capacity_routing_with_pipeline":
+        pipeline = ["--exit-routing", "capacity", "--pipeline-stages", "2", "--deepspeed", "ds_configs/pipeline.json"]
+        case = Case([*base, *pipeline], ["exit_routing='capacity'", "pipeline_stages=2"], written)
     else:
         data, listed = _damaged_dataset(tmp_path / "data", _flip_byte if name == "shard_flipped" else _truncate)
         code, lines, output = _run(Case([*base, "--data", str(data)], []))

@@ -138,3 +138,39 @@ def test_each_record_counts_its_steps_with_exits_on(tmp_path):
         )
     logger.close()
     assert [(r["steps"], r["steps_with_exits"]) for r in read_metrics(str(tmp_path))] == [(3, 1), (3, 3)]
+
+
+def test_capacity_routing_records_its_level_the_forced_share_and_why_the_floor_holds_it(tmp_path):
+    dsexit_log, lines = logging.getLogger("dsexit"), _Lines()
+    level = dsexit_log.level
+    dsexit_log.addHandler(lines)
+    dsexit_log.setLevel(logging.INFO)
+    logger = _logger(tmp_path, start_step=0)
+    try:
+        for step, (capacity, at_floor, forced) in enumerate(((None, False, 0.0), (12, False, 0.1), (16, True, 0.0)), 1):
+            summary = _summary(1.0)
+            summary.forced_exit_share = forced
+            logger.record(
+                step,
+                summary,
+                exit_threshold=None,
+                exit_capacity=capacity,
+                capacity_at_floor=at_floor,
+                lr=1e-3,
+                seconds=0.1,
+                data_wait_seconds=0.0,
+                samples_seen=8 * step,
+                tokens_seen=32 * step,
+            )
+    finally:
+        logger.close()
+        dsexit_log.removeHandler(lines)
+        dsexit_log.setLevel(level)
+    records = read_metrics(str(tmp_path))
+    assert [r["capacity_level"] for r in records] == [None, 12, 16]
+    assert [r["forced_exit_share"] for r in records] == [0.0, 0.1, 0.0]
+    assert [r["capacity_at_floor"] for r in records] == [False, False, True]
+    assert [r["steps_with_exits"] for r in records] == [0, 1, 1]
+    step_lines = [line for line in lines.lines if line.startswith("step=")]
+    assert "capacity=12/16 forced=0.100" in step_lines[1]
+    assert ["capacity held by the floor" in line for line in step_lines] == [False, False, True]
