@@ -21,7 +21,7 @@ Routings (`--routing`, the model's `exit_routing`; each exit arm runs once per r
 threshold (the default: tau steered by the threshold controller) or capacity / random (a fixed
 number of rows per sequence continue after each head, the level steered by the capacity controller,
 `--capacity-interval` steps apart; its @1.00 arm runs the capacity path at full capacity). Arms of
-another routing than threshold are named VARIANT@TARGET/ROUTING.
+another routing than threshold are named VARIANT@TARGET:ROUTING.
 
 Every arm runs in a process of its own, as a training run does: `--settle` untimed steps (the
 controller reaches its target), then `--steps` timed ones. The arms' processes take turns, one at a
@@ -284,15 +284,15 @@ def run_steps(arm: Arm, count: int, timed: bool) -> None:
 
 
 def arm_name(variant: str, target: float, routing: str) -> str:
-    return f"{variant}@{target:.2f}" + ("" if routing == "threshold" else f"/{routing}")
+    return f"{variant}@{target:.2f}" + ("" if routing == "threshold" else f":{routing}")
 
 
 def arm_named(name: str) -> Arm:
-    """ "plain" or "VARIANT@TARGET", or "VARIANT@TARGET/ROUTING" for another routing than threshold."""
+    """ "plain" or "VARIANT@TARGET", or "VARIANT@TARGET:ROUTING" for another routing than threshold."""
     if name == "plain":
         return Arm("plain", {}, None)
     variant, target_and_routing = name.split("@")
-    target, _, routing = target_and_routing.partition("/")
+    target, _, routing = target_and_routing.partition(":")
     return Arm(name, VARIANTS[variant], float(target), routing or "threshold")
 
 

@@ -93,7 +93,7 @@ def test_arms_of_each_routing_get_their_own_name_row_and_best_variant():
     assert bench.arm_name("dense", 0.75, "threshold") == "dense@0.75"
     arm = bench.arm_named(bench.arm_name("linear", 0.5, "capacity"))
     assert (arm.name, arm.target, arm.routing, arm.overrides) == (
-        "linear@0.50/capacity",
+        "linear@0.50:capacity",
         0.5,
         "capacity",
         {"exit_head": "linear"},
@@ -108,5 +108,5 @@ def test_arms_of_each_routing_get_their_own_name_row_and_best_variant():
     args = argparse.Namespace(preset="p", batch=1, accumulation=1, seq_len=8, launches=1, steps=3, settle=0)
     results = bench.summarize(arms, args, "fp32", {"bf16": 4e3, "fp32": 1e3})
     assert results["best_by_routing"] == {"threshold": "dense", "capacity": "dense"}
-    assert results["arms"]["dense@0.75/capacity"]["routing"] == "capacity"
+    assert results["arms"]["dense@0.75:capacity"]["routing"] == "capacity"
     assert results["arms"]["plain"]["routing"] is None
