@@ -1027,7 +1027,8 @@ def report(results: dict, out: Path) -> None:
     print(
         "Every arm against the baseline of the same seed (same initial weights and data order), mean over seeds "
         f"[95% Student-t interval; n/a below {MIN_SEEDS_FOR_INTERVAL} seeds]. held-out RTD = final held-out RTD "
-        "loss at full depth (uniform corruption); exit rule = the same with the arm's exits at its last tau; "
+        "loss at full depth (uniform corruption); exit rule = the same with the arm's exits at its last tau or "
+        "capacity level; "
         "delta = arm - baseline held-out loss at the largest step / training minute both runs reached "
         "(interpolated between evaluations); min to target = training minutes until the arm's isotonic "
         "(non-increasing) held-out curve reaches the same seed's baseline's final smoothed loss (mean target "
