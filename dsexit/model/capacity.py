@@ -289,7 +289,8 @@ def _prefix_layer(layer: nn.Module, rows: PrefixRows, keys: int) -> torch.Tensor
         updated, _ = layer(rows.hidden, TokenRouting.all_positions(key_mask))
         return updated
     every_row = rows.all_slots(rows.hidden, lambda left: left.hidden)
-    return layer.at_prefix(every_row, running, key_mask).view(batch, running, width)
+    _, updated = layer(every_row, TokenRouting.all_positions(key_mask), prefix=running)
+    return updated.view(batch, running, width)
 
 
 def _capacity_head(

@@ -158,12 +158,12 @@ def test_random_routing_keeps_the_same_capacities_and_draws_other_rows():
     assert not torch.equal(by_confidence.exit_layer, at_random.exit_layer)  # not the same tokens
 
 
-@pytest.mark.parametrize("exit_kv", ["keep", "drop"])
-def test_the_flop_counter_counts_the_rows_the_matmuls_saw(exit_kv):
+@pytest.mark.parametrize("exit_kv, exit_head", [("keep", "dense"), ("drop", "dense"), ("keep", "linear")])
+def test_the_flop_counter_counts_the_rows_the_matmuls_saw(exit_kv, exit_head):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = _model(exit_kv)
+    model = _model(exit_kv, exit_head=exit_head)
     input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True, seed=6)
     with FlopCounterMode(display=False) as counted, sdpa_kernel(SDPBackend.MATH):
         output = model(input_ids, attention_mask, token_type_ids, exit_capacity=7)
@@ -222,3 +222,24 @@ def test_heads_at_the_prior_force_their_exits_below_the_floor_under_prior_margin
     reaching, confident = output.floor_counts
     assert float(reaching[0]) == int((~_specials(input_ids)).sum())  # every exitable token reaches the first head
     assert float(confident[0]) == confident_share * float(reaching[0])
+
+
+@pytest.mark.parametrize("exit_supervision", [1.0, 0.25])
+def test_every_layer_and_head_runs_on_every_step_even_at_the_lowest_level(exit_supervision):
+    """ZeRO-3 gathers each module's parameters around its call: every rank must call the same modules."""
+    model = _model(exit_supervision=exit_supervision).train()
+    calls: dict[str, int] = {}
+    modules = {
+        **{f"layer {n}": layer for n, layer in enumerate(model.discriminator.electra.encoder.layer, 1)},
+        **{f"head {n}": head for n, head in model.discriminator.exit_heads.items()},
+        "final head": model.discriminator.discriminator_predictions,
+    }
+    for name, module in modules.items():
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True, seed=7)
+    output = model(input_ids, attention_mask, token_type_ids, exit_capacity=1)
+    output.loss.backward()
+    assert calls == {name: 1 for name in modules}
+    assert torch.isfinite(output.loss)
+    for head in model.discriminator.exit_heads.values():
+        assert head.dense_prediction.weight.grad.abs().sum() > 0  # every head trained on the rows it saw
