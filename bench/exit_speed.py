@@ -1,9 +1,12 @@
 """Does early exit really save time? And how fast is full depth against Hugging Face?
 
 electra-small, 128-token rows, one training step (forward, backward, AdamW) per timing.
-Exits are forced (an exit plan, not confidence) for 0, 25, 50 and 75% of the tokens after
+Exits are forced (not steered by a controller) for 0, 25, 50 and 75% of the tokens after
 the middle layer; the measured speedup over 0% is set against the ideal speedup from the
-FLOP counter. The same run times Hugging Face's ELECTRA (ElectraForMaskedLM generator +
+FLOP counter. `--routing plan` (the default) forces them with a per-token exit plan, routed as
+threshold routing routes (gathers by the active mask); `--routing capacity` keeps that share of
+each sequence running after the middle layer's head (capacity routing: the least confident rows
+continue, static shapes). The same run times Hugging Face's ELECTRA (ElectraForMaskedLM generator +
 ElectraForPreTraining discriminator of the same sizes, shared embeddings) two ways:
 
 - "hf as-is": as its docs and examples compose it. The generator's 30,522-way vocabulary
@@ -21,7 +24,7 @@ as the eager trainer does (`setup_process`: on a CPU, glibc's malloc tuned or tc
 for, and the CPU kernels; docs/cpu.md), every configuration alike.
 
     python bench/exit_speed.py [--repeats 5] [--batch 32] [--device cpu|cuda] [--precision both|fp32|bf16]
-        [--out bench/results/exit_speed.json]
+        [--routing plan|capacity] [--out bench/results/exit_speed.json]
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from dsexit.model.hf import hf_config
 from dsexit.train.distributed import setup_process
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
+ROUTINGS = ("plan", "capacity")
 DTYPES = ("fp32", "bf16")
 
 
@@ -79,6 +83,7 @@ class OursStep:
         dtype: str,
         device: torch.device,
         compiled: bool = False,
+        routing: str = "plan",
     ):
         torch.manual_seed(0)
         self.model = ElectraPreTrainingModel(config).to(device)
@@ -87,6 +92,9 @@ class OursStep:
         middle = config.num_hidden_layers // 2
         exits = torch.rand(batch[0].shape, generator=torch.Generator().manual_seed(1)) < exit_fraction
         self.plan = torch.where(exits, middle, config.num_hidden_layers + 1).to(device)
+        # Capacity routing: that share of each sequence leaves at the middle head (none: the dense model).
+        self.capacity = {middle: 1.0 - exit_fraction} if routing == "capacity" and exit_fraction > 0 else None
+        self.routing = routing if exit_fraction > 0 else "none"
         self.flops = None
         self.compiled = compiled
         if compiled:  # full depth: each encoder layer a compiled graph (compile time is in the warm-up)
@@ -95,7 +103,10 @@ class OursStep:
 
     def __call__(self) -> None:
         with autocast(self.device, self.dtype):
-            output = self.model(*self.batch, exit_plan=None if self.compiled else self.plan)
+            if self.capacity is not None:
+                output = self.model(*self.batch, exit_capacity=self.capacity)
+            else:
+                output = self.model(*self.batch, exit_plan=None if self.compiled else self.plan)
         output.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,6 +227,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--precision", choices=("both", *DTYPES), default="both", help="the precisions timed (default: both)"
     )
+    parser.add_argument(
+        "--routing", choices=ROUTINGS, default="plan", help="how the forced exits route (default: plan)"
+    )
     parser.add_argument("--out", default="bench/results/exit_speed.json")
     return parser.parse_args(argv)
 
@@ -234,7 +248,9 @@ def main(argv=None) -> None:
     dtypes = DTYPES if args.precision == "both" else (args.precision,)
     for dtype in dtypes:
         for fraction in fractions:
-            steps[f"ours {dtype} exit={fraction:.2f}"] = OursStep(config, batch, fraction, dtype, device)
+            steps[f"ours {dtype} exit={fraction:.2f}"] = OursStep(
+                config, batch, fraction, dtype, device, routing=args.routing
+            )
         steps[f"hf same-work {dtype}"] = HFStep(config, batch, dtype, device, same_work=True)
         if not args.full_depth_only:
             steps[f"hf as-is {dtype}"] = HFStep(config, batch, dtype, device, same_work=False)
@@ -268,14 +284,20 @@ def main(argv=None) -> None:
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     peaks = matmul_peaks(device, peak_size)
     results = summarize(steps, seconds, peaks, tokens, device, dtypes)
-    results.update(preset=args.preset, batch=batch_size, seq_len=args.seq_len, peak_matmul_size=peak_size)
+    results.update(
+        preset=args.preset, batch=batch_size, seq_len=args.seq_len, peak_matmul_size=peak_size, routing=args.routing
+    )
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     headline = ["full_depth_vs_hf_same_work", "efficiency_at_50", "peak_share_bf16"]
     headline += ["full_depth_vs_hf_same_work_bf16", "full_depth_vs_hf_as_is", "peak_share_fp32"]
-    print("RESULT exit_speed " + " ".join(f"{key}={results[key]:.3f}" for key in headline if key in results))
+    print(
+        "RESULT exit_speed "
+        + " ".join(f"{key}={results[key]:.3f}" for key in headline if key in results)
+        + f" routing={args.routing}"
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -306,6 +328,7 @@ def summarize(
             flops = steps[name].flops
             measured = full / seconds[name]
             configs[name] = dict(
+                routing=steps[name].routing,
                 tokens_per_s=tokens / seconds[name],
                 seconds_per_step=seconds[name],
                 speedup=measured,
@@ -359,24 +382,26 @@ def summarize(
 
 def print_table(results: dict) -> None:
     print(
-        f"\n{results['device']}; batch {results['batch']} x {results['seq_len']}; "
+        f"\n{results['device']}; batch {results['batch']} x {results['seq_len']}; exits routed by "
+        f"{results.get('routing', 'plan')}; "
         f"matmul peak bf16 {results['peak_flops_per_s']['bf16'] / 1e12:.2f} TFLOP/s, "
         f"fp32 {results['peak_flops_per_s']['fp32'] / 1e12:.2f} TFLOP/s ({results['peak_matmul_size']}^3)"
     )
     print(
-        f"{'configuration':<22}{'tokens/s':>11}{'speedup':>9}{'ideal':>7}{'meas/ideal':>11}"
+        f"{'configuration':<22}{'routing':>9}{'tokens/s':>11}{'speedup':>9}{'ideal':>7}{'meas/ideal':>11}"
         f"{'TFLOP/s':>9}{'of peak':>9}{'ours faster':>12}"
     )
     for name, row in results["configs"].items():
         if name.startswith("ours"):
             print(
-                f"{name:<22}{row['tokens_per_s']:>11.0f}{row['speedup']:>9.2f}{row['ideal_speedup']:>7.2f}"
-                f"{row['efficiency']:>11.3f}{row['model_flops_per_s'] / 1e12:>9.3f}{row['peak_share']:>9.3f}"
+                f"{name:<22}{row.get('routing', '-'):>9}{row['tokens_per_s']:>11.0f}{row['speedup']:>9.2f}"
+                f"{row['ideal_speedup']:>7.2f}{row['efficiency']:>11.3f}"
+                f"{row['model_flops_per_s'] / 1e12:>9.3f}{row['peak_share']:>9.3f}"
                 f"{'-':>12}"
             )
         else:
             print(
-                f"{name:<22}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
+                f"{name:<22}{'-':>9}{row['tokens_per_s']:>11.0f}{'-':>9}{'-':>7}{'-':>11}{'-':>9}{'-':>9}"
                 f"{row['ours_full_depth_speedup']:>12.3f}"
             )
     if "ours bf16-params exit=0.00" in results["configs"]:

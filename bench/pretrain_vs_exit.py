@@ -12,6 +12,11 @@ pre-training seeds per arm:
     exit-0.75-linear, exit-0.50-linear   the same with linear exit heads (`--exit-head linear`, H->1)
     exit-0.75-linear-drop, exit-0.50-linear-drop   linear heads, and exited tokens leave later
                     layers' keys and values (`--exit-kv drop`); -k2-drop: heads every 2nd layer too
+    capacity-0.75, capacity-0.50   capacity routing (`--exit-routing capacity`): a fixed number of
+                    rows per sequence continue after each head, the least confident; the level
+                    steered toward the target (the exit-* arms route by threshold)
+    random-0.75, random-0.50   the same capacities, the continuing rows drawn at random (DeepSpeed
+                    random-LTD's rule): whether the heads' confidence beats chance
     generator-free  no exit, uniform replacements (only where the other arms use an MLM generator)
 
 Quality is the trainer's held-out evaluation (`dsexit.train.heldout`): RTD loss on validation
@@ -115,6 +120,15 @@ ARMS = [
         "exit-0.50-linear",
         ["--exit", "--target-compute", "0.5", "--exit-criterion", "prior_margin", "--exit-head", "linear"],
         True,
+    ),
+    *(
+        Arm(
+            f"{routing}-{target}",
+            ["--exit", "--target-compute", target, "--exit-criterion", "prior_margin", "--exit-routing", routing],
+            True,
+        )
+        for routing in ("capacity", "random")
+        for target in ("0.75", "0.50")
     ),
     *(
         Arm(
@@ -234,6 +248,7 @@ DRY_RUN = dict(
     exit_warmup_share=None,
     eval_interval=10,
     eval_samples=16,
+    capacity_interval=2,
     threads=1,
     finetune=dict(epochs=1, batch_size=16, max_seq_len=32, max_train_examples=64, max_eval_examples=64),
     finetune_seeds=2,
@@ -285,6 +300,8 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
     flags = list(run.arm.flags)
     if "--generator" not in flags:
         flags += ["--generator", generator]
+    if run.arm.early_exit and "--exit-routing" not in flags:
+        flags += ["--exit-routing", "threshold"]  # the exit-* arms, whatever the trainer's default
     return [
         sys.executable,
         str(REPO / "launch" / "pretrain.py"),
@@ -314,6 +331,8 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         str(scale["eval_interval"]),
         "--eval-samples",
         str(scale["eval_samples"]),
+        "--capacity-interval",  # capacity and random arms: steps between changes of the level
+        str(scale.get("capacity_interval", 20)),
         "--log-interval",
         # no rarer than the evaluations: a short run (a dry run on a busy machine) still writes the
         # training records its exit count is read from
@@ -452,7 +471,12 @@ def summarize_run(run: Run) -> dict:
     train = read_metrics(str(run.run_dir))
     if not evals:
         raise SystemExit(f"pretrain_vs_exit: {run.run_dir} has no held-out evaluation records")
-    warm = [record for record in train if record.get("exit_threshold") is not None]  # exits allowed
+    # exits allowed: a threshold or a capacity level
+    warm = [
+        record
+        for record in train
+        if record.get("exit_threshold") is not None or record.get("capacity_level") is not None
+    ]
     steps = sum(record["steps"] for record in warm)
     histogram = [sum(column) for column in zip(*(record["exit_layer_counts"] for record in (warm or train[-1:])))]
     final = evals[-1]
@@ -472,7 +496,15 @@ def summarize_run(run: Run) -> dict:
         "steps_with_exits": on,
         "steps_run": steps_run,
         # share of the log intervals after exit warmup whose tau sat at the controller's floor
-        "tau_at_floor_share": (sum(bool(record.get("tau_at_floor")) for record in warm) / len(warm)) if warm else 0.0,
+        "tau_at_floor_share": (
+            sum(bool(record.get("tau_at_floor") or record.get("capacity_at_floor")) for record in warm) / len(warm)
+            if warm
+            else 0.0
+        ),
+        # capacity routing: share of exitable tokens forced out below the floor, after exit warmup
+        "forced_exit_share": (
+            sum(record.get("forced_exit_share", 0.0) * record["steps"] for record in warm) / steps if steps else 0.0
+        ),
         "exit_layer_histogram": histogram,
         "curve": [
             {
@@ -578,6 +610,7 @@ def compare(summaries: list[dict]) -> dict:
             "steps": _spread([float(run["final_step"]) for run in runs]),
             "budget_minutes": statistics.fmean(run["train_minutes"] for run in runs),
             "tau_at_floor_share": statistics.fmean(run.get("tau_at_floor_share", 0.0) for run in runs),
+            "forced_exit_share": statistics.fmean(run.get("forced_exit_share", 0.0) for run in runs),
         }
         row["exits_ran"] = row["early_exit"] and row["compute_fraction"] < EXITS_RAN_BELOW
         pairs = [
@@ -994,7 +1027,8 @@ def report(results: dict, out: Path) -> None:
     print(
         "Every arm against the baseline of the same seed (same initial weights and data order), mean over seeds "
         f"[95% Student-t interval; n/a below {MIN_SEEDS_FOR_INTERVAL} seeds]. held-out RTD = final held-out RTD "
-        "loss at full depth (uniform corruption); exit rule = the same with the arm's exits at its last tau; "
+        "loss at full depth (uniform corruption); exit rule = the same with the arm's exits at its last tau or "
+        "capacity level; "
         "delta = arm - baseline held-out loss at the largest step / training minute both runs reached "
         "(interpolated between evaluations); min to target = training minutes until the arm's isotonic "
         "(non-increasing) held-out curve reaches the same seed's baseline's final smoothed loss (mean target "
@@ -1013,7 +1047,8 @@ def report(results: dict, out: Path) -> None:
                 f"{'yes' if arm['delta_at_matched_minutes']['resolved'] else 'no'}, time saved "
                 f"{'yes' if arm['time_saved_pct']['resolved'] else 'no'}"
                 + (
-                    f"; tau at its floor in {100 * arm['tau_at_floor_share']:.0f}% of log intervals"
+                    f"; the floor held tau or capacity in {100 * arm['tau_at_floor_share']:.0f}% of log intervals"
+                    f"; forced out below the floor: {100 * arm.get('forced_exit_share', 0.0):.1f}% of tokens"
                     if arm["early_exit"]
                     else ""
                 )

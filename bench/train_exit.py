@@ -17,6 +17,12 @@ deep supervision on a 25% sample of the tokens), linear-drop and linear-k2-drop 
 `--exit-kv drop`: exited tokens leave the keys and values of later layers, whose cost then falls
 with the active tokens alone).
 
+Routings (`--routing`, the model's `exit_routing`; each exit arm runs once per routing named):
+threshold (the default: tau steered by the threshold controller) or capacity / random (a fixed
+number of rows per sequence continue after each head, the level steered by the capacity controller,
+`--capacity-interval` steps apart; its @1.00 arm runs the capacity path at full capacity). Arms of
+another routing than threshold are named VARIANT@TARGET:ROUTING.
+
 Every arm runs in a process of its own, as a training run does: `--settle` untimed steps (the
 controller reaches its target), then `--steps` timed ones. The arms' processes take turns, one at a
 time, and the whole turn repeats `--launches` times, so machine noise hits all alike; each arm's
@@ -47,10 +53,11 @@ would hand them a larger share of the step than training gives them. `--batch` (
 measure another shape.
 
     python bench/train_exit.py [--preset electra-small] [--batch 128] [--variants dense linear]
+        [--routing threshold capacity]
 
-Last line: RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X train_speedup_at_75=X
-(for the variant with the best speedup at 0.75, named in the same line; also its efficiency against
-the measured ideal).
+One RESULT line per routing: RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X
+train_speedup_at_75=X ... routing=NAME (for that routing's variant with the best speedup at 0.75,
+named in the same line; also its efficiency against the measured ideal).
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ VARIANTS = {
     "linear-k2-drop": {"exit_head": "linear", "exit_interval": 2, "exit_kv": "drop"},
 }
 TARGETS = (1.0, 0.75, 0.5)
+ROUTINGS = ("threshold", "capacity", "random")
 PER_STEP = ("seconds", "flops", "compute", "layer_seconds", "layer_flops")  # what a worker measures per timed step
 
 
@@ -86,6 +94,7 @@ class Arm:
     name: str
     overrides: dict
     target: float | None  # None: plain (no exits); 1.0: exits on, nothing exits
+    routing: str = "threshold"
     runner: object = None
     controller: object = None
     step: int = 0
@@ -117,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
+    parser.add_argument("--routing", nargs="+", default=["threshold"], choices=ROUTINGS, help="exit routings timed")
+    parser.add_argument(
+        "--capacity-interval", type=int, default=2, help="capacity routing: steps between changes of the level"
+    )
     parser.add_argument("--settle", type=int, default=10, help="untimed steps per arm process before timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per arm process")
     parser.add_argument("--launches", type=int, default=2, help="processes per arm, taking turns with the others")
@@ -214,17 +227,21 @@ def layer_training_flops(output, config) -> int:
 
 
 def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
-    from dsexit.model import ElectraExitConfig
-    from dsexit.model.exit_control import ExitController
+    from dsexit.model import ElectraExitConfig, exit_controller_for
     from dsexit.train.engine import build_engine, build_model
     from dsexit.train.step_runner import DataParallelSteps
 
-    config = ElectraExitConfig.from_preset(args.preset, exit_enabled=arm.target is not None, **arm.overrides)
+    config = ElectraExitConfig.from_preset(
+        args.preset, exit_enabled=arm.target is not None, exit_routing=arm.routing, **arm.overrides
+    )
     engine = build_engine(build_model(config, seed=0), ds_config)
     data = batches(config, args.batch, args.seq_len, device)
     arm.runner = DataParallelSteps(engine, data, args.accumulation, device, lambda: 1e-4)
     target = arm.target if arm.target is not None and arm.target < 1.0 else None
-    arm.controller = ExitController(config, target_compute=target, controller_gain=args.gain, warmup_steps=0)
+    # No floor: untrained heads are steered to the target compute.
+    arm.controller = exit_controller_for(
+        config, target_compute=target, controller_gain=args.gain, capacity_interval=args.capacity_interval
+    )
     arm.config = config
     arm.clock = LayerClock(engine)
 
@@ -240,20 +257,24 @@ def _recording(add, outputs: list):
 
 
 def run_steps(arm: Arm, count: int, timed: bool) -> None:
+    from dsexit.model.capacity import LEVELS
     from dsexit.train.step_stats import StepStats
 
     for _ in range(count):
         threshold = arm.controller.threshold(arm.step) if arm.target not in (None, 1.0) else None
+        capacity = None
+        if arm.routing != "threshold" and arm.target is not None:
+            capacity = LEVELS if arm.target == 1.0 else arm.controller.capacity(arm.step)
         stats = StepStats(arm.config.num_hidden_layers)
         outputs = []
         stats.add = _recording(stats.add, outputs)
         arm.clock.take()
         started = time.perf_counter()
-        arm.runner.run(threshold, None, stats)
+        arm.runner.run(threshold, None, stats, exit_capacity=capacity)
         summary = stats.reduce(preempted=False, time_limit=False)
         elapsed = time.perf_counter() - started
         layer_seconds = arm.clock.take()
-        arm.controller.update(summary.compute_fraction, arm.step)
+        arm.controller.update(summary.compute_fraction, arm.step, floor_counts=summary.floor_counts)
         arm.step += 1
         if timed:
             arm.seconds.append(elapsed)
@@ -263,12 +284,17 @@ def run_steps(arm: Arm, count: int, timed: bool) -> None:
             arm.layer_flops.append(sum(layer_training_flops(output, arm.config) for output in outputs))
 
 
+def arm_name(variant: str, target: float, routing: str) -> str:
+    return f"{variant}@{target:.2f}" + ("" if routing == "threshold" else f":{routing}")
+
+
 def arm_named(name: str) -> Arm:
-    """ "plain" or "VARIANT@TARGET"."""
+    """ "plain" or "VARIANT@TARGET", or "VARIANT@TARGET:ROUTING" for another routing than threshold."""
     if name == "plain":
         return Arm("plain", {}, None)
-    variant, target = name.split("@")
-    return Arm(name, VARIANTS[variant], float(target))
+    variant, target_and_routing = name.split("@")
+    target, _, routing = target_and_routing.partition(":")
+    return Arm(name, VARIANTS[variant], float(target), routing or "threshold")
 
 
 def run_worker(args) -> None:
@@ -322,7 +348,17 @@ def launch_arm(args, name: str, result_file: Path, precision: str) -> dict:
     # This process's own world (if any) is not the worker's.
     env = {key: value for key, value in os.environ.items() if key not in _WORLD_VARS}
     command = [sys.executable, __file__, "--worker", name, str(result_file), "--precision", precision]
-    for option in ("preset", "batch", "accumulation", "seq_len", "settle", "steps", "gain", "deepspeed"):
+    for option in (
+        "preset",
+        "batch",
+        "accumulation",
+        "seq_len",
+        "settle",
+        "steps",
+        "gain",
+        "deepspeed",
+        "capacity_interval",
+    ):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(result_file.read_text())
@@ -342,8 +378,9 @@ def main(argv=None) -> int:
     precision = "bf16" if resolved_ds_config(args)["bf16"]["enabled"] else "fp32"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arms = [Arm("plain", {}, None)]
-    for variant in args.variants:
-        arms += [Arm(f"{variant}@{target:.2f}", VARIANTS[variant], target) for target in TARGETS]
+    for routing in args.routing:
+        for variant in args.variants:
+            arms += [Arm(arm_name(variant, target, routing), VARIANTS[variant], target, routing) for target in TARGETS]
     print(
         f"train_exit: {len(arms)} arms, {args.preset}, {shape(args.batch, args.accumulation, args.seq_len)}, "
         f"{precision}; each arm "
@@ -374,17 +411,19 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-    best = results["best_variant"]
     other = "fp32" if precision == "bf16" else "bf16"
-    row75, row50 = results["arms"][f"{best}@0.75"], results["arms"][f"{best}@0.50"]
-    print(
-        f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
-        f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
-        f"train_speedup_at_50={row50['speedup']:.3f} variant={best} peak_share_{precision}={results['peak_share']:.3f} "
-        f"peak_share_{other}={results['peak_shares'][other]:.3f} "
-        f"measured_efficiency_at_75={row75['measured_efficiency']:.3f} "
-        f"measured_efficiency_at_50={row50['measured_efficiency']:.3f} host_allocator={results['host_allocator']}"
-    )
+    for routing, best in results["best_by_routing"].items():
+        row75 = results["arms"][arm_name(best, 0.75, routing)]
+        row50 = results["arms"][arm_name(best, 0.5, routing)]
+        print(
+            f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
+            f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
+            f"train_speedup_at_50={row50['speedup']:.3f} variant={best} routing={routing} "
+            f"peak_share_{precision}={results['peak_share']:.3f} "
+            f"peak_share_{other}={results['peak_shares'][other]:.3f} "
+            f"measured_efficiency_at_75={row75['measured_efficiency']:.3f} "
+            f"measured_efficiency_at_50={row50['measured_efficiency']:.3f} host_allocator={results['host_allocator']}"
+        )
     return 0
 
 
@@ -406,6 +445,7 @@ def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) ->
         measured_ideal = plain_seconds / (plain_rest_seconds + layers_at_plain_rate)
         rows[arm.name] = dict(
             target=arm.target,
+            routing=arm.routing if arm.target is not None else None,
             seconds_per_step=seconds,
             compute_fraction=statistics.mean(arm.compute),
             training_flops=flops,
@@ -424,8 +464,10 @@ def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) ->
             peak_rss_bytes=arm.peak_rss_bytes,
             overrides=arm.overrides,
         )
-    variants = sorted({name.split("@")[0] for name in rows if "@" in name})
-    best = max(variants, key=lambda variant: rows[f"{variant}@0.75"]["speedup"])
+    best_by_routing = {}
+    for routing in dict.fromkeys(arm.routing for arm in arms if arm.target is not None):
+        variants = sorted({name.split("@")[0] for name, row in rows.items() if row["routing"] == routing})
+        best_by_routing[routing] = max(variants, key=lambda variant: rows[arm_name(variant, 0.75, routing)]["speedup"])
     return {
         "preset": args.preset,
         "batch": args.batch,
@@ -443,7 +485,8 @@ def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) ->
         "plain_layer_share_of_time": plain_layer_seconds / plain_seconds,
         "plain_layer_share_of_flops": plain_layer_flops / plain_flops,
         "arms": rows,
-        "best_variant": best,
+        "best_variant": next(iter(best_by_routing.values())),
+        "best_by_routing": best_by_routing,
         "launches": args.launches,
         "timed_steps_per_launch": args.steps,
         "settle_steps": args.settle,
@@ -468,12 +511,12 @@ def print_table(results: dict) -> None:
         f"of it (matmul peaks, GFLOP/s: {peaks_text})"
     )
     print(
-        f"{'arm':<20}{'compute':>8}{'s/step':>8}{'layers s':>9}{'speedup':>8}{'ideal':>7}{'efficiency':>11}"
-        f"{'measured ideal':>15}{'efficiency':>11}{'layers eff.':>12}"
+        f"{'arm':<26}{'routing':>10}{'compute':>8}{'s/step':>8}{'layers s':>9}{'speedup':>8}{'ideal':>7}"
+        f"{'efficiency':>11}{'measured ideal':>15}{'efficiency':>11}{'layers eff.':>12}"
     )
     for name, row in results["arms"].items():
         print(
-            f"{name:<20}{row['compute_fraction']:>8.3f}{row['seconds_per_step']:>8.3f}"
+            f"{name:<26}{row['routing'] or '-':>10}{row['compute_fraction']:>8.3f}{row['seconds_per_step']:>8.3f}"
             f"{row['layer_seconds_per_step']:>9.3f}{row['speedup']:>8.3f}{row['ideal_speedup']:>7.3f}"
             f"{row['efficiency']:>11.3f}{row['measured_ideal_speedup']:>15.3f}{row['measured_efficiency']:>11.3f}"
             f"{row['layer_efficiency']:>12.3f}"

@@ -18,6 +18,7 @@ GENERATOR_MODES = ("mlm", "uniform", "unigram")
 HEAD_BIAS_INITS = ("prior", "zero")
 EXIT_KV_MODES = ("keep", "drop")
 EXIT_HEADS = ("dense", "linear")
+EXIT_ROUTINGS = ("threshold", "capacity", "random")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 EXIT_CRITERIA = tuple(EXIT_RULES)
 CHOICES = {
@@ -27,6 +28,7 @@ CHOICES = {
     "exit_criterion": EXIT_CRITERIA,
     "exit_kv": EXIT_KV_MODES,
     "exit_head": EXIT_HEADS,
+    "exit_routing": EXIT_ROUTINGS,
 }
 """Fields that take one of a few names (validated here; the command line offers them as choices)."""
 DATASET_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
@@ -124,6 +126,14 @@ class ElectraExitConfig:
     counted in the compute fraction (neither executed nor full), which measures only exitable tokens."""
     exit_kv: str = "keep"
     """Exited tokens stay visible as keys and values ("keep") or leave the sequence ("drop")."""
+    exit_routing: str = "threshold"
+    """How many tokens leave at each exit head. "threshold": every token whose confidence reaches tau
+    (the controller steers tau); each layer then has its own, data-dependent number of rows.
+    "capacity": a fixed number of rows per sequence continue after each head, the least confident
+    under the exit rule, and the rest leave; the capacities come from a schedule the controller steers
+    (`capacity.py`), rounded to sixteenths of the sequence, so shapes are static and the step compiles.
+    "random": the same capacities, the continuing rows drawn at random (DeepSpeed random-LTD's rule), a
+    control for whether the heads' confidence beats chance. Pipeline runs take threshold routing only."""
     exit_head: str = "dense"
     """Shape of the exit heads: "dense" = the discriminator head's (dense H->H, activation, dense
     H->1, as HF's ElectraDiscriminatorPredictions), "linear" = one dense H->1. A dense head on every

@@ -1,18 +1,20 @@
 """The ELECTRA discriminator with token-level early exit.
 
 After each layer that carries an exit head, every still-active token gets a replaced-token
-logit from that head. A token exits when the exit rule (`exit_rules/`, applied by
-`ExitDecision`) says so at this step's tau: its RTD
-logit is the head's, and its hidden state is frozen and carried to the output. Pinned
-tokens ([CLS], [SEP] by default) never exit on their own confidence: they leave with their
-sequence's last exitable token (`pinned_leaving`), so a sequence whose tokens all exited has
-no active token left, and a pipeline stage can skip a micro-batch of such sequences. Later
-layers compute new states only for active tokens (see `TokenRouting`). Every layer and
-head is called on every forward, with zero rows if need be, so that ZeRO-3's parameter
-gathering sees the same module sequence on every rank.
+logit from that head, and the routing decides which tokens exit: threshold routing
+(`threshold.py`) lets a token go when its confidence under the exit rule (`exit_rules/`)
+reaches this step's tau; capacity routing (`capacity.py`) keeps a fixed number of the least
+confident rows per sequence and lets the others go. An exited token's RTD logit is the head's,
+and its hidden state is frozen and carried to the output. Later layers compute new states only
+for the tokens still running. Pinned tokens ([CLS], [SEP] by default) never exit on their own
+confidence: under a threshold they leave with their sequence's last exitable token
+(`pinned_leaving`), so a sequence whose tokens all exited has no active token left, and a
+pipeline stage can skip a micro-batch of such sequences; under a capacity they continue first.
+Every layer and head is called on every forward, with zero rows if need be, so that ZeRO-3's
+parameter gathering sees the same module sequence on every rank.
 
-The forward pass is split into `embed`, `run_layer` and `finish` over an `ExitState`, so
-a pipeline stage can run any contiguous range of layers on the same state.
+The forward pass is split into `embed` and `run_layer` over an `ExitState`, so a pipeline stage
+can run any contiguous range of layers on the same state.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .capacity import CapacitySchedule, PrefixRows, run_capacity_layer
 from .config import ElectraExitConfig
 from .exit_rules import Confidence, ExitRule, build_exit_rule
 from .flops import LayerWork
@@ -32,9 +34,9 @@ from .layers import (
     ElectraEmbeddings,
     ElectraEncoder,
     EncoderShape,
-    TokenRouting,
     build_exit_head,
 )
+from .threshold import pinned_leaving, run_threshold_layer
 
 
 @dataclass
@@ -73,6 +75,11 @@ class ExitState:
     deferred: list[RowStates] = field(default_factory=list)  # exited tokens' final states, not yet written
     carried: RowStates | None = None  # the newest states of the tokens active when it was set
     carried_for: torch.Tensor | None = None  # the `active` mask `carried` holds the rows of
+    prefix: PrefixRows | None = None  # capacity routing: every row in slot order, from the first exit head on
+    forced_exits: torch.Tensor | int = 0  # capacity routing: exitable tokens that left below the floor
+    # capacity routing, per exit layer: (exitable tokens reaching its head below the floor so far, those
+    # of them at or above it there)
+    floor_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -94,6 +101,7 @@ class ExitState:
             logits=hidden.new_zeros(shape, dtype=torch.float32),
             exit_layer=torch.zeros(shape, dtype=torch.long, device=hidden.device),
             aux_loss=hidden.new_zeros((), dtype=torch.float32),
+            forced_exits=torch.zeros((), dtype=torch.long, device=hidden.device),
             exitable=real.clone() if exitable is None else exitable.bool() & real,
             labels=labels,
             padding_mask=padding_mask,
@@ -103,6 +111,8 @@ class ExitState:
     @property
     def hidden(self) -> torch.Tensor:
         """[B, T, H]: every token's newest state (exited tokens' frozen at their exit)."""
+        if self.prefix is not None:
+            return self.prefix.sequence_hidden
         updates = self.deferred + ([self.carried] if self.carried is not None else [])
         if updates:
             batch, seq_len, width = self.stored_hidden.shape
@@ -116,6 +126,13 @@ class ExitState:
     @hidden.setter
     def hidden(self, value: torch.Tensor) -> None:
         self.stored_hidden, self.deferred, self.carried, self.carried_for = value, [], None, None
+
+    def floor_counts_by_layer(self, num_layers: int) -> torch.Tensor:
+        """float [2, num_layers]: `floor_counts` at index layer - 1 (zero where no count was taken)."""
+        counts = torch.zeros(2, num_layers, device=self.attention_mask.device)
+        for number, (reaching, confident) in self.floor_counts.items():
+            counts[:, number - 1] = torch.stack([reaching, confident]).float()
+        return counts
 
     def carry(self, index: torch.Tensor, states: torch.Tensor) -> None:
         """Hold `states` as the newest states of the active tokens (flat positions `index`)."""
@@ -161,26 +178,46 @@ def exitable_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, confi
 
 @dataclass
 class ExitDecision:
-    """How tokens leave: a threshold under an exit rule (`exit_rules/`), or a forced per-token exit layer.
+    """How tokens leave: a threshold under an exit rule (`exit_rules/`), a capacity schedule (`capacity.py`),
+    or a forced per-token exit layer.
 
     A forced plan is absolute (pinned tokens follow it too: benchmarks use it to fix the
     work); a threshold applies to exitable tokens, and pinned tokens leave with their
-    sequence's last exitable token (`pinned_leaving`).
+    sequence's last exitable token (`pinned_leaving`); under a capacity schedule pinned tokens
+    continue before any exitable one. `min_confidence` is the floor capacity routing measures
+    its exits against (`ExitState.forced_exits`); it decides nothing.
     """
 
     threshold: float | None = None
     plan: torch.Tensor | None = None  # long [B, T]: exit after this layer (>= num layers: never)
     rule: ExitRule = field(default_factory=Confidence)  # `for_config` takes the model's rule
+    capacity: CapacitySchedule | None = None
+    random: bool = False  # capacity routing draws the continuing rows at random (`exit_routing="random"`)
+    min_confidence: float = 0.0
 
     @classmethod
     def for_config(
-        cls, config: ElectraExitConfig, threshold: float | None = None, plan: torch.Tensor | None = None
+        cls,
+        config: ElectraExitConfig,
+        threshold: float | None = None,
+        plan: torch.Tensor | None = None,
+        capacity: CapacitySchedule | None = None,
+        min_confidence: float = 0.0,
     ) -> "ExitDecision":
-        return cls(threshold=threshold, plan=plan, rule=build_exit_rule(config))
+        if sum(choice is not None for choice in (threshold, plan, capacity)) > 1:
+            raise ValueError("an exit decision takes one of a threshold, an exit plan or a capacity schedule.")
+        return cls(
+            threshold=threshold,
+            plan=plan,
+            rule=build_exit_rule(config),
+            capacity=capacity,
+            random=config.exit_routing == "random",
+            min_confidence=min_confidence,
+        )
 
     @property
     def may_exit(self) -> bool:
-        return self.plan is not None or self.threshold is not None
+        return self.plan is not None or self.threshold is not None or self.capacity is not None
 
     def exits(
         self, layer_number: int, head_logits: torch.Tensor, rows: torch.Tensor, exitable: torch.Tensor
@@ -190,22 +227,8 @@ class ExitDecision:
         if self.threshold is None:
             return torch.zeros_like(head_logits, dtype=torch.bool)
         exitable_rows = exitable.reshape(-1).index_select(0, rows)
-        exits = self.rule.exits(head_logits, layer_number, self.threshold) & exitable_rows
+        exits = (self.rule.confidence(head_logits, layer_number) >= self.threshold) & exitable_rows
         return exits | pinned_leaving(exits, rows, exitable_rows, exitable.shape)
-
-
-def pinned_leaving(
-    exits: torch.Tensor, rows: torch.Tensor, exitable_rows: torch.Tensor, shape: torch.Size
-) -> torch.Tensor:
-    """Bool over the active `rows` (flat positions b*T+t in a [B, T] `shape`): the pinned tokens whose
-    sequence has no exitable token still active once `exits` leave. They go with it, the head's logit
-    as their RTD output like any exited token's; were they to stay, a sequence would always keep an
-    active token and a pipeline stage could never skip a fully exited micro-batch. No host read."""
-    batch, seq_len = shape
-    sequence = torch.div(rows, seq_len, rounding_mode="floor")
-    exitable_staying = torch.zeros(batch, dtype=torch.long, device=rows.device)
-    exitable_staying.index_add_(0, sequence, (exitable_rows & ~exits).long())
-    return ~exitable_rows & (exitable_staying.index_select(0, sequence) == 0)
 
 
 class ElectraBody(nn.Module):
@@ -307,127 +330,6 @@ def run_exit_layer(
 
     A free function so that a pipeline stage holding only some layers can run them.
     """
-    dense = state.dense
-    if dense:
-        routing = TokenRouting.all_positions(state.padding_mask)
-    else:
-        routing = TokenRouting.active_tokens(
-            state.active, state.padding_mask, drop_exited_keys=config.exit_kv == "drop"
-        )
-    batch, seq_len = state.active.shape
-    # Dense before any exit: every exitable token, counted on the device (read once per log line).
-    token_layers = state.exitable.sum() if not state.exits_possible else int((state.active & state.exitable).sum())
-    if routing.drop_exited_keys:
-        # Keys and values are the active rows alone: the new rows go straight to the next layer.
-        _, computed = layer(state.stored_hidden, routing, rows=state.active_rows(routing.row_index))
-        state.carry(routing.row_index, computed)
-    else:
-        state.hidden, computed = layer(state.hidden, routing)
-    positions = batch * seq_len
-    work = LayerWork(
-        token_layers=token_layers,
-        rows=positions if dense else routing.rows,
-        key_value_rows=positions if dense or not routing.drop_exited_keys else routing.rows,
-        query_slots=positions if dense else batch * routing.slots,
-        key_length=seq_len if dense or not routing.drop_exited_keys else routing.slots,
-    )
-    if layer_number == config.num_hidden_layers:
-        work.head_rows = _final_head(head, state, dense, config.num_hidden_layers, computed)
-    elif head is not None:
-        work.head_kind = config.exit_head
-        work.head_rows, work.head_graph_rows, work.head_rows_rerun = _exit_head(
-            head, layer_number, state, decision, computed, config.exit_supervision
-        )
-    state.work.append(work)
-    return state
-
-
-def _active_rows(state: ExitState, computed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices of the active tokens, their hidden rows). The layer just computed `computed`: every
-    position when dense, else exactly the active tokens in index order; only a dense layer over padding
-    leaves rows to pick (every other time no gather, and no full-size scatter in its backward)."""
-    rows = state.active.reshape(-1).nonzero().squeeze(1)
-    return rows, computed if computed.shape[0] == rows.numel() else computed.index_select(0, rows)
-
-
-def _exit_head(
-    head: nn.Module,
-    layer_number: int,
-    state: ExitState,
-    decision: ExitDecision,
-    computed: torch.Tensor,
-    supervision: float = 1.0,
-) -> tuple[int, int, int]:
-    """Run `head` on the active tokens; returns (rows, rows run with autograd, rows run twice)."""
-    if decision.may_exit:
-        state.exits_possible = True
-    elif state.dense and not (state.labels is not None and supervision < 1.0 and torch.is_grad_enabled()):
-        return _dense_exit_head(head, state, computed)
-    rows, hidden_rows = _active_rows(state, computed)
-    sampled = state.labels is not None and supervision < 1.0 and torch.is_grad_enabled()
-    if sampled:
-        # Deep supervision on a sample: the head's forward on the other rows runs without
-        # autograd; rows that exit are re-run with it below (their logit is their RTD output).
-        with torch.no_grad():
-            head_logits = head(hidden_rows).float()
-        supervised = torch.rand(rows.shape, device=rows.device) < supervision
-    else:
-        head_logits = head(hidden_rows).float()
-    exits = decision.exits(layer_number, head_logits, rows, state.exitable)
-    graph_count, rerun = -1, 0
-    if sampled:
-        graph_rows = (supervised | exits).nonzero().squeeze(1)
-        graph_count = rerun = int(graph_rows.numel())
-        head_logits = head_logits.index_put((graph_rows,), head(hidden_rows.index_select(0, graph_rows)).float())
-    if state.labels is not None:
-        targets = state.labels.reshape(-1).index_select(0, rows)
-        if sampled:  # the head learns from the sampled tokens
-            picked = supervised.nonzero().squeeze(1)
-            head_loss = (
-                F.binary_cross_entropy_with_logits(head_logits.index_select(0, picked), targets.index_select(0, picked))
-                if picked.numel()
-                else head_logits.sum() * 0.0
-            )
-        else:  # deep supervision: the head learns from every token that reaches it
-            head_loss = F.binary_cross_entropy_with_logits(head_logits, targets) if rows.numel() else head_logits.sum()
-        state.aux_loss = state.aux_loss + head_loss
-    exiting_rows = rows[exits]
-    state.logits = state.logits.reshape(-1).index_put((exiting_rows,), head_logits[exits]).view_as(state.logits)
-    flat_exit_layer = state.exit_layer.reshape(-1).clone()
-    flat_exit_layer[exiting_rows] = layer_number
-    state.exit_layer = flat_exit_layer.view_as(state.exit_layer)
-    flat_active = state.active.reshape(-1).clone()
-    flat_active[exiting_rows] = False
-    if state.carries_active:
-        state.retire(exits, flat_active.view_as(state.active))
-    else:
-        state.active = flat_active.view_as(state.active)
-    return int(rows.numel()), graph_count, rerun
-
-
-def _dense_exit_head(head: nn.Module, state: ExitState, computed: torch.Tensor) -> tuple[int, int, int]:
-    """An exit head where no token can leave (exits off, or before the controller's warm-up ends):
-    every position, padding included, with deep supervision on the real tokens; static shapes."""
-    head_logits = head(computed).float()
-    if state.labels is not None:
-        real = state.attention_mask.reshape(-1).float()
-        per_token = F.binary_cross_entropy_with_logits(head_logits, state.labels.reshape(-1), reduction="none")
-        state.aux_loss = state.aux_loss + (per_token * real).sum() / real.sum().clamp(min=1.0)
-    return head_logits.shape[0], -1, 0
-
-
-def _final_head(head: nn.Module, state: ExitState, dense: bool, num_layers: int, computed: torch.Tensor) -> int:
-    if dense:
-        # Every position, padding included, exactly as ElectraForPreTraining. `where` rather
-        # than replacement keeps the incoming logits in the graph (a pipeline stage must
-        # return a gradient for every float tensor it received).
-        state.logits = torch.where(state.exit_layer == 0, head(state.hidden).float(), state.logits)
-        rows = state.attention_mask.numel()
-    else:
-        active_rows, hidden_rows = _active_rows(state, computed)
-        head_logits = head(hidden_rows).float()
-        state.logits = state.logits.reshape(-1).index_put((active_rows,), head_logits).view_as(state.logits)
-        rows = int(active_rows.numel())
-    state.exit_layer = torch.where(state.active, torch.full_like(state.exit_layer, num_layers), state.exit_layer)
-    state.active = torch.zeros_like(state.active)
-    return rows
+    if decision.capacity is not None and (state.prefix is not None or layer_number in decision.capacity.exit_layers):
+        return run_capacity_layer(layer, head, layer_number, config, state, decision)
+    return run_threshold_layer(layer, head, layer_number, config, state, decision)

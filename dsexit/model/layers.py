@@ -285,13 +285,23 @@ class ElectraLayer(nn.Module):
         self.output = ElectraOutput(shape, config)
 
     def forward(
-        self, hidden: torch.Tensor, routing: TokenRouting, rows: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        routing: TokenRouting,
+        rows: torch.Tensor | None = None,
+        prefix: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the new [B, T, H] states, the rows computed: [B*T, H] when dense, else [N, H] in `row_index`
         order), so that a head reading those rows need not gather them again. (HF's layer returns a
         tuple too.) A caller that holds the routed rows' current states passes them as `rows`: the new
         ones are then not written into `hidden` (None in their place), and `hidden` is read only for
-        keys and values that exited tokens keep (`exit_kv="keep"`)."""
+        keys and values that exited tokens keep (`exit_kv="keep"`).
+
+        `prefix` (capacity routing under `exit_kv="keep"`): only each sequence's first `prefix` rows are
+        computed, [B*prefix, H], their queries attending to every row of `hidden` (the rows that left
+        follow the running ones with their frozen states); None in place of the new states."""
+        if prefix is not None:
+            return None, self._queries_of(hidden, hidden[:, :prefix], routing.key_mask)
         batch, seq_len, hidden_size = hidden.shape
         flat = hidden.reshape(batch * seq_len, hidden_size)
         holding = rows is not None
@@ -313,10 +323,13 @@ class ElectraLayer(nn.Module):
         """The new states [B*S, H] of the positions `positions` (long [B, S]) only: their queries attend
         to every position's keys and values. A fixed [B, S] layout, whatever the positions are (the
         generator's last layer computes the masked slots this way)."""
-        width = hidden.shape[-1]
-        selected = hidden.gather(1, positions[..., None].expand(-1, -1, width))
-        context = self.attention.self.queries_at(hidden, selected, _key_mask(attention_mask))
-        attended = self.attention.output(context, selected.reshape(-1, width))
+        selected = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._queries_of(hidden, selected, _key_mask(attention_mask))
+
+    def _queries_of(self, hidden: torch.Tensor, selected: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """New states [B*S, H] of `selected` ([B, S, H]), their queries attending to every row of `hidden`."""
+        context = self.attention.self.queries_at(hidden, selected, key_mask)
+        attended = self.attention.output(context, selected.reshape(-1, selected.shape[-1]))
         return self.output(self.intermediate(attended), attended)
 
 

@@ -11,12 +11,14 @@ torch's RNG state resumes the same masks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capacity import CapacitySchedule, capacity_schedule
 from .config import ElectraExitConfig
 from .discriminator import ElectraDiscriminator, ExitDecision, ExitState, exitable_tokens
 from .flops import ComputeLog, FlopReport, count_flops, mean_exit_layer
@@ -37,6 +39,8 @@ class PreTrainingOutput:
     exit_layer_counts: torch.Tensor  # [num_layers] long: real tokens whose last layer is l+1
     flops: FlopReport
     compute_log: ComputeLog
+    forced_exits: torch.Tensor | int = 0  # long: capacity routing: exitable tokens that left below `min_confidence`
+    floor_counts: torch.Tensor | None = None  # capacity routing: `ExitState.floor_counts_by_layer`
 
     @property
     def tokens_executed(self) -> int:
@@ -356,10 +360,16 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         exit_threshold: float | None = None,
         exit_plan: torch.Tensor | None = None,
         replacement_mix: float | None = None,
+        exit_capacity: int | Mapping[int, float] | CapacitySchedule | None = None,
+        min_confidence: float = 0.0,
     ) -> PreTrainingOutput:
         """`attention_mask` None: the batch has no padding (attention then runs unmasked; the trainer
         knows this from the batch on the host). Per-step values (`exit_threshold`, `replacement_mix`)
-        may be device tensors: one compiled graph serves every step."""
+        may be device tensors: one compiled graph serves every step.
+
+        `exit_capacity` routes by capacity instead of a threshold (`capacity.py`): the controller's level
+        (1-16), or the share of the sequence that continues after named exit layers; Python values, one
+        compiled graph per schedule. `min_confidence` is the floor its forced exits are counted against."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         exitable = exitable_tokens(input_ids, attention_mask, self.config)
@@ -372,7 +382,13 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
         corrupted, rtd_labels, generator_loss = self.corrupt(
             input_ids, attention_mask, token_type_ids, log, replacement_mix
         )
-        decision = ExitDecision.for_config(self.config, threshold=exit_threshold, plan=exit_plan)
+        decision = ExitDecision.for_config(
+            self.config,
+            threshold=exit_threshold,
+            plan=exit_plan,
+            capacity=None if exit_capacity is None else capacity_schedule(self.config, exit_capacity),
+            min_confidence=min_confidence,
+        )
         state = self.discriminator(
             corrupted, attention_mask, token_type_ids, labels=rtd_labels, decision=decision, exitable=exitable
         )
@@ -395,4 +411,6 @@ class ElectraPreTrainingModel(CorruptionMixin, nn.Module):
             exit_layer_counts=result.exit_layer_counts,
             flops=count_flops(log, self.config),
             compute_log=log,
+            forced_exits=state.forced_exits,
+            floor_counts=state.floor_counts_by_layer(self.config.num_hidden_layers),
         )

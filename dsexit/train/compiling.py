@@ -9,7 +9,10 @@ statistics copy what they read before the next replay (`StepStats.add`).
 
 `auto` compiles on CUDA and not on a CPU (there the CPU kernels of `dsexit.cpu`, which do not
 compile, run faster; docs/cpu.md). ZeRO-3 and the pipeline stay eager. Threshold exits route tokens by
-reading the device, so once exits start the forward falls back to eager (one log line).
+reading the device, so once exits start the forward falls back to eager (one log line). Capacity
+routing keeps static shapes and stays compiled: one graph per capacity level the run visits, each
+compiled the first time (dynamo's recompile limit is raised to the number of levels, and the
+warm-up's graph without exits).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import torch
 
 from dsexit.model import kernels
+from dsexit.model.capacity import LEVELS
 
 log = logging.getLogger("dsexit")
 
@@ -44,7 +48,7 @@ class CompiledForward:
     with its hooks: DeepSpeed's forward hooks read the engine's micro-step counter, a new value each
     micro-batch, so every call would recompile until `fullgraph=True` gave up."""
 
-    def __init__(self, engine, device: torch.device, backend: str = "inductor"):
+    def __init__(self, engine, device: torch.device, backend: str = "inductor", capacity_routing: bool = False):
         if not kernels.uses_defaults():
             raise RuntimeError(
                 "a compiled forward needs torch's own dropout and attention, but this process's set-up put the "
@@ -55,6 +59,8 @@ class CompiledForward:
         kwargs = {"fullgraph": True, "dynamic": False}
         if self.cuda_graphs:
             kwargs["mode"] = "reduce-overhead"
+        if capacity_routing:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, LEVELS + 1)
         self.module = engine.module
         self.module.forward = torch.compile(self.module.forward, backend=backend, **kwargs)
         self.eager = False
@@ -63,7 +69,7 @@ class CompiledForward:
     def before_forward(self, exit_threshold: float | None) -> None:
         """Called before every micro-batch's forward."""
         if exit_threshold is not None and not self.eager:
-            # Threshold routing reads the device (capacity routing, with static shapes, will compile).
+            # Threshold routing reads the device (capacity routing, with static shapes, stays compiled).
             del self.module.forward  # the class's own forward again
             self.eager = True
             log.info("exits started: the forward runs eagerly from here (threshold routing reads the device)")

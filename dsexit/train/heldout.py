@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from dsexit.data.packing import token_type_ids as make_token_type_ids
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
+from dsexit.model.capacity import CapacitySchedule
 from dsexit.model.discriminator import ExitDecision, exitable_tokens
 from dsexit.model.pretraining import MaskedSlots
 
@@ -207,9 +208,14 @@ class HeldOutEvaluator:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(
-        self, model: ElectraPreTrainingModel, exit_threshold: float | None, device: torch.device | str = "cpu"
+        self,
+        model: ElectraPreTrainingModel,
+        exit_threshold: float | None,
+        device: torch.device | str = "cpu",
+        exit_capacity: int | None = None,
     ) -> dict[str, float]:
-        """The `EVAL_FIELDS` of `model` now (a collective when the world has more than one rank)."""
+        """The `EVAL_FIELDS` of `model` now (a collective when the world has more than one rank); under the
+        exit rule, with `exit_threshold` or, for capacity routing, the level `exit_capacity`."""
         was_training = model.training
         model.eval()
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
@@ -228,7 +234,7 @@ class HeldOutEvaluator:
                 _accumulate(sums, "uniform", full.logits[real], uniform_labels[real])
                 uniform_scores.append(full.logits[real].cpu())
                 uniform_targets.append(uniform_labels[real].cpu())
-                exiting = self._discriminate(model, uniform_ids, mask, types, exitable, exit_threshold)
+                exiting = self._discriminate(model, uniform_ids, mask, types, exitable, exit_threshold, exit_capacity)
                 _accumulate(sums, "uniform_exit", exiting.logits[real], uniform_labels[real])
                 sums[_SUMS.index("token_layers")] += sum(work.token_layers for work in exiting.work)
                 sums[_SUMS.index("token_layers_full")] += float(exitable.sum()) * self.config.num_hidden_layers
@@ -265,8 +271,9 @@ class HeldOutEvaluator:
             "eval_samples": self.num_samples,
         }
 
-    def _discriminate(self, model, ids, mask, types, exitable, exit_threshold):
-        decision = ExitDecision.for_config(self.config, threshold=exit_threshold)
+    def _discriminate(self, model, ids, mask, types, exitable, exit_threshold, exit_capacity=None):
+        capacity = None if exit_capacity is None else CapacitySchedule.at_level(self.config, exit_capacity)
+        decision = ExitDecision.for_config(self.config, threshold=exit_threshold, capacity=capacity)
         return model.discriminator(ids, mask, types, decision=decision, exitable=exitable)
 
     def _generator_replacements(self, model, ids, mask, types, masked, sampling):

@@ -3,8 +3,10 @@
 Owns the run's logs and metrics files:
     RUN_DIR/train.log       rank 0's log (every metrics line, even when a bar is shown)
     RUN_DIR/metrics.jsonl   one record per log interval: losses, RTD accuracy, exit-layer
-                            histogram, compute fraction, tau (and whether it sat at the
-                            controller's floor), steps with exits on, lr, tokens/s, data wait,
+                            histogram, compute fraction, tau or the capacity level (and whether
+                            the controller's floor held it), the share of tokens capacity
+                            routing forced out below the floor, steps with exits on, lr,
+                            tokens/s, data wait,
                             and a digest of the samples seen (world-size independent);
                             and one `"kind": "eval"` record per held-out evaluation
                             (`dsexit.train.heldout`), its baselines beside it
@@ -23,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from dsexit.model.capacity import LEVELS
 from dsexit.model.flops import mean_exit_layer
 from dsexit.train.distributed import WorldInfo
 from dsexit.train.step_stats import StepSummary
@@ -38,6 +41,8 @@ _LINE_KEYS = (
     ("mean_exit_layer", "exit_layer", "{:.2f}"),
     ("compute_fraction", "compute", "{:.3f}"),
     ("exit_threshold", "tau", "{:.4f}"),
+    ("capacity_level", "capacity", "{}/" + str(LEVELS)),
+    ("forced_exit_share", "forced", "{:.3f}"),
     ("tokens_per_s", "tokens_per_s", "{:.0f}"),
     ("data_wait_pct", "data_wait_pct", "{:.1f}"),
     ("lr", "lr", "{:.3e}"),
@@ -127,6 +132,8 @@ class MetricsLogger:
         *,
         exit_threshold: float | None,
         tau_at_floor: bool = False,
+        exit_capacity: int | None = None,
+        capacity_at_floor: bool = False,
         lr: float,
         seconds: float,
         data_wait_seconds: float,
@@ -138,8 +145,15 @@ class MetricsLogger:
             return
         interval = self.interval
         interval.steps += 1
-        interval.steps_with_exits += exit_threshold is not None
-        for name in ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "compute_fraction"):
+        interval.steps_with_exits += exit_threshold is not None or exit_capacity is not None
+        for name in (
+            "generator_loss",
+            "discriminator_loss",
+            "loss",
+            "rtd_accuracy",
+            "compute_fraction",
+            "forced_exit_share",
+        ):
             interval.sums[name] = interval.sums.get(name, 0.0) + getattr(summary, name)
         counts = summary.exit_layer_counts
         interval.exit_layer_counts = [a + b for a, b in zip(interval.exit_layer_counts or [0] * len(counts), counts)]
@@ -157,13 +171,15 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_interval == 0 or step >= self.total_steps:
-            self._flush(step, exit_threshold, tau_at_floor, lr, samples_seen, tokens_seen)
+            floors = {"tau_at_floor": tau_at_floor, "capacity_at_floor": capacity_at_floor}
+            self._flush(step, exit_threshold, exit_capacity, floors, lr, samples_seen, tokens_seen)
 
     def _flush(
         self,
         step: int,
         exit_threshold: float | None,
-        tau_at_floor: bool,
+        exit_capacity: int | None,
+        floors: dict[str, bool],
         lr: float,
         samples_seen: int,
         tokens_seen: int,
@@ -176,7 +192,8 @@ class MetricsLogger:
             steps=interval.steps,
             steps_with_exits=interval.steps_with_exits,
             exit_threshold=exit_threshold,
-            tau_at_floor=tau_at_floor,
+            capacity_level=exit_capacity,
+            **floors,
             lr=lr,
             mean_exit_layer=mean_exit_layer(counts),
             exit_layer_counts=counts,
@@ -210,8 +227,13 @@ class MetricsLogger:
             line += " skipped=" + ",".join(
                 f"{skipped}/{micro_batches}" for micro_batches, skipped, _ in interval.stage_counters
             )
-        if tau_at_floor:
+        if floors["tau_at_floor"]:
             line += " | tau at floor: the exit heads are not confident enough to reach the target compute"
+        if floors["capacity_at_floor"]:
+            line += (
+                " | capacity held by the floor: too few tokens reach min_confidence at the exit heads for the "
+                "target compute"
+            )
         if self.bar is not None:
             self.bar.set_postfix_str(line.split(" ", 1)[1], refresh=True)
             for handler in log.handlers:  # the bar owns the terminal; the file still gets every line
@@ -225,11 +247,15 @@ class MetricsLogger:
                 + [("Train/loss", record["loss"], step)]
             )
 
-    def record_eval(self, step: int, results: dict[str, float], *, exit_threshold: float | None) -> None:
+    def record_eval(
+        self, step: int, results: dict[str, float], *, exit_threshold: float | None, exit_capacity: int | None = None
+    ) -> None:
         """One held-out evaluation: a metrics.jsonl record, a log line, monitor scalars (rank 0)."""
         if not self.world.is_main:
             return
         record = {"kind": "eval", "step": step, "exit_threshold": exit_threshold, "time": time.time(), **results}
+        if exit_capacity is not None:
+            record["capacity_level"] = exit_capacity
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         line = (

@@ -81,22 +81,34 @@ class DataParallelSteps:
         device: torch.device,
         set_learning_rate: Callable[[], float],
         before_forward: Callable[[float | None], None] | None = None,
+        min_confidence: float = 0.0,
     ):
         self.engine, self.grad_accum, self.device = engine, grad_accum, device
         self.batches = StagedBatches(data, device)
         self.set_learning_rate = set_learning_rate
         self.before_forward = before_forward  # the compile switch's hook (`compiling.CompiledForward`)
+        self.min_confidence = min_confidence  # the floor capacity routing counts forced exits against
 
-    def run(self, exit_threshold: float | None, replacement_mix: float | None, stats: StepStats) -> StepRun:
+    def run(
+        self,
+        exit_threshold: float | None,
+        replacement_mix: float | None,
+        stats: StepStats,
+        exit_capacity: int | None = None,
+    ) -> StepRun:
+        """`exit_capacity`: capacity routing's level, a Python int (one compiled graph per level)."""
         lr = 0.0
         self.batches.wait_seconds = 0.0
         threshold = step_scalar(exit_threshold, self.device)
         mix = step_scalar(replacement_mix, self.device) if replacement_mix else None
+        capacity = {}
+        if exit_capacity is not None:
+            capacity = {"exit_capacity": exit_capacity, "min_confidence": self.min_confidence}
         for index in range(self.grad_accum):
             host, inputs = self.batches.next(stage_another=index + 1 < self.grad_accum)
             if self.before_forward is not None:
                 self.before_forward(exit_threshold)
-            output = self.engine(**inputs, exit_threshold=threshold, replacement_mix=mix)
+            output = self.engine(**inputs, exit_threshold=threshold, replacement_mix=mix, **capacity)
             self.engine.backward(output.loss)
             lr = self.set_learning_rate()  # the rate this update uses
             self.engine.step()
@@ -127,7 +139,14 @@ class PipelineSteps:
         self.counters = engine.module.stage_counters
         self.loss = engine.module.loss_fn
 
-    def run(self, exit_threshold: float | None, replacement_mix: float | None, stats: StepStats) -> StepRun:
+    def run(
+        self,
+        exit_threshold: float | None,
+        replacement_mix: float | None,
+        stats: StepStats,
+        exit_capacity: int | None = None,
+    ) -> StepRun:
+        """Threshold routing only (`exit_capacity` is refused with a pipeline before the run starts)."""
         from dsexit.parallel.pipeline import micro_batch_inputs
 
         self.loss.results.clear()
@@ -180,7 +199,8 @@ def make_step_runner(
     model_config: ElectraExitConfig,
     pipeline_stages: int,
     before_forward: Callable[[float | None], None] | None = None,
+    min_confidence: float = 0.0,
 ):
     if pipeline_stages > 1:
         return PipelineSteps(engine, data, grad_accum, device, set_learning_rate, model_config, pipeline_stages)
-    return DataParallelSteps(engine, data, grad_accum, device, set_learning_rate, before_forward)
+    return DataParallelSteps(engine, data, grad_accum, device, set_learning_rate, before_forward, min_confidence)

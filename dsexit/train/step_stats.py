@@ -1,10 +1,11 @@
 """What one optimizer step measured, summed over micro-batches and data-parallel ranks.
 
 Owns the single per-step collective the trainer adds to DeepSpeed's: one all-reduce
-of a float64 vector (losses, accuracy, token-layer counts, exit-layer histogram, and
-the stop votes - preemption, time limit - so every rank stops at the same step) and one
-all-gather of per-sample fingerprints. The fingerprints give a step digest that does
-not depend on the world size: the same global samples give the same digest.
+of a float64 vector (losses, accuracy, token-layer counts, exit-layer histogram, capacity
+routing's forced exits and floor counts, and the stop votes - preemption, time limit - so
+every rank stops at the same step) and one all-gather of per-sample fingerprints. The
+fingerprints give a step digest that does not depend on the world size: the same global
+samples give the same digest.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import torch
 import torch.distributed as dist
 
 # Measured on the device, summed over micro-batches there; then the host's own facts.
-_MEASURED = ("generator_loss", "discriminator_loss", "loss", "rtd_accuracy", "tokens_executed", "tokens_full")
+_MEASURED = (
+    "generator_loss",
+    "discriminator_loss",
+    "loss",
+    "rtd_accuracy",
+    "tokens_executed",
+    "tokens_full",
+    "forced_exits",  # capacity routing's only (0 where an output has none)
+)
 _HOST = ("micro_batches", "real_tokens", "stop_preempted", "stop_time_limit", "minutes")
 _FINGERPRINT_WEIGHTS: dict[int, torch.Tensor] = {}
 
@@ -44,6 +53,10 @@ class StepSummary:
     stop_time_limit: bool
     minutes: float = 0.0  # training wall clock spent by rank 0's clock (others contribute 0)
     stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
+    forced_exit_share: float = 0.0  # capacity routing: share of exitable tokens forced out below the floor
+    # capacity routing, per layer: tokens reaching its exit head below the floor so far, those of them at
+    # or above it there (`dsexit.model.capacity.floor_compute`)
+    floor_counts: tuple[list[float], list[float]] | None = None
 
 
 def _on_device(value, device: torch.device) -> torch.Tensor:
@@ -63,7 +76,7 @@ class StepStats:
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.measured: torch.Tensor | None = None  # float64 [len(_MEASURED) + num_layers], on the device
+        self.measured: torch.Tensor | None = None  # float64 [len(_MEASURED) + 3 x num_layers], on the device
         self.micro_batches = 0
         self.real_tokens = 0
         self.fingerprints: list[torch.Tensor] = []
@@ -71,8 +84,14 @@ class StepStats:
     def add(self, output, batch: dict[str, torch.Tensor]) -> None:
         """`batch`: the micro-batch on the host, as read (its counts cost no device read)."""
         counts = output.exit_layer_counts.detach().to(torch.float64)
-        scalars = torch.stack([_on_device(getattr(output, name), counts.device) for name in _MEASURED])
-        measured = torch.cat([scalars, counts])
+        floor = getattr(output, "floor_counts", None)
+        floor = (
+            torch.zeros(2 * self.num_layers, dtype=torch.float64, device=counts.device)
+            if floor is None
+            else floor.detach().to(torch.float64).reshape(-1)
+        )
+        scalars = torch.stack([_on_device(getattr(output, name, 0), counts.device) for name in _MEASURED])
+        measured = torch.cat([scalars, counts, floor])
         self.measured = measured if self.measured is None else self.measured + measured
         self.micro_batches += 1
         self.real_tokens += int(batch["attention_mask"].sum())
@@ -89,7 +108,7 @@ class StepStats:
         )
         measured = self.measured
         if measured is None:  # a rank with no micro-batch of its own (a pipeline's first stages)
-            measured = torch.zeros(len(_MEASURED) + self.num_layers, dtype=torch.float64)
+            measured = torch.zeros(len(_MEASURED) + 3 * self.num_layers, dtype=torch.float64)
         vector = torch.cat([measured, host.to(measured.device, non_blocking=True)])
         fingerprints = torch.cat(self.fingerprints)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -100,8 +119,9 @@ class StepStats:
             fingerprints = torch.cat(gathered)
         values = vector.cpu().tolist()
         fingerprints = fingerprints.cpu()
-        totals = dict(zip(_MEASURED + _HOST, values[: len(_MEASURED)] + values[len(_MEASURED) + self.num_layers :]))
-        counts = values[len(_MEASURED) : len(_MEASURED) + self.num_layers]
+        layers, start = self.num_layers, len(_MEASURED)
+        totals = dict(zip(_MEASURED + _HOST, values[:start] + values[start + 3 * layers :]))
+        counts, reaching, confident = (values[start + k * layers : start + (k + 1) * layers] for k in range(3))
         micro_batches = max(totals["micro_batches"], 1.0)
         digest = hashlib.blake2b(fingerprints.sort().values.numpy().tobytes(), digest_size=8).hexdigest()
         return StepSummary(
@@ -116,4 +136,6 @@ class StepStats:
             stop_preempted=totals["stop_preempted"] > 0,
             stop_time_limit=totals["stop_time_limit"] > 0,
             minutes=totals["minutes"],
+            forced_exit_share=totals["forced_exits"] * layers / max(totals["tokens_full"], 1.0),
+            floor_counts=(reaching, confident),
         )

@@ -7,7 +7,7 @@
                (and at the start and the end); a final checkpoint and a Hugging Face export
     step       the learning rate for this step (over the time budget when there is one), then
                grad_accum micro-batches through the mode's step runner (`step_runner.py`) with
-               the controller's tau, then
+               the controller's tau or capacity level, then
                one all-reduce of the step's statistics (and stop votes), then the controller update
 
 Everything a checkpoint must carry to resume exactly (data position, exit controller,
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dsexit.data import StreamingShardReader, read_validation_samples
-from dsexit.model import ExitController, kernels
+from dsexit.model import exit_controller_for, kernels
 from dsexit.train.checkpoint.files import CheckpointRef
 from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.rundir import RunPlan, claim
@@ -136,8 +136,9 @@ class Trainer:
             run.model_config,
             self.pipeline_stages,
             before_forward=self.compiled.before_forward if self.compiled is not None else None,
+            min_confidence=self.config.exit_control.min_confidence,
         )
-        self.exit_controller = ExitController(run.model_config, **dataclasses.asdict(self.config.exit_control))
+        self.exit_controller = exit_controller_for(run.model_config, **dataclasses.asdict(self.config.exit_control))
         seed_everything(rank_seed(self.config.job.seed, self.world.rank))
         self.rng = RngStates(self.config.job.seed, self.world.rank, self.world.world_size, lambda: self.step)
         for name, stateful in (
@@ -173,13 +174,15 @@ class Trainer:
         if not compiling:
             log.info("eager forward (%s)%s", why, "" if kernels.uses_defaults() else "; CPU kernels")
             return None
-        compiled = CompiledForward(self.engine, self.device, training.compile_backend)
+        capacity_routing = self.run.model_config.exit_routing != "threshold"
+        compiled = CompiledForward(self.engine, self.device, training.compile_backend, capacity_routing)
         log.info(
-            "compiling the training forward (%s, backend %s, fullgraph, static shapes%s); the first step's time "
+            "compiling the training forward (%s, backend %s, fullgraph, static shapes%s%s); the first step's time "
             "includes it",
             why,
             training.compile_backend,
             ", CUDA graphs" if compiled.cuda_graphs else "",
+            ", one graph per capacity level the run visits" if capacity_routing else "",
         )
         return compiled
 
@@ -231,12 +234,20 @@ class Trainer:
             return None
         started = time.monotonic()
         results = self.heldout.evaluate(
-            self._evaluation_model(), self.exit_controller.threshold(self.step), self.device
+            self._evaluation_model(),
+            self.exit_controller.threshold(self.step),
+            self.device,
+            exit_capacity=self.exit_controller.capacity(self.step),
         )
         results["eval_seconds"] = time.monotonic() - started
         results["train_minutes"] = self._minutes_spent() if self.step else 0.0
         self.eval_seconds += results["eval_seconds"]
-        self.metrics.record_eval(self.step, results, exit_threshold=self.exit_controller.threshold(self.step))
+        self.metrics.record_eval(
+            self.step,
+            results,
+            exit_threshold=self.exit_controller.threshold(self.step),
+            exit_capacity=self.exit_controller.capacity(self.step),
+        )
         self.last_eval = results
         return results
 
@@ -366,9 +377,12 @@ class Trainer:
     def train_step(self) -> StepSummary:
         step_started = time.perf_counter()
         exit_threshold = self.exit_controller.threshold(self.step)
+        exit_capacity = self.exit_controller.capacity(self.step)
         tau_at_floor = exit_threshold is not None and self.exit_controller.at_floor
+        capacity_at_floor = exit_capacity is not None and self.exit_controller.at_floor
         stats = StepStats(self.run.model_config.num_hidden_layers)
-        ran = self.steps.run(exit_threshold, self.run.model_config.replacement_mix_at(self.step), stats)
+        mix = self.run.model_config.replacement_mix_at(self.step)
+        ran = self.steps.run(exit_threshold, mix, stats, exit_capacity=exit_capacity)
         summary = stats.reduce(
             preempted=self.preemption.requested,
             time_limit=self._time_limit_reached(),
@@ -377,7 +391,7 @@ class Trainer:
         )
         self.budget_minutes = summary.minutes  # rank 0's clock, the same on every rank
         summary.stage_counters = ran.stage_counters
-        self.exit_controller.update(summary.compute_fraction, self.step)
+        self.exit_controller.update(summary.compute_fraction, self.step, floor_counts=summary.floor_counts)
         self.step += 1
         self.samples_seen += self.config.training.global_batch_size
         self.tokens_seen += summary.real_tokens
@@ -386,6 +400,8 @@ class Trainer:
             summary,
             exit_threshold=exit_threshold,
             tau_at_floor=tau_at_floor,
+            exit_capacity=exit_capacity,
+            capacity_at_floor=capacity_at_floor,
             lr=ran.lr,
             seconds=time.perf_counter() - step_started,
             data_wait_seconds=ran.data_wait_seconds,

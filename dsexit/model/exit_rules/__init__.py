@@ -1,9 +1,11 @@
-"""Exit rules: given the head logits of the active tokens after a layer, which of them exit.
+"""Exit rules: given the head logits of the tokens that reached an exit head, how confident each is.
 
 A rule is one file in this folder implementing `ExitRule` and one entry in `EXIT_RULES`
-(its name is the value of `ElectraExitConfig.exit_criterion`). The threshold tau comes from
-the exit controller each step; a rule may read anything else it needs from the model config
-when it is built. Pinned tokens and forced exit plans are handled by `ExitDecision`, not here.
+(its name is the value of `ElectraExitConfig.exit_criterion`). Routing reads the confidence:
+threshold routing lets a token exit when it reaches tau (from the exit controller each step);
+capacity routing lets the least confident tokens continue and the rest exit. A rule may read
+anything else it needs from the model config when it is built. Pinned tokens and forced exit
+plans are handled by `ExitDecision`, not here.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 class ExitRule(Protocol):
     def __init__(self, config: "ElectraExitConfig") -> None: ...
 
-    def exits(self, head_logits: torch.Tensor, layer_number: int, threshold: float) -> torch.Tensor:
-        """Bool per row of `head_logits` (float, one logit per active token after layer `layer_number`)."""
+    def confidence(self, head_logits: torch.Tensor, layer_number: int) -> torch.Tensor:
+        """Float in [0, 1] per row of `head_logits` (one logit per token after layer `layer_number`),
+        detached: routing decisions carry no gradient."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""`confidence`: a token exits when |2p - 1| >= tau, p = sigmoid(head logit), the distance from p = 0.5.
+"""`confidence`: |2p - 1|, p = sigmoid(head logit), the distance from p = 0.5.
 
 A head at the ~15% replacement prior already reaches 0.70 on every token (see `prior_margin`).
 """
@@ -22,5 +22,5 @@ class Confidence:
     def __init__(self, config: "ElectraExitConfig | None" = None):
         pass
 
-    def exits(self, head_logits: torch.Tensor, layer_number: int, threshold: float) -> torch.Tensor:
-        return margin_from(head_logits, 0.0) >= threshold
+    def confidence(self, head_logits: torch.Tensor, layer_number: int) -> torch.Tensor:
+        return margin_from(head_logits, 0.0)

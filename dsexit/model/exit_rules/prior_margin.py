@@ -1,8 +1,8 @@
-"""`prior_margin` (the default): a token exits when |tanh((x - x0) / 2)| >= tau.
+"""`prior_margin` (the default): confidence |tanh((x - x0) / 2)|.
 
 x0 = logit(mask_prob) is the replacement prior's log-odds. A head that predicts the base rate
 for every token (what an untrained or collapsed head does) has confidence 0 and lets nothing
-exit, however low tau goes.
+exit under a threshold, however low tau goes.
 """
 
 from __future__ import annotations
@@ -21,5 +21,5 @@ class PriorMargin:
     def __init__(self, config: "ElectraExitConfig"):
         self.prior_logit = config.prior_logit
 
-    def exits(self, head_logits: torch.Tensor, layer_number: int, threshold: float) -> torch.Tensor:
-        return margin_from(head_logits, self.prior_logit) >= threshold
+    def confidence(self, head_logits: torch.Tensor, layer_number: int) -> torch.Tensor:
+        return margin_from(head_logits, self.prior_logit)

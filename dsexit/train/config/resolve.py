@@ -331,10 +331,30 @@ def _resolve_partition(parallelism: ParallelismConfig, num_layers: int) -> Paral
     return dataclasses.replace(parallelism, pipeline_partition="layers:" + ",".join(map(str, counts)))
 
 
+def check_exit_routing(model_config: ElectraExitConfig, config: TrainConfig) -> None:
+    """Capacity and random routing: no pipeline (its stages skip micro-batches whose tokens all exited,
+    which a fixed capacity never empties) and a target the capacity level is steered toward."""
+    routing = model_config.exit_routing
+    if routing == "threshold" or not model_config.exit_enabled:
+        return
+    stages = config.parallelism.pipeline_stages
+    if stages > 1:
+        raise ConfigError(
+            f"exit_routing={routing!r} is invalid with pipeline_stages={stages}; expected exit_routing='threshold' "
+            f"(pipeline stages skip micro-batches whose tokens all exited, which a fixed capacity never empties)."
+        )
+    if config.exit_control.target_compute is None:
+        raise ConfigError(
+            f"target_compute=None is invalid with exit_routing={routing!r}; expected the fraction of token-layers "
+            f"the capacity level is steered toward."
+        )
+
+
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     """The user's `config` is left as it was: what resolution settles goes into a new one."""
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
     model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
+    check_exit_routing(model_config, config)
     stages = config.parallelism.pipeline_stages
     parallelism = dataclasses.replace(
         config.parallelism, deepspeed_config=find_ds_config(config.parallelism.deepspeed_config)

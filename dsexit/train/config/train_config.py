@@ -74,12 +74,13 @@ class ModelSection:
 
 @dataclass
 class ExitControlConfig:
-    """How the exit controller steers tau during training (the model's `exit_threshold` is its start)."""
+    """How the exit controller steers tau (threshold routing; the model's `exit_threshold` is its start) or
+    the capacity level (capacity and random routing, `exit_routing`) during training."""
 
     target_compute: float | None = None
     """Fraction of token-layers to execute; when set, a controller steers tau toward it."""
     controller_gain: float = 4.0
-    """Step size of the controller, in logit(tau) per unit of compute-fraction error."""
+    """Step size of the threshold controller, in logit(tau) per unit of compute-fraction error."""
     warmup_steps: int = field(default=0, metadata={"flag": "--exit-warmup-steps"})
     """No token exits during the first this many steps (the heads train meanwhile)."""
     min_confidence: float = 0.25
@@ -87,7 +88,12 @@ class ExitControlConfig:
     tau (the model's exit_threshold, no target) is left as given. Heads at the replaced-token
     prior give every token a confidence near 0, so their tokens keep full depth and compute stays
     above the target (the log line says `tau at floor`). The default separates heads that learned
-    from heads at the prior (bench/README.md, "Confidence floor")."""
+    from heads at the prior (bench/README.md, "Confidence floor"). Under capacity routing the level
+    falls only as far as the share of tokens the heads find above the floor allows; tokens forced
+    out below it are counted (`forced_exit_share`)."""
+    capacity_interval: int = 50
+    """Capacity routing: steps between changes of the capacity level (a compiled step compiles once per
+    level it visits)."""
 
 
 @dataclass
@@ -252,6 +258,9 @@ class TrainConfig:
             _fail("controller_gain", control.controller_gain, "a positive step size")
         if not isinstance(control.warmup_steps, int) or control.warmup_steps < 0:
             _fail("exit_warmup_steps", control.warmup_steps, "a non-negative number of steps")
+        interval = control.capacity_interval
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            _fail("capacity_interval", interval, "a positive number of steps")
         floor = control.min_confidence
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor < 1.0:
             _fail("min_confidence", floor, "a confidence floor in [0, 1)")

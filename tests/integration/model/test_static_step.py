@@ -112,6 +112,20 @@ def test_the_step_equals_the_eager_step():
         torch.testing.assert_close(eager, traced)
 
 
+@pytest.mark.parametrize("exit_kv", ["keep", "drop"])
+def test_capacity_exits_run_on_meta_tensors(exit_kv):
+    """Capacity routing reads nothing back either: forward and backward on tensors that hold no values."""
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_kv=exit_kv)
+    with torch.device("meta"):
+        model = ElectraPreTrainingModel(config).train()
+        input_ids = torch.randint(200, VOCAB, (4, 32))
+        attention_mask = torch.ones(4, 32, dtype=torch.long)
+        token_type_ids = torch.zeros(4, 32, dtype=torch.long)
+    loss, statistics, counts, floor_counts = _capacity_step(model)(input_ids, attention_mask, token_type_ids, 6)
+    loss.backward()
+    assert loss.device.type == "meta" and statistics.shape == (2,) and floor_counts.shape == (2, 4)
+
+
 def test_exits_off_training_step_runs_on_meta_tensors():
     """Meta tensors hold no values: any read of one on the host (`.item()`, `nonzero()`, `bool()`)
     raises, so a step that runs end to end on them reads nothing back."""
@@ -138,3 +152,57 @@ def test_the_checking_backend_finds_host_reads_that_trace_as_symbols(monkeypatch
         torch._dynamo.reset()
         torch.compile(reads, backend=checking.backend, fullgraph=True, dynamic=False)(torch.randn(16))
         assert checking.problems, reads
+
+
+def _capacity_step(model: ElectraPreTrainingModel):
+    def step(input_ids, attention_mask, token_type_ids, level):
+        output = model(input_ids, attention_mask, token_type_ids, exit_capacity=level, min_confidence=0.25)
+        statistics = torch.stack([output.flops.token_layers_executed.float(), output.forced_exits.float()])
+        return output.loss, statistics, output.exit_layer_counts, output.floor_counts
+
+    return step
+
+
+@pytest.mark.parametrize("routing", ["capacity", "random"])
+@pytest.mark.parametrize("exit_kv", ["keep", "drop"])
+def test_capacity_exits_compile_whole_with_no_data_dependent_operation(exit_kv, routing):
+    """Tokens exit at every head (capacity level 6), forward and backward, with padding: one graph each,
+    nothing the host reads; other batches at the same level compile nothing new."""
+    config = ElectraExitConfig.from_preset("electra-tiny", vocab_size=VOCAB, exit_kv=exit_kv, exit_routing=routing)
+    torch.manual_seed(0)
+    model = ElectraPreTrainingModel(config).train()
+    checking = CheckingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(_capacity_step(model), backend=checking.backend, fullgraph=True, dynamic=False)
+    for step in range(3):
+        input_ids, attention_mask, token_type_ids = make_batch(4, 32, pad_tail=True, seed=step)
+        loss, statistics, counts, _ = compiled(input_ids, attention_mask, token_type_ids, 6)
+        loss.backward()
+        assert torch.isfinite(loss) and int(counts.sum()) == int(attention_mask.sum())
+        assert (counts[:3] > 0).all()  # tokens left at every exit head
+    assert checking.problems == []
+    assert checking.graphs == ["forward", "backward"], checking.graphs
+    assert all(parameter.grad is not None for parameter in model.discriminator.parameters())
+
+
+def test_a_run_crossing_capacity_levels_compiles_once_per_level_it_visits(monkeypatch):
+    """The controller's level changes now and then; each level is its own static graph, compiled the
+    first time the run meets it and reused when it comes back (recompile limit: the levels, and the
+    warm-up's graph without exits)."""
+    from dsexit.model.capacity import LEVELS
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", LEVELS + 1)
+    model = _tiny_model()
+    checking = CheckingBackend()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(_capacity_step(model), backend=checking.backend, fullgraph=True, dynamic=False)
+    levels = [None, 16, 16, 8, 8, 16, 8]
+    for step, level in enumerate(levels):
+        input_ids, attention_mask, token_type_ids = make_batch(4, 32, seed=step)
+        loss, *_ = compiled(input_ids, None, token_type_ids, level)
+        loss.backward()
+    visited = len(set(levels))
+    assert checking.problems == []
+    assert checking.graphs == ["forward", "backward"] * visited, checking.graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == visited

@@ -48,3 +48,28 @@ def test_compiled_training_equals_eager_and_keeps_parameter_names(tmp_path):
     assert not any("_orig_mod" in name for name in names)
     assert any(name.startswith("discriminator.electra.encoder.layer.0.") for name in names)
     assert torch.isfinite(torch.tensor([record["loss"] for record in compiled.metrics.values()])).all()
+
+
+def test_capacity_routing_stays_compiled_as_the_level_changes_and_equals_eager(tmp_path):
+    """Capacity routing has static shapes: the run goes from its warm-up through full depth to the levels
+    the controller picks, compiled the whole way (a recompile past dynamo's limit would fail it under
+    fullgraph), and computes what the same run computes eagerly."""
+    capacity = [*ARGS, "--max-steps", "12", "--save-interval", "12", "--exit-warmup-steps", "4"]
+    capacity += ["--exit-routing", "capacity", "--target-compute", "0.5", "--capacity-interval", "2"]
+    capacity += ["--min-confidence", "0"]  # untrained heads: the target alone sets the level
+    compiled = launch(
+        "deepspeed", tmp_path / "compiled", [*capacity, "--compile", "on", "--compile-backend", "aot_eager"]
+    )
+    eager = launch("deepspeed", tmp_path / "eager", [*capacity, "--compile", "off"])
+    compiled.check(), eager.check()
+    assert "one graph per capacity level" in compiled.output
+    assert "runs eagerly" not in compiled.output
+    levels = [compiled.metrics[step]["capacity_level"] for step in sorted(compiled.metrics)]
+    assert levels[:6] == [None] * 4 + [16, 16]  # warm-up, then full depth for the first window
+    assert min(levels[6:]) < 16 and compiled.metrics[12]["compute_fraction"] < 0.75
+    for step in sorted(eager.metrics):
+        assert compiled.metrics[step]["capacity_level"] == eager.metrics[step]["capacity_level"]
+        for name in ("loss", "compute_fraction", "forced_exit_share"):
+            assert abs(compiled.metrics[step][name] - eager.metrics[step][name]) <= 1e-3 * max(
+                1.0, abs(eager.metrics[step][name])
+            ), (step, name)

@@ -134,6 +134,7 @@ PRETRAIN_CASES = [
     "shard_flipped",
     "shard_truncated",
     "tokenizer_file_gone",
+    "capacity_routing_with_pipeline",
 ]
 
 
@@ -187,6 +188,9 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
         data, _ = _damaged_dataset(tmp_path / "data", lambda shard: None)
         (data / "vocab.txt").unlink()
         case = Case([*base, "--data", str(data)], [str(data / "vocab.txt"), "--no-export-hf"], written)
+    elif name == "capacity_routing_with_pipeline":
+        pipeline = ["--exit-routing", "capacity", "--pipeline-stages", "2", "--deepspeed", "ds_configs/pipeline.json"]
+        case = Case([*base, *pipeline], ["exit_routing='capacity'", "pipeline_stages=2"], written)
     else:
         data, listed = _damaged_dataset(tmp_path / "data", _flip_byte if name == "shard_flipped" else _truncate)
         code, lines, output = _run(Case([*base, "--data", str(data)], []))

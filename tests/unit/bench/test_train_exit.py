@@ -87,3 +87,26 @@ def test_layer_flops_are_the_training_flops_less_the_embedding_and_generator_par
     assert clock.take() > 0.0 and clock.seconds == 0.0
     rest = 3 * embedding_and_generator_flops(output.compute_log, config)
     assert bench.layer_training_flops(output, config) == output.flops.training_flops - rest
+
+
+def test_arms_of_each_routing_get_their_own_name_row_and_best_variant():
+    assert bench.arm_name("dense", 0.75, "threshold") == "dense@0.75"
+    arm = bench.arm_named(bench.arm_name("linear", 0.5, "capacity"))
+    assert (arm.name, arm.target, arm.routing, arm.overrides) == (
+        "linear@0.50:capacity",
+        0.5,
+        "capacity",
+        {"exit_head": "linear"},
+    )
+    assert bench.arm_named("dense@0.75").routing == "threshold"
+    arms = [_arm("plain", None, 1.5, 1.0, 1000, 800)]
+    for routing, seconds in (("threshold", 1.3), ("capacity", 1.2)):
+        for target in (1.0, 0.75, 0.5):
+            arm = _arm(bench.arm_name("dense", target, routing), target, seconds, 0.7, 800, 600)
+            arm.routing = routing
+            arms.append(arm)
+    args = argparse.Namespace(preset="p", batch=1, accumulation=1, seq_len=8, launches=1, steps=3, settle=0)
+    results = bench.summarize(arms, args, "fp32", {"bf16": 4e3, "fp32": 1e3})
+    assert results["best_by_routing"] == {"threshold": "dense", "capacity": "dense"}
+    assert results["arms"]["dense@0.75:capacity"]["routing"] == "capacity"
+    assert results["arms"]["plain"]["routing"] is None

@@ -102,6 +102,15 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
         (["--exit-warmup-steps", "-1"], "exit_warmup_steps=-1"),
         (["--min-confidence", "1.0"], "min_confidence=1.0"),
         (["--min-confidence", "-0.1"], "min_confidence=-0.1"),
+        (["--capacity-interval", "0"], "capacity_interval=0"),
+        (
+            ["--exit-routing", "capacity", "--target-compute", "none"],
+            "target_compute=None is invalid with exit_routing",
+        ),
+        (
+            ["--exit-routing", "random", "--pipeline-stages", "2", "--deepspeed", "ds_configs/pipeline.json"],
+            "exit_routing='random' is invalid with pipeline_stages=2",
+        ),
         (["--global-batch-size", "30"], "global_batch_size=30"),
         (["--model", "electra-huge"], "model='electra-huge'"),
         (["--model-set", "no_such_field=1"], "no_such_field"),

@@ -78,6 +78,29 @@ def test_evaluation_reports_every_field_against_independent_computations():
     assert evaluator.evaluate(model, exit_threshold=0.5) == results
 
 
+def test_evaluation_under_capacity_routing_runs_the_level_it_is_given():
+    """The exit rule's figures at a capacity level: the discriminator at that level, computed directly."""
+    from dsexit.model import CapacitySchedule, ExitDecision
+
+    model = _model(exit_routing="capacity")
+    samples = _samples()
+    evaluator = HeldOutEvaluator(samples, model.config, unigram_counts=np.ones(VOCAB), seed=3, batch_size=64)
+    results = evaluator.evaluate(model, exit_threshold=None, exit_capacity=8)
+    ids = torch.from_numpy(samples)
+    real = ids != 0
+    decision = ExitDecision.for_config(model.config, capacity=CapacitySchedule.at_level(model.config, 8))
+    with torch.no_grad():
+        state = model.eval().discriminator(
+            evaluator.corruption.uniform_ids, real.long(), evaluator.token_type_ids, decision=decision
+        )
+    labels = evaluator.corruption.uniform_labels
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(state.logits[real], labels[real])
+    assert results["eval_rtd_loss_uniform_exit"] == pytest.approx(float(expected), rel=1e-5)
+    executed = float(sum(work.token_layers for work in state.work))
+    assert results["eval_compute_fraction"] == pytest.approx(executed / (float(state.exitable.sum()) * 4))
+    assert results["eval_compute_fraction"] < 0.8
+
+
 def _pairwise_auc(scores: list[float], labels: list[bool]) -> float:
     """The probability that a random positive outscores a random negative (ties count half), by
     comparing every pair: the definition, with none of roc_auc's ranking."""

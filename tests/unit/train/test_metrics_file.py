@@ -3,6 +3,7 @@ file reads as one history; only rank 0 writes it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -95,31 +96,41 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_tau_at_the_floor_is_in_the_record_and_the_log_line(tmp_path):
+@contextlib.contextmanager
+def _logged_steps(run_dir):
+    """A rank-0 logger for `run_dir` and the metrics lines it logs (the `step=` lines, once it closes)."""
     dsexit_log, lines = logging.getLogger("dsexit"), _Lines()
     level = dsexit_log.level
     dsexit_log.addHandler(lines)
     dsexit_log.setLevel(logging.INFO)
-    logger = _logger(tmp_path, start_step=0)
+    logger, step_lines = _logger(run_dir, start_step=0), []
     try:
-        for step, at_floor in ((1, False), (2, True)):
-            logger.record(
-                step,
-                _summary(1.0),
-                exit_threshold=0.25,
-                tau_at_floor=at_floor,
-                lr=1e-3,
-                seconds=0.1,
-                data_wait_seconds=0.0,
-                samples_seen=8 * step,
-                tokens_seen=32 * step,
-            )
+        yield logger, step_lines
     finally:
         logger.close()
         dsexit_log.removeHandler(lines)
         dsexit_log.setLevel(level)
+        step_lines += [line for line in lines.lines if line.startswith("step=")]
+
+
+def _record(logger, step: int, summary: StepSummary, **exits) -> None:
+    logger.record(
+        step,
+        summary,
+        lr=1e-3,
+        seconds=0.1,
+        data_wait_seconds=0.0,
+        samples_seen=8 * step,
+        tokens_seen=32 * step,
+        **exits,
+    )
+
+
+def test_tau_at_the_floor_is_in_the_record_and_the_log_line(tmp_path):
+    with _logged_steps(tmp_path) as (logger, step_lines):
+        for step, at_floor in ((1, False), (2, True)):
+            _record(logger, step, _summary(1.0), exit_threshold=0.25, tau_at_floor=at_floor)
     assert [record["tau_at_floor"] for record in read_metrics(str(tmp_path))] == [False, True]
-    step_lines = [line for line in lines.lines if line.startswith("step=")]
     assert ["tau at floor" in line for line in step_lines] == [False, True]
 
 
@@ -138,3 +149,18 @@ def test_each_record_counts_its_steps_with_exits_on(tmp_path):
         )
     logger.close()
     assert [(r["steps"], r["steps_with_exits"]) for r in read_metrics(str(tmp_path))] == [(3, 1), (3, 3)]
+
+
+def test_capacity_routing_records_its_level_the_forced_share_and_why_the_floor_holds_it(tmp_path):
+    with _logged_steps(tmp_path) as (logger, step_lines):
+        for step, (capacity, at_floor, forced) in enumerate(((None, False, 0.0), (12, False, 0.1), (16, True, 0.0)), 1):
+            summary = _summary(1.0)
+            summary.forced_exit_share = forced
+            _record(logger, step, summary, exit_threshold=None, exit_capacity=capacity, capacity_at_floor=at_floor)
+    records = read_metrics(str(tmp_path))
+    assert [r["capacity_level"] for r in records] == [None, 12, 16]
+    assert [r["forced_exit_share"] for r in records] == [0.0, 0.1, 0.0]
+    assert [r["capacity_at_floor"] for r in records] == [False, False, True]
+    assert [r["steps_with_exits"] for r in records] == [0, 1, 1]
+    assert "capacity=12/16 forced=0.100" in step_lines[1]
+    assert ["capacity held by the floor" in line for line in step_lines] == [False, False, True]

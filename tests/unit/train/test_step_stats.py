@@ -82,3 +82,20 @@ def test_fingerprints_are_one_int64_per_sample_and_tell_samples_apart():
     swapped[0, [1, 2]] = swapped[0, [2, 1]]
     if swapped[0, 1] != swapped[0, 2]:
         assert sample_fingerprints(swapped)[0] != fingerprints[0]  # the order of tokens counts
+
+
+def test_capacity_routing_counts_add_up_forced_exits_as_a_share_of_exitable_tokens():
+    stats = StepStats(LAYERS)
+    samples = _samples()
+    for forced, reaching in ((3, [10, 6, 0, 0]), (1, [10, 4, 2, 0])):
+        output = _output(1.0, 0.5, 0.9, executed=30, full=40, counts=[2, 0, 1, 5])
+        output.forced_exits = torch.tensor(forced)
+        output.floor_counts = torch.tensor([reaching, [5, 1, 0, 0]], dtype=torch.float32)
+        stats.add(output, _batch(samples[:3]))
+    summary = stats.reduce(preempted=False, time_limit=False)
+    assert summary.forced_exit_share == pytest.approx(4 / (80 / LAYERS))  # 80 token-layers: 20 exitable tokens
+    assert summary.floor_counts == ([20, 10, 2, 0], [10, 2, 0, 0])
+    assert summary.exit_layer_counts == [4, 0, 2, 10]  # the histogram is where it was
+    without = StepStats(LAYERS)
+    without.add(_output(1.0, 0.5, 0.9, executed=30, full=40, counts=[2, 0, 1, 5]), _batch(samples[:3]))
+    assert without.reduce(preempted=False, time_limit=False).forced_exit_share == 0.0
