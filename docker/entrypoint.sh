@@ -57,7 +57,7 @@ MASTER_ADDR_WAIT="$(require_integer MASTER_ADDR_WAIT "${MASTER_ADDR_WAIT:-120}" 
 # A name that never resolves would leave every rank waiting on the rendezvous for the whole
 # --dist-timeout: wait a bounded time for it (node 0's container may start last), then say so.
 waited=0
-until getent hosts "$MASTER_ADDR" >/dev/null 2>&1; do
+until getent ahosts "$MASTER_ADDR" >/dev/null 2>&1; do  # getaddrinfo: an IP address needs no lookup
     if ((waited >= MASTER_ADDR_WAIT)); then
         fail "MASTER_ADDR='$MASTER_ADDR' did not resolve to an address within ${MASTER_ADDR_WAIT}s (MASTER_ADDR_WAIT); expected node 0's host name or IP address."
     fi
