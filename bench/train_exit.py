@@ -141,6 +141,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--deepspeed", default="zero2.json")
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="matmul size for the peaks (a CPU without native bf16 emulates the bf16 one: slow at 2048)",
+    )
     parser.add_argument("--out", default="bench/results/train_exit.json")
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "RESULT_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -405,7 +411,7 @@ def main(argv=None) -> int:
     from dsexit.eval.peak import matmul_peaks
 
     torch.set_num_threads(arms[0].threads)  # the workers' thread count
-    peaks = matmul_peaks(device, 2048)
+    peaks = matmul_peaks(device, args.peak_size)
     results = summarize(arms, args, precision, peaks)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
