@@ -237,6 +237,19 @@ SCALES["quick-paired"] = {
     # two at a time runs paired up across seeds and the last one ran alone.
     "concurrency": 3,
 }
+# Issue 24's routing study: threshold, capacity and random routing at target compute 0.75 and 0.5 (and
+# the baseline), the arms of a seed paired. Runs end at a fixed step, not a minute budget, so the
+# quality at equal compute is compared at exactly matched steps whatever else loads the machine (the
+# speed of the routings is train_exit's and exit_speed's measure). Two at a time, one thread each.
+ROUTING_TARGETS = ("0.75", "0.50")
+ROUTING_ARMS = {"threshold": "exit-{}", "capacity": "capacity-{}", "random": "random-{}"}
+ROUTING_PAIRS = (("capacity", "threshold"), ("random", "threshold"), ("random", "capacity"))
+SCALES["routing"] = {
+    **SCALES["quick-paired"],
+    "steps": 200,
+    "concurrency": 2,
+    "arms": ("baseline", *(arm.format(target) for target in ROUTING_TARGETS for arm in ROUTING_ARMS.values())),
+}
 DRY_RUN = dict(
     model_set=dict(max_position_embeddings=128),
     corpus_files=("moby_dick",),
@@ -315,10 +328,7 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
         str(run.run_dir),
         "--seed",
         str(run.seed),
-        "--max-minutes",
-        f"{scale['minutes']:.3f}",
-        "--max-steps",
-        "1000000",
+        *run_budget(scale),
         "--warmup-steps",
         str(scale["warmup_steps"]),
         "--exit-warmup-steps",
@@ -361,6 +371,19 @@ def trainer_command(run: Run, scale: dict, data: Path, generator: str) -> list[s
     ]
 
 
+def run_budget(scale: dict) -> list[str]:
+    """A run ends after the scale's training minutes or, with `steps`, at that step (then every run of a
+    seed ends at the same step whatever else loads the machine, and the final evaluation is at a matched
+    step)."""
+    if scale.get("steps"):
+        return ["--max-steps", str(scale["steps"])]
+    return ["--max-minutes", f"{scale['minutes']:.3f}", "--max-steps", "1000000"]
+
+
+def budget_label(scale: dict) -> str:
+    return f"{scale['steps']} steps" if scale.get("steps") else f"{scale['minutes']:.2f} min"
+
+
 def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> None:
     """Every run through the trainer, `concurrency` at a time; fails naming the run that failed."""
     env = dict(os.environ)
@@ -378,15 +401,14 @@ def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> No
             )
             active.append((run, process, time.time()))
             print(
-                f"[{run.arm.name} seed {run.seed}] pre-training {scale['minutes']:.2f} min "
-                f"(log {run.run_dir}/stdout.log)",
+                f"[{run.arm.name} seed {run.seed}] pre-training {budget_label(scale)} (log {run.run_dir}/stdout.log)",
                 flush=True,
             )
         time.sleep(1.0)
         for entry in list(active):
             run, process, started = entry
             if process.poll() is None:
-                if time.time() - started > 60 * scale["minutes"] + 900:
+                if not scale.get("steps") and time.time() - started > 60 * scale["minutes"] + 900:
                     process.terminate()
                 continue
             active.remove(entry)
@@ -637,6 +659,79 @@ def compare(summaries: list[dict]) -> dict:
     }
 
 
+ROUTING_MIN_SEEDS = 3  # the MLM recipe's study runs three seeds: a wide (t, 2 df) interval, but one
+
+
+def routing_comparison(summaries: list[dict]) -> dict:
+    """Routing against routing at each target compute, paired by seed: the held-out RTD loss at full
+    depth and under the exit rule (each run at its last tau or capacity level) at the largest step
+    both runs reached, and the exit rule's compute. Empty unless the routing arms ran."""
+    by_arm: dict[str, dict[int, dict]] = {}
+    for summary in summaries:
+        by_arm.setdefault(summary["arm"], {})[summary["seed"]] = summary
+    rows = []
+    for target in ROUTING_TARGETS:
+        for first, second in ROUTING_PAIRS:
+            a, b = (by_arm.get(ROUTING_ARMS[name].format(target), {}) for name in (first, second))
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            full, exit_rule, compute, steps = [], [], [], []
+            for seed in seeds:
+                step = min(a[seed]["curve"][-1]["step"], b[seed]["curve"][-1]["step"])
+                steps.append(step)
+                full.append(
+                    value_at(*heldout_curve(a[seed], "step"), step) - value_at(*heldout_curve(b[seed], "step"), step)
+                )
+                if a[seed]["final_step"] == b[seed]["final_step"]:  # the exit rule is evaluated at the end only
+                    exit_rule.append(
+                        a[seed]["final"]["eval_rtd_loss_uniform_exit"] - b[seed]["final"]["eval_rtd_loss_uniform_exit"]
+                    )
+                compute.append(a[seed]["compute_fraction"] - b[seed]["compute_fraction"])
+            rows.append(
+                {
+                    "target": float(target),
+                    "arms": [first, second],
+                    "seeds": seeds,
+                    "matched_step": min(steps),
+                    "delta_full_depth": t_interval(full, min_n=ROUTING_MIN_SEEDS),
+                    "delta_exit_rule": t_interval(exit_rule, min_n=ROUTING_MIN_SEEDS),
+                    "delta_compute": t_interval(compute, min_n=ROUTING_MIN_SEEDS),
+                }
+            )
+    return {"routing": rows} if rows else {}
+
+
+def format_routing(rows: list[dict]) -> str:
+    header = (
+        f"{'target':>6}  {'pair':<22} {'seeds':>5} {'step':>5}  {'delta held-out, full depth':>32}  "
+        f"{'delta held-out, exit rule':>32}  {'delta compute':>28}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['target']:>6.2f}  {' - '.join(row['arms']):<22} {len(row['seeds']):>5} {row['matched_step']:>5}  "
+            f"{_with_interval(row['delta_full_depth'], '{:+.4f}'):>32}  "
+            f"{_with_interval(row['delta_exit_rule'], '{:+.4f}'):>32}  "
+            f"{_with_interval(row['delta_compute'], '{:+.3f}'):>28}"
+        )
+    return "\n".join(lines)
+
+
+def routing_result_lines(rows: list[dict]) -> list[str]:
+    """One RESULT line per target: each pair's exit-rule delta with its interval and whether it is resolved."""
+    lines = []
+    for target in sorted({row["target"] for row in rows}, reverse=True):
+        parts = []
+        for row in (row for row in rows if row["target"] == target):
+            delta = row["delta_exit_rule"]
+            name = "_minus_".join(row["arms"])
+            low, high = (f"{delta[key]:+.4f}" if delta[key] is not None else "n/a" for key in ("low", "high"))
+            parts.append(f"{name}={delta['mean']:+.4f} [{low},{high}] resolved={'yes' if delta['resolved'] else 'no'}")
+        lines.append(f"RESULT routing_quality target={target:.2f} seeds={len(rows[0]['seeds'])} " + " ".join(parts))
+    return lines
+
+
 # ---------------------------------------------------------------------------------- precondition
 def scratch_export(run_dir: Path, out_dir: Path, seed: int) -> str:
     """A randomly initialised discriminator of the run's shape: the untrained reference."""
@@ -842,6 +937,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the scale's whole path with a tiny model, seconds per run (checks it on a CPU)",
     )
     parser.add_argument("--minutes", type=float, help="training minutes per run (default: the scale's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="end every run at this step instead of after --minutes (default: the scale's; routing: 200)",
+    )
+    parser.add_argument(
+        "--generator-temperature",
+        type=float,
+        help="sampling temperature of the MLM generator (default: the scale's, 1; the learning recipe: 2)",
+    )
     parser.add_argument("--seeds", type=int, help="pre-training seeds per arm (default: the scale's)")
     parser.add_argument(
         "--concurrency",
@@ -885,7 +990,7 @@ def resolve_scale(args: argparse.Namespace) -> dict:
     for item in args.model_set:
         name, _, value = item.partition("=")
         scale["model_set"][name] = value
-    for name in ("minutes", "seeds", "arms", "generator", "concurrency"):
+    for name in ("minutes", "steps", "seeds", "arms", "generator", "generator_temperature", "concurrency"):
         if getattr(args, name) is not None:
             scale[name] = getattr(args, name)
     if "baseline" not in scale["arms"]:
@@ -900,6 +1005,7 @@ def main(argv=None) -> int:
         if refuse_comparison(results["runs"]):
             return NO_COMPARISON
         results.update(compare(results["runs"]))
+        results.update(routing_comparison(results["runs"]))
         results["plots"] = plot(results["runs"], results, args.report.with_suffix(""))
         args.report.write_text(json.dumps(results, indent=1, default=str))
         report(results, args.report)
@@ -932,7 +1038,7 @@ def main(argv=None) -> int:
         for arm in arms
     ]
     print(
-        f"pretrain_vs_exit: {len(arms)} arms x {scale['seeds']} seeds, {scale['minutes']:.2f} training minutes each, "
+        f"pretrain_vs_exit: {len(arms)} arms x {scale['seeds']} seeds, {budget_label(scale)} of training each, "
         f"{scale['concurrency']} at a time, generator {scale['generator']}",
         flush=True,
     )
@@ -944,12 +1050,14 @@ def main(argv=None) -> int:
         refused.write_text(json.dumps({"scale": args.scale, "runs": summaries}, indent=1, default=str))
         print(f"the runs' summaries: {refused}")
         return NO_COMPARISON
-    comparison = compare(summaries)
+    comparison = {**compare(summaries), **routing_comparison(summaries)}
     results = {
         "scale": args.scale,
         "dry_run": args.dry_run,
         "generator": scale["generator"],
         "minutes_per_run": scale["minutes"],
+        "steps_per_run": scale.get("steps"),
+        "generator_temperature": scale.get("generator_temperature", 1.0),
         "concurrency": scale["concurrency"],
         "model_set": scale["model_set"],
         "machine": machine_description(),
@@ -1019,8 +1127,13 @@ def report(results: dict, out: Path) -> None:
     print()
     print(
         f"pretrain_vs_exit: scale={results['scale']}{' (dry run)' if results['dry_run'] else ''}, "
-        f"generator={results['generator']}, {results['minutes_per_run']:.2f} training minutes per run, "
-        f"{results['concurrency']} run(s) at a time, whole benchmark {results['benchmark_minutes']:.1f} min on "
+        f"generator={results['generator']} (temperature {results.get('generator_temperature', 1.0):g}), "
+        + (
+            f"{results['steps_per_run']} steps per run, "
+            if results.get("steps_per_run")
+            else f"{results['minutes_per_run']:.2f} training minutes per run, "
+        )
+        + f"{results['concurrency']} run(s) at a time, whole benchmark {results['benchmark_minutes']:.1f} min on "
         f"{results['machine']}"
     )
     print(format_table(results))
@@ -1065,7 +1178,19 @@ def report(results: dict, out: Path) -> None:
         print(f"PRECONDITION pretraining_beats_untrained={'yes' if beats else 'no'} " + "; ".join(parts))
         if not beats:
             print("downstream cannot resolve the arms at this budget: the held-out RTD loss above is the measure")
+    if results.get("routing"):
+        print()
+        print(format_routing(results["routing"]))
+        print(
+            "Routing against routing at the same target compute, paired by seed (same initial weights and data "
+            f"order): mean difference [95% Student-t interval; n/a below {ROUTING_MIN_SEEDS} seeds] of the held-out "
+            "RTD loss at the largest step both reached (full depth), of the same under each run's own exit rule at "
+            "its last tau or capacity level (exit rule; negative = the first routing's exits lose less), and of "
+            "the compute after exit warm-up"
+        )
     print(f"plots: {', '.join(results['plots'])}; json: {out}")
+    for line in routing_result_lines(results.get("routing", [])):
+        print(line)
     print(result_line(results))
 
 
