@@ -246,7 +246,7 @@ ROUTING_ARMS = {"threshold": "exit-{}", "capacity": "capacity-{}", "random": "ra
 ROUTING_PAIRS = (("capacity", "threshold"), ("random", "threshold"), ("random", "capacity"))
 SCALES["routing"] = {
     **SCALES["quick-paired"],
-    "steps": 200,
+    "steps": 400,
     "concurrency": 2,
     "arms": ("baseline", *(arm.format(target) for target in ROUTING_TARGETS for arm in ROUTING_ARMS.values())),
 }
@@ -940,7 +940,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--steps",
         type=int,
-        help="end every run at this step instead of after --minutes (default: the scale's; routing: 200)",
+        help="end every run at this step instead of after --minutes (default: the scale's; routing: 400)",
     )
     parser.add_argument(
         "--generator-temperature",

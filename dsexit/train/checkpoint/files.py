@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsexit.storage import RetryPolicy, file_sha256, local_path
+from dsexit.train.checkpoint.signing import CheckpointKey, check_signature, load_key, signed_by
 from dsexit.train.checkpoint.store import RemoteMirror
 from dsexit.train.errors import CheckpointError
 
@@ -48,14 +49,14 @@ def step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def file_digests(tag_dir: str) -> dict[str, dict[str, Any]]:
-    """{relative path: {"sha256", "bytes"}} of every file of a tag directory but the marker."""
+def file_digests(tag_dir: str, marker: str = MARKER) -> dict[str, dict[str, Any]]:
+    """{relative path: {"sha256", "bytes"}} of every file of a tag directory but its marker."""
     digests = {}
     for dirpath, _, names in os.walk(tag_dir):
         for name in names:
             path = os.path.join(dirpath, name)
             relative = os.path.relpath(path, tag_dir).replace(os.sep, "/")
-            if relative != MARKER:
+            if relative != marker:
                 digests[relative] = {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
     return digests
 
@@ -147,12 +148,30 @@ def read_latest(root: str) -> str | None:
 
 
 def resume_choice(root: str) -> CheckpointRef | None:
-    """What `--resume auto` continues from here: the checkpoint `latest` names if it is complete
-    (after a rollback, newer steps of the abandoned line stay behind it), else the newest complete."""
+    """What `--resume auto` continues from here: the checkpoint `latest` names if it is complete, else
+    the newest complete. With a key, `latest` may not fall behind the newest signed checkpoint
+    (`check_latest`)."""
     latest = read_latest(root)
     if latest and _TAG.match(latest) and (meta := read_marker(os.path.join(root, latest))) is not None:
-        return CheckpointRef(root, latest, meta)
+        return check_latest(CheckpointRef(root, latest, meta), complete_checkpoints(root), os.path.join(root, LATEST))
     return newest_complete(root)
+
+
+def check_latest(chosen: CheckpointRef, complete: list[CheckpointRef], where: str) -> CheckpointRef:
+    """`chosen` (the step `latest` names), unless a key is set and a newer step is signed with it: a
+    rollback moves the newer steps aside, so a `latest` pointing back past a signed step was written by
+    someone else, and rolling back must be asked for by naming the step (CheckpointError)."""
+    key = load_key()
+    if key is None:
+        return chosen
+    newer = [ref for ref in complete if ref.step > chosen.step and signed_by(ref.meta, key)]
+    if newer:
+        raise CheckpointError(
+            f"{where} names {chosen.tag}, older than {newer[-1].tag}, which is signed with the checkpoint key: "
+            f"a rollback is never taken from `latest` alone; name the step to roll back to "
+            f"(--resume .../{chosen.tag}) or remove the newer steps."
+        )
+    return chosen
 
 
 def open_checkpoint(path: str) -> CheckpointRef:
@@ -184,44 +203,60 @@ def trust_unverified_checkpoints() -> None:
     os.environ[TRUST_UNVERIFIED_ENV] = "1"
 
 
-def verify_files(ref: CheckpointRef, allow_missing: bool = False) -> None:
-    """Every file of the checkpoint as its marker lists it; raises CheckpointError naming the first
-    that differs, is missing, or is not listed. A marker without digests (from before them) is refused
-    unless the user trusts it (`--trust-unverified-checkpoint`, which sets TRUST_UNVERIFIED_ENV).
+def verify_files(ref: CheckpointRef, allow_missing: bool = False, key: CheckpointKey | None = None) -> None:
+    """The checkpoint's marker signed with the key, if one is set (signing.py), and every file as the
+    marker lists it; raises CheckpointError naming the first that differs, is missing, or is not listed.
+    A marker without digests (from before them), or unsigned where a key is set, is refused unless the
+    user trusts it (`--trust-unverified-checkpoint`, which sets TRUST_UNVERIFIED_ENV).
 
     `allow_missing`: a node's staging copy of a mirrored checkpoint holds only the files its own
     ranks wrote (and DeepSpeed opens only those); the files it holds must still match."""
-    listed = ref.meta.get("files")
+    trusted = os.environ.get(TRUST_UNVERIFIED_ENV) == "1"
+    key = key or load_key()
+    if key is not None:
+        check_signature(ref.meta, ref.tag, ref.path, key, trusted)
+    verify_listed(ref.path, ref.meta.get("files"), allow_missing, trusted)
+
+
+def verify_listed(
+    path: str, listed: dict[str, Any] | None, allow_missing: bool = False, trusted: bool = False, marker: str = MARKER
+) -> None:
+    """The files under `path` (but its `marker`) against `listed` ({relative path: {"sha256", "bytes"}}),
+    as `verify_files` describes."""
     if listed is None:
-        if os.environ.get(TRUST_UNVERIFIED_ENV) == "1":
-            log.warning("checkpoint %s has no file digests; loading it unverified, as asked", ref.path)
+        if trusted:
+            log.warning("checkpoint %s has no file digests; loading it unverified, as asked", path)
             return
         raise CheckpointError(
-            f"checkpoint {ref.path} has no file digests in its completion marker (saved by an older dsexit, or "
+            f"checkpoint {path} has no file digests in its completion marker (saved by an older dsexit, or "
             "edited): its files are not opened, since unpickling a planted file runs code; pass "
             "--trust-unverified-checkpoint to load it anyway if you trust where it came from."
         )
-    present = file_digests(ref.path)
+    present = file_digests(path, marker)
     for relative, expected in sorted(listed.items()):
         got = present.get(relative)
         if got is None and allow_missing:
             continue
         if got is None:
             raise CheckpointError(
-                f"checkpoint file {os.path.join(ref.path, relative)} is missing; its completion marker lists it."
+                f"checkpoint file {os.path.join(path, relative)} is missing; its completion marker lists it."
             )
         if got["sha256"] != expected["sha256"]:
             raise CheckpointError(
-                f"checkpoint file {os.path.join(ref.path, relative)} has sha256 {got['sha256']}, "
+                f"checkpoint file {os.path.join(path, relative)} has sha256 {got['sha256']}, "
                 f"but its completion marker records {expected['sha256']}; the file was changed or "
                 f"damaged after the save."
             )
     unlisted = sorted(set(present) - set(listed))
     if unlisted:
         raise CheckpointError(
-            f"checkpoint file {os.path.join(ref.path, unlisted[0])} is not listed in the "
+            f"checkpoint file {os.path.join(path, unlisted[0])} is not listed in the "
             f"completion marker; remove it (it was not written by this save)."
         )
+
+
+def _by_step(ref: CheckpointRef) -> int:
+    return ref.step
 
 
 class RemoteCheckpoints:
@@ -248,8 +283,12 @@ class RemoteCheckpoints:
         if not markers:
             return None
         latest = (self.remote.read_text(LATEST) or "").strip()
-        tag = latest if latest in markers else max(markers, key=lambda name: markers[name]["step"])
-        return CheckpointRef(self.remote.url, tag, markers[tag])
+        refs = sorted((CheckpointRef(self.remote.url, tag, meta) for tag, meta in markers.items()), key=_by_step)
+        if latest in markers:
+            return check_latest(
+                CheckpointRef(self.remote.url, latest, markers[latest]), refs, f"{self.remote.shown}/{LATEST}"
+            )
+        return refs[-1]
 
     def steps(self) -> list[int]:
         return sorted(meta["step"] for meta in self.markers().values())

@@ -30,6 +30,7 @@ from dsexit.train.checkpoint import retention
 from dsexit.train.checkpoint.files import LATEST, MARKER, UNIVERSAL_DIR, CheckpointRef, file_digests, tag_for
 from dsexit.train.checkpoint.mirror import CheckpointMirror
 from dsexit.train.checkpoint.resume import find_resume
+from dsexit.train.checkpoint.signing import load_key, sign
 from dsexit.train.checkpoint.store import no_space_message
 from dsexit.train.distributed import WorldInfo, barrier, gather_objects
 from dsexit.train.errors import CheckpointSpaceError
@@ -77,11 +78,13 @@ class CheckpointManager:
         self.keep_last, self.world = keep_last, world
         self.run_id = run_id
         """This run's id: retention counts only checkpoints whose marker carries it (None: all)."""
+        self.key = load_key()
+        """The key that signs every marker this run writes (signing.py); None without one."""
 
     # ------------------------------------------------------------------ resume
     def find_resume(self, resume: str) -> CheckpointRef | None:
         """The checkpoint `--resume` asks for, present (downloaded from the mirror if need be) and
-        verified on every node; None for a new run (resume.py)."""
+        verified on every node (its marker signed, with a key); None for a new run (resume.py)."""
         return find_resume(resume, self.root, self.world, self.mirror)
 
     def whole(self, ref: CheckpointRef) -> CheckpointRef:
@@ -145,7 +148,7 @@ class CheckpointManager:
             listed = {}
             for part in gather_objects(file_digests(tag_dir) if self.world.local_rank == 0 else {}):
                 listed.update(part)
-            meta = {**meta, "step": step, "tag": tag, "run_id": self.run_id, "files": listed}
+            meta = sign({**meta, "step": step, "tag": tag, "run_id": self.run_id, "files": listed}, self.key)
             if self.world.is_main:
                 self._complete(tag_dir, meta)
         except (OSError, RuntimeError) as error:

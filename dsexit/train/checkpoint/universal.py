@@ -3,7 +3,10 @@
 ZeRO shards optimizer state by data-parallel rank, so a checkpoint loads directly only
 at the size it was saved at. Otherwise rank 0 converts it once with DeepSpeed's
 `ds_to_universal` into CHECKPOINTS/universal/TAG, and the engine is built with
-`"checkpoint": {"load_universal": true}`. The same conversion by hand:
+`"checkpoint": {"load_universal": true}`. The conversion's done-marker lists the digest of every file it
+wrote and of the marker of the checkpoint it came from (signed with the checkpoint key, if one is set),
+and a conversion found on disk is verified against it before the engine opens any of its files, as
+the checkpoint itself is. The same conversion by hand:
 
     python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state \\
         --input_folder CHECKPOINTS/global_stepN --output_folder CHECKPOINTS/universal/global_stepN
@@ -11,14 +14,24 @@ at the size it was saved at. Otherwise rank 0 converts it once with DeepSpeed's
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
 
 from dsexit.storage import atomic_write
-from dsexit.train.checkpoint.files import UNIVERSAL_DIR, CheckpointRef
-from dsexit.train.distributed import WorldInfo, barrier
+from dsexit.train.checkpoint.files import (
+    TRUST_UNVERIFIED_ENV,
+    UNIVERSAL_DIR,
+    CheckpointRef,
+    file_digests,
+    verify_listed,
+)
+from dsexit.train.checkpoint.signing import canonical, check_signature, load_key, sign
+from dsexit.train.distributed import WorldInfo, barrier, broadcast_object
+from dsexit.train.errors import CheckpointError
 
 log = logging.getLogger("dsexit")
 
@@ -43,6 +56,15 @@ def universal_root(ref: CheckpointRef) -> str:
 def convert_to_universal(ref: CheckpointRef, world: WorldInfo) -> str:
     """Convert once (rank 0), wait for it everywhere; returns the load_dir to pass with ref.tag."""
     output = os.path.join(universal_root(ref), ref.tag)
+    error = None
+    if world.is_main and os.path.exists(os.path.join(output, _DONE)):
+        try:
+            verify_conversion(ref, output)
+        except CheckpointError as failure:
+            error = str(failure)
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
     if world.is_main and not os.path.exists(os.path.join(output, _DONE)):
         log.info(
             "checkpoint %s was saved at data-parallel size %s (ZeRO %s); converting it to the universal format in %s",
@@ -71,6 +93,41 @@ def convert_to_universal(ref: CheckpointRef, world: WorldInfo) -> str:
                 f"ds_to_universal failed on {ref.path} (exit {result.returncode}):\n"
                 f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
             )
-        atomic_write(os.path.join(output, _DONE), ref.tag)
+        done = {"tag": ref.tag, "source_marker_sha256": _source_digest(ref), "files": file_digests(output, _DONE)}
+        atomic_write(os.path.join(output, _DONE), json.dumps(sign(done, load_key()), indent=1, sort_keys=True))
     barrier()
     return universal_root(ref)
+
+
+def _source_digest(ref: CheckpointRef) -> str:
+    return hashlib.sha256(canonical(ref.meta)).hexdigest()
+
+
+def verify_conversion(ref: CheckpointRef, output: str) -> None:
+    """A conversion of `ref` found at `output`: its done-marker names `ref`'s marker, is signed with the
+    key (if one is set), and lists every file there with its digest; CheckpointError otherwise, before
+    any of them is unpickled."""
+    trusted = os.environ.get(TRUST_UNVERIFIED_ENV) == "1"
+    with open(os.path.join(output, _DONE)) as handle:
+        text = handle.read()
+    try:
+        done = json.loads(text)
+    except json.JSONDecodeError:
+        done = None
+    again = f"remove {output} and the conversion is made again from the verified {ref.tag}"
+    if not isinstance(done, dict) or "files" not in done:
+        if trusted:
+            log.warning("universal conversion %s lists no file digests; loading it unverified, as asked", output)
+            return
+        raise CheckpointError(
+            f"universal conversion {output} lists no file digests (made by an older dsexit, or planted): its files "
+            f"are not opened; {again}."
+        )
+    if done.get("source_marker_sha256") != _source_digest(ref):
+        raise CheckpointError(
+            f"universal conversion {output} was not made from the checkpoint {ref.path} as it is now; {again}."
+        )
+    key = load_key()
+    if key is not None:
+        check_signature(done, ref.tag, output, key, trusted)
+    verify_listed(output, done["files"], marker=_DONE)

@@ -45,6 +45,7 @@ from dsexit.train.checkpoint.rundir import (
     restore_log,
     roll_aside,
 )
+from dsexit.train.checkpoint.signing import load_key
 from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
 from dsexit.train.checkpoint.universal import needs_universal
 from dsexit.train.config.ds_config import (
@@ -283,6 +284,7 @@ def plan_checkpoints(run: ResolvedRun) -> tuple[RunPlan, CheckpointRef | None]:
     ConfigError on any user error."""
     ckpt = run.config.checkpoint
     try:
+        load_key()  # a key file named but unreadable fails here, before any work
         mirror = (
             RemoteCheckpoints(run.checkpoint_location, run.retry_policy())
             if is_remote(run.checkpoint_location)
