@@ -142,10 +142,10 @@ def test_a_planted_universal_conversion_is_refused_before_the_engine_opens_it(si
     (planted / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(_Payload(ran), protocol=2))
     (planted / "dsexit_universal_done").write_text("global_step4")  # what a conversion left before digests
     # saved by one process, resumed by two: the engine would load universal/global_step4
-    refused = launch("torchrun", run_dir, [*ARGS, "--max-steps", "6"], nproc=2, env=key_env)
-    assert refused.returncode != 0, refused.output[-3000:]
-    assert "universal conversion" in refused.output and str(planted) in refused.output
-    assert "Traceback" not in refused.output
+    refused = launch("deepspeed", run_dir, [*ARGS, "--max-steps", "6"], nproc=2, env=key_env)
+    assert refused.returncode == 2, refused.output[-3000:]
+    [line] = errors(refused.output)
+    assert "universal conversion" in line and str(planted) in line and "Traceback" not in refused.output
     assert not ran.exists()
 
 
