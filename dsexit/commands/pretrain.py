@@ -84,6 +84,9 @@ def _end(code: int, speak: str | None = None) -> None:
     collective, would block a normal exit (the launcher ends them). `speak`: one line on stderr."""
     if speak is not None:
         print(f"pretrain.py: error: {speak}", file=sys.stderr, flush=True)
+    from dsexit.train.checkpoint.lease import release_leases
+
+    release_leases()  # a restart need not wait for the lease to go stale
     for handler in logging.getLogger("dsexit").handlers:
         handler.flush()
     sys.stdout.flush()
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         log.warning("done (%s); run directory: %s; %s%s", reason, run.run_dir, standing.sentence(), hint)
     report_stop(reason, world.local_rank)
+    from dsexit.train.checkpoint.lease import release_leases
+
+    release_leases()
     destroy_process_group()
     return 0
 

@@ -28,11 +28,12 @@ from typing import Any, Protocol
 from dsexit.storage import RetryPolicy, atomic_write, is_remote, local_path
 from dsexit.train.checkpoint import retention
 from dsexit.train.checkpoint.files import LATEST, MARKER, UNIVERSAL_DIR, CheckpointRef, file_digests, tag_for
+from dsexit.train.checkpoint.lease import LeaseError, held_lease
 from dsexit.train.checkpoint.mirror import CheckpointMirror
 from dsexit.train.checkpoint.resume import find_resume
 from dsexit.train.checkpoint.signing import load_key, sign
 from dsexit.train.checkpoint.store import no_space_message
-from dsexit.train.distributed import WorldInfo, barrier, gather_objects
+from dsexit.train.distributed import WorldInfo, barrier, broadcast_object, gather_objects
 from dsexit.train.errors import CheckpointSpaceError
 
 log = logging.getLogger("dsexit")
@@ -78,6 +79,8 @@ class CheckpointManager:
         self.keep_last, self.world = keep_last, world
         self.run_id = run_id
         """This run's id: retention counts only checkpoints whose marker carries it (None: all)."""
+        self.lease = held_lease(location) if world.is_main and self.mirror else None
+        """Rank 0's lease on a remote checkpoint directory (lease.py): checked before every upload."""
         self.key = load_key()
         """The key that signs every marker this run writes (signing.py); None without one."""
 
@@ -148,7 +151,10 @@ class CheckpointManager:
             listed = {}
             for part in gather_objects(file_digests(tag_dir) if self.world.local_rank == 0 else {}):
                 listed.update(part)
-            meta = sign({**meta, "step": step, "tag": tag, "run_id": self.run_id, "files": listed}, self.key)
+            meta = {**meta, "step": step, "tag": tag, "run_id": self.run_id, "files": listed}
+            if self.lease is not None:
+                meta["lease_token"] = self.lease.token
+            meta = sign(meta, self.key)
             if self.world.is_main:
                 self._complete(tag_dir, meta)
         except (OSError, RuntimeError) as error:
@@ -160,10 +166,26 @@ class CheckpointManager:
         barrier()
         saved = CheckpointRef(self.root, tag, meta)
         if self.mirror:
+            self._check_lease()
             kept = retention.kept_here(self.root, saved, self.keep_last, self.run_id) if self.world.is_main else []
             self.mirror.upload(saved, {ref.tag for ref in kept})
         self.prune(saved)
         return saved
+
+    def _check_lease(self) -> None:
+        """Every rank raises the same LeaseError when rank 0's lease was taken over (the fencing check:
+        nothing is uploaded to, or deleted from, the store by a trainer that lost it)."""
+        error = None
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseError as lost:
+                error = str(lost)
+            except OSError as failure:  # the store is unreachable: the upload below says so and retries later
+                log.warning("could not read the lease on %s (%s)", self.mirror.shown, failure)
+        error = broadcast_object(error)
+        if error:
+            raise LeaseError(error)
 
     def _complete(self, tag_dir: str, meta: dict[str, Any]) -> None:
         """Rank 0, once every rank's shards are on disk: the marker, then `latest`."""

@@ -33,6 +33,7 @@ from dsexit.model import ElectraExitConfig
 from dsexit.parallel.partition import PartitionError, is_layer_partition, parse_layer_counts
 from dsexit.storage import RetryPolicy, is_remote, local_path, open_url_fs, redact, redact_text
 from dsexit.train.checkpoint.files import CheckpointRef, RemoteCheckpoints, saved_model_config
+from dsexit.train.checkpoint.lease import hold_lease
 from dsexit.train.checkpoint.resume import choose_checkpoint
 from dsexit.train.checkpoint.rundir import (
     ROLLED_BACK,
@@ -433,13 +434,20 @@ def _roll_aside(run: ResolvedRun, plan: RunPlan) -> None:
 
 
 def hold_run_dir(run: ResolvedRun) -> None:
-    """Rank 0, before anything is written to the run directory: its lock, so that a second trainer
-    started on the same directory is refused in one line (ConfigError naming the holder)."""
+    """Rank 0, before anything is written to the run directory: its lock, and for a remote checkpoint
+    directory the store's lease, so that a second trainer started on either is refused in one line
+    (ConfigError naming the holder)."""
     if run.world.is_main:
         try:
             lock_run_dir(run.run_dir)
-        except RunDirError as error:
+            if is_remote(run.checkpoint_location):  # and the store's lease (lease.py)
+                hold_lease(run.checkpoint_location, RemoteMirror(run.checkpoint_location, run.retry_policy()))
+        except (RunDirError, CheckpointError) as error:
             raise ConfigError(str(error)) from None
+        except OSError as error:
+            raise ConfigError(
+                f"checkpoint_dir={run.checkpoint_location!r}: its lease could not be taken ({error})"
+            ) from None
 
 
 def begin_run(run: ResolvedRun) -> ResolvedRun:
