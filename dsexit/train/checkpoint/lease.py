@@ -4,7 +4,7 @@ A local run directory has an OS file lock (rundir.py); two trainers on different
 share a remote `--checkpoint-dir`, and would overwrite each other's steps and `latest` there. Rank 0
 therefore holds a lease before anything is written:
 
-    CHECKPOINT_URL/dsexit.lease   {"job", "holder": {"host", "pid", "started", "proc_start"},
+    CHECKPOINT_URL/dsexit.lease   {"job", "holder": {"host", "pid", "started", "proc_start", "nonce"},
                                    "token", "renewed_at", "ttl_s"}
 
 - taken with a create-only write (S3 `If-None-Match: *`), so of two trainers starting at once one
@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from dsexit.storage import redact_text
@@ -76,6 +77,7 @@ def _holder() -> dict[str, Any]:
         "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "proc_start": _proc_start(os.getpid()),
+        "nonce": uuid.uuid4().hex,  # this acquisition's own, so that our write is told from another's
     }
 
 
@@ -94,6 +96,7 @@ class RemoteLease:
         protocols = mirror.fs.protocol if isinstance(mirror.fs.protocol, (tuple, list)) else (mirror.fs.protocol,)
         self.conditional = "s3" in protocols  # create-only and If-Match writes
         self.token: int | None = None
+        self._lease: dict[str, Any] = {}
         self.etag: str | None = None
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -142,23 +145,30 @@ class RemoteLease:
     def acquire(self) -> None:
         """Take the lease, or raise LeaseError naming its holder."""
         for _ in range(5):  # lost races go round again, reading what won
-            current, etag = self._read()
+            current, etag = self.mirror._call(self._read, f"reading {self.mirror.url}/{LEASE}")
+            if current is not None and current.get("holder") == self._lease.get("holder"):
+                self.token, self.etag, self._lease = current["token"], etag, current  # our write, its reply lost
+                self._start_renewing()
+                return
             if current is not None:
                 why = self._takeover_reason(current)
                 if why is None:
                     raise LeaseError(self._held_message(current))
-            lease = {
+            self._lease = lease = {
                 "job": self.job,
                 "holder": _holder(),
                 "token": int(current.get("token", 0)) + 1 if current else 1,
                 "renewed_at": time.time(),
                 "ttl_s": self.ttl_s,
             }
-            if self._write(lease, etag if current is not None else None):
+            written = self.mirror._call(
+                lambda lease=lease, etag=etag if current is not None else None: self._write(lease, etag),
+                f"writing {self.mirror.url}/{LEASE}",
+            )
+            if written:
                 if current is not None:
                     log.warning("took over the lease on %s: %s", self.mirror.shown, why)
                 self.token = lease["token"]
-                self._lease = lease
                 self._start_renewing()
                 return
         raise LeaseError(f"could not take the lease on {self.mirror.shown}: other trainers kept taking it first.")
@@ -203,16 +213,38 @@ class RemoteLease:
                         self._lease = lease
                     else:
                         self.lost = "its lease was replaced by another trainer's"
-                except OSError as error:  # the store is down: a later renewal tries again
+                except FileNotFoundError:  # gone: the next check writes it again
+                    pass
+                except Exception as error:  # the store is unreachable: a later renewal tries again
                     log.warning("could not renew the lease on %s (%s)", self.mirror.shown, redact_text(str(error)))
+
+    def _retake(self) -> bool:
+        """The lease object is gone (deleted, or a store that lost its objects): written again, create-only,
+        with this trainer's token; False when another trainer's write came first."""
+        lease = {**self._lease, "renewed_at": time.time()}
+        try:
+            taken = self._write(lease, None)
+        except Exception as error:
+            log.warning("could not write the lease on %s again (%s)", self.mirror.shown, redact_text(str(error)))
+            return True  # unreachable: the upload that follows fails too, and this is tried again
+        if taken:
+            self._lease = lease
+            log.warning("the lease on %s had gone; this trainer holds it again", self.mirror.shown)
+        return taken
 
     def check(self) -> None:
         """Before anything is written to the store: the lease still holds this trainer's token (the
         fencing check); LeaseError naming the new holder otherwise."""
         with self._lock:
-            current, _ = self._read()
+            try:
+                current, _ = self._read()
+            except Exception as error:  # the store is unreachable: the upload that follows fails and retries later
+                log.warning("could not read the lease on %s (%s)", self.mirror.shown, redact_text(str(error)))
+                return
+            if self.lost is None and current is None and self._retake():
+                return
             if self.lost is None and (current is None or current.get("token") != self.token):
-                self.lost = "its lease was taken over" if current is not None else "its lease was removed"
+                self.lost = "its lease was taken over"
             if self.lost is not None:
                 self._stop.set()
                 holder = (current or {}).get("holder") or {}
@@ -232,7 +264,7 @@ class RemoteLease:
                 current, _ = self._read()
                 if current is not None and current.get("token") == self.token:
                     self.mirror.fs.rm_file(self.path)
-            except OSError as error:
+            except Exception as error:
                 log.warning("could not release the lease on %s (%s)", self.mirror.shown, redact_text(str(error)))
             self.token = None
 

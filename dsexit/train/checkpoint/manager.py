@@ -181,8 +181,6 @@ class CheckpointManager:
                 self.lease.check()
             except LeaseError as lost:
                 error = str(lost)
-            except OSError as failure:  # the store is unreachable: the upload below says so and retries later
-                log.warning("could not read the lease on %s (%s)", self.mirror.shown, failure)
         error = broadcast_object(error)
         if error:
             raise LeaseError(error)
