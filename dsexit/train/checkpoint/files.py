@@ -13,8 +13,9 @@ between this directory, the mirror and a path resume.py's.
 A checkpoint is complete when its marker exists and parses; a malformed marker is
 reported as malformed. `--resume auto` takes the checkpoint `latest` names (the newest
 complete one if `latest` names none), so a rollback is followed even while newer steps
-of the abandoned line remain. Before anything unpickles a checkpoint file, `verify_files`
-checks each against the marker's digests and refuses files the marker does not list.
+of the abandoned line remain (with a key, not past a newer signed step: `check_latest`). Before anything
+unpickles a checkpoint file, `verify_files` checks the marker's signature where a key is set
+(signing.py), then each file against the marker's digests, and refuses files the marker does not list.
 """
 
 from __future__ import annotations
