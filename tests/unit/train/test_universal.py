@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 
@@ -33,8 +35,18 @@ def test_needs_universal_when_the_data_parallel_size_or_zero_stage_changed(tmp_p
 
 def test_a_finished_conversion_is_reused_without_running_again(tmp_path, monkeypatch):
     ref = _ref(tmp_path, 2, 2)
-    done = os.path.join(universal_root(ref), ref.tag, universal._DONE)
-    os.makedirs(os.path.dirname(done))
-    open(done, "w").close()
+    output = os.path.join(universal_root(ref), ref.tag)
+
+    def convert(command, **kwargs):  # what ds_to_universal leaves, in miniature
+        os.makedirs(os.path.join(output, "zero"), exist_ok=True)
+        with open(os.path.join(output, "zero", "optimizer_state.pt"), "wb") as handle:
+            handle.write(b"converted")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(universal.subprocess, "run", convert)
+    world = WorldInfo(0, 1, 0, 1, "single")
+    assert convert_to_universal(ref, world) == os.path.join(str(tmp_path), "universal")
+    done = json.loads(open(os.path.join(output, universal._DONE)).read())
+    assert set(done["files"]) == {"zero/optimizer_state.pt"} and done["tag"] == ref.tag
     monkeypatch.setattr(universal.subprocess, "run", lambda *a, **k: pytest.fail("converted again"))
-    assert convert_to_universal(ref, WorldInfo(0, 1, 0, 1, "single")) == os.path.join(str(tmp_path), "universal")
+    assert convert_to_universal(ref, world) == os.path.join(str(tmp_path), "universal")
