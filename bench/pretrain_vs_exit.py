@@ -53,6 +53,18 @@ probe, median of 5 seeds each). Where pre-training does not beat the untrained m
 the downstream comparison of arms is not resolvable at this scale and the held-out metric is
 the one that measures the claim.
 
+Routing study (`--scale routing`): threshold, capacity and random routing at target compute 0.75 and
+0.5, with the baseline, every run ending at the same step (`--steps`, not a minute budget, so the
+comparison at equal compute is at exactly matched steps whatever else loads the machine; speed is
+train_exit's measure). Besides the table against the baseline it pairs routing against routing at each
+target (capacity - threshold, random - threshold, random - capacity): the held-out RTD loss at full
+depth and under each run's own exit rule, and the compute, each with its t-interval from 3 seeds (the
+MLM recipe's study runs three; at 2 degrees of freedom the interval is wide, but it is one). One
+RESULT routing_quality line per target, before the RESULT pretrain_vs_exit line.
+
+    python bench/pretrain_vs_exit.py --scale routing --no-precondition    # 7 arms x 5 seeds, 400 steps
+    python bench/pretrain_vs_exit.py --scale routing --no-precondition --generator mlm \
+        --generator-temperature 2 --seeds 3 --steps 500    # the MLM recipe
     python bench/pretrain_vs_exit.py --scale quick    # 2-core CPU, generator-free arms, ~75 min
     python bench/pretrain_vs_exit.py --scale quick-paired --no-precondition   # 5 seeds x 3 arms, 4 min each
     python bench/pretrain_vs_exit.py --scale device   # one H200-class GPU, ELECTRA-Small, < 6 min

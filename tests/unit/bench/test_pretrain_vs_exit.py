@@ -217,3 +217,50 @@ def test_short_runs_log_training_records_at_least_as_often_as_they_evaluate(tmp_
     assert command[command.index("--log-interval") + 1] == str(dry["eval_interval"]) == "10"
     quick = bench.trainer_command(run, bench.SCALES["quick"], tmp_path, "uniform")
     assert quick[quick.index("--log-interval") + 1] == "50"
+
+
+def _routed(arm: str, seed: int, full: float, exit_rule: float, compute: float, step: int = 400) -> dict:
+    run = _run(arm, seed, [(0.0, 0, 0.40), (1.0, step, full)], compute_fraction=compute)
+    run["final"]["eval_rtd_loss_uniform_exit"] = exit_rule
+    return run
+
+
+def test_routings_are_paired_by_seed_at_each_target_with_intervals_from_three_seeds():
+    # capacity's exit-rule loss is lower than threshold's by 0.010, 0.012, 0.014 (mean 0.012, sd 0.002,
+    # t(0.975, 2) = 4.302653: half width 4.302653 x 0.002 / sqrt(3) = 0.004968); random's is higher than
+    # capacity's by 0.02 +- 0.001; full depth differs by 0.001 each seed (zero spread)
+    runs = []
+    for seed, gap in enumerate((0.010, 0.012, 0.014)):
+        runs += [
+            _routed("baseline", seed, 0.30, 0.30, 1.0),
+            _routed("exit-0.50", seed, 0.301, 0.33, 0.52),
+            _routed("capacity-0.50", seed, 0.302, 0.33 - gap, 0.50),
+            _routed("random-0.50", seed, 0.303, 0.33 - gap + 0.02 + 0.001 * (seed - 1), 0.50),
+        ]
+    rows = bench.routing_comparison(runs)["routing"]
+    assert [(row["target"], row["arms"]) for row in rows] == [
+        (0.5, ["capacity", "threshold"]),
+        (0.5, ["random", "threshold"]),
+        (0.5, ["random", "capacity"]),
+    ]
+    capacity = rows[0]["delta_exit_rule"]
+    assert capacity["values"] == pytest.approx([-0.010, -0.012, -0.014])
+    assert (capacity["low"], capacity["high"]) == pytest.approx((-0.012 - 0.004968, -0.012 + 0.004968), abs=1e-6)
+    assert capacity["resolved"] and rows[0]["delta_full_depth"]["mean"] == pytest.approx(0.001)
+    assert rows[0]["delta_compute"]["mean"] == pytest.approx(-0.02) and rows[0]["matched_step"] == 400
+    assert rows[2]["delta_exit_rule"]["mean"] == pytest.approx(0.02) and rows[2]["delta_exit_rule"]["resolved"]
+    [line] = bench.routing_result_lines(rows)
+    assert line.startswith(
+        "RESULT routing_quality target=0.50 seeds=3 capacity_minus_threshold=-0.0120 [-0.0170,-0.0070] resolved=yes"
+    )
+    assert "random_minus_capacity=+0.0200" in line
+    assert bench.routing_comparison([run for run in runs if not run["arm"].startswith(("capacity", "random"))]) == {}
+
+
+def test_the_exit_rule_is_compared_only_where_both_runs_ended_at_the_same_step():
+    runs = [
+        _routed("exit-0.75", 0, 0.30, 0.31, 0.75, step=400),
+        _routed("capacity-0.75", 0, 0.30, 0.30, 0.75, step=380),
+    ]
+    [row] = bench.routing_comparison(runs)["routing"]
+    assert row["matched_step"] == 380 and row["delta_exit_rule"]["n"] == 0 and row["delta_full_depth"]["n"] == 1
