@@ -688,7 +688,7 @@ def routing_comparison(summaries: list[dict]) -> dict:
             seeds = sorted(set(a) & set(b))
             if not seeds:
                 continue
-            full, exit_rule, compute, steps = [], [], [], []
+            full, exit_rule, compute, eval_compute, steps = [], [], [], [], []
             for seed in seeds:
                 step = min(a[seed]["curve"][-1]["step"], b[seed]["curve"][-1]["step"])
                 steps.append(step)
@@ -698,6 +698,9 @@ def routing_comparison(summaries: list[dict]) -> dict:
                 if a[seed]["final_step"] == b[seed]["final_step"]:  # the exit rule is evaluated at the end only
                     exit_rule.append(
                         a[seed]["final"]["eval_rtd_loss_uniform_exit"] - b[seed]["final"]["eval_rtd_loss_uniform_exit"]
+                    )
+                    eval_compute.append(
+                        (a[seed]["curve"][-1]["compute_fraction"], b[seed]["curve"][-1]["compute_fraction"])
                     )
                 compute.append(a[seed]["compute_fraction"] - b[seed]["compute_fraction"])
             rows.append(
@@ -709,6 +712,10 @@ def routing_comparison(summaries: list[dict]) -> dict:
                     "delta_full_depth": t_interval(full, min_n=ROUTING_MIN_SEEDS),
                     "delta_exit_rule": t_interval(exit_rule, min_n=ROUTING_MIN_SEEDS),
                     "delta_compute": t_interval(compute, min_n=ROUTING_MIN_SEEDS),
+                    # the compute each exit rule ran at on the held-out samples (the exit-rule losses' own)
+                    "exit_rule_compute": [statistics.fmean(pair) for pair in zip(*eval_compute)]
+                    if eval_compute
+                    else None,
                 }
             )
     return {"routing": rows} if rows else {}
@@ -717,7 +724,7 @@ def routing_comparison(summaries: list[dict]) -> dict:
 def format_routing(rows: list[dict]) -> str:
     header = (
         f"{'target':>6}  {'pair':<22} {'seeds':>5} {'step':>5}  {'delta held-out, full depth':>32}  "
-        f"{'delta held-out, exit rule':>32}  {'delta compute':>28}"
+        f"{'delta held-out, exit rule':>32}  {'at compute':>12}  {'delta compute':>28}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -725,6 +732,7 @@ def format_routing(rows: list[dict]) -> str:
             f"{row['target']:>6.2f}  {' - '.join(row['arms']):<22} {len(row['seeds']):>5} {row['matched_step']:>5}  "
             f"{_with_interval(row['delta_full_depth'], '{:+.4f}'):>32}  "
             f"{_with_interval(row['delta_exit_rule'], '{:+.4f}'):>32}  "
+            f"{'/'.join(f'{value:.3f}' for value in row['exit_rule_compute'] or ()):>12}  "
             f"{_with_interval(row['delta_compute'], '{:+.3f}'):>28}"
         )
     return "\n".join(lines)
@@ -1197,8 +1205,9 @@ def report(results: dict, out: Path) -> None:
             "Routing against routing at the same target compute, paired by seed (same initial weights and data "
             f"order): mean difference [95% Student-t interval; n/a below {ROUTING_MIN_SEEDS} seeds] of the held-out "
             "RTD loss at the largest step both reached (full depth), of the same under each run's own exit rule at "
-            "its last tau or capacity level (exit rule; negative = the first routing's exits lose less), and of "
-            "the compute after exit warm-up"
+            "its last tau or capacity level (exit rule; negative = the first routing's exits lose less; at compute = "
+            "the compute each exit rule ran at on the held-out samples, first/second), and of the training compute "
+            "after exit warm-up"
         )
     print(f"plots: {', '.join(results['plots'])}; json: {out}")
     for line in routing_result_lines(results.get("routing", [])):

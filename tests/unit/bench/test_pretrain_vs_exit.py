@@ -222,6 +222,7 @@ def test_short_runs_log_training_records_at_least_as_often_as_they_evaluate(tmp_
 def _routed(arm: str, seed: int, full: float, exit_rule: float, compute: float, step: int = 400) -> dict:
     run = _run(arm, seed, [(0.0, 0, 0.40), (1.0, step, full)], compute_fraction=compute)
     run["final"]["eval_rtd_loss_uniform_exit"] = exit_rule
+    run["curve"][-1]["compute_fraction"] = compute - 0.01  # on the held-out samples
     return run
 
 
@@ -248,6 +249,8 @@ def test_routings_are_paired_by_seed_at_each_target_with_intervals_from_three_se
     assert (capacity["low"], capacity["high"]) == pytest.approx((-0.012 - 0.004968, -0.012 + 0.004968), abs=1e-6)
     assert capacity["resolved"] and rows[0]["delta_full_depth"]["mean"] == pytest.approx(0.001)
     assert rows[0]["delta_compute"]["mean"] == pytest.approx(-0.02) and rows[0]["matched_step"] == 400
+    assert rows[0]["exit_rule_compute"] == pytest.approx([0.49, 0.51])
+    assert " 0.490/0.510 " in bench.format_routing(rows)
     assert rows[2]["delta_exit_rule"]["mean"] == pytest.approx(0.02) and rows[2]["delta_exit_rule"]["resolved"]
     [line] = bench.routing_result_lines(rows)
     assert line.startswith(
