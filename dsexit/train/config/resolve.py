@@ -334,6 +334,39 @@ def _resolve_partition(parallelism: ParallelismConfig, num_layers: int) -> Paral
     return dataclasses.replace(parallelism, pipeline_partition="layers:" + ",".join(map(str, counts)))
 
 
+DEFAULT_EXIT_ROUTING = "capacity"
+
+
+def default_exit_routing(model_config: ElectraExitConfig, config: TrainConfig) -> ElectraExitConfig:
+    """The trainer's exit routing where the user names none (`--exit-routing`): capacity routing, whose
+    shapes are static (it compiles, and CUDA-graphs), at equal held-out quality with threshold routing
+    (bench/README.md, the routing study); threshold routing for pipeline runs (their stages skip
+    micro-batches whose tokens all exited, which a fixed capacity never empties) and for runs without
+    a target compute (a fixed tau)."""
+    if "exit_routing" in config.model.overrides or not model_config.exit_enabled:
+        return model_config
+    fits = config.parallelism.pipeline_stages == 1 and config.exit_control.target_compute is not None
+    return dataclasses.replace(model_config, exit_routing=DEFAULT_EXIT_ROUTING if fits else "threshold")
+
+
+def _routing_of_resumed(
+    model_config: ElectraExitConfig, config: TrainConfig, chosen: CheckpointRef | None
+) -> ElectraExitConfig:
+    """A resume keeps the routing its checkpoint was trained with where the user names none (a
+    checkpoint from before capacity routing was threshold-routed): the exit controller's state is the
+    routing's own."""
+    saved = saved_model_config(chosen.meta) if chosen is not None else None
+    if saved is None or "exit_routing" in config.model.overrides or not model_config.exit_enabled:
+        return model_config
+    routing = ElectraExitConfig.from_saved(saved).exit_routing
+    if routing != model_config.exit_routing:
+        log.info(
+            "resuming %s, trained with %s routing: the run keeps it (--exit-routing names another)", chosen.tag, routing
+        )
+        return dataclasses.replace(model_config, exit_routing=routing)
+    return model_config
+
+
 def check_exit_routing(model_config: ElectraExitConfig, config: TrainConfig) -> None:
     """Capacity and random routing: no pipeline (its stages skip micro-batches whose tokens all exited,
     which a fixed capacity never empties) and a target the capacity level is steered toward."""
@@ -356,7 +389,9 @@ def check_exit_routing(model_config: ElectraExitConfig, config: TrainConfig) -> 
 def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> ResolvedRun:
     """The user's `config` is left as it was: what resolution settles goes into a new one."""
     dataset = _open_dataset(config.data.url or DEFAULT_DATA_URL)
-    model_config = config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len)
+    model_config = default_exit_routing(
+        config.model.build(dataset_model_fields(dataset), seq_len=dataset.seq_len), config
+    )
     check_exit_routing(model_config, config)
     stages = config.parallelism.pipeline_stages
     parallelism = dataclasses.replace(
@@ -400,6 +435,7 @@ def _resolve_run(config: TrainConfig, world: WorldInfo, threads: int) -> Resolve
         threads=threads,
     )
     plan, chosen = plan_checkpoints(run)
+    run = dataclasses.replace(run, model_config=_routing_of_resumed(run.model_config, config, chosen))
     return dataclasses.replace(run, run_plan=plan, resume_from=chosen).resuming(chosen)
 
 

@@ -19,6 +19,10 @@ ARGS = [
     *NO_DROPOUT,
     *("--max-steps", "8", "--save-interval", "8", "--eval-interval", "0", "--no-export-hf"),
     *("--exit-warmup-steps", "6"),
+    *(
+        "--exit-routing",
+        "threshold",
+    ),  # threshold exits run eagerly once they start (capacity's compile: test_capacity_routing)
 ]
 
 

@@ -25,6 +25,8 @@ def test_last_line_states_each_criterion_and_the_floor_is_logged(tmp_path):
             "0.05",
             "--min-confidence",
             "0.9",  # the exit threshold's start: the controller wants lower at once and cannot
+            "--exit-routing",
+            "threshold",  # tau at its floor (a capacity level at its floor: test_capacity_controller.py)
         ],
         nproc=1,
     ).check()
