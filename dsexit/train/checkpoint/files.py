@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsexit.storage import RetryPolicy, file_sha256, local_path
-from dsexit.train.checkpoint.signing import CheckpointKey, check_signature, load_key, signed_by
+from dsexit.train.checkpoint.signing import check_signature, load_key, signed_by
 from dsexit.train.checkpoint.store import RemoteMirror
 from dsexit.train.errors import CheckpointError
 
@@ -204,7 +204,7 @@ def trust_unverified_checkpoints() -> None:
     os.environ[TRUST_UNVERIFIED_ENV] = "1"
 
 
-def verify_files(ref: CheckpointRef, allow_missing: bool = False, key: CheckpointKey | None = None) -> None:
+def verify_files(ref: CheckpointRef, allow_missing: bool = False) -> None:
     """The checkpoint's marker signed with the key, if one is set (signing.py), and every file as the
     marker lists it; raises CheckpointError naming the first that differs, is missing, or is not listed.
     A marker without digests (from before them), or unsigned where a key is set, is refused unless the
@@ -213,7 +213,7 @@ def verify_files(ref: CheckpointRef, allow_missing: bool = False, key: Checkpoin
     `allow_missing`: a node's staging copy of a mirrored checkpoint holds only the files its own
     ranks wrote (and DeepSpeed opens only those); the files it holds must still match."""
     trusted = os.environ.get(TRUST_UNVERIFIED_ENV) == "1"
-    key = key or load_key()
+    key = load_key()
     if key is not None:
         check_signature(ref.meta, ref.tag, ref.path, key, trusted)
     verify_listed(ref.path, ref.meta.get("files"), allow_missing, trusted)

@@ -361,7 +361,7 @@ def _routing_of_resumed(
     routing = ElectraExitConfig.from_saved(saved).exit_routing
     if routing != model_config.exit_routing:
         log.info(
-            "resuming %s, trained with %s routing: the run keeps it (--exit-routing names another)", chosen.tag, routing
+            "resuming %s, trained with %s routing: the run keeps it (--exit-routing overrides it)", chosen.tag, routing
         )
         return dataclasses.replace(model_config, exit_routing=routing)
     return model_config
