@@ -45,7 +45,7 @@ from dsexit.eval.peak import matmul_peaks
 from dsexit.host_allocator import allocator_in_use
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel
 from dsexit.model.hf import hf_config
-from dsexit.train.distributed import setup_process
+from dsexit.train.cluster.distributed import setup_process
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.50, 0.75)
 ROUTINGS = ("plan", "capacity")

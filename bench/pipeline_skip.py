@@ -80,7 +80,7 @@ def run_worker(args) -> None:
         build_pipeline_module,
         micro_batch_inputs,
     )
-    from dsexit.train.distributed import init_process_group, setup_process
+    from dsexit.train.cluster.distributed import init_process_group, setup_process
 
     world, _ = setup_process()  # as the eager trainer starts: the CPU tuning and kernels (docs/cpu.md)
     init_process_group(world)

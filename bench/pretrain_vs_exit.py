@@ -1090,7 +1090,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=1, default=str))  # the comparison stands even if what follows is cut off
     report(results, out)
     if not args.no_precondition:
-        from dsexit.train.distributed import select_accelerator
+        from dsexit.train.cluster.distributed import select_accelerator
 
         select_accelerator()
         print(

@@ -306,7 +306,7 @@ def arm_named(name: str) -> Arm:
 def run_worker(args) -> None:
     """One arm in this process: settle, time `--steps` steps, write what was measured."""
     from dsexit.host_allocator import allocator_in_use
-    from dsexit.train.distributed import init_process_group, setup_process
+    from dsexit.train.cluster.distributed import init_process_group, setup_process
 
     world, _ = setup_process()  # as the trainer starts (eager: on a CPU, with the CPU kernels)
     init_process_group(world)
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    from dsexit.train.distributed import select_accelerator
+    from dsexit.train.cluster.distributed import select_accelerator
 
     select_accelerator()
     precision = "bf16" if resolved_ds_config(args)["bf16"]["enabled"] else "fp32"

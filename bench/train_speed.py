@@ -142,9 +142,9 @@ def run_loop(args, compile_choice: str, work: Path) -> dict:
 # ---------------------------------------------------------------- the bare engine step (a worker)
 def bare_worker(args, compile_choice: str) -> dict:
     from dsexit.model import ElectraExitConfig
+    from dsexit.train.cluster.distributed import init_process_group, setup_process
     from dsexit.train.compiling import CompiledForward
     from dsexit.train.config.ds_config import find_ds_config, load_ds_config, resolve_ds_config
-    from dsexit.train.distributed import init_process_group, setup_process
     from dsexit.train.engine import build_engine, build_model
 
     config, training = preset_training(args.preset)

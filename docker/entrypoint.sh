@@ -3,9 +3,17 @@
 # StatefulSet), Slurm (`srun --ntasks-per-node=1 docker/entrypoint.sh ...`).
 #
 #   NNODES          nodes in the job                                   (default 1)
+#                   or MIN:MAX: an elastic job under torchrun's agent, on any number of nodes in that
+#                   range; it re-forms without a lost node and grows back when one returns
 #   NODE_RANK       this node's index in [0, NNODES)                   (default 0; Slurm: SLURM_NODEID)
+#                   (elastic: node 0 hosts the rendezvous store; ranks are ordered by LOCAL_ADDR)
 #   MASTER_ADDR     address of node 0, reachable from every node       (required when NNODES > 1)
 #   MASTER_PORT     rendezvous port on node 0                          (default 29500)
+#   MAX_RESTARTS    elastic: worker restarts after a failure, such as a lost node (default 3;
+#                   a node joining does not count)
+#   RDZV_CONF       elastic: more torchrun --rdzv-conf settings (e.g. last_call_timeout=10)
+#   LOCAL_ADDR      elastic: this node's address as the others reach it (default: its host name)
+#   DSEXIT_JOB_ID   elastic: the rendezvous id, the same on every node  (default dsexit)
 #   MASTER_ADDR_WAIT  seconds to wait for MASTER_ADDR to resolve          (default 120; containers start in
 #                     any order, so node 0's name may not exist yet)
 #   NPROC_PER_NODE  processes per node: GPUs, or CPU processes         (default: GPUs seen by nvidia-smi, else 1)
@@ -40,8 +48,19 @@ require_integer() {
     printf '%d' "$((10#$value))"
 }
 
-NNODES="$(require_integer NNODES "${NNODES:-1}" 1)"
-NODE_RANK="$(require_integer NODE_RANK "${NODE_RANK:-${SLURM_NODEID:-0}}" 0 "$((NNODES - 1))" " (NNODES=$NNODES)")"
+NNODES="${NNODES:-1}"
+ELASTIC=""
+if [[ "$NNODES" == *:* ]]; then  # MIN:MAX
+    if ! [[ "$NNODES" =~ ^([0-9]{1,6}):([0-9]{1,6})$ ]] || ((10#${BASH_REMATCH[1]} < 1)) ||
+        ((10#${BASH_REMATCH[2]} < 10#${BASH_REMATCH[1]})); then
+        fail "NNODES='$NNODES' is invalid; expected a node count, or MIN:MAX with 1 <= MIN <= MAX (an elastic job)."
+    fi
+    ELASTIC="$((10#${BASH_REMATCH[1]})):$((10#${BASH_REMATCH[2]}))"
+    NNODES="${ELASTIC#*:}"
+    MAX_RESTARTS="$(require_integer MAX_RESTARTS "${MAX_RESTARTS:-3}" 0)"
+fi
+NNODES="$(require_integer NNODES "$NNODES" 1)"
+NODE_RANK="$(require_integer NODE_RANK "${NODE_RANK:-${SLURM_NODEID:-0}}" 0 "$((NNODES - 1))" " (NNODES=${ELASTIC:-$NNODES})")"
 MASTER_PORT="$(require_integer MASTER_PORT "${MASTER_PORT:-29500}" 1 65535)"
 DS_CONFIG="${DS_CONFIG:-ds_configs/zero2.json}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
@@ -83,17 +102,39 @@ run_deepspeed() {
         launch/pretrain.py --deepspeed "$DS_CONFIG" "$@"
 }
 
+# Elastic: torchrun's agent on every node. Node 0 hosts the rendezvous store (MASTER_ADDR:MASTER_PORT):
+# the job survives the loss of any other node, not of node 0. A lost node fails a local worker (a closed
+# connection, or the trainer's heartbeat), the agent restarts its workers in a new rendezvous, and they
+# resume from the newest checkpoint at the new world size; a node that starts again joins at the next one.
+run_torchrun() {
+    trap '' TERM INT  # as above: the ranks get this script's signal; the agent installs its own handlers
+    local is_host=0
+    [ "$NODE_RANK" != 0 ] || is_host=1
+    # The workers' own store, not the agent's: torch 2.13's shared store is not announced again after a
+    # membership change, so a node that joins a running job waits for its address until it times out.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    exec torchrun --nnodes "$ELASTIC" --nproc-per-node "$NPROC_PER_NODE" --rdzv-backend c10d \
+        --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${DSEXIT_JOB_ID:-dsexit}" \
+        --rdzv-conf "is_host=$is_host${RDZV_CONF:+,$RDZV_CONF}" --max-restarts "$MAX_RESTARTS" \
+        ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} launch/pretrain.py --deepspeed "$DS_CONFIG" "$@"
+}
+
 SIGNALLED=""
 INTERRUPTED=0
 children_of() { pgrep -P "$1" 2>/dev/null || cat /proc/"$1"/task/*/children 2>/dev/null || true; }
-# forward SIGNAL: SIGTERM to the ranks (children of the per-node launcher, the runner's child), for
-# SIGINT too (a terminal's Ctrl-C also reaches them directly, and three SIGINTs skip the save).
-# Before the ranks exist there is nothing to save: the launcher (or the runner itself) is stopped.
+# forward SIGNAL: SIGTERM to the ranks (children of the per-node launcher, the runner's child; under
+# torchrun, the agent's children), for SIGINT too (a terminal's Ctrl-C also reaches them directly, and
+# three SIGINTs skip the save). Before the ranks exist there is nothing to save: the launcher (or the
+# runner itself) is stopped.
 forward() {
     SIGNALLED=$1
     INTERRUPTED=1
     local launcher ranks
-    launcher="$(children_of "$RUNNER" | head -n 1)"
+    if [ -n "$ELASTIC" ]; then
+        launcher="$RUNNER"
+    else
+        launcher="$(children_of "$RUNNER" | head -n 1)"
+    fi
     ranks="$([ -z "$launcher" ] || children_of "$launcher")"
     echo "entrypoint.sh: SIG$1: asking the trainer (pid(s) $(echo $ranks)) to save a checkpoint and exit" >&2
     if [ -n "$ranks" ]; then
@@ -105,8 +146,14 @@ forward() {
     fi
 }
 
-echo "entrypoint.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE process(es), master $MASTER_ADDR:$MASTER_PORT" >&2
-run_deepspeed "$@" &
+if [ -n "$ELASTIC" ]; then
+    echo "entrypoint.sh: node $NODE_RANK, elastic job of $ELASTIC nodes, $NPROC_PER_NODE process(es) per node," \
+        "rendezvous $MASTER_ADDR:$MASTER_PORT, up to $MAX_RESTARTS restart(s)" >&2
+    run_torchrun "$@" &
+else
+    echo "entrypoint.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE process(es), master $MASTER_ADDR:$MASTER_PORT" >&2
+    run_deepspeed "$@" &
+fi
 RUNNER=$!
 trap 'forward TERM' TERM
 trap 'forward INT' INT

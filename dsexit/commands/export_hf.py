@@ -54,7 +54,7 @@ def describe_weight_error(path: str, error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsexit.train.distributed import select_accelerator
+    from dsexit.train.cluster.distributed import select_accelerator
 
     select_accelerator()
     from dsexit.storage import redact_text

@@ -11,9 +11,10 @@ checkpoints and a Hugging Face export in runs/electra. `--help` lists every flag
 Exit codes: 0 finished, or preempted after saving a checkpoint (SIGTERM, SIGINT, or the
 launcher gone); 1 no space left while saving a checkpoint (one line naming the device); 2 a
 user error, one line on stderr: raised before any work starts (nothing is written), or a
-checkpoint to resume that cannot be used, or a corrupt shard met mid-run; 3 a lost peer
-(resume with --resume auto). The trainer raises typed errors (dsexit/train/errors.py); this
-module alone turns them into exit codes.
+checkpoint to resume that cannot be used, or a corrupt shard met mid-run; 3 a lost peer: a
+failed collective, or a node's heartbeat silent for --heartbeat-timeout (an elastic agent restarts
+the workers without it; otherwise resume with --resume auto). The trainer raises typed errors
+(dsexit/train/errors.py); this module alone turns them into exit codes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 EXIT_NO_SPACE = 1  # the disk filled while a checkpoint was written
 EXIT_USER_ERROR = 2
-EXIT_PEER_LOST = 3  # a collective lost a peer (node loss); resume with --resume auto
+EXIT_PEER_LOST = 3  # a node was lost (a failed collective, a silent heartbeat); torchrun's agent restarts on it
 EXIT_STATUS_ENV = "DSEXIT_EXIT_STATUS_FILE"  # where local rank 0 writes why the run stopped (docker/entrypoint.sh)
 
 
@@ -94,7 +96,7 @@ def _end(code: int, speak: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsexit.train.distributed import (
+    from dsexit.train.cluster.distributed import (
         describe_peer_failure,
         destroy_process_group,
         init_process_group,
@@ -139,11 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("dsexit")
     log.info("resolved config:\n%s", run.to_json())
     init_process_group(world, run.config.parallelism.dist_timeout_s)
-    run = begin_run(run)  # --start-over moves the old run aside; the run id, agreed on every rank
+    from dsexit.train.cluster import membership
+    from dsexit.train.cluster.heartbeat import PeerWatch
     from dsexit.train.trainer import Trainer
 
+    trainer, watch = None, None
+    peer_lost_once = threading.Lock()
+
+    def peer_lost(sentence: str) -> None:
+        """A lost node, from a failed collective (main thread) or the heartbeat (its own thread): say it,
+        record it for the restart, and end with code 3 at once."""
+        peer_lost_once.acquire()  # never released: a second caller waits here for the first one's exit
+        log.error("%s", sentence)
+        membership.record_stop(run.run_dir, world, "lost peer", getattr(trainer, "step", None), lost=sentence)
+        # The process group is broken: a normal exit could block in its teardown (or in the
+        # data prefetch threads), and a bounded exit is the point of reporting this.
+        _end(EXIT_PEER_LOST)
+
     try:
-        trainer = Trainer(run)
+        run = begin_run(run)  # --start-over moves the old run aside; the run id, agreed on every rank
+        world_change = membership.begin(run.run_dir, world)  # what changed since this node's last worker stopped
+        watch = PeerWatch.start_for_job(world, run.config.parallelism.heartbeat_timeout_s, peer_lost)
+        trainer = Trainer(run, world_change=world_change)
         reason = trainer.train()
     except CheckpointSpaceError as error:  # said by every rank that met it
         _end(EXIT_NO_SPACE, speak=redact_text(str(error)))
@@ -156,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         lost = describe_peer_failure(error, world)
         if lost is None:
             raise
-        log.error("%s", lost)
-        # The process group is broken: a normal exit could block in its teardown (or in the
-        # data prefetch threads), and a bounded exit is the point of reporting this.
-        _end(EXIT_PEER_LOST)
+        peer_lost(lost)
+    if watch is not None:
+        watch.stop()
+    membership.record_stop(run.run_dir, world, reason, trainer.step)
     standing = trainer.standing
     if standing is None or not world.is_main:
         log.info("done (%s); run directory: %s", reason, run.run_dir)

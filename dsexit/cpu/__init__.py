@@ -5,7 +5,7 @@
     kernels.py     dropout with a cheaper CPU mask, and attention in training on its math path
                    with that mask (neither compiles)
 
-The one entrance is `tune_process`, which `dsexit.train.distributed.setup_process` calls when, and
+The one entrance is `tune_process`, which `dsexit.train.cluster.distributed.setup_process` calls when, and
 only when, DeepSpeed's accelerator is the CPU: the pretrain command and the benchmarks start that
 way, and a GPU process imports nothing from here. The model (`dsexit.model`) uses torch's own
 dropout and attention, which compile with `fullgraph=True` on every device; this package only

@@ -55,7 +55,7 @@ def resolve_model_dir(path: str, export_dir: str | None = None) -> tuple[str, st
             f"model {path!r} is not an ELECTRA export (no config.json) nor a dsexit checkpoint "
             f"(no {MARKER}); expected a directory written by launch/export_hf.py or a checkpoint."
         )
-    from dsexit.train.distributed import select_accelerator
+    from dsexit.train.cluster.distributed import select_accelerator
 
     select_accelerator()  # before DeepSpeed is imported (ZeRO checkpoints are consolidated by it)
     from dsexit.train.export import export_hf

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from dsexit.model.capacity import LEVELS
 from dsexit.model.flops import mean_exit_layer
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.step_stats import StepSummary
 
 log = logging.getLogger("dsexit")

@@ -32,13 +32,14 @@ from dsexit.train.checkpoint.files import CheckpointRef
 from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.rundir import RunPlan, claim
 from dsexit.train.checkpoint.universal import load_dir_of
+from dsexit.train.cluster.membership import WorldChange
+from dsexit.train.cluster.preemption import PreemptionHandler
 from dsexit.train.compiling import CompiledForward, compile_decision
 from dsexit.train.config.resolve import CONFIG_FILE, ResolvedRun
 from dsexit.train.engine import build_engine, build_model
 from dsexit.train.export import export_hf
 from dsexit.train.heldout import HeldOutEvaluator, Standing
 from dsexit.train.metrics import MetricsLogger
-from dsexit.train.preemption import PreemptionHandler
 from dsexit.train.rng import RngStates, rank_seed, seed_everything, use_deterministic_kernels
 from dsexit.train.step_runner import data_parallel_rank, make_step_runner
 from dsexit.train.step_stats import StepStats, StepSummary
@@ -73,7 +74,7 @@ class Trainer:
     exit code, is the caller's (dsexit/commands/pretrain.py).
     """
 
-    def __init__(self, run: ResolvedRun):
+    def __init__(self, run: ResolvedRun, world_change: WorldChange | None = None):
         if run.run_id is None:
             raise ValueError("the run has no id yet: pass it through begin_run (dsexit.train.config.resolve) first.")
         # --- core configs
@@ -107,7 +108,11 @@ class Trainer:
         # resolution read (a newer one that only rank 0's disk holds gave way to the mirror's).
         self.run = run = run.resuming(resume_from)
         self.latest_checkpoint: CheckpointRef | None = None
-        load_dir = load_dir_of(resume_from, run.dp_size, run.zero_stage, self.world) if resume_from else None
+        load_dir = (
+            load_dir_of(resume_from, run.dp_size, run.zero_stage, self.world, self.checkpoints.whole)
+            if resume_from
+            else None
+        )
         self.pipeline_stages = self.config.parallelism.pipeline_stages
         self.engine = build_engine(
             self._build_model(), run.ds_config, self.pipeline_stages, self.config.parallelism.pipeline_partition
@@ -153,6 +158,10 @@ class Trainer:
             if self.run_plan.mode == "rollback":
                 self.checkpoints.point_latest(resume_from)
                 log.info("rolled back to %s: --resume auto continues from here", resume_from.tag)
+        # what changed since this node's last worker stopped (`membership.begin`), said once resumed
+        self.world_change = world_change if self.world.is_main else None
+        if self.world_change is not None:
+            log.warning("the job changed: %s", self.world_change.sentence(self.step))
         self.heldout = self._build_heldout()
         self.last_eval: dict[str, float] | None = None
         self.standing: Standing | None = None  # the final held-out verdict, for the run's last line
@@ -408,6 +417,11 @@ class Trainer:
             samples_seen=self.samples_seen,
             tokens_seen=self.tokens_seen,
         )
+        if self.world_change is not None:
+            since = self.world_change.seconds_since_stop()
+            if since is not None:
+                log.info("first step, %.1f s after the previous worker on this node stopped", since)
+            self.world_change = None
         if self.compiled is not None and not self.compiled.first_step_logged:
             self.compiled.first_step_logged = True
             log.info("first step, compilation included: %.1f s", time.perf_counter() - step_started)

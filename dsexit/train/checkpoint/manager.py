@@ -33,7 +33,7 @@ from dsexit.train.checkpoint.mirror import CheckpointMirror
 from dsexit.train.checkpoint.resume import find_resume
 from dsexit.train.checkpoint.signing import load_key, sign
 from dsexit.train.checkpoint.store import no_space_message
-from dsexit.train.distributed import WorldInfo, barrier, broadcast_object, gather_objects
+from dsexit.train.cluster.distributed import WorldInfo, barrier, broadcast_object, gather_objects
 from dsexit.train.errors import CheckpointSpaceError
 
 log = logging.getLogger("dsexit")
@@ -94,11 +94,7 @@ class CheckpointManager:
         """`ref` with every rank's files in this node's copy. A node with its own disk holds only the
         shards its ranks wrote; the other nodes' come from the mirror (the Hugging Face export of a
         multi-node ZeRO run consolidates them all on rank 0)."""
-        missing = [name for name in ref.meta.get("files", {}) if not os.path.exists(os.path.join(ref.path, name))]
-        if missing and self.mirror:
-            log.info("fetching %d file(s) of checkpoint %s from %s", len(missing), ref.tag, self.mirror.shown)
-            self.mirror.download(ref.tag, ref.root, missing)
-        return ref
+        return self.mirror.fill_in(ref) if self.mirror else ref
 
     def point_latest(self, ref: CheckpointRef) -> None:
         """Make `ref` the checkpoint `--resume auto` continues from (a rollback); rank 0."""

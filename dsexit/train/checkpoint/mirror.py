@@ -18,7 +18,7 @@ import os
 from dsexit.storage import RetryPolicy, redact_text
 from dsexit.train.checkpoint.files import LATEST, MARKER, CheckpointRef, RemoteCheckpoints, step_of
 from dsexit.train.checkpoint.store import file_owner
-from dsexit.train.distributed import WorldInfo, barrier, broadcast_object, gather_objects
+from dsexit.train.cluster.distributed import WorldInfo, barrier, broadcast_object, gather_objects
 from dsexit.train.errors import CheckpointError
 
 log = logging.getLogger("dsexit")
@@ -49,6 +49,16 @@ class CheckpointMirror:
             raise CheckpointError(
                 f"could not download checkpoint {tag} from {self.shown}: {redact_text(str(error))}"
             ) from None
+
+    def fill_in(self, ref: CheckpointRef) -> CheckpointRef:
+        """`ref` with every file its marker lists in this node's copy. A node with its own disk holds only
+        the shards its ranks wrote; the other nodes' come from the mirror (for a Hugging Face export, a
+        universal conversion, or a resume in a world of one)."""
+        missing = [name for name in ref.meta.get("files", {}) if not os.path.exists(os.path.join(ref.path, name))]
+        if missing:
+            log.info("fetching %d file(s) of checkpoint %s from %s", len(missing), ref.tag, self.shown)
+            self.download(ref.tag, ref.root, missing)
+        return ref
 
     def point_latest(self, tag: str) -> None:
         """Rank 0, after a rollback: the mirror's `latest` names `tag` too (a warning if it cannot)."""

@@ -33,7 +33,7 @@ from dsexit.train.checkpoint.files import (
     verify_files,
 )
 from dsexit.train.checkpoint.mirror import CheckpointMirror
-from dsexit.train.distributed import WorldInfo, barrier, broadcast_object, gather_objects, several_processes
+from dsexit.train.cluster.distributed import WorldInfo, barrier, broadcast_object, gather_objects, several_processes
 from dsexit.train.errors import CheckpointError
 
 log = logging.getLogger("dsexit")
@@ -122,6 +122,8 @@ def _on_every_node(
     must share the checkpoint directory. Every rank raises if any node lacks it or any file fails."""
     if not several_processes():
         if chosen is not None:
+            if mirror is not None:  # saved by several nodes: this node's copy lacks the others' shards
+                mirror.fill_in(chosen)
             verify_files(chosen)
         return chosen
     chosen_root, tag, in_own_root = broadcast_object(

@@ -24,7 +24,7 @@ from dsexit.train.checkpoint.files import (
     read_latest,
     step_of,
 )
-from dsexit.train.distributed import WorldInfo, barrier, broadcast_object
+from dsexit.train.cluster.distributed import WorldInfo, barrier, broadcast_object
 
 if TYPE_CHECKING:
     from dsexit.train.checkpoint.mirror import CheckpointMirror

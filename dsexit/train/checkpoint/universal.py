@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import Callable
 
 from dsexit.storage import atomic_write
 from dsexit.train.checkpoint.files import (
@@ -27,10 +28,11 @@ from dsexit.train.checkpoint.files import (
     UNIVERSAL_DIR,
     CheckpointRef,
     file_digests,
+    verify_files,
     verify_listed,
 )
 from dsexit.train.checkpoint.signing import canonical, check_signature, load_key, sign
-from dsexit.train.distributed import WorldInfo, barrier, broadcast_object
+from dsexit.train.cluster.distributed import WorldInfo, broadcast_object, gather_objects
 from dsexit.train.errors import CheckpointError
 
 log = logging.getLogger("dsexit")
@@ -43,29 +45,55 @@ def needs_universal(ref: CheckpointRef, dp_size: int, zero_stage: int) -> bool:
     return int(ref.meta["dp_size"]) != dp_size or int(ref.meta["zero_stage"]) != zero_stage
 
 
-def load_dir_of(ref: CheckpointRef, dp_size: int, zero_stage: int, world: WorldInfo) -> str:
+def load_dir_of(
+    ref: CheckpointRef,
+    dp_size: int,
+    zero_stage: int,
+    world: WorldInfo,
+    make_whole: Callable[[CheckpointRef], CheckpointRef] | None = None,
+) -> str:
     """Where the engine loads `ref` from: its own root, or, saved at another data-parallel size or ZeRO
-    stage, the root of its universal conversion (made once, by rank 0; every rank waits for it)."""
-    return convert_to_universal(ref, world) if needs_universal(ref, dp_size, zero_stage) else ref.root
+    stage, the root of its universal conversion (every rank waits for it). `make_whole` gives this
+    node's copy of `ref` every rank's files before it is converted (`CheckpointManager.whole`)."""
+    if not needs_universal(ref, dp_size, zero_stage):
+        return ref.root
+    return convert_to_universal(ref, world, make_whole)
 
 
 def universal_root(ref: CheckpointRef) -> str:
     return os.path.join(ref.root, UNIVERSAL_DIR)
 
 
-def convert_to_universal(ref: CheckpointRef, world: WorldInfo) -> str:
-    """Convert once (rank 0), wait for it everywhere; returns the load_dir to pass with ref.tag."""
+def convert_to_universal(
+    ref: CheckpointRef, world: WorldInfo, make_whole: Callable[[CheckpointRef], CheckpointRef] | None = None
+) -> str:
+    """Convert once per disk, wait for it everywhere; returns the load_dir to pass with ref.tag.
+
+    Rank 0 converts first (or verifies a conversion already there). Then the first rank of every other
+    node looks: on a disk the nodes share it finds rank 0's conversion and verifies it; on a disk of its
+    own (checkpoints staged per node and mirrored to a URL) it converts its own copy. A failure on any
+    rank is raised on every rank."""
     output = os.path.join(universal_root(ref), ref.tag)
-    error = None
-    if world.is_main and os.path.exists(os.path.join(output, _DONE)):
-        try:
-            verify_conversion(ref, output)
-        except CheckpointError as failure:
-            error = str(failure)
+    error = _convert_or_verify(ref, output, make_whole) if world.is_main else None
     error = broadcast_object(error)
-    if error:
-        raise CheckpointError(error)
-    if world.is_main and not os.path.exists(os.path.join(output, _DONE)):
+    if error is None and world.local_rank == 0 and not world.is_main:
+        error = _convert_or_verify(ref, output, make_whole)
+    errors = [failure for failure in gather_objects(error) if failure]
+    if errors:
+        raise CheckpointError(errors[0])
+    return universal_root(ref)
+
+
+def _convert_or_verify(
+    ref: CheckpointRef, output: str, make_whole: Callable[[CheckpointRef], CheckpointRef] | None
+) -> str | None:
+    """This disk's conversion of `ref`, made now or verified; the failure as one sentence, else None."""
+    try:
+        if os.path.exists(os.path.join(output, _DONE)):
+            verify_conversion(ref, output)
+            return None
+        if make_whole is not None:  # the other nodes' shards, verified before the converter unpickles them
+            verify_files(make_whole(ref))
         log.info(
             "checkpoint %s was saved at data-parallel size %s (ZeRO %s); converting it to the universal format in %s",
             ref.tag,
@@ -89,14 +117,15 @@ def convert_to_universal(ref: CheckpointRef, world: WorldInfo) -> str:
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(
+            return (
                 f"ds_to_universal failed on {ref.path} (exit {result.returncode}):\n"
                 f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
             )
         done = {"tag": ref.tag, "source_marker_sha256": _source_digest(ref), "files": file_digests(output, _DONE)}
         atomic_write(os.path.join(output, _DONE), json.dumps(sign(done, load_key()), indent=1, sort_keys=True))
-    barrier()
-    return universal_root(ref)
+    except CheckpointError as failure:
+        return str(failure)
+    return None
 
 
 def _source_digest(ref: CheckpointRef) -> str:

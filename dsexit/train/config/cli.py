@@ -8,7 +8,7 @@ FIELD=VALUE`. A new field therefore needs no edit here.
 
 The layers, each over the one before: field defaults, the preset (`--preset`, or the one a
 `--config` file names), the `--config` file, the flags. Launchers' own arguments (`--local_rank`)
-are accepted and ignored (ranks are discovered in `dsexit.train.distributed`), and DeepSpeed's
+are accepted and ignored (ranks are discovered in `dsexit.train.cluster.distributed`), and DeepSpeed's
 spelling `--deepspeed --deepspeed_config FILE` means `--deepspeed FILE`.
 
 `dataclass_flags` and `given_fields` serve any dataclass: fine-tuning's command line

@@ -49,6 +49,7 @@ from dsexit.train.checkpoint.rundir import (
 from dsexit.train.checkpoint.signing import load_key
 from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
 from dsexit.train.checkpoint.universal import needs_universal
+from dsexit.train.cluster.distributed import WorldInfo, barrier, broadcast_object
 from dsexit.train.config.ds_config import (
     check_parallelism,
     find_ds_config,
@@ -57,7 +58,6 @@ from dsexit.train.config.ds_config import (
     zero_stage,
 )
 from dsexit.train.config.train_config import RESUME_KEYWORDS, ParallelismConfig, TrainConfig
-from dsexit.train.distributed import WorldInfo, barrier, broadcast_object
 from dsexit.train.errors import CheckpointError, ConfigError
 from dsexit.train.metrics import setup_logging
 

@@ -170,6 +170,10 @@ class ParallelismConfig:
     dist_timeout_s: float = field(default=1800.0, metadata={"flag": "--dist-timeout", "metavar": "SECONDS"})
     """Seconds a collective may wait for its peers before the run fails with an error naming
     them (a lost node, a cut network); also bounds the start-up rendezvous."""
+    heartbeat_timeout_s: float = field(default=60.0, metadata={"flag": "--heartbeat-timeout", "metavar": "SECONDS"})
+    """In a job of several nodes, a node whose heartbeat stops for this long (a host that vanished without
+    closing its connections) is lost: the survivors exit with code 3 within it instead of waiting out
+    --dist-timeout, and an elastic agent re-forms the job (docs/cluster.md). 0 turns the heartbeat off."""
 
 
 @dataclass
@@ -300,6 +304,8 @@ class TrainConfig:
             _fail("max_minutes", training.max_minutes, "a positive number of minutes")
         if not (math.isfinite(self.parallelism.dist_timeout_s) and self.parallelism.dist_timeout_s > 0):
             _fail("dist_timeout_s", self.parallelism.dist_timeout_s, "a positive number of seconds")
+        if not (math.isfinite(self.parallelism.heartbeat_timeout_s) and self.parallelism.heartbeat_timeout_s >= 0):
+            _fail("heartbeat_timeout_s", self.parallelism.heartbeat_timeout_s, "a number of seconds >= 0 (0: off)")
         if training.precision not in PRECISIONS:
             _fail("precision", training.precision, f"one of {', '.join(PRECISIONS)}")
         if training.compile not in COMPILE_CHOICES:

@@ -176,3 +176,29 @@ def launch_node(
     )
     command = entrypoint_command("--run-dir", str(run_dir), "--data", f"s3://{BUCKET}/data", *TINY_RUN, *args)
     return node.start(command, log_path, env, cwd=str(REPO))
+
+
+# Elastic jobs: the rendezvous settles 3 s after the first node arrives, and a node whose agent stops
+# answering leaves it after 3 s (torchrun's defaults: 30 s and 15 s).
+ELASTIC_RDZV_CONF = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+def launch_elastic_node(
+    node: Node, hosts: TwoHosts, s3: S3Server, port: int, job: str, log_path: Path, run_dir: Path, *args: str
+) -> subprocess.Popen:
+    """docker/entrypoint.sh on `node` as one node of an elastic job of 1 to 2 nodes (torchrun's agent,
+    the rendezvous store on node 0); one rank per node, data and checkpoints on S3."""
+    env = node_env(
+        node,
+        **s3.env,
+        NNODES="1:2",
+        NODE_RANK=str(node.rank),
+        MASTER_ADDR=hosts.nodes[0].address,
+        MASTER_PORT=str(port),
+        NPROC_PER_NODE="1",
+        LOCAL_ADDR=node.address,  # both namespaces share a host name: order the nodes by address
+        RDZV_CONF=ELASTIC_RDZV_CONF,
+        DSEXIT_JOB_ID=job,
+    )
+    command = entrypoint_command("--run-dir", str(run_dir), "--data", f"s3://{BUCKET}/data", *TINY_RUN, *args)
+    return node.start(command, log_path, env, cwd=str(REPO))

@@ -51,12 +51,20 @@ class Node:
         return process
 
     def kill_all(self) -> None:
-        """SIGKILL every process group this node started (the launcher and its ranks)."""
+        """SIGKILL every process this node started and all their descendants, as when the machine dies:
+        the launcher, its ranks, and the workers torchrun's agent starts in sessions of their own."""
+        doomed = [pid for process in self.processes for pid in process_tree(process.pid)]
         for process in self.processes:
             try:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGSTOP)  # nothing in the tree starts anything more
             except ProcessLookupError:
                 pass
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for process in self.processes:
             process.wait()
         self.processes.clear()
 
@@ -66,6 +74,20 @@ class Node:
             subprocess.run(
                 ["ip", "-n", self.namespace, "link", "set", self.interface, "up" if up else "down"], check=True
             )
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (from /proc's children lists)."""
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        tree.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                frontier.extend(int(child) for child in children.read_text().split())
+            except OSError:
+                pass
+    return tree
 
 
 class TwoHosts:

@@ -17,7 +17,7 @@ import torch
 from dsexit.model import ElectraExitConfig, ElectraPreTrainingModel, ExitDecision
 from dsexit.model.exit_rules.confidence import margin_from
 from dsexit.parallel.pipeline import build_pipeline_module, micro_batch_inputs, pipeline_state_dict_to_model
-from dsexit.train.distributed import release_shm_workspace
+from dsexit.train.cluster.distributed import release_shm_workspace
 
 
 def batches(config, micro_batches, batch_size=4, seq_len=32, exit_plans=None):

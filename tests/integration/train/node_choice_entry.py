@@ -11,7 +11,7 @@ import sys
 import torch.distributed as dist
 
 from dsexit.train.checkpoint.manager import CheckpointManager
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.errors import CheckpointError
 
 rank, port, url, staging = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]

@@ -199,7 +199,7 @@ def test_sigterm_to_deepspeed_runner_alone_saves_and_every_process_exits(tmp_pat
 
 RANK_CODE = """
 import sys, time
-from dsexit.train.preemption import PreemptionHandler
+from dsexit.train.cluster.preemption import PreemptionHandler
 handler = PreemptionHandler().install()
 print("watching", flush=True)
 deadline = time.monotonic() + 30

@@ -20,7 +20,7 @@ import fsspec
 from dsexit.storage import RetryPolicy
 from dsexit.train.checkpoint.files import MARKER
 from dsexit.train.checkpoint.manager import CheckpointManager
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 from tests.helpers import REPO
 from tests.helpers.checkpoints import FakeEngine
 from tests.helpers.servers import free_port

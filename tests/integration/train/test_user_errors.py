@@ -297,10 +297,15 @@ def test_finetune_damaged_checkpoint_one_line(damaged_checkpoints, tmp_path):
         ("MASTER_PORT", "70000"),
         ("NNODES", "0"),
         ("MASTER_ADDR_WAIT", "soon"),
+        ("NNODES", "2:1"),
+        ("NNODES", "0:2"),
+        ("NNODES", "1:two"),
+        ("MAX_RESTARTS", "-1"),
     ],
 )
 def test_entrypoint_rejects_non_integer_layout(variable, value, tmp_path):
-    env = {**ENV, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", variable: value}
+    nodes = "1:2" if variable == "MAX_RESTARTS" else "2"  # restarts belong to an elastic job
+    env = {**ENV, "NNODES": nodes, "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", variable: value}
     if variable != "NPROC_PER_NODE":
         env["NPROC_PER_NODE"] = "1"
     _check(

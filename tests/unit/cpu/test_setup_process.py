@@ -12,7 +12,7 @@ import torch
 import dsexit.cpu
 from dsexit.cpu import allocator, cpu_dropout, tune_process
 from dsexit.model import kernels
-from dsexit.train import distributed
+from dsexit.train.cluster import distributed
 from dsexit.train.config import ConfigError
 
 

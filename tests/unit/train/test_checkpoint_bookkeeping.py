@@ -31,10 +31,10 @@ from dsexit.train.checkpoint.resume import choose_checkpoint
 from dsexit.train.checkpoint.retention import doomed_tags, kept_tags
 from dsexit.train.checkpoint.rundir import RUN_FILE, RunDirError, plan_run, roll_aside
 from dsexit.train.checkpoint.store import RemoteMirror, StorageError, probe_local_dir
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.config import ConfigError
 from dsexit.train.config.cli import parse_config
 from dsexit.train.config.resolve import begin_run, resolve_run
-from dsexit.train.distributed import WorldInfo
 from dsexit.train.errors import CheckpointError
 from tests.helpers.checkpoints import FakeEngine
 

@@ -27,7 +27,7 @@ from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.resume import choose_checkpoint
 from dsexit.train.checkpoint.signing import KEY_FILE_ENV, canonical, load_key, sign, signed_by
 from dsexit.train.checkpoint.universal import _DONE, _source_digest, convert_to_universal, verify_conversion
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.errors import CheckpointError
 from tests.helpers.checkpoints import FakeEngine
 

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from dsexit.train import distributed
 from dsexit.train.checkpoint.files import MARKER, complete_checkpoints, newest_complete, tag_for
 from dsexit.train.checkpoint.manager import CheckpointManager
 from dsexit.train.checkpoint.store import file_owner
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster import distributed
+from dsexit.train.cluster.distributed import WorldInfo
 
 LAUNCHER_VARS = (
     "RANK",

@@ -11,12 +11,12 @@ import json
 
 import pytest
 
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.config import ConfigError, preset_config
 from dsexit.train.config.cli import parse_config
 from dsexit.train.config.ds_config import bf16_supported, check_parallelism, load_ds_config, resolve_ds_config
 from dsexit.train.config.resolve import resolve_run
 from dsexit.train.config.train_config import ExitControlConfig
-from dsexit.train.distributed import WorldInfo
 from tests.helpers import REPO
 
 SINGLE = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
@@ -117,6 +117,8 @@ def test_flags_reach_their_fields_and_model_overrides(tmp_path):
         (["--max-steps", "0"], "max_steps=0"),
         (["--warmup-steps", "2000"], "warmup_steps=2000"),
         (["--lr", "-1"], "lr=-1.0"),
+        (["--heartbeat-timeout", "-5"], "heartbeat_timeout_s=-5.0"),
+        (["--dist-timeout", "0"], "dist_timeout_s=0.0"),
         (["--data", "/nonexistent/dataset"], "/nonexistent/dataset"),
         (["--deepspeed", "ds_configs/zero9.json"], "zero9.json"),
         (["--resume", "/nonexistent/checkpoints"], "resume='/nonexistent/checkpoints'"),

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.heldout import EVAL_FIELDS
 from dsexit.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from dsexit.train.step_stats import StepSummary

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from dsexit.train.preemption import FORCE_AFTER_SIGINTS, PreemptionHandler
+from dsexit.train.cluster.preemption import FORCE_AFTER_SIGINTS, PreemptionHandler
 
 
 @pytest.fixture
@@ -60,6 +60,6 @@ def test_uninstall_gives_back_the_handlers_it_found():
 
 def test_plain_python_parent_is_not_watched():
     """`nohup python launch/pretrain.py &` must outlive the shell that started it: no watch."""
-    from dsexit.train.preemption import launcher_lineage
+    from dsexit.train.cluster.preemption import launcher_lineage
 
     assert launcher_lineage() == []  # pytest's parent is a shell or CI runner, not a launcher

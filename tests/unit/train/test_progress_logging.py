@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 from dsexit.train.metrics import LOG_FILE, MetricsLogger, setup_logging
 
 

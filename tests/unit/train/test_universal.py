@@ -11,7 +11,7 @@ import pytest
 from dsexit.train.checkpoint import universal
 from dsexit.train.checkpoint.files import CheckpointRef
 from dsexit.train.checkpoint.universal import convert_to_universal, needs_universal, universal_root
-from dsexit.train.distributed import WorldInfo
+from dsexit.train.cluster.distributed import WorldInfo
 
 
 def _ref(root, dp_size, zero_stage) -> CheckpointRef:

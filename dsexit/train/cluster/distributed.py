@@ -154,7 +154,8 @@ def init_process_group(world: WorldInfo, timeout_s: float = 1800.0) -> None:
     _ROSTER.clear()
     _ROSTER["timeout_s"] = timeout_s
     places: list = [None] * world.world_size
-    dist.all_gather_object(places, (socket.gethostname(), _own_address(), os.environ.get("CROSS_RANK")))
+    node_rank = os.environ.get("CROSS_RANK") or os.environ.get("GROUP_RANK")  # deepspeed's, torchrun's
+    dist.all_gather_object(places, (socket.gethostname(), _own_address(), node_rank))
     _ROSTER["places"] = places
     _unlink_shm_workspace(world.rank)
 
@@ -207,9 +208,10 @@ def _own_address() -> str:
         return socket.gethostname()
 
 
-def _nodes() -> dict[str, dict]:
+def job_nodes() -> dict[str, dict]:
     """node label -> {"address", "host", "ranks"} from the roster; the launcher's node rank
-    (CROSS_RANK) when it set one, else the order in which hosts first appear."""
+    (deepspeed's CROSS_RANK, torchrun's GROUP_RANK) when it set one, else the order in which hosts
+    first appear. Empty before `init_process_group`."""
     nodes: dict[str, dict] = {}
     for rank, (host, address, node_rank) in enumerate(_ROSTER.get("places", [])):
         key = (host, address)
@@ -221,6 +223,34 @@ def _nodes() -> dict[str, dict]:
     return nodes
 
 
+def node_of(rank: int, nodes: dict[str, dict]) -> str:
+    """The label of the node `rank` runs on ("this node" when the roster does not hold it)."""
+    return next((label for label, node in nodes.items() if rank in node["ranks"]), "this node")
+
+
+def describe_node(label: str, nodes: dict[str, dict]) -> str:
+    """`node 1 (10.0.0.2, host b, rank(s) 2,3)`."""
+    node = nodes[label]
+    return f"{label} ({node['address']}, host {node['host']}, rank(s) {','.join(map(str, node['ranks']))})"
+
+
+def restart_advice() -> str:
+    """What happens next after a lost peer: an elastic agent with restarts left re-forms the job by
+    itself (torchrun sets TORCHELASTIC_*); anything else needs every node restarted."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        restarts_left = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restarts_left > 0:
+            return (
+                "The elastic agent restarts this node's workers in a new rendezvous without the lost node "
+                f"({restarts_left} restart(s) left); they resume from the newest complete checkpoint."
+            )
+        return "The elastic agent has no restarts left (--max-restarts); restart the job with --resume auto."
+    return (
+        "The job cannot continue; restart every node with --resume auto to continue from the last complete checkpoint."
+    )
+
+
 def describe_peer_failure(error: BaseException, world: WorldInfo) -> str | None:
     """One sentence naming the node(s) a failed collective lost, or None when `error` does not
     look like a communication failure. A closed connection names its peer's address; a
@@ -228,28 +258,20 @@ def describe_peer_failure(error: BaseException, world: WorldInfo) -> str | None:
     text = str(error)
     if not _ROSTER or not any(hint in text.lower() for hint in _PEER_FAILURE_HINTS):
         return None
-    nodes = _nodes()
-    mine = next((label for label, node in nodes.items() if world.rank in node["ranks"]), "this node")
-
-    def describe(label: str) -> str:
-        node = nodes[label]
-        return f"{label} ({node['address']}, host {node['host']}, rank(s) {','.join(map(str, node['ranks']))})"
-
+    nodes = job_nodes()
+    mine = node_of(world.rank, nodes)
     first_line = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
     match = _PEER_ADDRESS.search(text)
     lost = [label for label, node in nodes.items() if match and node["address"] == match.group(1)]
     if lost:
-        what = f"lost peer {describe(lost[0])}: the connection to it closed"
+        what = f"lost peer {describe_node(lost[0], nodes)}: the connection to it closed"
     else:
-        others = [describe(label) for label in nodes if label != mine] or ["another rank on this node"]
+        others = [describe_node(label, nodes) for label in nodes if label != mine] or ["another rank on this node"]
         what = (
             f"a collective got no answer within {_ROSTER['timeout_s']:g} s (--dist-timeout); "
             f"lost peer among {'; '.join(others)}"
         )
-    return (
-        f"rank {world.rank} on {mine}: {what} ({first_line}). The job cannot continue; restart every "
-        f"node with --resume auto to continue from the last complete checkpoint."
-    )
+    return f"rank {world.rank} on {mine}: {what} ({first_line}). {restart_advice()}"
 
 
 def barrier() -> None:
