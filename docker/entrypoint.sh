@@ -139,6 +139,12 @@ forward() {
     echo "entrypoint.sh: SIG$1: asking the trainer (pid(s) $(echo $ranks)) to save a checkpoint and exit" >&2
     if [ -n "$ranks" ]; then
         kill -s TERM $ranks 2>/dev/null || true
+        if [ -n "$ELASTIC" ]; then
+            # Once the ranks have saved and exited, the agent too: a signal ends it without closing the
+            # rendezvous (an agent whose workers finished would close it for every node, and first wait
+            # for the others in its exit barrier), so the other nodes go on without this one.
+            (while kill -0 $ranks 2>/dev/null; do sleep 0.5; done; kill -s TERM "$RUNNER" 2>/dev/null) &
+        fi
     elif [ -n "$launcher" ]; then
         kill -s TERM "$launcher" 2>/dev/null || true
     else

@@ -9,12 +9,13 @@ With no other argument it trains the `smoke` preset on the embedded corpus and l
 checkpoints and a Hugging Face export in runs/electra. `--help` lists every flag.
 
 Exit codes: 0 finished, or preempted after saving a checkpoint (SIGTERM, SIGINT, or the
-launcher gone); 1 no space left while saving a checkpoint (one line naming the device); 2 a
-user error, one line on stderr: raised before any work starts (nothing is written), or a
-checkpoint to resume that cannot be used, or a corrupt shard met mid-run; 3 a lost peer: a
-failed collective, or a node's heartbeat silent for --heartbeat-timeout (an elastic agent restarts
-the workers without it; otherwise resume with --resume auto). The trainer raises typed errors
-(dsexit/train/errors.py); this module alone turns them into exit codes.
+launcher gone; under an elastic agent with restarts left, the ranks of the nodes not preempted exit 3
+after that save, so that the agent goes on without the preempted node); 1 no space left while saving
+a checkpoint (one line naming the device); 2 a user error, one line on stderr: raised before any work
+starts (nothing is written), or a checkpoint to resume that cannot be used, or a corrupt shard met
+mid-run; 3 a lost peer: a failed collective, or a node's heartbeat silent for --heartbeat-timeout (an
+elastic agent restarts the workers without it; otherwise resume with --resume auto). The trainer
+raises typed errors (dsexit/train/errors.py); this module alone turns them into exit codes.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsexit.train.cluster.distributed import (
         describe_peer_failure,
         destroy_process_group,
+        elastic_restarts_left,
         init_process_group,
         select_accelerator,
         setup_process,
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group(world, run.config.parallelism.dist_timeout_s)
     from dsexit.train.cluster import membership
     from dsexit.train.cluster.heartbeat import PeerWatch
-    from dsexit.train.trainer import Trainer
+    from dsexit.train.trainer import PREEMPTED_ELSEWHERE, Trainer
 
     trainer, watch = None, None
     peer_lost_once = threading.Lock()
@@ -198,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
 
     release_leases()
     destroy_process_group()
+    if reason == PREEMPTED_ELSEWHERE and (elastic_restarts_left() or 0) > 0:
+        # Another node was preempted and saved with us. An elastic agent restarts workers that fail: exiting
+        # with 3 has it re-form the job without that node, from this checkpoint, no step redone.
+        log.warning(
+            "another node was preempted: the checkpoint at step %d holds every rank's state; exit code 3, so that "
+            "the elastic agent re-forms the job without it",
+            trainer.step,
+        )
+        return EXIT_PEER_LOST
     return 0
 
 

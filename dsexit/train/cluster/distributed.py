@@ -234,12 +234,20 @@ def describe_node(label: str, nodes: dict[str, dict]) -> str:
     return f"{label} ({node['address']}, host {node['host']}, rank(s) {','.join(map(str, node['ranks']))})"
 
 
+def elastic_restarts_left() -> int | None:
+    """Restarts an elastic agent (torchrun, which sets TORCHELASTIC_*) has left for this worker group
+    after a failure; None when no elastic agent started this process."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    return int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def restart_advice() -> str:
     """What happens next after a lost peer: an elastic agent with restarts left re-forms the job by
-    itself (torchrun sets TORCHELASTIC_*); anything else needs every node restarted."""
-    env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env:
-        restarts_left = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+    itself; anything else needs every node restarted."""
+    restarts_left = elastic_restarts_left()
+    if restarts_left is not None:
         if restarts_left > 0:
             return (
                 "The elastic agent restarts this node's workers in a new rendezvous without the lost node "

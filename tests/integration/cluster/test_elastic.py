@@ -6,6 +6,8 @@ rendezvous store on host A): a lost node costs no command, and a returning one i
    (a closed connection), its agent re-forms the job alone, and A finishes at world size 1.
 2. Both hosts start; host B's network goes down with nothing killed (no connection closes): A's
    heartbeat finds B silent, and A finishes at world size 1.
+3. Both hosts start; host B is preempted (SIGTERM to its entrypoint, as `docker stop` sends): every
+   rank saves at the same step, B's node leaves, and A goes on at world size 1 with no step redone.
 
 Each time the samples of every step, before and after each change, are exactly those of the data
 order (an uninterrupted run's), and A's log says which node left or joined, the step it resumed
@@ -15,6 +17,7 @@ from and the steps redone. The time from the loss to the first new step is print
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -64,8 +67,9 @@ def _wait_for(path: Path, pattern: str, processes, seconds: float = 240, start: 
 def _change(log: str, start: int = 0) -> re.Match:
     """The trainer's line after an elastic restart (`Trainer`: "the job changed: ...")."""
     pattern = (
-        r"the job changed: (?P<what>.*?)world size (?P<before>\d+) -> (?P<after>\d+); resumed from step (?P<resumed>\d+); "
-        r"(?P<redone>\d+) step\(s\) redone \(the previous world reached step (?P<reached>\d+)\); it stopped: (?P<why>.*)"
+        r"the job changed: (?P<what>.*?)world size (?P<before>\d+) -> (?P<after>\d+); "
+        r"resumed from step (?P<resumed>\d+); (?P<redone>\d+) step\(s\) redone "
+        r"\(the previous world reached step (?P<reached>\d+)\); it stopped: (?P<why>.*)"
     )
     match = re.compile(pattern).search(log, start)
     assert match, log[start:][-6000:]
@@ -81,7 +85,8 @@ def _assert_exact_history(run_dir: Path) -> None:
 
 
 def _time_to_first_new_step(log_path: Path, lost_at: float, processes, start: int) -> float:
-    _wait_for(log_path, r"first step, [0-9.]+ s after the previous worker on this node stopped", processes, JOB_TIMEOUT_S, start)
+    first_step = r"first step, [0-9.]+ s after the previous worker on this node stopped"
+    _wait_for(log_path, first_step, processes, JOB_TIMEOUT_S, start)
     return time.monotonic() - lost_at
 
 
@@ -124,7 +129,7 @@ def test_grow_then_lose_a_killed_node(two_hosts, s3, tmp_path):
     resumed, reached = int(shrunk["resumed"]), int(shrunk["reached"])
     assert int(shrunk["redone"]) == reached - resumed >= 0 and resumed >= grown_at + SAVE_INTERVAL, shrunk.group(0)
     assert shrunk["why"].startswith("lost peer"), shrunk.group(0)
-    assert f"saved at world size 2, now 1" in log[offset:] and f"step={TOTAL_STEPS}/{TOTAL_STEPS}" in log[offset:]
+    assert "saved at world size 2, now 1" in log[offset:] and f"step={TOTAL_STEPS}/{TOTAL_STEPS}" in log[offset:]
     _assert_exact_history(run_dirs[0])
 
 
@@ -166,4 +171,39 @@ def test_lose_a_node_whose_network_is_cut(two_hosts, s3, tmp_path):
     assert (shrunk["before"], shrunk["after"]) == ("2", "1"), shrunk.group(0)
     assert int(shrunk["redone"]) == int(shrunk["reached"]) - int(shrunk["resumed"]) >= 0, shrunk.group(0)
     assert "saved at world size 2, now 1" in log[offset:] and f"step={TOTAL_STEPS}/{TOTAL_STEPS}" in log[offset:]
+    _assert_exact_history(run_dirs[0])
+
+
+def test_a_preempted_node_leaves_after_a_checkpoint(two_hosts, s3, tmp_path):
+    print(two_hosts.describe())
+    hosts, job = two_hosts, f"elastic-leave-{tmp_path.name}"
+    a, b = hosts.nodes
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    run_dirs = [tmp_path / "a", tmp_path / "b"]
+    args = _args(tmp_path, job)
+    processes = [
+        launch_elastic_node(node, hosts, s3, 29630, job, logs[node.rank], run_dirs[node.rank], *args)
+        for node in hosts.nodes
+    ]
+    _, offset = _wait_for(logs[0], r'"world_size": 2', processes)
+    _, offset = _wait_for(logs[0], r"step=\d+/", processes, start=offset)
+
+    # Host B is preempted: its entrypoint gets SIGTERM, as from `docker stop` or a spot notice.
+    processes[1].send_signal(signal.SIGTERM)
+    [code_b] = wait_all(processes[1:], 120)
+    log_b = read_log(logs[1])
+    assert code_b == 0, log_b[-6000:]
+    [code_a] = wait_all(processes[:1], JOB_TIMEOUT_S)
+    log = read_log(logs[0])
+    assert code_a == 0, log[-6000:]
+
+    stopped = re.compile(r"stopping at step (\d+): another rank was preempted").search(log, offset)
+    assert stopped, log[offset:][-6000:]
+    assert "exit code 3, so that the elastic agent re-forms the job without it" in log[stopped.end() :]
+    left = _change(log, stopped.end())
+    assert f"node 1 ({b.address}" in left["what"] and "left" in left["what"], left.group(0)
+    assert (left["before"], left["after"], left["redone"]) == ("2", "1", "0"), left.group(0)
+    assert left["resumed"] == left["reached"] == stopped.group(1), left.group(0)
+    assert left["why"].startswith("another rank was preempted"), left.group(0)
+    assert "lost peer" not in log and f"step={TOTAL_STEPS}/{TOTAL_STEPS}" in log[left.end() :]
     _assert_exact_history(run_dirs[0])

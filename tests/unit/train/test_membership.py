@@ -56,7 +56,8 @@ def test_a_node_that_joins_under_another_label_is_told_apart_by_its_address(tmp_
     roster((*B, "0"), (*A, "1"))  # the new rendezvous ordered B first: A is node 1 now, and stays
     change = membership.begin(str(tmp_path), _world(2))
     assert change.joined == ["node 0"] and change.left == []
-    assert change.sentence(4).startswith("node 0 (10.0.0.2, host host-b) joined; world size 1 -> 2; resumed from step 4; 0")
+    sentence = change.sentence(4)
+    assert sentence.startswith("node 0 (10.0.0.2, host host-b) joined; world size 1 -> 2; resumed from step 4; 0")
 
 
 def test_the_same_world_after_a_clean_stop_reports_nothing_and_other_ranks_write_nothing(tmp_path, roster):
