@@ -140,10 +140,15 @@ forward() {
     if [ -n "$ranks" ]; then
         kill -s TERM $ranks 2>/dev/null || true
         if [ -n "$ELASTIC" ]; then
-            # Once the ranks have saved and exited, the agent too: a signal ends it without closing the
-            # rendezvous (an agent whose workers finished would close it for every node, and first wait
-            # for the others in its exit barrier), so the other nodes go on without this one.
-            (while kill -0 $ranks 2>/dev/null; do sleep 0.5; done; kill -s TERM "$RUNNER" 2>/dev/null) &
+            # Once the ranks have saved and exited, the agent goes too, at once and without closing the
+            # rendezvous, so that the other nodes go on without this one: an agent whose workers finished
+            # waits for every other agent in an exit barrier that no signal interrupts, then closes the
+            # rendezvous for every node. Its workers are gone, so nothing is lost with it.
+            (
+                while kill -0 $ranks 2>/dev/null; do sleep 0.5; done
+                echo "entrypoint.sh: the ranks have exited; ending this node's elastic agent" >&2
+                kill -s KILL "$RUNNER" 2>/dev/null
+            ) &
         fi
     elif [ -n "$launcher" ]; then
         kill -s TERM "$launcher" 2>/dev/null || true

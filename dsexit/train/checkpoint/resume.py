@@ -67,7 +67,7 @@ def find_resume(resume: str, root: str, world: WorldInfo, mirror: CheckpointMirr
     if world.is_main:  # rank 0 chooses; nodes with their own disks may hold other steps
         markers = mirror.index.markers() if mirror is not None and resume == "auto" else {}
         chosen = choose_checkpoint(resume, root, mirror.index if mirror is not None else None, markers)
-    if mirror is not None and resume == "auto" and several_processes():
+    if mirror is not None and resume == "auto":
         chosen = _held_by_every_node(chosen, markers, root, world, mirror)
     if world.is_main and mirror is not None and chosen is not None and chosen.root == mirror.url:
         log.info("downloading checkpoint %s from %s", chosen.tag, mirror.shown)
@@ -84,27 +84,46 @@ def _held_by_every_node(
     world: WorldInfo,
     mirror: CheckpointMirror,
 ) -> CheckpointRef | None:
-    """Rank 0's choice, unless it is a local checkpoint that the mirror lacks and some node's
-    checkpoint directory does too: a save whose upload a lost node cut short is complete on rank
-    0's disk alone, and the other nodes cannot load it. Then the mirror's choice stands (if the
-    mirror has none, rank 0's, which then fails in `_on_every_node` naming the hosts that lack it)."""
+    """Rank 0's choice, unless it is a local checkpoint that the mirror lacks and the nodes of this job
+    cannot load: a save whose upload a lost node cut short is complete on rank 0's disk alone, or its
+    marker is on every node here but the lost node's shards are on none (nor on the mirror). Then the
+    mirror's choice stands (if the mirror has none, rank 0's, which then fails in `_on_every_node` naming
+    the hosts that lack it)."""
     local_only = world.is_main and chosen is not None and chosen.root == root and chosen.tag not in markers
     tag = broadcast_object(chosen.tag if local_only else None)
     if tag is None:
         return chosen
-    held = gather_objects(valid_marker(os.path.join(root, tag)) is not None if world.local_rank == 0 else True)
-    if all(held) or not world.is_main:
+    held = gather_objects(_files_held(os.path.join(root, tag)) if world.local_rank == 0 else None)
+    if not world.is_main:
+        return chosen
+    nodes = [node for node in held if node is not None]
+    present = set().union(*(files for _, files in nodes))
+    if not all(has_marker for has_marker, _ in nodes):
+        why = "is complete on this node only"
+    elif not set(chosen.meta.get("files", {})) <= present:
+        why = "lacks shards that only a node gone from the job held"
+    else:
         return chosen
     fallback = mirror.index.choice(markers)
     if fallback is None:
         return chosen
     log.warning(
-        "checkpoint %s is complete on this node only (its upload to %s did not finish); resuming from %s on the mirror",
+        "checkpoint %s %s (its upload to %s did not finish); resuming from %s on the mirror",
         tag,
+        why,
         mirror.shown,
         fallback.tag,
     )
     return fallback
+
+
+def _files_held(tag_dir: str) -> tuple[bool, set[str]]:
+    """Whether this node's copy of a checkpoint is complete (its marker valid), and which of the files its
+    marker lists are here (a node holds the shards its ranks wrote)."""
+    meta = valid_marker(tag_dir)
+    if meta is None:
+        return False, set()
+    return True, {name for name in meta.get("files", {}) if os.path.exists(os.path.join(tag_dir, name))}
 
 
 def _raise_first(errors: list[str | None]) -> None:

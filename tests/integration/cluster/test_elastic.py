@@ -127,7 +127,8 @@ def test_grow_then_lose_a_killed_node(two_hosts, s3, tmp_path):
     assert f"node 1 ({b.address}" in shrunk["what"] and "left" in shrunk["what"], shrunk.group(0)
     assert (shrunk["before"], shrunk["after"]) == ("2", "1"), shrunk.group(0)
     resumed, reached = int(shrunk["resumed"]), int(shrunk["reached"])
-    assert int(shrunk["redone"]) == reached - resumed >= 0 and resumed >= grown_at + SAVE_INTERVAL, shrunk.group(0)
+    # The newest save after the growth, or, when B died before uploading its shard of it, the one before.
+    assert int(shrunk["redone"]) == reached - resumed >= 0 and resumed >= grown_at, shrunk.group(0)
     assert shrunk["why"].startswith("lost peer"), shrunk.group(0)
     assert "saved at world size 2, now 1" in log[offset:] and f"step={TOTAL_STEPS}/{TOTAL_STEPS}" in log[offset:]
     _assert_exact_history(run_dirs[0])
@@ -190,9 +191,9 @@ def test_a_preempted_node_leaves_after_a_checkpoint(two_hosts, s3, tmp_path):
 
     # Host B is preempted: its entrypoint gets SIGTERM, as from `docker stop` or a spot notice.
     processes[1].send_signal(signal.SIGTERM)
-    [code_b] = wait_all(processes[1:], 120)
+    [code_b] = wait_all(processes[1:], 120)  # its ranks save with A's; then its agent ends
     log_b = read_log(logs[1])
-    assert code_b == 0, log_b[-6000:]
+    assert code_b == 0 and "ending this node's elastic agent" in log_b, log_b[-6000:]
     [code_a] = wait_all(processes[:1], JOB_TIMEOUT_S)
     log = read_log(logs[0])
     assert code_a == 0, log[-6000:]

@@ -207,6 +207,27 @@ def test_a_nodes_copy_gets_the_other_nodes_shards_from_the_mirror_for_the_export
     verify_files(saved)
 
 
+def test_a_world_of_one_fetches_the_lost_nodes_shards_or_falls_back_to_the_mirrors_choice(tmp_path, caplog):
+    """After an elastic job shrinks to one node: its copy of the newest step lacks the lost node's shards.
+    On the mirror they are fetched; a step whose upload the loss cut short gives way to the mirror's newest."""
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    manager = _manager(tmp_path, location=url, keep_last=3)
+    for step in (2, 4):
+        _save(manager, FakeEngine(), step)
+    lost_shard = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # as if the lost node had written it
+    (tmp_path / "global_step4" / lost_shard).unlink()
+    assert manager.find_resume("auto").tag == "global_step4"  # fetched from the mirror, then verified
+    assert (tmp_path / "global_step4" / lost_shard).exists()
+
+    _save(manager, FakeEngine(), 6)
+    fs = fsspec.filesystem("memory")
+    fs.rm(f"{url}/global_step6", recursive=True)  # its upload never finished
+    (tmp_path / "global_step6" / lost_shard).unlink()
+    with caplog.at_level(logging.WARNING, logger="dsexit"):
+        assert manager.find_resume("auto").tag == "global_step4"
+    assert "global_step6 lacks shards that only a node gone from the job held" in caplog.text
+
+
 # ---------------------------------------------------------------- before step 1
 def test_probes_name_a_file_path_and_a_read_only_directory(tmp_path):
     file_path = tmp_path / "a-file"
