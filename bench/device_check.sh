@@ -10,6 +10,7 @@
 # reports what it did.
 #
 #   bench/device_check.sh step      # part 0 alone, under 6 minutes (compilation included)
+#   bench/device_check.sh exits     # part 0b alone, under 7 minutes: exits' speed, compiled
 #   bench/device_check.sh speed     # parts 0-3, about 9 minutes
 #   bench/device_check.sh quality   # part 4, about 6 minutes
 #   bench/device_check.sh all
@@ -18,6 +19,8 @@
 #   0. bench/train_speed.py --preset small: the trainer's loop, the bare engine step and HF same-work,
 #      eager and compiled (CUDA graphs), electra-small at 128 x 128 per step; tokens/s, loop vs bare,
 #      compiled vs eager, vs HF, share of the bf16 matmul peak
+#   0b. bench/train_exit.py --compile: the trainer's step with capacity routing at compute 0.75 and 0.5
+#      against the compiled full-depth step, exit_kv keep and drop (one process per arm, bf16)
 #   1. the model tests with the CUDA path (tests/unit/model, test_accelerator.py runs on the GPU,
 #      including one step of the loop under torch.cuda.set_sync_debug_mode("error"))
 #   2. bench/exit_speed.py on the GPU: electra-small throughput in fp32 and bf16, ours against HF
@@ -63,6 +66,13 @@ if [ "$WHAT" = step ] || [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then
     part "part 0: train_speed, the training step on the GPU" 350 "$RESULTS/train_speed_device.log" \
         "$PYTHON" bench/train_speed.py --preset small --out "$RESULTS/train_speed_device.json"
     publish "$RESULTS"/train_speed_device.*
+fi
+
+if [ "$WHAT" = exits ] || [ "$WHAT" = all ]; then
+    part "part 0b: train_exit, capacity routing compiled on the GPU" 420 "$RESULTS/train_exit_device.log" \
+        "$PYTHON" bench/train_exit.py --preset electra-small --variants dense dense-drop --routing capacity \
+        --targets 0.75 0.5 --compile --settle 4 --steps 8 --launches 1 --out "$RESULTS/train_exit_device.json"
+    publish "$RESULTS"/train_exit_device.*
 fi
 
 if [ "$WHAT" = speed ] || [ "$WHAT" = all ]; then

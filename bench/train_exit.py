@@ -13,9 +13,18 @@ Arms, per exit-head variant (`--variants`):
     VARIANT@0.75, @0.50   the controller steers the compute fraction to the target
 Variants: dense (HF's H->H->1 head at every layer from min_exit_layer, the default), linear
 (`--exit-head linear`: H->1), linear-k2 (linear heads every 2nd layer), dense-s25 (dense heads,
-deep supervision on a 25% sample of the tokens), linear-drop and linear-k2-drop (the same with
-`--exit-kv drop`: exited tokens leave the keys and values of later layers, whose cost then falls
+deep supervision on a 25% sample of the tokens), dense-drop, linear-drop and linear-k2-drop (the same
+with `--exit-kv drop`: exited tokens leave the keys and values of later layers, whose cost then falls
 with the active tokens alone).
+
+`--compile` compiles each arm's training forward as the trainer's `--compile on` does (fullgraph, static
+shapes; CUDA graphs on a GPU), the plain arm's too, so speedups are against the compiled full-depth step.
+Capacity and random routing stay compiled; threshold routing falls back to eager once exits start, as in
+the trainer. With `--compile` (or `--fixed-capacity`) a capacity arm runs at its target's level from the
+first step (level round(16 x target): one graph per arm, no recompilation while a controller moves).
+The layer clock runs only eager on a CPU (its hooks would break a compiled graph, and on a GPU a host
+clock does not time the device): elsewhere the measured ideal is left out. On a GPU the arms run in
+bf16 (`--precision auto`).
 
 Routings (`--routing`, the model's `exit_routing`; each exit arm runs once per routing named):
 threshold (the default: tau steered by the threshold controller) or capacity / random (a fixed
@@ -53,17 +62,20 @@ would hand them a larger share of the step than training gives them. `--batch` (
 measure another shape.
 
     python bench/train_exit.py [--preset electra-small] [--batch 128] [--variants dense linear]
-        [--routing threshold capacity]
+        [--routing threshold capacity] [--compile] [--targets 0.75 0.5]
+    python bench/train_exit.py --variants dense dense-drop --routing capacity --compile   # on a GPU
 
-One RESULT line per routing: RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X
-train_speedup_at_75=X ... routing=NAME (for that routing's variant with the best speedup at 0.75,
-named in the same line; also its efficiency against the measured ideal).
+One RESULT line per routing and variant, each routing's best first (the best speedup at 0.75):
+RESULT train_exit train_efficiency_at_75=X train_efficiency_at_50=X train_speedup_at_75=X
+train_speedup_at_50=X variant=NAME routing=NAME exit_kv=MODE compiled=yes|no device=NAME ... (and,
+where the layer clock ran, the efficiency against the measured ideal).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -81,6 +93,7 @@ VARIANTS = {
     "linear": {"exit_head": "linear"},
     "linear-k2": {"exit_head": "linear", "exit_interval": 2},
     "dense-s25": {"exit_supervision": 0.25},
+    "dense-drop": {"exit_kv": "drop"},
     "linear-drop": {"exit_head": "linear", "exit_kv": "drop"},
     "linear-k2-drop": {"exit_head": "linear", "exit_interval": 2, "exit_kv": "drop"},
 }
@@ -106,7 +119,7 @@ class Arm:
     threads: int = 0
     host_allocator: str = ""
     peak_rss_bytes: int = 0  # the largest resident set of its processes
-    clock: object = None
+    clock: object = None  # LayerClock: eager on a CPU only
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,6 +143,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--capacity-interval", type=int, default=2, help="capacity routing: steps between changes of the level"
     )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        type=float,
+        default=list(TARGETS),
+        help="the exit arms' target compute (0.75 and 0.5 at least; default 1.0 0.75 0.5)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="every arm's training forward under torch.compile, as the trainer's --compile on (see above)",
+    )
+    parser.add_argument(
+        "--fixed-capacity",
+        action="store_true",
+        help="capacity and random arms at their target's level from the first step (the default with --compile)",
+    )
     parser.add_argument("--settle", type=int, default=10, help="untimed steps per arm process before timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per arm process")
     parser.add_argument("--launches", type=int, default=2, help="processes per arm, taking turns with the others")
@@ -150,6 +180,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench/results/train_exit.json")
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "RESULT_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not {0.75, 0.5} <= set(args.targets) or not set(args.targets) <= set(TARGETS):
+        parser.error(f"--targets {args.targets}: expected 0.75 and 0.5, and 1.0 if wanted")
+    args.targets = [target for target in TARGETS if target in args.targets]
+    args.fixed_capacity = args.fixed_capacity or args.compile
     if args.batch is None:
         args.batch, default_accumulation = training_preset_batch(args.preset)
     else:
@@ -242,14 +276,20 @@ def build_arm(arm: Arm, args, ds_config: dict, device) -> None:
     )
     engine = build_engine(build_model(config, seed=0), ds_config)
     data = batches(config, args.batch, args.seq_len, device)
-    arm.runner = DataParallelSteps(engine, data, args.accumulation, device, lambda: 1e-4)
+    before_forward = None
+    if args.compile:
+        from dsexit.train.compiling import CompiledForward
+
+        compiled = CompiledForward(engine, device, capacity_routing=arm.routing != "threshold")
+        before_forward = compiled.before_forward
+    arm.runner = DataParallelSteps(engine, data, args.accumulation, device, lambda: 1e-4, before_forward)
     target = arm.target if arm.target is not None and arm.target < 1.0 else None
     # No floor: untrained heads are steered to the target compute.
     arm.controller = exit_controller_for(
         config, target_compute=target, controller_gain=args.gain, capacity_interval=args.capacity_interval
     )
     arm.config = config
-    arm.clock = LayerClock(engine)
+    arm.clock = LayerClock(engine) if device.type == "cpu" and not args.compile else None
 
 
 def _recording(add, outputs: list):
@@ -262,24 +302,34 @@ def _recording(add, outputs: list):
     return recorded
 
 
-def run_steps(arm: Arm, count: int, timed: bool) -> None:
+def capacity_level(arm: Arm, fixed: bool) -> int | None:
+    """The capacity level of a capacity or random arm's next step: full depth at target 1.0; with `fixed`,
+    the target's own level (level k plans about k/16 of the full depth); else the controller's."""
     from dsexit.model.capacity import LEVELS
+
+    if arm.routing == "threshold" or arm.target is None:
+        return None
+    if arm.target == 1.0:
+        return LEVELS
+    return max(1, round(arm.target * LEVELS)) if fixed else arm.controller.capacity(arm.step)
+
+
+def run_steps(arm: Arm, count: int, timed: bool, fixed_capacity: bool = False) -> None:
     from dsexit.train.step_stats import StepStats
 
     for _ in range(count):
         threshold = arm.controller.threshold(arm.step) if arm.target not in (None, 1.0) else None
-        capacity = None
-        if arm.routing != "threshold" and arm.target is not None:
-            capacity = LEVELS if arm.target == 1.0 else arm.controller.capacity(arm.step)
+        capacity = capacity_level(arm, fixed_capacity)
         stats = StepStats(arm.config.num_hidden_layers)
         outputs = []
         stats.add = _recording(stats.add, outputs)
-        arm.clock.take()
+        if arm.clock is not None:
+            arm.clock.take()
         started = time.perf_counter()
         arm.runner.run(threshold, None, stats, exit_capacity=capacity)
-        summary = stats.reduce(preempted=False, time_limit=False)
-        elapsed = time.perf_counter() - started
-        layer_seconds = arm.clock.take()
+        summary = stats.reduce(preempted=False, time_limit=False, device=arm.runner.device)
+        elapsed = time.perf_counter() - started  # the reduction reads the device: the step has finished
+        layer_seconds = arm.clock.take() if arm.clock is not None else float("nan")
         arm.controller.update(summary.compute_fraction, arm.step, floor_counts=summary.floor_counts)
         arm.step += 1
         if timed:
@@ -308,14 +358,15 @@ def run_worker(args) -> None:
     from dsexit.host_allocator import allocator_in_use
     from dsexit.train.cluster.distributed import init_process_group, setup_process
 
-    world, _ = setup_process()  # as the trainer starts (eager: on a CPU, with the CPU kernels)
+    # as the trainer starts: eager on a CPU with the CPU kernels; compiled with torch's own
+    world, _ = setup_process(cpu_kernels=not args.compile)
     init_process_group(world)
     name, result_file = args.worker
     arm = arm_named(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     build_arm(arm, args, resolved_ds_config(args), device)
-    run_steps(arm, args.settle, timed=False)
-    run_steps(arm, args.steps, timed=True)
+    run_steps(arm, args.settle, timed=False, fixed_capacity=args.fixed_capacity)
+    run_steps(arm, args.steps, timed=True, fixed_capacity=args.fixed_capacity)
     record = {name: getattr(arm, name) for name in PER_STEP}
     record.update(
         settled=arm.controller.last_compute_fraction,
@@ -366,6 +417,7 @@ def launch_arm(args, name: str, result_file: Path, precision: str) -> dict:
         "capacity_interval",
     ):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    command += [flag for flag, on in (("--compile", args.compile), ("--fixed-capacity", args.fixed_capacity)) if on]
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(result_file.read_text())
 
@@ -386,10 +438,12 @@ def main(argv=None) -> int:
     arms = [Arm("plain", {}, None)]
     for routing in args.routing:
         for variant in args.variants:
-            arms += [Arm(arm_name(variant, target, routing), VARIANTS[variant], target, routing) for target in TARGETS]
+            arms += [
+                Arm(arm_name(variant, target, routing), VARIANTS[variant], target, routing) for target in args.targets
+            ]
     print(
         f"train_exit: {len(arms)} arms, {args.preset}, {shape(args.batch, args.accumulation, args.seq_len)}, "
-        f"{precision}; each arm "
+        f"{precision}{', compiled' if args.compile else ''}; each arm "
         f"{args.launches} processes of {args.settle} settling and {args.steps} timed steps, taking turns",
         file=sys.stderr,
         flush=True,
@@ -412,30 +466,51 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(arms[0].threads)  # the workers' thread count
     peaks = matmul_peaks(device, args.peak_size)
-    results = summarize(arms, args, precision, peaks)
+    results = summarize(arms, args, precision, peaks, device.type)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-    other = "fp32" if precision == "bf16" else "bf16"
-    for routing, best in results["best_by_routing"].items():
-        row75 = results["arms"][arm_name(best, 0.75, routing)]
-        row50 = results["arms"][arm_name(best, 0.5, routing)]
-        print(
-            f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
-            f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
-            f"train_speedup_at_50={row50['speedup']:.3f} variant={best} routing={routing} "
-            f"peak_share_{precision}={results['peak_share']:.3f} "
-            f"peak_share_{other}={results['peak_shares'][other]:.3f} "
-            f"measured_efficiency_at_75={row75['measured_efficiency']:.3f} "
-            f"measured_efficiency_at_50={row50['measured_efficiency']:.3f} host_allocator={results['host_allocator']}"
-        )
+    for line in result_lines(results):
+        print(line)
     return 0
 
 
-def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) -> dict:
-    """`peaks`: the matmul peak's FLOP/s per precision ("bf16", "fp32"), measured in the same run."""
+def result_lines(results: dict) -> list[str]:
+    """One RESULT line per routing and variant, each routing's best variant first."""
+    precision = results["precision"]
+    other = "fp32" if precision == "bf16" else "bf16"
+    lines = []
+    for routing, best in results["best_by_routing"].items():
+        variants = sorted({row["variant"] for row in results["arms"].values() if row["routing"] == routing})
+        for variant in [best, *(name for name in variants if name != best)]:
+            row75 = results["arms"][arm_name(variant, 0.75, routing)]
+            row50 = results["arms"][arm_name(variant, 0.5, routing)]
+            measured = (
+                f" measured_efficiency_at_75={row75['measured_efficiency']:.3f}"
+                f" measured_efficiency_at_50={row50['measured_efficiency']:.3f}"
+                if row75["measured_efficiency"] is not None
+                else ""
+            )
+            lines.append(
+                f"RESULT train_exit train_efficiency_at_75={row75['efficiency']:.3f} "
+                f"train_efficiency_at_50={row50['efficiency']:.3f} train_speedup_at_75={row75['speedup']:.3f} "
+                f"train_speedup_at_50={row50['speedup']:.3f} variant={variant} routing={routing} "
+                f"exit_kv={VARIANTS[variant].get('exit_kv', 'keep')} compiled={'yes' if results['compiled'] else 'no'} "
+                f"device={results['device'].replace(' ', '_')} peak_share_{precision}={results['peak_share']:.3f} "
+                f"peak_share_{other}={results['peak_shares'][other]:.3f}{measured} "
+                f"host_allocator={results['host_allocator']}"
+            )
+    return lines
+
+
+def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float], device: str = "cpu") -> dict:
+    """`peaks`: the matmul peak's FLOP/s per precision ("bf16", "fp32"), measured in the same run. The
+    measured-ideal figures are None where the layer clock did not run (compiled, or on a GPU)."""
+    from dsexit.eval.peak import device_name
+
     plain = arms[0]
+    clocked = not any(math.isnan(seconds) for seconds in plain.layer_seconds)
     plain_seconds = statistics.median(plain.seconds)
     plain_flops = statistics.mean(plain.flops)
     plain_layer_seconds, plain_layer_flops = statistics.median(plain.layer_seconds), statistics.mean(plain.layer_flops)
@@ -448,8 +523,9 @@ def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) ->
         # What the step would take if its layers cost their FLOP share of the plain arm's layers and the
         # rest (the same work in every arm) what it took in the plain arm.
         layers_at_plain_rate = plain_layer_seconds * layer_flops / plain_layer_flops
-        measured_ideal = plain_seconds / (plain_rest_seconds + layers_at_plain_rate)
+        measured_ideal = plain_seconds / (plain_rest_seconds + layers_at_plain_rate) if clocked else None
         rows[arm.name] = dict(
+            variant=arm.name.split("@")[0] if arm.target is not None else None,
             target=arm.target,
             routing=arm.routing if arm.target is not None else None,
             seconds_per_step=seconds,
@@ -459,14 +535,16 @@ def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) ->
             ideal_speedup=ideal,
             efficiency=speedup / ideal,
             flops_per_s=flops / seconds,
-            layer_seconds_per_step=layer_seconds,
+            layer_seconds_per_step=layer_seconds if clocked else None,
             layer_training_flops=layer_flops,
-            rest_seconds_per_step=statistics.median(
-                total - layer for total, layer in zip(arm.seconds, arm.layer_seconds)
+            rest_seconds_per_step=(
+                statistics.median(total - layer for total, layer in zip(arm.seconds, arm.layer_seconds))
+                if clocked
+                else None
             ),
             measured_ideal_speedup=measured_ideal,
-            measured_efficiency=speedup / measured_ideal,
-            layer_efficiency=layers_at_plain_rate / layer_seconds,
+            measured_efficiency=speedup / measured_ideal if clocked else None,
+            layer_efficiency=layers_at_plain_rate / layer_seconds if clocked else None,
             peak_rss_bytes=arm.peak_rss_bytes,
             overrides=arm.overrides,
         )
@@ -486,9 +564,12 @@ def summarize(arms: list[Arm], args, precision: str, peaks: dict[str, float]) ->
         "peak_share": rows["plain"]["flops_per_s"] / peaks[precision],
         "matmul_peaks_flops_per_s": peaks,
         "peak_shares": {name: rows["plain"]["flops_per_s"] / peak for name, peak in peaks.items()},
-        "plain_layer_flops_per_s": plain_layer_flops / plain_layer_seconds,
-        "plain_rest_flops_per_s": (plain_flops - plain_layer_flops) / plain_rest_seconds,
-        "plain_layer_share_of_time": plain_layer_seconds / plain_seconds,
+        "device": device_name(device),
+        "compiled": bool(getattr(args, "compile", False)),
+        "layer_clock": clocked,
+        "plain_layer_flops_per_s": plain_layer_flops / plain_layer_seconds if clocked else None,
+        "plain_rest_flops_per_s": (plain_flops - plain_layer_flops) / plain_rest_seconds if clocked else None,
+        "plain_layer_share_of_time": plain_layer_seconds / plain_seconds if clocked else None,
         "plain_layer_share_of_flops": plain_layer_flops / plain_flops,
         "arms": rows,
         "best_variant": next(iter(best_by_routing.values())),
@@ -505,13 +586,16 @@ def shape(batch: int, accumulation: int, seq_len: int) -> str:
 
 
 def print_table(results: dict) -> None:
+    def figure(value, width: int) -> str:
+        return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
     peaks_text = ", ".join(
         f"{name} {peak / 1e9:.0f}, plain at {results['peak_shares'][name]:.3f}"
         for name, peak in results["matmul_peaks_flops_per_s"].items()
     )
     print(
         f"\n{results['preset']}, {shape(results['batch'], results['accumulation'], results['seq_len'])}, "
-        f"{results['precision']}, "
+        f"{results['precision']}{', compiled' if results['compiled'] else ''}, {results['device']}, "
         f"{results['threads']} threads, {results['host_allocator']}'s malloc; "
         f"matmul peak {results['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; plain at {results['peak_share']:.3f} "
         f"of it (matmul peaks, GFLOP/s: {peaks_text})"
@@ -523,27 +607,30 @@ def print_table(results: dict) -> None:
     for name, row in results["arms"].items():
         print(
             f"{name:<26}{row['routing'] or '-':>10}{row['compute_fraction']:>8.3f}{row['seconds_per_step']:>8.3f}"
-            f"{row['layer_seconds_per_step']:>9.3f}{row['speedup']:>8.3f}{row['ideal_speedup']:>7.3f}"
-            f"{row['efficiency']:>11.3f}{row['measured_ideal_speedup']:>15.3f}{row['measured_efficiency']:>11.3f}"
-            f"{row['layer_efficiency']:>12.3f}"
+            f"{figure(row['layer_seconds_per_step'], 9)}{row['speedup']:>8.3f}{row['ideal_speedup']:>7.3f}"
+            f"{row['efficiency']:>11.3f}{figure(row['measured_ideal_speedup'], 15)}"
+            f"{figure(row['measured_efficiency'], 11)}{figure(row['layer_efficiency'], 12)}"
         )
     print(
         "speedup and ideals are against the plain arm (no heads); compute = executed / full token-layers of "
         "exitable tokens (the controller's measure); ideal = training FLOPs (FLOP counter) plain / arm; "
         "layers = the discriminator's layers and heads, forward and backward"
     )
-    print(
-        f"the FLOP ideal's assumption, measured in the plain arm: its layers ran at "
-        f"{results['plain_layer_flops_per_s'] / 1e9:.0f} GFLOP/s ({results['plain_layer_share_of_flops']:.3f} of "
-        f"the FLOPs, {results['plain_layer_share_of_time']:.3f} of the time), the rest at "
-        f"{results['plain_rest_flops_per_s'] / 1e9:.0f} GFLOP/s"
-    )
-    plain_rest = results["arms"]["plain"]["rest_seconds_per_step"]
-    exit_rests = [row["rest_seconds_per_step"] for name, row in results["arms"].items() if name != "plain"]
-    print(
-        f"the measured ideal's assumption, that the rest takes the plain arm's time in every arm: it took "
-        f"{min(exit_rests):.3f}-{max(exit_rests):.3f} s per step in the exit arms, {plain_rest:.3f} in plain"
-    )
+    if results["layer_clock"]:
+        print(
+            f"the FLOP ideal's assumption, measured in the plain arm: its layers ran at "
+            f"{results['plain_layer_flops_per_s'] / 1e9:.0f} GFLOP/s ({results['plain_layer_share_of_flops']:.3f} of "
+            f"the FLOPs, {results['plain_layer_share_of_time']:.3f} of the time), the rest at "
+            f"{results['plain_rest_flops_per_s'] / 1e9:.0f} GFLOP/s"
+        )
+        plain_rest = results["arms"]["plain"]["rest_seconds_per_step"]
+        exit_rests = [row["rest_seconds_per_step"] for name, row in results["arms"].items() if name != "plain"]
+        print(
+            f"the measured ideal's assumption, that the rest takes the plain arm's time in every arm: it took "
+            f"{min(exit_rests):.3f}-{max(exit_rests):.3f} s per step in the exit arms, {plain_rest:.3f} in plain"
+        )
+    else:
+        print("no layer clock (compiled, or on a GPU): the measured ideal is left out")
     memory = ", ".join(f"{name} {row['peak_rss_bytes'] / 2**30:.1f}" for name, row in results["arms"].items())
     print(f"peak resident memory of an arm's process, GiB: {memory}")
 

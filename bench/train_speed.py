@@ -74,15 +74,6 @@ def preset_training(preset: str):
     return config, config.training
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return "CPU"
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -279,6 +270,8 @@ def run_worker_process(args, part: str, compile_choice: str, work: Path) -> dict
 
 # ---------------------------------------------------------------- the report
 def summarize(args, parts: dict[str, dict], peak_bf16: float | None, peak_fp32: float | None = None) -> dict:
+    from dsexit.eval.peak import device_name
+
     def rate(name: str) -> float | None:
         return parts[name]["tokens_per_s"] if name in parts else None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,3 +34,13 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def matmul_peaks(device: torch.device, size: int) -> dict[str, float]:
     """`matmul_peak` in each precision a benchmark reports a share of ("bf16", "fp32")."""
     return {name: matmul_peak(device, dtype, size) for name, dtype in PRECISIONS.items()}
+
+
+def device_name(device: str | torch.device) -> str:
+    """What ran a benchmark: the GPU's name, or the CPU's model and its usable cores."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(0)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return "CPU"

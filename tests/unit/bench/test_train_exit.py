@@ -110,3 +110,38 @@ def test_arms_of_each_routing_get_their_own_name_row_and_best_variant():
     assert results["best_by_routing"] == {"threshold": "dense", "capacity": "dense"}
     assert results["arms"]["dense@0.75:capacity"]["routing"] == "capacity"
     assert results["arms"]["plain"]["routing"] is None
+
+
+def test_without_a_layer_clock_the_measured_ideal_is_left_out_and_each_variant_gets_a_result_line(capsys):
+    """Compiled, or on a GPU, no hook times the layers: speedups and FLOP ideals stand alone."""
+    nan = float("nan")
+    arms = [_arm("plain", None, 1.0, nan, 1000, 800)]
+    for variant, (at75, at50) in {"dense": (0.9, 0.7), "dense-drop": (0.8, 0.6)}.items():
+        for target, seconds, flops in ((0.75, at75, 800), (0.5, at50, 600)):
+            arm = _arm(f"{variant}@{target:.2f}:capacity", target, seconds, nan, flops, flops - 200)
+            arm.routing = "capacity"
+            arms.append(arm)
+    args = argparse.Namespace(
+        preset="p", batch=1, accumulation=1, seq_len=8, launches=1, steps=3, settle=0, compile=True
+    )
+    results = bench.summarize(arms, args, "bf16", {"bf16": 4e3, "fp32": 1e3})
+    row = results["arms"]["dense-drop@0.50:capacity"]
+    assert row["speedup"] == pytest.approx(1 / 0.6) and row["measured_efficiency"] is None
+    assert results["best_by_routing"] == {"capacity": "dense-drop"} and not results["layer_clock"]
+    lines = bench.result_lines(results)
+    assert [line.split("variant=")[1].split()[0] for line in lines] == ["dense-drop", "dense"]
+    assert "routing=capacity exit_kv=drop compiled=yes device=" in lines[0]
+    assert "exit_kv=keep" in lines[1] and "measured_efficiency" not in lines[1]
+    bench.print_table(results)
+    assert "no layer clock" in capsys.readouterr().out
+
+
+def test_a_fixed_capacity_arm_runs_at_its_targets_level_from_the_first_step():
+    arm = bench.Arm("dense@0.50:capacity", {}, 0.5, "capacity")
+    assert bench.capacity_level(arm, fixed=True) == 8  # level k plans about k/16 of the full depth
+    assert bench.capacity_level(bench.Arm("dense@0.75:capacity", {}, 0.75, "capacity"), fixed=True) == 12
+    assert bench.capacity_level(bench.Arm("dense@1.00:capacity", {}, 1.0, "capacity"), fixed=True) == 16
+    assert bench.capacity_level(bench.Arm("dense@0.50", {}, 0.5), fixed=True) is None  # threshold routing
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--targets", "0.5"])
+    assert bench.parse_args(["--compile", "--batch", "4"]).fixed_capacity
