@@ -165,14 +165,21 @@ def launch_node(
     node: Node, hosts: TwoHosts, s3: S3Server, master_port: int, log_path: Path, run_dir: Path, *args: str
 ) -> subprocess.Popen:
     """docker/entrypoint.sh on `node`: one DeepSpeed launcher, one rank, data and checkpoints on S3."""
+    return _entrypoint_on(node, hosts, s3, master_port, log_path, run_dir, args, NNODES="2")
+
+
+def _entrypoint_on(
+    node: Node, hosts: TwoHosts, s3: S3Server, port: int, log_path: Path, run_dir: Path, args, **layout: str
+) -> subprocess.Popen:
+    """docker/entrypoint.sh on `node` with the job's `layout` (NNODES, ...) in its environment."""
     env = node_env(
         node,
         **s3.env,
-        NNODES="2",
         NODE_RANK=str(node.rank),
         MASTER_ADDR=hosts.nodes[0].address,
-        MASTER_PORT=str(master_port),
+        MASTER_PORT=str(port),
         NPROC_PER_NODE="1",
+        **layout,
     )
     command = entrypoint_command("--run-dir", str(run_dir), "--data", f"s3://{BUCKET}/data", *TINY_RUN, *args)
     return node.start(command, log_path, env, cwd=str(REPO))
@@ -188,17 +195,16 @@ def launch_elastic_node(
 ) -> subprocess.Popen:
     """docker/entrypoint.sh on `node` as one node of an elastic job of 1 to 2 nodes (torchrun's agent,
     the rendezvous store on node 0); one rank per node, data and checkpoints on S3."""
-    env = node_env(
+    return _entrypoint_on(
         node,
-        **s3.env,
+        hosts,
+        s3,
+        port,
+        log_path,
+        run_dir,
+        args,
         NNODES="1:2",
-        NODE_RANK=str(node.rank),
-        MASTER_ADDR=hosts.nodes[0].address,
-        MASTER_PORT=str(port),
-        NPROC_PER_NODE="1",
         LOCAL_ADDR=node.address,  # both namespaces share a host name: order the nodes by address
         RDZV_CONF=ELASTIC_RDZV_CONF,
         DSEXIT_JOB_ID=job,
     )
-    command = entrypoint_command("--run-dir", str(run_dir), "--data", f"s3://{BUCKET}/data", *TINY_RUN, *args)
-    return node.start(command, log_path, env, cwd=str(REPO))

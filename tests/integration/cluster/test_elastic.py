@@ -84,6 +84,23 @@ def _assert_exact_history(run_dir: Path) -> None:
     assert [record["samples_digest"] for record in records] == reference_digests(TOTAL_STEPS)
 
 
+def _start_both(hosts, s3, tmp_path: Path, job: str, port: int):
+    """Both hosts start an elastic job together; returns their processes, logs and run directories and
+    where host A's log has reached a step in the world of two (if B came later than the rendezvous' last
+    call, A grew to it)."""
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    run_dirs = [tmp_path / "a", tmp_path / "b"]
+    args = _args(tmp_path, job)
+    processes = [
+        launch_elastic_node(node, hosts, s3, port, job, logs[node.rank], run_dirs[node.rank], *args)
+        for node in hosts.nodes
+    ]
+    _, offset = _wait_for(logs[0], r'"world_size": 2', processes)
+    _, offset = _wait_for(logs[0], r"saved checkpoint .*global_step\d+", processes, start=offset)
+    _, offset = _wait_for(logs[0], r"step=\d+/", processes, start=offset)
+    return processes, logs, run_dirs, offset
+
+
 def _time_to_first_new_step(log_path: Path, lost_at: float, processes, start: int) -> float:
     first_step = r"first step, [0-9.]+ s after the previous worker on this node stopped"
     _wait_for(log_path, first_step, processes, JOB_TIMEOUT_S, start)
@@ -138,19 +155,8 @@ def test_lose_a_node_whose_network_is_cut(two_hosts, s3, tmp_path):
     print(two_hosts.describe())
     if two_hosts.mode != "netns":
         pytest.skip(f"a network cut needs two network namespaces: {two_hosts.reason}")
-    hosts, job = two_hosts, f"elastic-cut-{tmp_path.name}"
-    a, b = hosts.nodes
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    run_dirs = [tmp_path / "a", tmp_path / "b"]
-    args = _args(tmp_path, job)
-    processes = [
-        launch_elastic_node(node, hosts, s3, 29620, job, logs[node.rank], run_dirs[node.rank], *args)
-        for node in hosts.nodes
-    ]
-    # The world of two (if B came later than the rendezvous' last call, after A grew to it).
-    _, offset = _wait_for(logs[0], r'"world_size": 2', processes)
-    _, offset = _wait_for(logs[0], r"saved checkpoint .*global_step\d+", processes, start=offset)
-    _, offset = _wait_for(logs[0], r"step=\d+/", processes, start=offset)
+    b = two_hosts.nodes[1]
+    processes, logs, run_dirs, offset = _start_both(two_hosts, s3, tmp_path, f"elastic-cut-{tmp_path.name}", 29620)
 
     # Host B's link goes down: nothing exits, no connection closes.
     b.set_link(up=False)
@@ -177,17 +183,8 @@ def test_lose_a_node_whose_network_is_cut(two_hosts, s3, tmp_path):
 
 def test_a_preempted_node_leaves_after_a_checkpoint(two_hosts, s3, tmp_path):
     print(two_hosts.describe())
-    hosts, job = two_hosts, f"elastic-leave-{tmp_path.name}"
-    a, b = hosts.nodes
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    run_dirs = [tmp_path / "a", tmp_path / "b"]
-    args = _args(tmp_path, job)
-    processes = [
-        launch_elastic_node(node, hosts, s3, 29630, job, logs[node.rank], run_dirs[node.rank], *args)
-        for node in hosts.nodes
-    ]
-    _, offset = _wait_for(logs[0], r'"world_size": 2', processes)
-    _, offset = _wait_for(logs[0], r"step=\d+/", processes, start=offset)
+    b = two_hosts.nodes[1]
+    processes, logs, run_dirs, offset = _start_both(two_hosts, s3, tmp_path, f"elastic-leave-{tmp_path.name}", 29630)
 
     # Host B is preempted: its entrypoint gets SIGTERM, as from `docker stop` or a spot notice.
     processes[1].send_signal(signal.SIGTERM)

@@ -100,12 +100,19 @@ class _HangingStore:
         return self.real.add(key, amount)
 
 
-def test_a_store_that_stops_answering_is_named_even_while_a_round_trip_hangs(store_server):
+def _node_1_on_a_store_that_can_hang(store_server):
+    """Node 1 watching through a store that hangs once cut, node 0 (the store's host) through its own;
+    both have beaten for a while. Returns node 1's losses, its store, and both watches."""
     lost = _Lost()
     hanging = _HangingStore(_client(store_server))
     one = _watch(hanging, "node 1", lost).start()
     zero = _watch(_client(store_server), "node 0", _Lost()).start()
     assert not lost.event.wait(2 * TIMEOUT_S)
+    return lost, hanging, one, zero
+
+
+def test_a_store_that_stops_answering_is_named_even_while_a_round_trip_hangs(store_server):
+    lost, hanging, one, zero = _node_1_on_a_store_that_can_hang(store_server)
     hanging.cut.set()
     try:
         assert lost.event.wait(30), "the judge waited on the hung round trip"
@@ -118,11 +125,7 @@ def test_a_store_that_stops_answering_is_named_even_while_a_round_trip_hangs(sto
 
 
 def test_the_store_going_away_after_its_host_ended_normally_is_no_loss(store_server):
-    lost = _Lost()
-    hanging = _HangingStore(_client(store_server))
-    one = _watch(hanging, "node 1", lost).start()
-    zero = _watch(_client(store_server), "node 0", _Lost()).start()
-    assert not lost.event.wait(2 * TIMEOUT_S)
+    lost, hanging, one, zero = _node_1_on_a_store_that_can_hang(store_server)
     zero.stop()  # node 0 (the store's host) ends normally ...
     for _ in range(600):  # node 1 reads node 0's last word within a beat or two
         if "node 0" in one._done:
