@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group(world, run.config.parallelism.dist_timeout_s)
     from dsexit.train.cluster import membership
     from dsexit.train.cluster.heartbeat import PeerWatch
-    from dsexit.train.trainer import PREEMPTED_ELSEWHERE, Trainer
+    from dsexit.train.trainer import Trainer
 
     trainer, watch = None, None
     peer_lost_once = threading.Lock()
@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         peer_lost(lost)
     if watch is not None:
         watch.stop()
-    membership.record_stop(run.run_dir, world, reason, trainer.step)
+    # Preempted, but no signal reached this rank, even by the end of the save: another node was preempted.
+    preempted_elsewhere = reason == "preempted" and not trainer.preemption.requested
+    membership.record_stop(
+        run.run_dir, world, "another node was preempted" if preempted_elsewhere else reason, trainer.step
+    )
     standing = trainer.standing
     if standing is None or not world.is_main:
         log.info("done (%s); run directory: %s", reason, run.run_dir)
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     release_leases()
     destroy_process_group()
-    if reason == PREEMPTED_ELSEWHERE and (elastic_restarts_left() or 0) > 0:
+    if preempted_elsewhere and (elastic_restarts_left() or 0) > 0:
         # Another node was preempted and saved with us. An elastic agent restarts workers that fail: exiting
         # with 3 has it re-form the job without that node, from this checkpoint, no step redone.
         log.warning(

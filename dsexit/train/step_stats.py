@@ -51,7 +51,6 @@ class StepSummary:
     samples_digest: str
     stop_preempted: bool
     stop_time_limit: bool
-    preempted_ranks: int = 0  # the ranks that voted to stop for a signal (stop_preempted: at least one)
     minutes: float = 0.0  # training wall clock spent by rank 0's clock (others contribute 0)
     stage_counters: list[list[int]] | None = None  # pipeline: per stage [micro_batches, skipped, token_layers]
     forced_exit_share: float = 0.0  # capacity routing: share of exitable tokens forced out below the floor
@@ -135,7 +134,6 @@ class StepStats:
             real_tokens=int(totals["real_tokens"]),
             samples_digest=digest,
             stop_preempted=totals["stop_preempted"] > 0,
-            preempted_ranks=int(totals["stop_preempted"]),
             stop_time_limit=totals["stop_time_limit"] > 0,
             minutes=totals["minutes"],
             forced_exit_share=totals["forced_exits"] * layers / max(totals["tokens_full"], 1.0),

@@ -46,9 +46,6 @@ from dsexit.train.step_stats import StepStats, StepSummary
 
 log = logging.getLogger("dsexit")
 
-PREEMPTED = "preempted"  # this rank was signalled: it saved and stops
-PREEMPTED_ELSEWHERE = "another rank was preempted"  # it saved with them; an elastic agent goes on without them
-
 BASELINE_SHARDS = 8  # the held-out unigram baseline's estimate: enough tokens, no full pass over a large dataset
 
 
@@ -88,7 +85,6 @@ class Trainer:
             use_deterministic_kernels()
         # --- runtime utilities
         self.preemption = PreemptionHandler().install()
-        self.voted_to_stop = False  # whether this rank's last stop vote was for its own signal
         self.run_plan = run.run_plan or RunPlan("new", None)
         self.checkpoints = CheckpointManager(
             run.checkpoint_location,
@@ -345,8 +341,7 @@ class Trainer:
             if self.step % self.config.checkpoint.interval == 0:
                 self.save_checkpoint()
             reason = self.stop_reason(summary)
-        pausing = reason in (PREEMPTED, PREEMPTED_ELSEWHERE)
-        if not pausing and eval_interval:
+        if reason != "preempted" and eval_interval:
             final = self.evaluate() if self.step % eval_interval else self.last_eval
             if final is not None:
                 self.standing = Standing.of(final, self.run.model_config.generator)
@@ -354,7 +349,7 @@ class Trainer:
         log.info("stopping at step %d: %s", self.step, reason)
         if self.latest_checkpoint is None or self.latest_checkpoint.step != self.step:
             self.save_checkpoint()
-        if not pausing and self.config.checkpoint.export_hf and self.world.is_main:
+        if reason != "preempted" and self.config.checkpoint.export_hf and self.world.is_main:
             export_hf(self.checkpoints.whole(self.latest_checkpoint), os.path.join(self.run.run_dir, "hf"))
         dist.barrier()
         self.data.close()
@@ -363,7 +358,7 @@ class Trainer:
 
     def stop_reason(self, summary: StepSummary) -> str | None:
         if summary.stop_preempted:
-            return PREEMPTED if self.voted_to_stop else PREEMPTED_ELSEWHERE
+            return "preempted"
         if self.step >= self.run.total_steps:
             return "finished"
         if summary.stop_time_limit:
@@ -397,9 +392,8 @@ class Trainer:
         stats = StepStats(self.run.model_config.num_hidden_layers)
         mix = self.run.model_config.replacement_mix_at(self.step)
         ran = self.steps.run(exit_threshold, mix, stats, exit_capacity=exit_capacity)
-        self.voted_to_stop = self.preemption.requested  # a signal after the vote waits for the next step
         summary = stats.reduce(
-            preempted=self.voted_to_stop,
+            preempted=self.preemption.requested,
             time_limit=self._time_limit_reached(),
             minutes=self._minutes_spent() if self.world.is_main else 0.0,
             device=self.device,

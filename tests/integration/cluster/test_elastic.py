@@ -195,13 +195,14 @@ def test_a_preempted_node_leaves_after_a_checkpoint(two_hosts, s3, tmp_path):
     log = read_log(logs[0])
     assert code_a == 0, log[-6000:]
 
-    stopped = re.compile(r"stopping at step (\d+): another rank was preempted").search(log, offset)
+    stopped = re.compile(r"stopping at step (\d+): preempted").search(log, offset)
     assert stopped, log[offset:][-6000:]
+    assert "another node was preempted: the checkpoint at step" in log[stopped.end() :]
     assert "exit code 3, so that the elastic agent re-forms the job without it" in log[stopped.end() :]
     left = _change(log, stopped.end())
     assert f"node 1 ({b.address}" in left["what"] and "left" in left["what"], left.group(0)
     assert (left["before"], left["after"], left["redone"]) == ("2", "1", "0"), left.group(0)
     assert left["resumed"] == left["reached"] == stopped.group(1), left.group(0)
-    assert left["why"].startswith("another rank was preempted"), left.group(0)
+    assert left["why"].startswith("another node was preempted"), left.group(0)
     assert "lost peer" not in log and f"step={TOTAL_STEPS}/{TOTAL_STEPS}" in log[left.end() :]
     _assert_exact_history(run_dirs[0])
