@@ -15,7 +15,7 @@ import json
 import logging
 import os
 
-from dsexit.storage import RetryPolicy, redact_text
+from dsexit.storage import RetryPolicy, file_sha256, redact_text
 from dsexit.train.checkpoint.files import LATEST, MARKER, CheckpointRef, RemoteCheckpoints, step_of
 from dsexit.train.checkpoint.store import file_owner
 from dsexit.train.cluster.distributed import WorldInfo, barrier, broadcast_object, gather_objects
@@ -53,11 +53,19 @@ class CheckpointMirror:
     def fill_in(self, ref: CheckpointRef) -> CheckpointRef:
         """`ref` with every file its marker lists in this node's copy. A node with its own disk holds only
         the shards its ranks wrote; the other nodes' come from the mirror (for a Hugging Face export, a
-        universal conversion, or a resume in a world of one)."""
-        missing = [name for name in ref.meta.get("files", {}) if not os.path.exists(os.path.join(ref.path, name))]
+        universal conversion, or a resume in a world of one), each checked against its listed digest
+        before anything opens it (CheckpointError naming the first that differs)."""
+        listed = ref.meta.get("files", {})
+        missing = [name for name in listed if not os.path.exists(os.path.join(ref.path, name))]
         if missing:
             log.info("fetching %d file(s) of checkpoint %s from %s", len(missing), ref.tag, self.shown)
             self.download(ref.tag, ref.root, missing)
+        for name in missing:
+            if file_sha256(os.path.join(ref.path, name)) != listed[name]["sha256"]:
+                raise CheckpointError(
+                    f"checkpoint file {name} of {ref.tag} fetched from {self.shown} does not match the digest its "
+                    "completion marker lists; it is not opened."
+                )
         return ref
 
     def point_latest(self, tag: str) -> None:

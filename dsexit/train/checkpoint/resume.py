@@ -141,9 +141,11 @@ def _on_every_node(
     must share the checkpoint directory. Every rank raises if any node lacks it or any file fails."""
     if not several_processes():
         if chosen is not None:
-            if mirror is not None:  # saved by several nodes: this node's copy lacks the others' shards
+            # Saved by several nodes, this node's copy lacks the others' shards: the mirror's are checked as
+            # they arrive.
+            verify_files(chosen, allow_missing=mirror is not None)
+            if mirror is not None:
                 mirror.fill_in(chosen)
-            verify_files(chosen)
         return chosen
     chosen_root, tag, in_own_root = broadcast_object(
         (chosen.root, chosen.tag, os.path.abspath(chosen.root) == os.path.abspath(root))

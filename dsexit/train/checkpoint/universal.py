@@ -28,7 +28,6 @@ from dsexit.train.checkpoint.files import (
     UNIVERSAL_DIR,
     CheckpointRef,
     file_digests,
-    verify_files,
     verify_listed,
 )
 from dsexit.train.checkpoint.signing import canonical, check_signature, load_key, sign
@@ -92,8 +91,8 @@ def _convert_or_verify(
         if os.path.exists(os.path.join(output, _DONE)):
             verify_conversion(ref, output)
             return None
-        if make_whole is not None:  # the other nodes' shards, verified before the converter unpickles them
-            verify_files(make_whole(ref))
+        if make_whole is not None:  # the other nodes' shards (checked as they arrive; this node's were at resume)
+            make_whole(ref)
         log.info(
             "checkpoint %s was saved at data-parallel size %s (ZeRO %s); converting it to the universal format in %s",
             ref.tag,

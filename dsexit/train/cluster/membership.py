@@ -97,7 +97,7 @@ def begin(run_dir: str, world: WorldInfo) -> WorldChange | None:
         return None
     previous = _read(run_dir)
     os.makedirs(run_dir, exist_ok=True)  # a node joining with an empty disk
-    nodes = job_nodes() or {"node 0": {"host": os.uname().nodename, "address": "", "ranks": [world.rank]}}
+    nodes = job_nodes()
     atomic_write(_path(run_dir), json.dumps({"nodes": nodes, "world_size": world.world_size}, indent=1) + "\n")
     if previous is None:
         return None

@@ -216,11 +216,17 @@ def test_a_world_of_one_fetches_the_lost_nodes_shards_or_falls_back_to_the_mirro
         _save(manager, FakeEngine(), step)
     lost_shard = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # as if the lost node had written it
     (tmp_path / "global_step4" / lost_shard).unlink()
-    assert manager.find_resume("auto").tag == "global_step4"  # fetched from the mirror, then verified
-    assert (tmp_path / "global_step4" / lost_shard).exists()
+    fs = fsspec.filesystem("memory")
+    good = fs.cat(f"{url}/global_step4/{lost_shard}")
+    fs.pipe(f"{url}/global_step4/{lost_shard}", b"planted")  # the mirror's copy altered
+    with pytest.raises(CheckpointError, match=f"{lost_shard} of global_step4 fetched from .* does not match"):
+        manager.find_resume("auto")
+    fs.pipe(f"{url}/global_step4/{lost_shard}", good)
+    (tmp_path / "global_step4" / lost_shard).unlink()
+    assert manager.find_resume("auto").tag == "global_step4"  # fetched from the mirror, checked on arrival
+    assert (tmp_path / "global_step4" / lost_shard).read_bytes() == good
 
     _save(manager, FakeEngine(), 6)
-    fs = fsspec.filesystem("memory")
     fs.rm(f"{url}/global_step6", recursive=True)  # its upload never finished
     (tmp_path / "global_step6" / lost_shard).unlink()
     with caplog.at_level(logging.WARNING, logger="dsexit"):
