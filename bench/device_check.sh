@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, on one H200-class device, in two calls of under 10 minutes each. Nothing is
 # downloaded there: packages the image lacks come as wheels from a carried folder (WHEELS, default
-# .whl: deepspeed built here with `pip wheel --no-deps deepspeed==0.19.8`, hjson, pydantic,
-# pydantic-core for the device's Python, annotated-types, typing-inspection); data from the
+# .whl, made here by bench/device_wheels.sh: deepspeed, hjson, pydantic, pydantic-core for every
+# CPython the device may run, annotated-types, typing-inspection); data from the
 # repository and from DSEXIT_SHARED (default ../shared/data; on a machine that gets only the
 # repository, copy the corpus, the vocabulary and the task into a carried folder and point
 # DSEXIT_SHARED at it; a prepared dataset there in device-heldout/ is used as is). Each part writes
@@ -40,8 +40,11 @@ PYTHON="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dsexit-site \
-        "$WHEELS"/*.whl || { echo "installing the carried wheels failed"; exit 1; }
+    # By name from the folder (bench/device_wheels.sh fills it): pip takes the binary wheel that fits.
+    packages=$(ls "$WHEELS"/*.whl | xargs -n1 basename | cut -d- -f1 | sort -u)
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/dsexit-site $packages || { echo "installing the carried wheels failed"; exit 1; }
     export PYTHONPATH="/tmp/dsexit-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

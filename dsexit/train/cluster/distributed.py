@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,12 +118,28 @@ def configure_threads(world: WorldInfo) -> int:
     return threads
 
 
+def put_own_tools_first() -> None:
+    """In a virtual environment, its bin directory first on PATH, as activating it does. A launcher that
+    starts ranks through a login shell (pdsh over ssh) hands them the shell's PATH, where another
+    `ninja` may come first: DeepSpeed's JIT-compiled ops (the CPU shared-memory collective, fused
+    optimizers) are then rebuilt, half a minute each time, because two ninja versions keep their build
+    logs differently. With the environment's own tools first every launcher reuses the same build."""
+    if sys.prefix == sys.base_prefix:  # the system's interpreter: its PATH is the system's to order
+        return
+    own = os.path.join(sys.prefix, "bin")
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    if entries[0] != own:
+        os.environ["PATH"] = os.pathsep.join([own, *(entry for entry in entries if entry and entry != own)])
+
+
 def setup_process(*, cpu_kernels: bool = True, reexec: bool = True) -> tuple[WorldInfo, int]:
-    """A training process's start, before any work: DeepSpeed's accelerator; on a CPU, and only
-    there, the CPU tuning (`dsexit.cpu.tune_process`: the host allocator, subnormal floats, and
-    unless `cpu_kernels=False` the CPU dropout and attention in the model's kernel slots); then this
-    rank's place in the job and its threads. `reexec=False` where this process's command line is not
-    the program's own (a command called in process): the tcmalloc re-execution would rerun the caller."""
+    """A training process's start, before any work: its environment's tools first on PATH
+    (`put_own_tools_first`); DeepSpeed's accelerator; on a CPU, and only there, the CPU tuning
+    (`dsexit.cpu.tune_process`: the host allocator, subnormal floats, and unless `cpu_kernels=False`
+    the CPU dropout and attention in the model's kernel slots); then this rank's place in the job and
+    its threads. `reexec=False` where this process's command line is not the program's own (a command
+    called in process): the tcmalloc re-execution would rerun the caller."""
+    put_own_tools_first()
     if select_accelerator() == "cpu":
         from dsexit.cpu import tune_process
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -63,6 +65,35 @@ def test_threads_are_cores_over_local_ranks(clean_env):
         assert distributed.configure_threads(WorldInfo(0, 1, 0, 1, "single")) == 1  # the user's choice wins
     finally:
         torch.set_num_threads(before)
+
+
+def _tool(directory, name="ninja"):
+    directory.mkdir(parents=True)
+    tool = directory / name
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    return str(tool)
+
+
+def test_a_rank_started_by_a_login_shell_finds_its_environments_tools_first(monkeypatch, tmp_path):
+    """pdsh's ranks get the login shell's PATH, a system ninja first; set up, they find the virtual
+    environment's ninja (the one that built DeepSpeed's cached ops), the rest of PATH kept in order."""
+    system_bin, other_bin, venv = tmp_path / "usr" / "bin", tmp_path / "opt" / "bin", tmp_path / "venv"
+    _tool(system_bin)
+    own = _tool(venv / "bin")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(system_bin), str(venv / "bin"), str(other_bin)]))
+    distributed.put_own_tools_first()
+    assert shutil.which("ninja") == own
+    assert os.environ["PATH"].split(os.pathsep) == [str(venv / "bin"), str(system_bin), str(other_bin)]
+    distributed.put_own_tools_first()  # once is enough: a second call changes nothing
+    assert os.environ["PATH"].split(os.pathsep) == [str(venv / "bin"), str(system_bin), str(other_bin)]
+    # The system's interpreter (no virtual environment): PATH is the system's, untouched.
+    monkeypatch.setattr(sys, "base_prefix", str(venv))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(system_bin), str(other_bin)]))
+    distributed.put_own_tools_first()
+    assert os.environ["PATH"] == os.pathsep.join([str(system_bin), str(other_bin)])
 
 
 def _fake_checkpoint(root, step, complete=True):
