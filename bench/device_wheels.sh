@@ -31,7 +31,7 @@ import pathlib, re, sys, zipfile
 [wheel] = pathlib.Path(sys.argv[1]).glob("pydantic-*.whl")
 with zipfile.ZipFile(wheel) as archive:
     metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
-    match = re.search(r"^Requires-Dist: pydantic-core==([^ ;]+)", archive.read(metadata).decode(), re.M)
+    match = re.search(r"^Requires-Dist: pydantic-core==([^\s;]+)", archive.read(metadata).decode(), re.M)
 print(match.group(1) if match else "")
 ' "$staging")"
 [ -n "$core_version" ] || { echo "device_wheels: pydantic's metadata names no pydantic-core version" >&2; exit 1; }
