@@ -102,16 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         destroy_process_group,
         elastic_restarts_left,
         init_process_group,
-        select_accelerator,
         setup_process,
+        start_process,
     )
+    from dsexit.train.errors import CheckpointError, CheckpointSpaceError, ConfigError
 
-    select_accelerator()  # before DeepSpeed is imported anywhere
+    try:  # the accelerator before DeepSpeed is imported anywhere; tcmalloc's re-execution before torch is
+        start_process(reexec=argv is None)
+    except ConfigError as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     from dsexit.data import DatasetFormatError, ShardCorruptError
     from dsexit.storage import StorageAccessError, redact_text
     from dsexit.train.config.cli import parse_config
     from dsexit.train.config.resolve import begin_run, hold_run_dir, resolve_run
-    from dsexit.train.errors import CheckpointError, CheckpointSpaceError, ConfigError
     from dsexit.train.metrics import setup_logging
 
     world, run_dir, run_dir_existed = None, None, True

@@ -132,6 +132,21 @@ def put_own_tools_first() -> None:
         os.environ["PATH"] = os.pathsep.join([own, *(entry for entry in entries if entry and entry != own)])
 
 
+def start_process(*, reexec: bool = True) -> str:
+    """The first thing a training process does, before its heavy imports: its environment's tools
+    first on PATH, DeepSpeed's accelerator picked, and on a CPU the allocator settings checked and
+    tcmalloc's re-execution done (`dsexit.cpu.start_process`, torch-free), so the re-executed process
+    imports torch and DeepSpeed once, not twice. Returns the accelerator's name. `setup_process` calls
+    it again (a no-op the second time)."""
+    put_own_tools_first()
+    accelerator = select_accelerator()
+    if accelerator == "cpu":
+        from dsexit.cpu import start_process as start_cpu_process
+
+        start_cpu_process(reexec=reexec)
+    return accelerator
+
+
 def setup_process(*, cpu_kernels: bool = True, reexec: bool = True) -> tuple[WorldInfo, int]:
     """A training process's start, before any work: its environment's tools first on PATH
     (`put_own_tools_first`); DeepSpeed's accelerator; on a CPU, and only there, the CPU tuning

@@ -35,6 +35,8 @@ TINY_RUN = [
     "1",
     "--progress",
     "lines",
+    "--eval-samples",
+    "64",
     "--no-export-hf",
     "--no-tensorboard",
     "--no-csv",

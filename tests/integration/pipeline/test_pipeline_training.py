@@ -22,7 +22,7 @@ from tests.helpers import REPO
 from tests.helpers.servers import free_port
 from tests.integration.train.helpers import ENV, TINY, launch, resumed_at
 
-PIPELINE = ["--deepspeed", "ds_configs/pipeline.json", "--pipeline-stages", "2", "--eval-samples", "64"]
+PIPELINE = ["--deepspeed", "ds_configs/pipeline.json", "--pipeline-stages", "2"]
 PIPE_ARGS = [*TINY, *PIPELINE, "--max-steps", "12", "--save-interval", "6", "--keep-last", "3"]
 EXIT_WARMUP_STEPS = 2
 EXIT_ARGS = [

@@ -13,6 +13,7 @@ CAPACITY += ["--min-confidence", "0"]  # untrained heads: the target alone sets 
 def test_zero3_capacity_routing_trains_changes_level_and_resumes_exactly(tmp_path):
     run_dir = tmp_path / "capacity"
     args = [*TINY, "--deepspeed", "ds_configs/zero3.json", "--max-steps", "12", "--save-interval", "7", *CAPACITY]
+    args += ["--no-export-hf"]
     killed = launch("deepspeed", run_dir, args, kill_at_save=12)
     assert killed.returncode != 0
     before = killed.metrics
