@@ -108,8 +108,9 @@ def _run(case: Case) -> tuple[int, list[str], str]:
     return result.returncode, lines, result.stdout + result.stderr
 
 
-def _check(case: Case) -> None:
-    code, lines, output = _run(case)
+def _check(case: Case, ran: tuple[int, list[str], str] | None = None) -> None:
+    """`case` run (or its run `ran` already made), checked: exit 2, one line naming every name, nothing written."""
+    code, lines, output = ran or _run(case)
     assert code == 2, f"exit {code}, expected 2:\n{output[-3000:]}"
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{output[-3000:]}"
     for name in case.names:
@@ -193,10 +194,13 @@ def test_pretrain_user_error_is_one_line_exit_2_nothing_written(name, tmp_path):
         case = Case([*base, *pipeline], ["exit_routing='capacity'", "pipeline_stages=2"], written)
     else:
         data, listed = _damaged_dataset(tmp_path / "data", _flip_byte if name == "shard_flipped" else _truncate)
-        code, lines, output = _run(Case([*base, "--data", str(data)], []))
+        ran = _run(Case([*base, "--data", str(data)], []))
+        code, lines, output = ran
         assert code == 2 and len(lines) == 1, output[-3000:]
-        shard = next(shard for shard in listed if f"{data / shard} " in lines[0])
+        shard = next(shard for shard in listed if f"{data / shard} " in lines[0])  # which shard it names
         case = Case([*base, "--data", str(data)], [str(data / shard), listed[shard], _sha256(data / shard)], written)
+        _check(case, ran)
+        return
     _check(case)
 
 
