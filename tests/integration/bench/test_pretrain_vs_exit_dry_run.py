@@ -28,6 +28,8 @@ def test_device_scale_dry_run_goes_through_the_whole_path(tmp_path):
             "baseline",
             "exit-0.50",
             "generator-free",
+            "--concurrency",  # the runs take one thread each: two at a time on two cores
+            "2",
             "--corpus",
             str(shared / "corpus"),
             "--task",
