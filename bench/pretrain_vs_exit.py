@@ -396,9 +396,40 @@ def budget_label(scale: dict) -> str:
     return f"{scale['steps']} steps" if scale.get("steps") else f"{scale['minutes']:.2f} min"
 
 
+# A launcher's variables in this process's environment (a shell inside a job, a process that set up a
+# world of one) would send every run to the same rendezvous port: each run is a world of one of its own.
+LAUNCHER_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_SIZE",
+    "MPI_LOCALNRANKS",
+)
+
+
+def free_port(taken: set[int]) -> int:
+    """A port free on this host now and not given to a run still going."""
+    import socket
+
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
+
+
 def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> None:
-    """Every run through the trainer, `concurrency` at a time; fails naming the run that failed."""
-    env = dict(os.environ)
+    """Every run through the trainer, `concurrency` at a time, each a world of one on a port of its own;
+    fails naming the run that failed."""
+    env = {name: value for name, value in os.environ.items() if name not in LAUNCHER_ENV}
     if scale["threads"]:
         env["OMP_NUM_THREADS"] = str(scale["threads"])
     pending, active = list(runs), []
@@ -408,24 +439,29 @@ def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> No
             run = pending.pop(0)
             run.run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run.run_dir / "stdout.log", "w")
+            port = free_port({port for *_, port in active})
             process = subprocess.Popen(
-                trainer_command(run, scale, data, generator), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+                trainer_command(run, scale, data, generator),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                cwd=REPO,
             )
-            active.append((run, process, time.time()))
+            active.append((run, process, time.time(), port))
             print(
                 f"[{run.arm.name} seed {run.seed}] pre-training {budget_label(scale)} (log {run.run_dir}/stdout.log)",
                 flush=True,
             )
         time.sleep(1.0)
         for entry in list(active):
-            run, process, started = entry
+            run, process, started, _ = entry
             if process.poll() is None:
                 if not scale.get("steps") and time.time() - started > 60 * scale["minutes"] + 900:
                     process.terminate()
                 continue
             active.remove(entry)
             if process.returncode != 0:
-                for _, other, _ in active:
+                for _, other, *_ in active:
                     other.terminate()
                 raise SystemExit(
                     f"pretrain_vs_exit: the {run.arm.name} seed {run.seed} trainer failed "

@@ -267,3 +267,32 @@ def test_the_exit_rule_is_compared_only_where_both_runs_ended_at_the_same_step()
     ]
     [row] = bench.routing_comparison(runs)["routing"]
     assert row["matched_step"] == 380 and row["delta_exit_rule"]["n"] == 0 and row["delta_full_depth"]["n"] == 1
+
+
+def test_concurrent_runs_are_worlds_of_one_on_ports_of_their_own(monkeypatch, tmp_path):
+    """A launcher's variables left in the benchmark's environment (MASTER_PORT above all) would send two
+    runs started together to one rendezvous port: each run gets none of them and a port of its own."""
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, env, **_):
+            started.append(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(bench.subprocess, "Popen", Finished)
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
+    for name, value in (("MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    arm = bench.Arm("baseline", ["--no-exit"], False)
+    runs = [bench.Run(arm, seed, tmp_path / f"seed{seed}") for seed in (1, 2, 3)]
+    scale = {"concurrency": 3, "threads": 1, "minutes": 0.1, "model": "electra-tiny"}
+    monkeypatch.setattr(bench, "trainer_command", lambda *args: ["true"])
+    bench.pretrain_all(runs, scale, tmp_path / "data", "mlm")
+    assert len(started) == 3
+    assert all("RANK" not in env and "WORLD_SIZE" not in env and "LOCAL_RANK" not in env for env in started)
+    ports = [env["MASTER_PORT"] for env in started]
+    assert len(set(ports)) == 3 and "29500" not in ports, ports
