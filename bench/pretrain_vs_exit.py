@@ -97,6 +97,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsexit.eval.paired import MIN_SEEDS_FOR_INTERVAL, isotonic_non_increasing, t_interval, value_at
+from dsexit.train.cluster.distributed import LAUNCHER_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -396,24 +397,6 @@ def budget_label(scale: dict) -> str:
     return f"{scale['steps']} steps" if scale.get("steps") else f"{scale['minutes']:.2f} min"
 
 
-# A launcher's variables in this process's environment (a shell inside a job, a process that set up a
-# world of one) would send every run to the same rendezvous port: each run is a world of one of its own.
-LAUNCHER_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_SIZE",
-    "PMIX_SIZE",
-    "MPI_LOCALNRANKS",
-)
-
-
 def free_port(taken: set[int]) -> int:
     """A port free on this host now and not given to a run still going."""
     import socket
@@ -429,7 +412,9 @@ def free_port(taken: set[int]) -> int:
 def pretrain_all(runs: list[Run], scale: dict, data: Path, generator: str) -> None:
     """Every run through the trainer, `concurrency` at a time, each a world of one on a port of its own;
     fails naming the run that failed."""
-    env = {name: value for name, value in os.environ.items() if name not in LAUNCHER_ENV}
+    # A launcher's variables here (a shell inside a job, a process that set up a world of one) would send
+    # every run to one rendezvous port: each run is a world of one of its own.
+    env = {name: value for name, value in os.environ.items() if name not in LAUNCHER_VARIABLES}
     if scale["threads"]:
         env["OMP_NUM_THREADS"] = str(scale["threads"])
     pending, active = list(runs), []

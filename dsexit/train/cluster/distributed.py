@@ -23,6 +23,19 @@ from typing import Any
 log = logging.getLogger("dsexit")
 
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+# What the launchers set (and `discover_world` sets for a world of one): a process that starts independent
+# runs removes these from their environment, or they would all join one job.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    *_MPI_SIZE_VARS,
+)
 
 
 @dataclass(frozen=True)

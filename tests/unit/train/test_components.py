@@ -16,20 +16,7 @@ from dsexit.train.checkpoint.store import file_owner
 from dsexit.train.cluster import distributed
 from dsexit.train.cluster.distributed import WorldInfo
 
-LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_SIZE",
-    "PMIX_SIZE",
-    "MPI_LOCALNRANKS",
-    "OMP_NUM_THREADS",
-)
+LAUNCHER_VARS = (*distributed.LAUNCHER_VARIABLES, "OMP_NUM_THREADS")
 
 
 @pytest.fixture
